@@ -1,0 +1,225 @@
+"""Datasets as tensors on the training device; a mini-batch is an index slice (SPEC §5).
+
+Nothing is ever downloaded: digits ship with scikit-learn, synthetic data is generated, and CIFAR
+is read from a local folder in the python-pickle layout.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from engine.config import ConfigError, RunConfig
+
+# Constant seeds: every run of a sweep (any --seed) sees the same split / the same synthetic data,
+# so runs differ only in what the sweep varies.
+DIGITS_SPLIT_SEED = 0
+SYNTHETIC_DATA_SEED = 20240
+
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2023, 0.1994, 0.2010)
+CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar.html"
+
+
+class DataError(ConfigError):
+    """A dataset cannot be read. One line naming the path and the layout expected."""
+
+
+@dataclass
+class Dataset:
+    x_train: torch.Tensor      # float32, on the training device
+    y_train: torch.Tensor      # int64
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    num_classes: int
+    input_shape: tuple
+    name: str
+
+    @property
+    def train_size(self) -> int:
+        return len(self.y_train)
+
+    def steps_per_epoch(self, batch_size: int) -> int:
+        return self.train_size // batch_size
+
+    def batches(self, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+        """One epoch of index batches from a seeded permutation.
+
+        The last partial batch is dropped: BatchNorm normalises with the batch's own statistics,
+        so a small leftover batch would be a differently-noisy step (and a batch of 1 has no variance).
+        """
+        perm = torch.randperm(self.train_size, generator=generator, device=generator.device)
+        perm = perm.to(self.x_train.device)
+        for step in range(self.steps_per_epoch(batch_size)):
+            yield perm[step * batch_size:(step + 1) * batch_size]
+
+    def augment(self, xb: torch.Tensor, generator: torch.Generator, padding: int = 4,
+                flip: bool = True) -> torch.Tensor:
+        """Random crop (zero padding, i.e. the mean colour after normalisation) and horizontal flip.
+
+        Whole-batch: one pad, then one gather with per-sample row/column indices; a flip is the
+        column index read backwards.
+        """
+        if xb.dim() != 4:
+            raise ValueError(f"augment needs a batch of images N x C x H x W, got shape {tuple(xb.shape)}")
+        n, channels, height, width = xb.shape
+        padded = torch.nn.functional.pad(xb, (padding,) * 4)
+
+        def draw(high: int) -> torch.Tensor:
+            return torch.randint(high, (n, 1), generator=generator, device=generator.device).to(xb.device)
+
+        shift_y, shift_x = draw(2 * padding + 1), draw(2 * padding + 1)
+        rows = shift_y + torch.arange(height, device=xb.device)                 # N x H
+        cols = torch.arange(width, device=xb.device).expand(n, width)
+        if flip:
+            cols = torch.where(draw(2).bool(), width - 1 - cols, cols)
+        cols = shift_x + cols                                                   # N x W
+        batch_index = torch.arange(n, device=xb.device)[:, None, None, None]
+        channel_index = torch.arange(channels, device=xb.device)[None, :, None, None]
+        return padded[batch_index, channel_index, rows[:, None, :, None], cols[:, None, None, :]]
+
+    def probe_indices(self, size: int, seed: int) -> torch.Tensor:
+        """A fixed, sorted subset of min(size, train size) train indices, on the data's device."""
+        generator = torch.Generator().manual_seed(seed)
+        chosen = torch.randperm(self.train_size, generator=generator)[:size]
+        return chosen.sort().values.to(self.x_train.device)
+
+
+# ---- loaders ---------------------------------------------------------------------------------
+
+def load_dataset(cfg: RunConfig, device: torch.device | str) -> Dataset:
+    loaders = {"digits": _load_digits, "synthetic": _load_synthetic,
+               "cifar10": _load_cifar, "cifar100": _load_cifar}
+    if cfg.dataset not in loaders:
+        raise ConfigError(f"unknown dataset {cfg.dataset!r}: choose one of {', '.join(loaders)}")
+    data = loaders[cfg.dataset](cfg, torch.device(device))
+    if cfg.batch > data.train_size:
+        raise ConfigError(f"--batch-size {cfg.batch} is larger than the {data.train_size} training "
+                          f"samples of {cfg.dataset}: use at most {data.train_size}")
+    if cfg.augment and len(data.input_shape) != 3:
+        raise ConfigError(f"--augment needs image data (C x H x W) but {cfg.dataset} has shape "
+                          f"{'x'.join(map(str, data.input_shape))}: drop --augment")
+    return data
+
+
+def _load_digits(cfg: RunConfig, device: torch.device) -> Dataset:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    x = digits.data.astype(np.float32) / 16.0
+    x_train, x_test, y_train, y_test = train_test_split(
+        x, digits.target, test_size=0.2, stratify=digits.target, random_state=DIGITS_SPLIT_SEED)
+    mean, std = x_train.mean(axis=0), x_train.std(axis=0)
+    std[std == 0] = 1.0          # pixels that are blank in every training image stay 0
+    x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
+
+    def tensor(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+        return torch.as_tensor(a, dtype=dtype).to(device)
+
+    return Dataset(tensor(x_train, torch.float32), tensor(y_train, torch.int64),
+                   tensor(x_test, torch.float32), tensor(y_test, torch.int64),
+                   num_classes=10, input_shape=(64,), name="digits")
+
+
+def _load_synthetic(cfg: RunConfig, device: torch.device) -> Dataset:
+    """Gaussian classes: a random mean per class (norm about 3) plus unit noise.
+
+    Learnable but not trivial: class means sit about 4 noise standard deviations apart, so a good
+    classifier gets most but not all samples right. Drawn on the CPU from SYNTHETIC_DATA_SEED, so
+    the data are identical on every device and for every run seed.
+    """
+    generator = torch.Generator().manual_seed(SYNTHETIC_DATA_SEED)
+    shape, classes = tuple(cfg.synthetic_shape), cfg.synthetic_classes
+    features = int(np.prod(shape))
+    means = torch.randn(classes, features, generator=generator) * (3.0 / features ** 0.5)
+
+    def sample(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        labels = torch.randperm(n, generator=generator) % classes        # balanced classes
+        x = means[labels] + torch.randn(n, features, generator=generator)
+        return x.reshape(n, *shape).to(device), labels.to(device)
+
+    x_train, y_train = sample(cfg.synthetic_samples)
+    x_test, y_test = sample(max(cfg.synthetic_samples // 4, 1))
+    return Dataset(x_train, y_train, x_test, y_test, num_classes=classes, input_shape=shape,
+                   name="synthetic")
+
+
+# ---- CIFAR (python-pickle layout) -----------------------------------------------------------
+
+CIFAR_LAYOUTS = {
+    # dataset: (title, folder, train files, test file, label key, classes)
+    "cifar10": ("CIFAR-10", "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)],
+                "test_batch", b"labels", 10),
+    "cifar100": ("CIFAR-100", "cifar-100-python", ["train"], "test", b"fine_labels", 100),
+}
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Reads dicts of numpy arrays and nothing else: a pickle can run code, and data folders get shared."""
+    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+               ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+               ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+        return super().find_class(module, name)
+
+
+def _cifar_root(data_dir: str, folder: str, files: list[str]) -> str:
+    """data_dir may be the layout folder itself (by name, or because it holds the files) or its parent."""
+    if os.path.basename(data_dir) == folder or all(os.path.isfile(os.path.join(data_dir, f)) for f in files):
+        return data_dir
+    return os.path.join(data_dir, folder)
+
+
+def _read_cifar_file(path: str, label_key: bytes, classes: int, title: str) -> tuple[np.ndarray, np.ndarray]:
+    expected = f"a dict with b'data' (uint8, N x 3072) and {label_key!r} (N labels below {classes})"
+    try:
+        with open(path, "rb") as f:
+            batch = _ArrayUnpickler(f, encoding="bytes").load()
+        data = np.asarray(batch[b"data"])
+        labels = np.asarray(batch[label_key], dtype=np.int64)
+    except Exception as exc:     # any failure to unpickle or find the keys means: not a CIFAR file
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DataError(f"{title} file {path} is not a python-pickle batch ({reason}): expected {expected}") from None
+    if (data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072 or labels.shape != (len(data),)
+            or (len(labels) and (labels.min() < 0 or labels.max() >= classes))):
+        raise DataError(f"{title} file {path} has data {data.dtype} {data.shape} and {labels.size} labels: "
+                        f"expected {expected}")
+    return data, labels
+
+
+def _load_cifar(cfg: RunConfig, device: torch.device) -> Dataset:
+    title, folder, train_files, test_file, label_key, classes = CIFAR_LAYOUTS[cfg.dataset]
+    data_dir = os.path.abspath(os.path.expanduser(cfg.data_dir or "."))
+    files = train_files + [test_file]
+    root = _cifar_root(data_dir, folder, files)
+    missing = [f for f in files if not os.path.isfile(os.path.join(root, f))]
+    if missing:
+        listing = "{data_batch_1..5,test_batch}" if cfg.dataset == "cifar10" else "{train,test}"
+        lacking = f" (missing {', '.join(missing)})" if len(missing) < len(files) else ""
+        raise DataError(f"{title} not found at {data_dir}{lacking}: expected {root}/{listing} "
+                        f"(python-pickle layout from {CIFAR_URL}); nothing is downloaded")
+
+    mean = torch.tensor(CIFAR_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(CIFAR_STD, device=device).view(1, 3, 1, 1)
+
+    def load(names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        parts = [_read_cifar_file(os.path.join(root, name), label_key, classes, title) for name in names]
+        pixels = torch.from_numpy(np.concatenate([p[0] for p in parts])).to(device)
+        labels = torch.from_numpy(np.concatenate([p[1] for p in parts])).to(device)
+        # Rows are 1024 red, 1024 green, 1024 blue values, each 32x32 row-major: N x 3 x 32 x 32.
+        images = (pixels.view(-1, 3, 32, 32).float() / 255.0 - mean) / std
+        return images, labels
+
+    x_train, y_train = load(train_files)
+    x_test, y_test = load([test_file])
+    return Dataset(x_train, y_train, x_test, y_test, num_classes=classes, input_shape=(3, 32, 32),
+                   name=cfg.dataset)
