@@ -1,0 +1,98 @@
+"""Plain records the API returns (no database objects leak out)."""
+
+from dataclasses import dataclass
+
+from .jsontext import from_json
+from .schema import TERMINAL_STATUSES
+
+
+@dataclass
+class RunInfo:
+    id: int
+    uid: str
+    name: str
+    config: dict
+    status: str
+    regime: str | None
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    heartbeat_at: float | None
+    device: str | None
+    error: str | None
+    tags: list[str]
+    sweep_id: int | None
+    worker_id: str | None
+    step: int
+    total_steps: int | None
+    checkpoint_path: str | None
+    checkpoint_step: int | None
+
+    @property
+    def progress(self) -> float:
+        """Fraction of total_steps reached, in [0, 1]; 0 when the total is unknown."""
+        if not self.total_steps:
+            return 0.0
+        return min(1.0, max(0.0, self.step / self.total_steps))
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status in TERMINAL_STATUSES
+
+    @classmethod
+    def from_row(cls, row) -> "RunInfo":
+        m = row._mapping
+        return cls(id=m["id"], uid=m["uid"], name=m["name"], config=from_json(m["config"]) or {},
+                   status=m["status"], regime=m["regime"], created_at=m["created_at"],
+                   started_at=m["started_at"], finished_at=m["finished_at"], heartbeat_at=m["heartbeat_at"],
+                   device=m["device"], error=m["error"], tags=from_json(m["tags"]) or [],
+                   sweep_id=m["sweep_id"], worker_id=m["worker_id"], step=m["step"],
+                   total_steps=m["total_steps"], checkpoint_path=m["checkpoint_path"],
+                   checkpoint_step=m["checkpoint_step"])
+
+
+@dataclass
+class SweepInfo:
+    id: int
+    uid: str
+    name: str
+    spec: dict
+    created_at: float
+    run_ids: list[int]
+
+    @classmethod
+    def from_row(cls, row, run_ids: list[int]) -> "SweepInfo":
+        m = row._mapping
+        return cls(id=m["id"], uid=m["uid"], name=m["name"], spec=from_json(m["spec"]) or {},
+                   created_at=m["created_at"], run_ids=run_ids)
+
+
+@dataclass
+class Event:
+    id: int
+    run_id: int
+    step: int
+    kind: str
+    payload: dict
+    created_at: float
+
+    @classmethod
+    def from_row(cls, row) -> "Event":
+        m = row._mapping
+        return cls(id=m["id"], run_id=m["run_id"], step=m["step"], kind=m["kind"],
+                   payload=from_json(m["payload"]) or {}, created_at=m["created_at"])
+
+
+@dataclass
+class Command:
+    id: int
+    run_id: int
+    kind: str
+    payload: dict
+    created_at: float
+
+    @classmethod
+    def from_row(cls, row) -> "Command":
+        m = row._mapping
+        return cls(id=m["id"], run_id=m["run_id"], kind=m["kind"],
+                   payload=from_json(m["payload"]) or {}, created_at=m["created_at"])

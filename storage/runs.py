@@ -1,0 +1,273 @@
+"""Sweeps and runs: creating, listing, status changes, and the atomic claims workers make."""
+
+import json
+import time
+import uuid
+
+from sqlalchemy import delete, func, insert, or_, select, update
+
+from .database import as_id
+from .errors import StoreError
+from .jsontext import to_json
+from .records import RunInfo, SweepInfo
+from .schema import LIVE_STATUSES, STATUSES, TERMINAL_STATUSES, commands, events, metrics, runs, sweeps
+
+RUN_FIELDS = ("config", "name", "tags", "sweep_id", "status", "total_steps")
+UPDATABLE_FIELDS = ("status", "regime", "device", "error", "step", "total_steps", "started_at", "finished_at",
+                    "checkpoint_path", "checkpoint_step", "worker_id", "heartbeat_at", "name")
+
+
+def new_uid() -> str:
+    return uuid.uuid4().hex
+
+
+def check_status(status) -> None:
+    if status not in STATUSES:
+        raise StoreError(f"unknown run status {status!r}: use one of {', '.join(STATUSES)}")
+
+
+def clean_tags(tags) -> list[str]:
+    """Stripped, non-empty, first occurrence kept; a lone string is one tag, not its letters."""
+    if isinstance(tags, str):
+        tags = [tags]
+    cleaned = []
+    for tag in tags:
+        if not isinstance(tag, str) or not tag.strip():
+            raise StoreError(f"tag {tag!r} is not a non-empty string: tags are words like 'baseline'")
+        if tag.strip() not in cleaned:
+            cleaned.append(tag.strip())
+    return cleaned
+
+
+def status_fields(status: str, previous: str | None, started_at: float | None, now: float) -> dict:
+    """Columns that change with entering `status`: start time, heartbeat, finish time."""
+    fields = {"status": status}
+    if status == "running":
+        fields["heartbeat_at"] = now  # a fresh run must not look stale to requeue_stale
+        if started_at is None:
+            fields["started_at"] = now
+    if status in TERMINAL_STATUSES and previous not in TERMINAL_STATUSES:
+        fields["finished_at"] = now
+    return fields
+
+
+class RunsAPI:
+    # ---- sweeps
+    def create_sweep(self, name: str, spec: dict) -> int:
+        if not isinstance(spec, dict):
+            raise StoreError(f"a sweep spec must be a dict, not {type(spec).__name__}")
+        row = dict(uid=new_uid(), name=str(name), spec=to_json(spec, "sweep spec"), created_at=time.time())
+        with self._write() as conn:
+            return conn.execute(insert(sweeps).values(row)).inserted_primary_key[0]
+
+    def get_sweep(self, sweep_id) -> SweepInfo:
+        with self._read() as conn:
+            row = self._require_sweep(conn, sweep_id)
+            run_ids = conn.execute(select(runs.c.id).where(runs.c.sweep_id == row.id).order_by(runs.c.id))
+            return SweepInfo.from_row(row, list(run_ids.scalars()))
+
+    def list_sweeps(self) -> list[SweepInfo]:
+        """Newest first."""
+        with self._read() as conn:
+            rows = conn.execute(select(sweeps).order_by(sweeps.c.created_at.desc(), sweeps.c.id.desc())).all()
+            members = conn.execute(select(runs.c.sweep_id, runs.c.id)
+                                   .where(runs.c.sweep_id.is_not(None)).order_by(runs.c.id)).all()
+        by_sweep: dict[int, list[int]] = {}
+        for sweep_id, run_id in members:
+            by_sweep.setdefault(sweep_id, []).append(run_id)
+        return [SweepInfo.from_row(row, by_sweep.get(row.id, [])) for row in rows]
+
+    # ---- runs
+    def create_run(self, config: dict, *, name: str, tags=(), sweep_id=None, status="queued",
+                   total_steps=None) -> int:
+        return self.create_runs([dict(config=config, name=name, tags=tags, sweep_id=sweep_id,
+                                      status=status, total_steps=total_steps)])[0]
+
+    def create_runs(self, items: list[dict]) -> list[int]:
+        """Create many runs in one transaction: all of them exist afterwards, or none."""
+        now = time.time()
+        rows = [_new_run_row(item, now) for item in items]
+        with self._write() as conn:
+            sweep_ids = {given: self._require_sweep(conn, given).id for given in {row["sweep_id"] for row in rows}
+                         if given is not None}
+            for row in rows:
+                row["sweep_id"] = sweep_ids.get(row["sweep_id"])
+            return [conn.execute(insert(runs).values(row)).inserted_primary_key[0] for row in rows]
+
+    def get_run(self, run_id) -> RunInfo:
+        with self._read() as conn:
+            return RunInfo.from_row(self._require_run(conn, run_id))
+
+    def list_runs(self, *, status=None, sweep_id=None, tag=None, name_contains=None, ids=None) -> list[RunInfo]:
+        """Runs matching every filter given, newest first. `status` is one status or a list."""
+        query = select(runs)
+        if status is not None:
+            wanted = [status] if isinstance(status, str) else list(status)
+            for one in wanted:
+                check_status(one)
+            query = query.where(runs.c.status.in_(wanted))
+        if sweep_id is not None:
+            query = query.where(runs.c.sweep_id == as_id(sweep_id))
+        if ids is not None:
+            query = query.where(runs.c.id.in_([as_id(i) for i in ids]))
+        if name_contains:
+            query = query.where(func.lower(runs.c.name).contains(name_contains.lower(), autoescape=True))
+        if tag is not None:
+            # tags are a JSON list in TEXT: narrow in SQL, then match exactly below
+            query = query.where(runs.c.tags.contains(json.dumps(tag), autoescape=True))
+        with self._read() as conn:
+            rows = conn.execute(query.order_by(runs.c.created_at.desc(), runs.c.id.desc())).all()
+        found = [RunInfo.from_row(row) for row in rows]
+        return [run for run in found if tag in run.tags] if tag is not None else found
+
+    def update_run(self, run_id, **fields) -> None:
+        """Set some of UPDATABLE_FIELDS. A status change also sets its timestamps and records a
+        'status' event (fields given explicitly win over the automatic ones)."""
+        unknown = sorted(set(fields) - set(UPDATABLE_FIELDS))
+        if unknown:
+            raise StoreError(f"cannot update run field(s) {', '.join(unknown)}: "
+                             f"allowed are {', '.join(UPDATABLE_FIELDS)}")
+        if "status" in fields:
+            check_status(fields["status"])
+        with self._write() as conn:
+            row = self._require_run(conn, run_id)
+            values = dict(fields)
+            if "status" in fields:
+                values = {**status_fields(fields["status"], row.status, row.started_at, time.time()), **fields}
+            if values:
+                conn.execute(update(runs).where(runs.c.id == row.id).values(values))
+            if "status" in fields and fields["status"] != row.status:
+                step = values.get("step", row.step)
+                self._status_event(conn, row.id, step, fields["status"], values.get("error"))
+
+    def set_status(self, run_id, status: str, *, error: str | None = None) -> None:
+        fields = {"status": status} if error is None else {"status": status, "error": error}
+        self.update_run(run_id, **fields)
+
+    def heartbeat(self, run_id, step: int) -> None:
+        """The worker is alive and has reached `step` (requeue_stale looks at this)."""
+        with self._write() as conn:
+            done = conn.execute(update(runs).where(runs.c.id == as_id(run_id))
+                                .values(heartbeat_at=time.time(), step=int(step)))
+            if done.rowcount != 1:
+                raise self._run_not_found(run_id)
+
+    # ---- workers taking runs
+    def claim_next_run(self, worker_id: str, *, run_ids=None) -> RunInfo | None:
+        """Atomically take the oldest queued run (optionally among run_ids) for this worker; None if none.
+        Safe between processes and between PostgreSQL clients: two workers never get the same run."""
+        return self._claim(worker_id, "queued", run_ids)
+
+    def claim_interrupted(self, worker_id: str) -> RunInfo | None:
+        """Same as claim_next_run, for an interrupted run to resume from its checkpoint."""
+        return self._claim(worker_id, "interrupted", None)
+
+    def _claim(self, worker_id: str, from_status: str, run_ids) -> RunInfo | None:
+        candidates = select(runs.c.id).where(runs.c.status == from_status)
+        if run_ids is not None:
+            candidates = candidates.where(runs.c.id.in_([as_id(i) for i in run_ids]))
+        candidates = candidates.order_by(runs.c.id).limit(1)
+        while True:
+            with self._write() as conn:
+                run_id = conn.execute(candidates).scalar()
+                if run_id is None:
+                    return None
+                now = time.time()
+                # The status condition makes the UPDATE the arbiter: whoever changes the row first wins,
+                # a concurrent claimer updates nothing and tries the next candidate.
+                won = conn.execute(
+                    update(runs).where(runs.c.id == run_id, runs.c.status == from_status)
+                    .values(status="running", worker_id=worker_id, heartbeat_at=now,
+                            started_at=func.coalesce(runs.c.started_at, now))).rowcount == 1
+                if won:
+                    row = self._require_run(conn, run_id)
+                    self._status_event(conn, run_id, row.step, "running")
+                    return RunInfo.from_row(row)
+
+    def requeue_stale(self, stale_after_s: float, *, except_worker: str | None = None) -> list[int]:
+        """Runs held by a worker (running/paused) whose heartbeat is older than stale_after_s, or
+        missing, become 'interrupted' so claim_interrupted can resume them; returns their ids.
+        `except_worker` skips the caller's own runs: it watches its children directly, and a child
+        that is still starting up has not had the chance to heartbeat yet."""
+        stale = (runs.c.status.in_(LIVE_STATUSES)
+                 & or_(runs.c.heartbeat_at.is_(None), runs.c.heartbeat_at < time.time() - stale_after_s))
+        if except_worker is not None:
+            stale = stale & or_(runs.c.worker_id.is_(None), runs.c.worker_id != except_worker)
+        interrupted = []
+        with self._write() as conn:
+            for run_id, step in conn.execute(select(runs.c.id, runs.c.step).where(stale)).all():
+                if conn.execute(update(runs).where(runs.c.id == run_id, stale)
+                                .values(status="interrupted")).rowcount == 1:
+                    self._status_event(conn, run_id, step, "interrupted")
+                    interrupted.append(run_id)
+        return interrupted
+
+    # ---- managing runs
+    def cancel(self, run_id) -> None:
+        """Queued, paused or interrupted runs become 'cancelled' at once; a running run gets a 'stop'
+        command and its worker ends it as cancelled. A paused run also gets 'stop', to wake its worker."""
+        with self._write() as conn:
+            row = self._require_run(conn, run_id)
+            if row.status in TERMINAL_STATUSES:
+                raise StoreError(f"run {row.id} is already {row.status}: only queued, running, paused "
+                                 "or interrupted runs can be cancelled")
+            if row.status in LIVE_STATUSES:
+                stop = dict(run_id=row.id, kind="stop", payload="{}", created_at=time.time())
+                conn.execute(insert(commands).values(stop))
+            if row.status != "running":
+                values = status_fields("cancelled", row.status, row.started_at, time.time())
+                conn.execute(update(runs).where(runs.c.id == row.id).values(values))
+                self._status_event(conn, row.id, row.step, "cancelled")
+
+    def delete(self, run_id) -> None:
+        """Delete a run with its metrics, events and commands."""
+        with self._write() as conn:
+            row = self._require_run(conn, run_id)
+            conn.execute(delete(runs).where(runs.c.id == row.id))
+
+    def add_tags(self, run_id, tags: list[str]) -> None:
+        new = clean_tags(tags)
+        with self._write() as conn:
+            row = self._require_run(conn, run_id)
+            merged = RunInfo.from_row(row).tags
+            merged += [tag for tag in new if tag not in merged]
+            conn.execute(update(runs).where(runs.c.id == row.id).values(tags=to_json(merged, "tags")))
+
+    def truncate_after(self, run_id, step: int) -> None:
+        """Forget metrics and events after `step` (resuming from a checkpoint there), so the stored
+        trace is exactly one trajectory. Status events stay: they are the history of the process
+        (claimed, interrupted, resumed), not of the trajectory. The run's step is lowered to `step`."""
+        with self._write() as conn:
+            row = self._require_run(conn, run_id)
+            conn.execute(delete(metrics).where(metrics.c.run_id == row.id, metrics.c.step > step))
+            conn.execute(delete(events).where(events.c.run_id == row.id, events.c.step > step,
+                                              events.c.kind != "status"))
+            conn.execute(update(runs).where(runs.c.id == row.id, runs.c.step > step).values(step=step))
+
+    def _status_event(self, conn, run_id: int, step: int, status: str, error: str | None = None) -> None:
+        payload = {"status": status} if error is None else {"status": status, "error": error}
+        conn.execute(insert(events).values(run_id=run_id, step=step, kind="status",
+                                           payload=to_json(payload, "event payload"), created_at=time.time()))
+
+
+def _new_run_row(item: dict, now: float) -> dict:
+    unknown = sorted(set(item) - set(RUN_FIELDS))
+    if unknown:
+        raise StoreError(f"unknown run field(s) {', '.join(unknown)}: allowed are {', '.join(RUN_FIELDS)}")
+    config, name = item.get("config"), item.get("name")
+    if not isinstance(config, dict):
+        raise StoreError(f"a run config must be a dict, not {type(config).__name__}")
+    if not isinstance(name, str) or not name.strip():
+        raise StoreError("a run needs a name: pass name='...'")
+    status = item.get("status", "queued")
+    check_status(status)
+    total_steps = item.get("total_steps")
+    if total_steps is not None and as_id(total_steps) is None:
+        raise StoreError(f"total_steps must be a whole number, not {total_steps!r}")
+    row = dict(uid=new_uid(), name=name.strip(), config=to_json(config, "run config"), created_at=now,
+               tags=to_json(clean_tags(item.get("tags", ())), "tags"), step=0,
+               sweep_id=item.get("sweep_id"),  # checked and normalised by create_runs
+               total_steps=None if total_steps is None else int(total_steps))
+    row.update(status_fields(status, None, None, now))
+    return row
+

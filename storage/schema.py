@@ -1,0 +1,104 @@
+"""The tables (SQLAlchemy Core). This is the CURRENT schema: a fresh database is created from it,
+older databases reach it through storage.migrations."""
+
+from sqlalchemy import (Column, Float, ForeignKey, Index, Integer, MetaData, PrimaryKeyConstraint,
+                        SmallInteger, String, Table, Text)
+
+STATUSES = ("queued", "running", "paused", "finished", "failed", "cancelled", "interrupted", "nonfinite")
+TERMINAL_STATUSES = ("finished", "failed", "cancelled", "nonfinite")
+LIVE_STATUSES = ("running", "paused")  # a worker process holds the run
+EVENT_KINDS = ("elr_change", "lr_change", "spike", "regime", "note", "nonfinite", "status", "resume")
+COMMAND_KINDS = ("pause", "resume", "stop", "set_elr", "set_lr")
+
+metadata = MetaData()
+
+meta = Table(
+    "meta", metadata,
+    Column("key", String(64), primary_key=True),
+    Column("value", Text, nullable=False),
+)
+
+# sqlite_autoincrement: ids of deleted rows are never handed out again (links to run 7 stay unambiguous).
+sweeps = Table(
+    "sweeps", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("uid", String(32), nullable=False, unique=True),
+    Column("name", Text, nullable=False),
+    Column("spec", Text, nullable=False),  # JSON
+    Column("created_at", Float, nullable=False),
+    sqlite_autoincrement=True,
+)
+
+runs = Table(
+    "runs", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("uid", String(32), nullable=False, unique=True),
+    Column("name", Text, nullable=False),
+    Column("config", Text, nullable=False),  # JSON
+    Column("status", String(16), nullable=False),  # validated in Python: a CHECK would need a migration per new status
+    Column("regime", String(32)),
+    Column("created_at", Float, nullable=False),
+    Column("started_at", Float),
+    Column("finished_at", Float),
+    Column("heartbeat_at", Float),
+    Column("device", Text),
+    Column("error", Text),
+    Column("tags", Text, nullable=False, server_default="[]"),  # JSON list of str
+    Column("sweep_id", Integer, ForeignKey("sweeps.id", ondelete="SET NULL")),
+    Column("worker_id", Text),
+    Column("step", Integer, nullable=False, server_default="0"),
+    Column("total_steps", Integer),
+    Column("checkpoint_path", Text),
+    Column("checkpoint_step", Integer),
+    Index("ix_runs_status", "status"),
+    Index("ix_runs_sweep", "sweep_id"),
+    sqlite_autoincrement=True,
+)
+
+# special: 0 finite, 1 nan, 2 +inf, 3 -inf (see storage.nonfinite); value is NULL unless finite.
+metrics = Table(
+    "metrics", metadata,
+    Column("run_id", Integer, ForeignKey("runs.id", ondelete="CASCADE"), nullable=False),
+    Column("key", String(128), nullable=False),
+    Column("step", Integer, nullable=False),
+    Column("epoch", Float, nullable=False),
+    Column("wall_time", Float, nullable=False),
+    Column("value", Float),
+    Column("special", SmallInteger, nullable=False, server_default="0"),
+    PrimaryKeyConstraint("run_id", "key", "step", name="pk_metrics"),
+    Index("ix_metrics_run_step", "run_id", "step"),  # live reads: step > S across all keys
+    sqlite_with_rowid=False,  # the primary key is the storage order: one B-tree instead of two
+)
+
+events = Table(
+    "events", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("run_id", Integer, ForeignKey("runs.id", ondelete="CASCADE"), nullable=False),
+    Column("step", Integer, nullable=False),
+    Column("kind", String(32), nullable=False),
+    Column("payload", Text, nullable=False, server_default="{}"),  # JSON
+    Column("created_at", Float, nullable=False),
+    Index("ix_events_run_step", "run_id", "step"),
+)
+
+commands = Table(
+    "commands", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("run_id", Integer, ForeignKey("runs.id", ondelete="CASCADE"), nullable=False),
+    Column("kind", String(16), nullable=False),
+    Column("payload", Text, nullable=False, server_default="{}"),  # JSON
+    Column("created_at", Float, nullable=False),
+    Column("consumed_at", Float),
+    Index("ix_commands_pending", "run_id", "consumed_at"),
+)
+
+workers = Table(
+    "workers", metadata,
+    Column("id", String(128), primary_key=True),
+    Column("host", Text, nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("device", Text, nullable=False),
+    Column("max_parallel", Integer, nullable=False),
+    Column("started_at", Float, nullable=False),
+    Column("heartbeat_at", Float, nullable=False),
+)

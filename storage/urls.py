@@ -1,0 +1,51 @@
+"""Where the store lives: an explicit URL or path, else $SPHERELAB_DB, else ~/.spherelab/spherelab.db."""
+
+import os
+
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
+from .errors import StoreError
+
+ENV_VAR = "SPHERELAB_DB"
+DEFAULT_PATH = "~/.spherelab/spherelab.db"
+
+# psycopg (v3) is the PostgreSQL driver spherelab installs; SQLAlchemy's bare default is psycopg2.
+_BARE_POSTGRES = ("postgresql://", "postgres://")
+
+
+def default_db_url() -> str:
+    """$SPHERELAB_DB (a URL or a plain path) if set, else the SQLite file ~/.spherelab/spherelab.db.
+
+    Nothing is created here: the directory appears when a Store first opens the file.
+    """
+    from_env = os.environ.get(ENV_VAR, "").strip()
+    return _as_url(from_env or DEFAULT_PATH)
+
+
+def resolve_db_url(url_or_path=None) -> str:
+    """A URL stays as it is, a plain path becomes sqlite:///abs/path, None means default_db_url()."""
+    if url_or_path is None or not str(url_or_path).strip():
+        return default_db_url()
+    return _as_url(str(url_or_path).strip())
+
+
+def display_url(url: str) -> str:
+    """The URL with any password masked, for messages."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return url
+
+
+def _as_url(text: str) -> str:
+    if "://" not in text:
+        return "sqlite:///" + os.path.abspath(os.path.expanduser(text))
+    for bare in _BARE_POSTGRES:
+        if text.startswith(bare):
+            return "postgresql+psycopg://" + text[len(bare):]
+    try:
+        make_url(text)
+    except ArgumentError as exc:
+        raise StoreError(f"{text!r} is not a database URL ({exc}): pass a path or e.g. postgresql://user@host/db") from None
+    return text
