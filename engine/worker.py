@@ -1,0 +1,116 @@
+"""`python -m engine worker`: trains queued runs, each in its own spawned process.
+
+The worker process itself holds no torch state: it claims runs atomically in the store, starts
+one child per run (spawn, never fork), divides the CPU threads among them, heartbeats, and on
+start turns runs whose heartbeat went stale (a killed worker) into `interrupted` and resumes them
+from their last checkpoint. Children die with their worker (PR_SET_PDEATHSIG), so a `kill -9` of
+the worker leaves no orphan still writing to a run.
+"""
+from __future__ import annotations
+
+import ctypes
+import multiprocessing as mp
+import os
+import signal
+import socket
+import sys
+import time
+import uuid
+
+from storage import LIVE_STATUSES, Store
+
+STALE_CHECK_EVERY_S = 5.0
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass  # not Linux: the stale-heartbeat check still recovers the run
+    if os.getppid() != parent_pid:   # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _child_main(url: str, run_id: int, device: str, threads: int, parent_pid: int) -> None:
+    _die_with_parent(parent_pid)
+    # SIGTERM from the worker (its own shutdown) becomes an orderly "interrupted".
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C goes to the worker, which stops us in order
+    import torch
+    torch.set_num_threads(threads)
+    from .runner import execute_run
+    try:
+        execute_run(Store(url), run_id, device=None if device == "auto" else device)
+    except KeyboardInterrupt:
+        pass
+
+
+class Worker:
+    def __init__(self, url: str, *, max_parallel: int = 1, device: str = "auto", poll_s: float = 1.0,
+                 stale_after_s: float = 30.0, exit_when_idle: bool = False):
+        self.url, self.max_parallel, self.device = url, max_parallel, device
+        self.poll_s, self.stale_after_s, self.exit_when_idle = poll_s, stale_after_s, exit_when_idle
+        self.id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.children: dict[int, mp.Process] = {}
+        self.threads = max(1, (os.cpu_count() or 1) // max_parallel)
+        self.stopping = False
+
+    def run(self) -> int:
+        store = Store(self.url)
+        ctx = mp.get_context("spawn")
+        signal.signal(signal.SIGTERM, self._stop)
+        signal.signal(signal.SIGINT, self._stop)
+        print(f"worker {self.id}: {self.url}, up to {self.max_parallel} run(s) at once, "
+              f"{self.threads} torch thread(s) each", file=sys.stderr, flush=True)
+        next_stale_check = 0.0
+        try:
+            while not self.stopping:
+                store.worker_heartbeat(self.id, host=socket.gethostname(), pid=os.getpid(),
+                                       device=self.device, max_parallel=self.max_parallel)
+                self._reap(store)
+                if time.monotonic() >= next_stale_check:
+                    for run_id in store.requeue_stale(self.stale_after_s, except_worker=self.id):
+                        print(f"run {run_id}: heartbeat stale, marked interrupted", file=sys.stderr, flush=True)
+                    next_stale_check = time.monotonic() + STALE_CHECK_EVERY_S
+                while len(self.children) < self.max_parallel:
+                    info = store.claim_interrupted(self.id) or store.claim_next_run(self.id)
+                    if info is None:
+                        break
+                    self._start(ctx, info.id)
+                if self.exit_when_idle and not self.children and not store.list_runs(status="queued"):
+                    break
+                time.sleep(self.poll_s)
+        finally:
+            self._shutdown()
+            store.remove_worker(self.id)
+        return 0
+
+    def _start(self, ctx, run_id: int) -> None:
+        proc = ctx.Process(target=_child_main, name=f"spherelab-run-{run_id}",
+                           args=(self.url, run_id, self.device, self.threads, os.getpid()))
+        proc.start()
+        self.children[run_id] = proc
+        print(f"run {run_id}: started in process {proc.pid}", file=sys.stderr, flush=True)
+
+    def _reap(self, store: Store) -> None:
+        for run_id, proc in list(self.children.items()):
+            if not proc.is_alive():
+                proc.join()
+                del self.children[run_id]
+                print(f"run {run_id}: process exited ({proc.exitcode})", file=sys.stderr, flush=True)
+                # A child that died without recording an end (killed by the OOM killer, a segfault)
+                # leaves its run live: say so rather than leave it "running" forever.
+                if store.get_run(run_id).status in LIVE_STATUSES:
+                    store.set_status(run_id, "failed", error=f"run process exited with code {proc.exitcode} "
+                                                             "without finishing (out of memory?)")
+
+    def _stop(self, *_):
+        self.stopping = True
+
+    def _shutdown(self) -> None:
+        for proc in self.children.values():
+            if proc.is_alive():
+                proc.terminate()
+        for proc in self.children.values():
+            proc.join(timeout=30)
+        self.children.clear()
