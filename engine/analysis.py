@@ -6,7 +6,7 @@ The rules (also in README):
 - undetermined: fewer than MIN_POINTS finite train-loss points after step 0.
 - divergence: the run never learns. The tail's train accuracy stays near chance (within a fifth of
   the way from chance to 1) and the tail's train loss has not fallen below UNTRAINED_FRACTION of
-  the run's own untrained level (its step-0 loss); or the trace went non-finite.
+  the run's own untrained level (its step-0 loss); or the loss or norm went non-finite.
 - convergence: the loss keeps falling towards 0. Either the tail loss is below TINY_FRACTION of
   the untrained level (nothing left to fluctuate), or over the last half of the run log(train_loss)
   against log(step) falls with slope <= CONVERGE_SLOPE and the fall is significant (t-statistic
@@ -62,10 +62,11 @@ def classify(trace: pd.DataFrame, num_classes: int | None = None) -> tuple[str, 
     if "train_loss" not in trace or trace.empty:
         return "undetermined", {"reason": "no train_loss logged yet"}
     trace = trace.sort_values("step")
-    loss_all = trace["train_loss"].to_numpy(float)
-    if not np.isfinite(loss_all).all():
-        first_bad = int(trace["step"].to_numpy()[~np.isfinite(loss_all)][0])
-        return "divergence", {"reason": f"train loss became non-finite at step {first_bad}"}
+    for key in ("train_loss", "si_norm"):   # logged at every log point, so NaN is a value, not a gap
+        values = trace[key].to_numpy(float) if key in trace else np.zeros(0)
+        if not np.isfinite(values).all():
+            first_bad = int(trace["step"].to_numpy()[~np.isfinite(values)][0])
+            return "divergence", {"reason": f"{key} became non-finite at step {first_bad} (numerical blow-up)"}
     start = trace.iloc[0]
     untrained = float(start["train_loss"])
     rows = trace[trace["step"] > 0].dropna(subset=["train_loss"])

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import RunConfig
-from .trainer import MemoryRecorder, Trainer, resolve_device
+from .trainer import MemoryRecorder, Trainer, configure_threads, resolve_device
 
 
 def _sync(device: torch.device) -> None:
@@ -130,15 +130,18 @@ def run_bench(args) -> int:
     result = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else
         f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
-        "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "torch": torch.__version__, "threads": torch.get_num_threads(), "mlp_threads": 1,
     }
 
-    demo = RunConfig(elr=0.03, epochs=5 if quick else 20, device=str(device.type))
+    demo = RunConfig(elr=0.01, epochs=5 if quick else 30, device=str(device.type))
+    threads = torch.get_num_threads()
+    configure_threads(demo, device)
     trainer = Trainer(demo)
     wall = _time(trainer.run, device)
     result["digits_demo"] = {"epochs": demo.epochs, "seconds": wall, "model_epochs_per_s": demo.epochs / wall,
                              **_overheads(Trainer(demo), 50)}
     result["digits_demo"]["store"] = _store_logging_overhead(demo)
+    torch.set_num_threads(threads)
 
     n = 5000 if quick else 50000
     conv = RunConfig(model="convnet_si", dataset="synthetic", synthetic_samples=n, synthetic_shape=(3, 32, 32),

@@ -21,6 +21,16 @@ class OneLineParser(argparse.ArgumentParser):
         sys.exit(EXIT_BAD_INPUT)
 
 
+class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show a flag's default unless its help text already explains it (defaults that depend on others)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default is None or "default" in text or action.default == argparse.SUPPRESS:
+            return text
+        return super()._get_help_string(action)
+
+
 D = RunConfig()  # the defaults shown in --help come from the dataclass itself
 
 
@@ -32,8 +42,8 @@ def _shape(text: str) -> tuple[int, ...]:
 
 
 def add_training_flags(p: argparse.ArgumentParser, sweep: bool) -> None:
-    many = dict(nargs="+") if sweep else {}
-    vals = "one or more values, or a log range START:STOP:N" if sweep else "value"
+    many = dict(nargs="+")   # train accepts one value; several get a clear "use sweep" error
+    vals = "one or more values, or a log range START:STOP:N" if sweep else "one value"
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default=D.model, help="mlp_si | convnet_si | resnet18_si")
     g.add_argument("--width", default=None, **many,
@@ -43,8 +53,9 @@ def add_training_flags(p: argparse.ArgumentParser, sweep: bool) -> None:
     g.add_argument("--dataset", default=D.dataset, help="digits | synthetic | cifar10 | cifar100")
     g.add_argument("--data-dir", default=None, help="folder with cifar-10-batches-py/ or cifar-100-python/")
     g.add_argument("--synthetic-samples", type=int, default=D.synthetic_samples, help="synthetic train samples")
-    g.add_argument("--synthetic-shape", type=_shape, default=D.synthetic_shape, help="e.g. 64 or 3x32x32")
-    g.add_argument("--synthetic-classes", type=int, default=D.synthetic_classes)
+    g.add_argument("--synthetic-shape", type=_shape, default=D.synthetic_shape,
+                   help="input shape of synthetic samples, e.g. 64 or 3x32x32 (default 64)")
+    g.add_argument("--synthetic-classes", type=int, default=D.synthetic_classes, help="synthetic classes")
     g.add_argument("--augment", action="store_true", help="random crop (pad 4) + horizontal flip, images only")
     g = p.add_argument_group("optimisation")
     g.add_argument("--mode", default=D.mode, help="sphere (fixed ELR on the sphere) | lrwd (LR + weight decay)")
@@ -54,13 +65,13 @@ def add_training_flags(p: argparse.ArgumentParser, sweep: bool) -> None:
     g.add_argument("--momentum", default=None, **many, help=f"heavy-ball momentum (default 0); {vals}")
     g.add_argument("--schedule", default=D.schedule,
                    help="constant | cosine (half cosine to 0) | step (x0.1 at 50%% and 75%% of training)")
-    g.add_argument("--epochs", type=int, default=D.epochs)
+    g.add_argument("--epochs", type=int, default=D.epochs, help="passes over the training set")
     g.add_argument("--batch-size", default=None, **many, help=f"mini-batch size (default 32 on digits, 128 elsewhere); {vals}")
     g.add_argument("--seed", default=None, **many, help=f"seed for init and batch order (default {D.seed}); {vals}")
     g = p.add_argument_group("measurement (frequencies in optimizer steps; 0 = off)")
     g.add_argument("--log-every", type=int, default=D.log_every, help="steps between log points")
     g.add_argument("--eval-every", type=int, default=None,
-                   help="steps between test-set evaluations (default: once per epoch)")
+                   help="steps between test-set evaluations (default once per epoch)")
     g.add_argument("--sharpness-every", type=int, default=D.sharpness_every,
                    help="steps between sharpness (Lanczos) measurements")
     g.add_argument("--probe-size", type=int, default=D.probe_size, help="train samples in the fixed sharpness probe")
@@ -71,11 +82,12 @@ def add_training_flags(p: argparse.ArgumentParser, sweep: bool) -> None:
     g.add_argument("--checkpoint-every", type=int, default=D.checkpoint_every, help="epochs between checkpoints")
     g = p.add_argument_group("where")
     g.add_argument("--device", default=D.device, help="auto | cpu | cuda")
-    g.add_argument("--db", default=None, help="SQLAlchemy URL or SQLite path (default: $SPHERELAB_DB, "
-                                               "else ~/.spherelab/spherelab.db)")
-    g.add_argument("--name", default=None, help="run name (default: built from the config)")
+    g.add_argument("--db", default=None, help=DB_HELP)
+    g.add_argument("--name", default=None, help="run name (default built from the config)")
     g.add_argument("--tags", nargs="*", default=[], help="labels for finding runs later")
 
+
+DB_HELP = "SQLAlchemy URL or SQLite path (default $SPHERELAB_DB, else ~/.spherelab/spherelab.db)"
 
 _SWEPT_TYPES = {"elr": float, "lr": float, "wd": float, "momentum": float, "seed": int, "width": int,
                 "batch_size": int}
@@ -118,7 +130,7 @@ def _swept_label(cfg: RunConfig, swept: dict) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = DefaultsFormatter
     p = OneLineParser(prog="python -m engine", description="spherelab engine: train scale-invariant networks, "
                       "store runs, analyse them.", formatter_class=fmt)
     sub = p.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
@@ -137,14 +149,14 @@ def build_parser() -> argparse.ArgumentParser:
     w = cmd("worker", "run queued runs in background processes")
     w.add_argument("--max-parallel", type=int, default=1, help="runs trained at the same time")
     w.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    w.add_argument("--db", default=None)
+    w.add_argument("--db", default=None, help=DB_HELP)
     w.add_argument("--poll", type=float, default=1.0, help="seconds between looks at the queue")
     w.add_argument("--stale-after", type=float, default=30.0,
                    help="seconds without heartbeat after which a running run counts as interrupted")
     w.add_argument("--once", action="store_true", help="exit when the queue is empty (scripts, tests)")
 
     r = cmd("runs", "list runs: id, name, status, regime, progress")
-    r.add_argument("--db", default=None)
+    r.add_argument("--db", default=None, help=DB_HELP)
     r.add_argument("--status", default=None)
     r.add_argument("--sweep", type=int, default=None)
     r.add_argument("--tag", default=None)
@@ -154,28 +166,28 @@ def build_parser() -> argparse.ArgumentParser:
                        ("delete", "delete a run with its metrics, events and checkpoint")):
         c = cmd(name, text)
         c.add_argument("run", type=int)
-        c.add_argument("--db", default=None)
+        c.add_argument("--db", default=None, help=DB_HELP)
     t = cmd("tag", "add tags to a run")
     t.add_argument("run", type=int)
     t.add_argument("tags", nargs="+")
-    t.add_argument("--db", default=None)
+    t.add_argument("--db", default=None, help=DB_HELP)
 
     e = cmd("export", "metrics of a run, one row per log point")
     e.add_argument("run", type=int)
     e.add_argument("--format", choices=("csv", "json"), default="csv")
     e.add_argument("--out", default=None, help="file to write (default: stdout)")
-    e.add_argument("--db", default=None)
+    e.add_argument("--db", default=None, help=DB_HELP)
     a = cmd("analyze", "regime, evidence, loss spikes and period of a run, as JSON")
     a.add_argument("run", type=int)
-    a.add_argument("--db", default=None)
+    a.add_argument("--db", default=None, help=DB_HELP)
     b = cmd("bundle", "write a portable file with a run (or a whole sweep) and its metrics")
     b.add_argument("run", type=int, nargs="?")
     b.add_argument("--sweep", type=int, default=None)
     b.add_argument("--out", required=True)
-    b.add_argument("--db", default=None)
+    b.add_argument("--db", default=None, help=DB_HELP)
     i = cmd("import", "import a bundle into this database (new ids)")
     i.add_argument("file")
-    i.add_argument("--db", default=None)
+    i.add_argument("--db", default=None, help=DB_HELP)
     bn = cmd("bench", "throughput and overhead figures")
     bn.add_argument("--json", action="store_true")
     bn.add_argument("--device", default="auto")

@@ -10,11 +10,10 @@ from pathlib import Path
 
 from storage import RunNotFound, Store, StoreError
 
-from . import analysis
 from .cli import configs_from_args, print_json
 from .config import ConfigError, RunConfig
 from .data import load_dataset
-from .runner import checkpoint_dir, execute_run
+from .runner import analyze_stored, checkpoint_dir, execute_run
 from .trainer import resolve_device
 
 
@@ -34,10 +33,7 @@ def _check_runnable(configs: list[RunConfig]) -> None:
         if key in checked:
             continue
         checked.add(key)
-        data = load_dataset(cfg, "cpu")
-        if cfg.batch > len(data.y_train):
-            raise ConfigError(f"--batch-size {cfg.batch} is larger than the {len(data.y_train)} training "
-                              f"samples of {cfg.dataset}: use at most {len(data.y_train)}")
+        data = load_dataset(cfg, "cpu")      # also checks the batch size against the data
         resolve_device(cfg.device)
         from .models import build_model
         build_model(cfg, data.input_shape, data.num_classes)
@@ -116,9 +112,10 @@ def cmd_runs(args) -> int:
         print_json([{"id": r.id, "name": r.name, "status": r.status, "regime": r.regime,
                      "progress": round(r.progress, 4), "sweep": r.sweep_id, "tags": r.tags} for r in runs])
         return 0
-    print(f"{'id':>5}  {'status':<11} {'regime':<19} {'progress':>8}  name")
+    print(f"{'id':>5}  {'status':<11} {'regime':<19} {'progress':>8}  name [tags]")
     for r in runs:
-        print(f"{r.id:>5}  {r.status:<11} {r.regime or '-':<19} {r.progress:>7.0%}  {r.name}")
+        tags = f"  [{', '.join(r.tags)}]" if r.tags else ""
+        print(f"{r.id:>5}  {r.status:<11} {r.regime or '-':<19} {r.progress:>7.0%}  {r.name}{tags}")
     return 0
 
 
@@ -192,21 +189,9 @@ def _json_value(v):
     return None if v is None or (isinstance(v, float) and not math.isfinite(v)) else v
 
 
-def analyze_run(store: Store, run_id: int) -> dict:
-    info = store.get_run(run_id)
-    frame = store.read_metrics(run_id, ["train_loss", "train_acc", "eff_grad_norm"])
-    num_classes = _num_classes(info.config)
-    return analysis.analyze(frame, num_classes)
-
-
-def _num_classes(config: dict) -> int | None:
-    return {"digits": 10, "cifar10": 10, "cifar100": 100}.get(config.get("dataset"),
-                                                            config.get("synthetic_classes"))
-
-
 def cmd_analyze(args) -> int:
     store = Store(args.db)
-    print_json(analyze_run(store, args.run))
+    print_json(analyze_stored(store, store.get_run(args.run).id))
     return 0
 
 

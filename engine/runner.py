@@ -18,11 +18,12 @@ from storage import Store
 
 from . import analysis
 from .config import ConfigError, RunConfig
-from .trainer import Trainer
+from .trainer import Trainer, configure_threads
 
 POLL_EVERY_S = 0.5        # how often the store is asked for commands
 ANALYZE_EVERY_S = 5.0     # how often the live regime label and spikes are refreshed
 HEARTBEAT_EVERY_S = 1.0
+ANALYSIS_KEYS = ["train_loss", "train_acc", "eff_grad_norm", "si_norm"]
 
 
 class StoreRecorder:
@@ -103,9 +104,7 @@ class StoreControl:
 
     def refresh_analysis(self, trainer: Trainer) -> dict:
         self.recorder.flush()
-        result = analysis.analyze(self.store.read_metrics(self.run_id, ["train_loss", "train_acc",
-                                                                      "eff_grad_norm"]),
-                                  trainer.data.num_classes)
+        result = analyze_stored(self.store, self.run_id, trainer.data.num_classes)
         if result["regime"] != self.regime:
             self.regime = result["regime"]
             self.store.update_run(self.run_id, regime=self.regime)
@@ -116,6 +115,15 @@ class StoreControl:
                 self.spikes.add(step)
                 self.store.add_event(self.run_id, step, "spike", {"period": result["period"]})
         return result
+
+
+def analyze_stored(store: Store, run_id: int, num_classes: int | None = None) -> dict:
+    """analysis.analyze on a stored run's trace (num_classes from its config when not given)."""
+    if num_classes is None:
+        config = store.get_run(run_id).config
+        num_classes = {"digits": 10, "cifar10": 10, "cifar100": 100}.get(config.get("dataset"),
+                                                                        config.get("synthetic_classes"))
+    return analysis.analyze(store.read_metrics(run_id, ANALYSIS_KEYS), num_classes)
 
 
 def checkpoint_dir(store: Store) -> Path:
@@ -158,9 +166,7 @@ def execute_run(store: Store, run_id: int, *, device: str | None = None, progres
     except ConfigError as exc:
         store.set_status(run_id, "failed", error=str(exc))
         return "failed"
-    if trainer.device.type == "cpu" and trainer.cfg.model == "mlp_si":
-        # tiny matmuls: thread hand-offs cost more than they save (measured 8x slower with 2 threads)
-        torch.set_num_threads(1)
+    configure_threads(trainer.cfg, trainer.device)
     resumed_from = trainer.step if trainer.step else None
     # The stored trace must be exactly one trajectory: drop whatever was logged after the checkpoint.
     store.truncate_after(run_id, trainer.step if resumed_from else -1)
