@@ -1,4 +1,8 @@
-"""Shared fixtures: a throwaway PostgreSQL server (initdb + pg_ctl in a temp dir, on a free port)."""
+"""Shared fixtures: a throwaway PostgreSQL server (initdb + pg_ctl in a temp dir, on a free port).
+
+The test process trains on one torch thread: the models under test are tiny, and on a 2-core
+machine shared with worker subprocesses extra threads only spin.
+"""
 
 import glob
 import os
@@ -9,6 +13,9 @@ import tempfile
 import uuid
 
 import pytest
+import torch
+
+torch.set_num_threads(1)
 
 
 def _postgres_bindir() -> str | None:
