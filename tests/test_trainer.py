@@ -95,3 +95,22 @@ def test_nonfinite_ends_the_run_with_an_event():
     assert t.recorder.events[-1][1] == "nonfinite"
     assert not math.isfinite(t.recorder.rows[-1][3]["si_norm"])
     assert result.step < t.total_steps
+
+
+@pytest.mark.parametrize("model,width", [("convnet_si", 4), ("resnet18_si", 2)])
+def test_conv_nets_train_with_every_metric(model, width):
+    cfg = RunConfig(model=model, width=width, dataset="synthetic", synthetic_samples=256,
+                    synthetic_shape=(3, 32, 32), batch_size=64, epochs=1, log_every=2, augment=True,
+                    sharpness_every=2, probe_size=128, trace_samples=2, lanczos_iters=5)
+    t = Trainer(cfg)
+    assert t.run().status == "finished"
+    last = t.recorder.rows[-1][3]
+    expected = {"train_loss", "train_acc", "test_loss", "test_acc", "si_norm", "lr", "elr", "grad_norm",
+                "eff_grad_norm", "angular_update", "cos_to_init", "sharpness", "sharpness_threshold",
+                "hessian_trace"}
+    assert expected <= set(last)
+    assert all(math.isfinite(v) for v in last.values())
+    layer_keys = [k for k in last if k.startswith("layer_norm/")]
+    assert len(layer_keys) == len(t.group.params)
+    assert math.sqrt(sum(last[k] ** 2 for k in layer_keys)) == pytest.approx(last["si_norm"], rel=1e-5)
+    assert last["si_norm"] == pytest.approx(t.update.rho0, rel=1e-5)     # sphere mode
