@@ -35,6 +35,7 @@ SPIKE_RATIO = 10.0
 SPIKE_FLOOR = 0.02
 SPIKE_WINDOW = 10
 
+KEYS = ["train_loss", "train_acc", "eff_grad_norm", "si_norm"]   # what the rules read from a trace
 REGIMES = ("convergence", "chaotic_equilibrium", "divergence", "undetermined")
 
 

@@ -23,6 +23,12 @@ IMAGE_DATASETS = ("cifar10", "cifar100")
 DEFAULT_WIDTH = {"mlp_si": 64, "convnet_si": 32, "resnet18_si": 32}
 
 
+def num_classes(config: dict) -> int | None:
+    """Classes of a stored config's dataset (chance level for the analysis); torch-free."""
+    known = {"digits": 10, "cifar10": 10, "cifar100": 100}
+    return known.get(config.get("dataset", "digits"), config.get("synthetic_classes"))
+
+
 class ConfigError(ValueError):
     """Bad user input. The message is one line: what is wrong and how to fix it."""
 

@@ -18,12 +18,12 @@ from storage import Store
 
 from . import analysis
 from .config import ConfigError, RunConfig
+from .config import num_classes as classes_of
 from .trainer import Trainer, configure_threads
 
 POLL_EVERY_S = 0.5        # how often the store is asked for commands
 ANALYZE_EVERY_S = 5.0     # how often the live regime label and spikes are refreshed
 HEARTBEAT_EVERY_S = 1.0
-ANALYSIS_KEYS = ["train_loss", "train_acc", "eff_grad_norm", "si_norm"]
 
 
 class StoreRecorder:
@@ -120,10 +120,8 @@ class StoreControl:
 def analyze_stored(store: Store, run_id: int, num_classes: int | None = None) -> dict:
     """analysis.analyze on a stored run's trace (num_classes from its config when not given)."""
     if num_classes is None:
-        config = store.get_run(run_id).config
-        num_classes = {"digits": 10, "cifar10": 10, "cifar100": 100}.get(config.get("dataset"),
-                                                                        config.get("synthetic_classes"))
-    return analysis.analyze(store.read_metrics(run_id, ANALYSIS_KEYS), num_classes)
+        num_classes = classes_of(store.get_run(run_id).config)
+    return analysis.analyze(store.read_metrics(run_id, analysis.KEYS), num_classes)
 
 
 def checkpoint_dir(store: Store) -> Path:

@@ -1,0 +1,186 @@
+"""What the pages read from the store, through the public Store API only (never SQL).
+
+Streamlit-free, so the benchmark and the tests can call it directly.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from engine.analysis import KEYS as ANALYSIS_KEYS
+from engine.analysis import analyze
+from engine.config import RunConfig, num_classes
+from storage import LIVE_STATUSES, TERMINAL_STATUSES, RunInfo, Store
+
+from .series import smooth_long, tail_mean, thin
+
+ENDED_VISIBLE_S = 600          # ended runs stay on the Live page this long, with their final curves
+SUMMARY_KEYS = [*ANALYSIS_KEYS, "test_acc"]
+TRACE_EVENTS = ["spike", "elr_change", "lr_change", "resume"]
+
+
+# ---- runs ----------------------------------------------------------------------------------------
+def run_label(run: RunInfo) -> str:
+    return f"#{run.id} {run.name}"
+
+
+def rate_of(config: dict) -> tuple[str, float]:
+    """The rate the user set: ("elr", value) on the sphere, ("lr", value) under lrwd; a rate left
+    unset reads as the engine's default."""
+    mode = config.get("mode", "sphere")
+    rate = RunConfig(mode=mode, elr=config.get("elr"), lr=config.get("lr")).base_rate
+    return ("lr" if mode == "lrwd" else "elr"), rate
+
+
+def parse_config_filter(text: str) -> dict[str, str]:
+    """'mode=lrwd, model=mlp_si' -> {'mode': 'lrwd', 'model': 'mlp_si'}; ValueError names a bad part."""
+    wanted = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, value = part.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"config filter part {part!r} is not key=value: write e.g. mode=lrwd, elr=0.01")
+        wanted[key.strip()] = value.strip()
+    return wanted
+
+
+def config_matches(config: dict, wanted: dict[str, str]) -> bool:
+    """Values compare as text; numbers also numerically, so elr=1e-2 finds 0.01."""
+    def same(actual, text: str) -> bool:
+        if str(actual) == text:
+            return True
+        try:
+            return actual is not None and math.isclose(float(actual), float(text), rel_tol=1e-9)
+        except (TypeError, ValueError):
+            return False
+    return all(key in config and same(config[key], text) for key, text in wanted.items())
+
+
+def find_runs(store: Store, *, name: str = "", tag: str | None = None, sweep_id: int | None = None,
+              config_filter: dict[str, str] | None = None) -> list[RunInfo]:
+    runs = store.list_runs(name_contains=name or None, tag=tag or None, sweep_id=sweep_id)
+    return [r for r in runs if config_matches(r.config, config_filter or {})]
+
+
+def all_tags(runs: list[RunInfo]) -> list[str]:
+    return sorted({tag for run in runs for tag in run.tags})
+
+
+def config_diff(runs: list[RunInfo]) -> pd.DataFrame:
+    """Config keys whose values differ between the runs (rows) by run (columns)."""
+    keys = sorted(set().union(*(run.config for run in runs))) if runs else []
+    table = pd.DataFrame({run_label(run): [as_text(run.config.get(key)) for key in keys] for run in runs},
+                         index=pd.Index(keys, name="config"))
+    return table[table.nunique(axis=1) > 1]
+
+
+def as_text(value) -> str:
+    return "—" if value is None else json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+
+
+def ended_recently(run: RunInfo, now: float) -> bool:
+    return run.is_terminal and run.finished_at is not None and now - run.finished_at < ENDED_VISIBLE_S
+
+
+def live_page_runs(store: Store) -> list[RunInfo]:
+    """Runs a worker holds, then those that ended in the last ENDED_VISIBLE_S seconds."""
+    now = time.time()
+    held = store.list_runs(status=list(LIVE_STATUSES))
+    ended = [r for r in store.list_runs(status=list(TERMINAL_STATUSES)) if ended_recently(r, now)]
+    return held + ended
+
+
+# ---- metrics ------------------------------------------------------------------------------------
+def metric_keys(store: Store, run_ids) -> list[str]:
+    """Union of the keys the runs logged, SPEC order first (train_loss before layer_norm/...)."""
+    keys = set().union(*(store.metric_keys(run_id) for run_id in run_ids)) if run_ids else set()
+    return sorted(keys, key=lambda k: ("/" in k, k))
+
+
+def compare_frames(store: Store, run_ids, keys, *, max_points: int, smoothing: float):
+    """(raw, smoothed or None) long frames ready to draw. The EMA runs on the full-resolution data
+    (smoothing thinned points would change the curve); only then are both thinned for drawing."""
+    if smoothing > 0:
+        full = store.read_metrics_many(run_ids, keys)
+        return thin(full, max_points), thin(smooth_long(full, smoothing), max_points)
+    return store.read_metrics_many(run_ids, keys, max_points=max_points), None
+
+
+def compare_csv(store: Store, runs: list[RunInfo], keys) -> bytes:
+    """All points (not thinned) of the chosen runs and metrics, long format; nan/inf/-inf as text."""
+    frame = store.read_metrics_many([r.id for r in runs], keys)
+    frame.insert(1, "run_name", frame["run_id"].map({r.id: r.name for r in runs}))
+    buffer = io.StringIO()
+    frame.to_csv(buffer, index=False, na_rep="nan")
+    return buffer.getvalue().encode()
+
+
+def run_analysis(store: Store, run: RunInfo) -> dict:
+    """engine.analysis on the stored trace: regime, evidence, spikes, period."""
+    return analyze(store.read_metrics(run.id, SUMMARY_KEYS), num_classes(run.config))
+
+
+def sweep_summary(store: Store, sweep_id) -> pd.DataFrame:
+    """One row per run of a sweep: its rate, regime (analysis of its trace) and tail means."""
+    rows = []
+    for run in store.list_runs(sweep_id=sweep_id):
+        trace = store.read_metrics(run.id, SUMMARY_KEYS)
+        result = analyze(trace, num_classes(run.config))
+        rate_key, rate = rate_of(run.config)
+        rows.append({"run_id": run.id, "name": run.name, "status": run.status, "rate_key": rate_key,
+                     "rate": rate, "seed": run.config.get("seed"), "regime": result["regime"],
+                     **{key: tail_mean(trace[key]) for key in ("train_loss", "test_acc", "eff_grad_norm")},
+                     "reason": result["evidence"].get("reason", "")})
+    columns = ["run_id", "name", "status", "rate_key", "rate", "seed", "regime", "train_loss", "test_acc",
+               "eff_grad_norm", "reason"]
+    return pd.DataFrame(rows, columns=columns).sort_values(["rate", "run_id"], ignore_index=True)
+
+
+# ---- live traces --------------------------------------------------------------------------------
+@dataclass
+class LiveTrace:
+    """A run's trace kept in session state and extended by incremental reads (steps after the last
+    one held), so a 1 s refresh costs one small query however long the run is."""
+    run_id: int
+    keys: tuple[str, ...]
+    frame: pd.DataFrame | None = None
+    events: list = field(default_factory=list)
+
+    def refresh(self, store: Store) -> "LiveTrace":
+        events = store.events(self.run_id, TRACE_EVENTS)
+        resumed = sum(e.kind == "resume" for e in events) != sum(e.kind == "resume" for e in self.events)
+        # a resume cuts the stored trace back to its checkpoint: then read it whole again
+        since = None if resumed or self.frame is None or self.frame.empty else self.last_step
+        new = store.read_metrics(self.run_id, list(self.keys), since_step=since)
+        if since is None:
+            self.frame = new
+        elif len(new):
+            self.frame = pd.concat([self.frame, new], ignore_index=True)
+        self.events = events
+        return self
+
+    @property
+    def spikes(self) -> list[int]:
+        return sorted({e.step for e in self.events if e.kind == "spike"})
+
+    @property
+    def rate_changes(self) -> list[tuple[int, float]]:
+        return [(e.step, e.payload.get("to")) for e in self.events if e.kind in ("elr_change", "lr_change")]
+
+    @property
+    def last_step(self) -> int:
+        return int(self.frame["step"].iloc[-1]) if self.frame is not None and len(self.frame) else 0
+
+
+# ---- workers ------------------------------------------------------------------------------------
+def worker_log_path(url: str) -> Path:
+    """Beside an SQLite file, else under ~/.spherelab."""
+    if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
+        db = Path(url[len("sqlite:///"):])
+        return db.parent / (db.name + ".worker.log")
+    return Path("~/.spherelab/worker.log").expanduser()

@@ -1,0 +1,120 @@
+"""Launch: queue a preset, a run or a sweep for the worker, and see whether a worker is alive."""
+import streamlit as st
+
+from dashboard import launch, ui
+from engine.config import DATASETS, MODELS, ConfigError
+from engine.presets import PRESETS
+from storage import Store
+
+IMAGE_DATASETS = ("cifar10", "cifar100")
+
+
+def show_queued(store: Store, run_ids: list[int]) -> None:
+    first = store.get_run(run_ids[0])
+    where = f" as sweep #{first.sweep_id}" if first.sweep_id else ""
+    st.success(f"Queued {len(run_ids)} run(s){where}: #{', #'.join(map(str, run_ids))}.")
+    live, sweep_map = st.columns(2)
+    live.page_link(ui.LIVE_PAGE, label="Watch them on Live", icon=":material/monitoring:")
+    if first.sweep_id:
+        sweep_map.page_link(ui.REGIME_PAGE, label="Regime map of this sweep", icon=":material/scatter_plot:",
+                            query_params={"sweep": str(first.sweep_id)})
+
+
+def submit(store: Store, make) -> None:
+    """Build and queue; bad input (including a missing CIFAR folder) is one message, nothing written."""
+    try:
+        configs, swept, name = make()
+        with st.spinner("Checking and queueing…"):
+            run_ids = launch.queue(store, configs, swept, name)
+    except ConfigError as exc:
+        st.error(f"Not queued: {exc}")
+        return
+    show_queued(store, run_ids)
+
+
+def preset_section(store: Store) -> None:
+    names = list(PRESETS)
+    ui.seed("preset", names[0], allowed=names)
+    preset = PRESETS[st.selectbox("Preset", names, key="preset")]
+    ui.publish("preset", preset.name, names[0])
+    st.write(preset.description)
+    configs = preset.configs() if not preset.needs_data_dir else []
+    if preset.swept:
+        swept = ", ".join(f"{key} ∈ {{{', '.join(f'{v:g}' for v in values)}}}" for key, values in preset.swept.items())
+        st.caption(f"{len(configs) or 'several'} runs: {swept}")
+    if preset.expected_regimes:
+        st.caption("Expected regimes: " + ", ".join(preset.expected_regimes))
+    data_dir = ""
+    if preset.needs_data_dir:
+        data_dir = st.text_input("Data folder (holding cifar-10-batches-py/)", key="preset_data_dir",
+                                 placeholder="/data/cifar")
+    if st.button(f"Queue “{preset.name}”", type="primary", key="queue_preset", icon=":material/send:"):
+        submit(store, lambda: (preset.configs(**({"data_dir": data_dir.strip() or None}
+                                                 if preset.needs_data_dir else {})),
+                               preset.swept, preset.name))
+
+
+def custom_section(store: Store) -> None:
+    form = launch.LaunchForm()
+    left, middle, right = st.columns(3)
+    with left:
+        st.markdown("**Model and data**")
+        form.model = st.selectbox("Model", MODELS, key="f_model")
+        form.width = st.number_input("Width (0 = the model's default)", min_value=0, value=0, step=8, key="f_width")
+        form.dataset = st.selectbox("Dataset", DATASETS, key="f_dataset")
+        if form.dataset in IMAGE_DATASETS:
+            form.data_dir = st.text_input("Data folder", key="f_data_dir", placeholder="/data/cifar",
+                                          help="Holds cifar-10-batches-py/ or cifar-100-python/ "
+                                               "(python-pickle layout). Nothing is downloaded.")
+    with middle:
+        st.markdown("**Optimisation**")
+        form.mode = st.radio("Mode", ("sphere", "lrwd"), key="f_mode", horizontal=True,
+                             captions=("fixed ELR on the sphere", "LR + weight decay, ELR measured"))
+        if form.mode == "sphere":
+            form.rate = st.number_input("ELR", min_value=0.0, value=0.01, format="%.2e", key="f_elr")
+        else:
+            form.rate = st.number_input("LR", min_value=0.0, value=0.1, format="%.2e", key="f_lr")
+            form.wd = st.number_input("Weight decay", min_value=0.0, value=1e-3, format="%.2e", key="f_wd")
+            form.momentum = st.number_input("Momentum", min_value=0.0, max_value=0.99, value=0.0, key="f_momentum")
+        form.epochs = st.number_input("Epochs", min_value=1, value=10, key="f_epochs")
+        form.seed = st.number_input("Seed", min_value=0, value=0, key="f_seed")
+    with right:
+        st.markdown("**Measurement (in optimizer steps)**")
+        form.log_every = st.number_input("Log every", min_value=1, value=10, key="f_log_every")
+        form.sharpness_every = st.number_input("Sharpness every (0 = off)", min_value=0, value=0,
+                                               key="f_sharpness_every")
+        form.name = st.text_input("Name (optional)", key="f_name")
+        form.tags = ui.str_list(st.text_input("Tags (comma separated)", key="f_tags"))
+
+    st.markdown("**Sweep builder**")
+    form.sweep_rate = st.toggle(f"Sweep the {form.rate_key.upper()} over a log range", key="f_sweep")
+    if form.sweep_rate:
+        start, stop, points = st.columns(3)
+        form.rate_start = start.number_input("from", min_value=0.0, value=1e-4, format="%.1e", key="f_start")
+        form.rate_stop = stop.number_input("to", min_value=0.0, value=1.0, format="%.1e", key="f_stop")
+        form.rate_points = points.number_input("points (log-spaced, ends included)", min_value=2, value=6,
+                                               key="f_points")
+    form.seeds = st.number_input("Seeds per point (seed, seed+1, …)", min_value=1, value=1, key="f_seeds")
+
+    try:
+        configs, swept = launch.configs_of(form)
+    except ConfigError as exc:
+        st.error(str(exc))
+        return
+    with st.expander(f"{len(configs)} run(s) will be queued", expanded=len(configs) > 1):
+        st.dataframe({"name": [c.display_name() for c in configs]}, hide_index=True, width="stretch")
+    if st.button(f"Queue {len(configs)} run(s)", type="primary", key="queue_custom", icon=":material/send:"):
+        submit(store, lambda: (configs, swept, None))
+
+
+def main(store: Store) -> None:
+    ui.worker_panel(store)
+    presets, custom = st.tabs(["Presets", "Custom run or sweep"])
+    with presets:
+        preset_section(store)
+    with custom:
+        custom_section(store)
+
+
+ui.run_page("Launch", main, "Runs are queued in the database; a worker process trains them. "
+            "The dashboard itself never trains.")

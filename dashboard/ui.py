@@ -1,0 +1,220 @@
+"""Streamlit pieces the pages share: the store (or a clear error), page state in the URL, empty
+states, the worker panel and the run controls."""
+from __future__ import annotations
+
+import functools
+import time
+from typing import Any, Callable
+
+import streamlit as st
+from sqlalchemy.exc import SQLAlchemyError
+
+from storage import LIVE_STATUSES, RunInfo, RunNotFound, Store, StoreError, SweepNotFound, resolve_db_url
+from storage.urls import display_url
+
+from . import data, export, launch
+
+LAUNCH_PAGE = "dashboard/pages/launch.py"
+LIVE_PAGE = "dashboard/pages/live.py"
+RUN_PAGE = "dashboard/pages/run.py"
+COMPARE_PAGE = "dashboard/pages/compare.py"
+REGIME_PAGE = "dashboard/pages/regime_map.py"
+PERIODIC_PAGE = "dashboard/pages/periodic.py"
+REGIME_BADGES = {"convergence": ("convergence", "green"), "chaotic_equilibrium": ("chaotic equilibrium", "orange"),
+                 "divergence": ("divergence", "red"), "undetermined": ("undetermined", "gray")}
+DB_FIX = ("**How to fix:** point the dashboard at a spherelab database with the environment variable "
+          "`SPHERELAB_DB` (a file path or a SQLAlchemy URL, e.g. `SPHERELAB_DB=~/runs.db streamlit run "
+          "streamlit_app.py`), or move the broken file away (or delete it) so a fresh one is created. "
+          "A PostgreSQL URL needs the server running and reachable.")
+
+
+# ---- the store ----------------------------------------------------------------------------------
+@st.cache_resource(show_spinner=False)
+def _open_store(url: str) -> Store:
+    """One Store per database URL for the whole server (a Store is thread-safe); failures are not
+    cached, so fixing the file and reloading the page works."""
+    return Store(url)
+
+
+def store_or_stop() -> Store:
+    try:
+        return _open_store(resolve_db_url(None))
+    except StoreError as exc:
+        show_store_failure(exc)
+        st.stop()
+
+
+def show_store_failure(exc: Exception) -> None:
+    reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+    st.error(f"**Cannot use the run database.** {reason}")
+    st.markdown(DB_FIX)
+
+
+def run_page(title: str, body: Callable[[Store], None], caption: str = "") -> None:
+    """Title, store, then the page body; a store failure shows its message and a fix, never a traceback."""
+    st.title(title)
+    if caption:
+        st.caption(caption)
+    guarded(body)(store_or_stop())
+
+
+def guarded(body: Callable[..., None]) -> Callable[..., None]:
+    """body, with store failures shown as messages: for pages and for fragments, which rerun alone."""
+    @functools.wraps(body)
+    def call(*args, **kwargs) -> None:
+        try:
+            body(*args, **kwargs)
+        except (RunNotFound, SweepNotFound) as exc:
+            st.warning(f"{exc}. The link may point at a deleted run or another database.")
+        except StoreError as exc:
+            st.error(str(exc))
+        except SQLAlchemyError as exc:  # the database broke under us (file removed, server gone)
+            _open_store.clear()
+            show_store_failure(exc)
+    return call
+
+
+# ---- page state in the URL ----------------------------------------------------------------------
+_SEEN = "_url_seen"  # the URL values last applied or written, per key
+
+
+def seed(key: str, default: Any, parse: Callable[[str], Any] = str, allowed=None) -> None:
+    """Give widget `key` its value before it is drawn: the URL's (query parameter of the same name)
+    when the URL changed since this page last wrote it (a shared link, a switch from another page),
+    else the value it already has, else `default`. Values not in `allowed` are dropped."""
+    seen = st.session_state.setdefault(_SEEN, {})
+    raw = st.query_params.get(key)
+    if raw is not None and raw != seen.get(key):
+        seen[key] = raw
+        try:
+            st.session_state[key] = _keep_allowed(parse(raw), allowed)
+        except ValueError:
+            pass  # a mangled link falls back to the default
+    current = _keep_allowed(st.session_state.get(key), allowed)
+    # assigned even when unchanged: a value left by another page's widget of the same key would
+    # otherwise be ignored by this page's widget
+    st.session_state[key] = default if current is None or current == [] else current
+
+
+def publish(key: str, value: Any, default: Any = None) -> None:
+    """Write widget `key`'s value to the URL (removed when it is the default or empty)."""
+    seen = st.session_state.setdefault(_SEEN, {})
+    if value is None or value == [] or value == "" or value == default:
+        st.query_params.pop(key, None)
+        seen[key] = None
+        return
+    text = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+    st.query_params[key] = text
+    seen[key] = text
+
+
+def _keep_allowed(value, allowed):
+    if allowed is None or value is None:
+        return value
+    if isinstance(value, list):
+        return [v for v in value if v in allowed]
+    return value if value in allowed else None
+
+
+def int_list(text: str) -> list[int]:
+    return [int(part) for part in text.split(",") if part.strip()]
+
+
+def str_list(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def selected_run(event) -> int | None:
+    """The run id (the point's customdata) of the first point selected on a chart, if any."""
+    for point in (event or {}).get("selection", {}).get("points", []):
+        custom = point.get("customdata")
+        if custom is not None:
+            return int(custom[0] if isinstance(custom, list) else custom)
+    return None
+
+
+# ---- small displays -----------------------------------------------------------------------------
+def regime_badge(regime: str | None) -> None:
+    label, color = REGIME_BADGES.get(regime or "undetermined", (regime or "undetermined", "gray"))
+    st.badge(label, color=color)
+
+
+def no_runs(what: str = "runs") -> None:
+    st.info(f"No {what} in this database yet. Queue one on the Launch page (a preset is one click), "
+            "or from a shell: `python -m engine submit --elr 1e-3 1e-2 --epochs 5`.")
+    st.page_link(LAUNCH_PAGE, label="Go to Launch", icon=":material/rocket_launch:")
+
+
+def downloads(csv_label: str, make_csv: Callable[[], bytes | str], stem: str, fig) -> None:
+    """CSV of the data and the figure (PNG + SVG with kaleido, else HTML), made only when clicked."""
+    formats = export.figure_formats()
+    columns = st.columns(1 + len(formats))
+    columns[0].download_button(csv_label, make_csv, file_name=f"{stem}.csv", mime="text/csv",
+                               icon=":material/download:", on_click="ignore")
+    for column, fmt in zip(columns[1:], formats):
+        column.download_button(f"Figure as {fmt.label}", lambda fmt=fmt: export.figure_bytes(fig, fmt),
+                               file_name=f"{stem}.{fmt.extension}", mime=fmt.mime, icon=":material/download:",
+                               on_click="ignore")
+    if not export.static_images_available():
+        st.caption("Figures download as interactive HTML (kaleido, which makes PNG and SVG, is not installed).")
+
+
+# ---- workers ------------------------------------------------------------------------------------
+def worker_panel(store: Store) -> None:
+    """Whether a worker is alive, what is queued, and a button that starts a worker when none is."""
+    workers = store.live_workers()
+    queued = len(store.list_runs(status="queued"))
+    waiting = f" {queued} run(s) queued." if queued else ""
+    if workers:
+        held = sum(len(w["run_ids"]) for w in workers)
+        names = ", ".join(f"{w['host']} pid {w['pid']} ({w['device']}, up to {w['max_parallel']} at once)"
+                          for w in workers)
+        doing = f"training {held} run(s)" if held else "idle"
+        st.success(f"Worker alive: {names}; {doing}.{waiting}", icon=":material/memory:")
+        return
+    started = st.session_state.get("worker_started")
+    if started and time.time() - started["at"] < 30:
+        st.info(f"Starting a worker (pid {started['pid']}); it shows up here within a few seconds. "
+                f"Its log: `{started['log']}`.{waiting}", icon=":material/hourglass_top:")
+        return
+    st.warning(f"No worker is running, so queued runs wait.{waiting} Start one here, or in a shell: "
+               f"`python -m engine worker --db {display_url(store.url)} --max-parallel 2`.",
+               icon=":material/warning:")
+    if st.button("Start a worker", icon=":material/play_arrow:", key="start_worker"):
+        pid, log = launch.start_worker(store.url)
+        st.session_state["worker_started"] = {"pid": pid, "log": str(log), "at": time.time()}
+        st.rerun()
+
+
+# ---- run controls -------------------------------------------------------------------------------
+def run_controls(store: Store, run: RunInfo) -> None:
+    """Pause / resume / stop and a new ELR (sphere) or LR (lrwd), sent as commands the worker obeys
+    between two steps. Queued runs can only be cancelled; ended runs take no commands."""
+    if run.status == "queued":
+        if st.button("Cancel", key=f"cancel-{run.id}", icon=":material/cancel:"):
+            _act(lambda: store.cancel(run.id), "cancelled")
+        return
+    if run.status not in LIVE_STATUSES:
+        return
+    rate_key, rate = data.rate_of(run.config)
+    pause, resume, stop, value, apply = st.columns([1, 1, 1, 2, 1], vertical_alignment="bottom")
+    if pause.button("Pause", key=f"pause-{run.id}", icon=":material/pause:", disabled=run.status == "paused"):
+        _act(lambda: store.send_command(run.id, "pause"), "pause sent")
+    if resume.button("Resume", key=f"resume-{run.id}", icon=":material/play_arrow:", disabled=run.status != "paused"):
+        _act(lambda: store.send_command(run.id, "resume"), "resume sent")
+    if stop.button("Stop", key=f"stop-{run.id}", icon=":material/stop:"):
+        _act(lambda: store.send_command(run.id, "stop"), "stop sent")
+    new_rate = value.number_input(f"new {rate_key}", min_value=0.0, value=float(rate), format="%.3g",
+                                  key=f"rate-{run.id}")
+    if apply.button(f"Set {rate_key}", key=f"set-{run.id}"):
+        _act(lambda: store.send_command(run.id, f"set_{rate_key}", {"value": float(new_rate)}),
+             f"{rate_key} → {new_rate:.3g} sent")
+
+
+def _act(send: Callable[[], Any], done: str) -> None:
+    try:
+        send()
+    except StoreError as exc:
+        st.error(str(exc))
+        return
+    st.toast(done, icon=":material/check:")
