@@ -1,11 +1,14 @@
-"""Figure downloads: PNG and SVG when kaleido (Plotly's static image engine) is importable, else a
-self-contained interactive HTML file (Plotly's JavaScript inlined, so it opens offline).
+"""Figure downloads: PNG and SVG when kaleido (Plotly's static image engine) is importable and finds
+a Chrome or Chromium to drive, else a self-contained interactive HTML file (Plotly's JavaScript
+inlined, so it opens offline).
 
 Pages pass figure_bytes as a deferred download (a callable): the file is only made when clicked.
 """
 from __future__ import annotations
 
 import importlib.util
+import os
+import shutil
 from dataclasses import dataclass
 
 import plotly.graph_objects as go
@@ -22,8 +25,12 @@ STATIC = [FigureFormat("PNG", "png", "image/png"), FigureFormat("SVG", "svg", "i
 HTML = FigureFormat("HTML", "html", "text/html")
 
 
+BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
+
+
 def static_images_available() -> bool:
-    return importlib.util.find_spec("kaleido") is not None
+    has_browser = bool(os.environ.get("BROWSER_PATH")) or any(shutil.which(name) for name in BROWSERS)
+    return has_browser and importlib.util.find_spec("kaleido") is not None
 
 
 def figure_formats() -> list[FigureFormat]:

@@ -43,7 +43,7 @@ PRESETS = {p.name: p for p in (
     Preset("Sharpness vs 2/ELR",
            "Sharpness (top Hessian eigenvalue at unit norm) measured during training at three ELRs, "
            "against the 2/ELR stability line it cannot stay above.",
-           DIGITS_SPHERE.replace(sharpness_every=20, probe_size=512), {"elr": [1e-3, 3e-3, 1e-2]}),
+           DIGITS_SPHERE.replace(sharpness_every=22, probe_size=256), {"elr": [1e-3, 3e-3, 1e-2]}),
     Preset("ConvNet on CIFAR-10",
            "ConvNetSI-32 on CIFAR-10 on the sphere at ELR 1e-3 (chaotic equilibrium in the papers). Needs the "
            "CIFAR-10 python files in a local folder; hours on a CPU, minutes per epoch on a GPU.",

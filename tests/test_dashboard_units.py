@@ -198,3 +198,13 @@ def test_a_constant_series_is_drawn_flat_not_as_float_noise():
     log_range = charts.scale([0.01, 0.0100000001], log=True)["range"]
     assert log_range[0] < -2 < log_range[1]
     assert "range" not in charts.scale([1.0, 2.0], log=False)
+
+
+def test_figure_export_makes_real_files_in_every_offered_format():
+    import plotly.graph_objects as go
+    from dashboard.export import figure_bytes, figure_formats
+    fig = go.Figure(go.Scatter(x=[1, 10, 100], y=[3.0, 1.0, 0.1]))
+    magic = {"png": b"\x89PNG", "svg": b"<svg", "html": b"<html"}
+    for fmt in figure_formats():
+        data = figure_bytes(fig, fmt)
+        assert data.lstrip()[:len(magic[fmt.extension])].lower() == magic[fmt.extension].lower(), fmt
