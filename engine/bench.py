@@ -6,7 +6,11 @@ Figures:
   time of a number of steps (a CPU cannot afford whole epochs);
 - overheads as a fraction of the plain step time (forward, backward, update and nothing else):
   per-step metrics, log points (norms, test eval) with the in-memory recorder and with the real
-  SQLite store, and one sharpness measurement per epoch (cold and warm-started Lanczos).
+  SQLite store, and one sharpness measurement per epoch (cold and warm-started Lanczos);
+- packed sweeps (engine.packed): model-epochs/s of convnet_si on synthetic 3x32x32 data, one run
+  after another vs K members packed (K = 1, 8, 16, 32), plain / with the standard metrics / with
+  sharpness every epoch, and an 8-member mlp_si digits sweep end to end (the CPU packing policy).
+  `python -m engine.bench packed [--json] [--quick] [--device D]` runs this section alone.
 """
 from __future__ import annotations
 
@@ -152,6 +156,7 @@ def run_bench(args) -> int:
     result["convnet_si_synthetic"] = {"train_samples": n, "probe_size": conv.probe_size,
                                       "model_epochs_per_s": 1.0 / (over["trainer_step_s"] * (n // 128)),
                                       **over}
+    result["packed"] = packed_bench(device, quick)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -175,3 +180,223 @@ def _print_table(r: dict) -> None:
             s = d["store"]
             print(f"  SQLite logging overhead      {s['store_logging_overhead']:+.1%} of a whole run "
                   f"({s['log_points']} log points)")
+    if "packed" in r:
+        _print_packed(r["packed"])
+
+
+# ---- packed sweeps (engine.packed) -------------------------------------------------------------
+
+def _per_epoch(step_s: float, spe: int, log_every: int, log_s: float, test_s: float, sharp_s: float,
+               members: int) -> dict:
+    """model-epochs/s of `members` models from the measured parts of one epoch."""
+    train = step_s * spe
+    metrics = log_s * spe / log_every + test_s
+    return {"plain": members / train, "standard_metrics": members / (train + metrics),
+            "sharpness_every_epoch": members / (train + metrics + sharp_s) if sharp_s is not None else None,
+            "sharpness_every_epoch_overhead": sharp_s / (train + metrics) if sharp_s is not None else None}
+
+
+def _scaled_test_time(run_eval, data, samples: int, device) -> float:
+    """Time a test evaluation on the first `samples` test images and scale to the whole split."""
+    import dataclasses
+    full = len(data.y_test)
+    m = min(full, samples)
+    part = dataclasses.replace(data, x_test=data.x_test[:m], y_test=data.y_test[:m])
+    run_eval(part)
+    return _time(lambda: run_eval(part), device) * full / m
+
+
+def _single_figures(cfg: RunConfig, data, device, steps: int, test_samples: int, sharp: bool,
+                    cold_iters: int) -> dict:
+    trainer = Trainer(cfg, data=data, device=device)
+    step_s = _time_trainer_steps(trainer, steps)
+    trainer.step = 1
+    trainer.test.schedule.mark(1)
+    trainer.sharpness.schedule.mark(1)
+    started = time.perf_counter()
+    log_s = _time(lambda: trainer._log_point(started), device)
+    test_s = _scaled_test_time(lambda d: trainer.test.measure(trainer.model, d), data, test_samples, device)
+    out = {"step_s": step_s, "log_point_s": log_s, "test_eval_s": test_s}
+    sharp_s = None
+    if sharp:
+        trainer.sharpness.iters = cold_iters
+        out["sharpness_cold_s"] = _time(lambda: trainer.sharpness.measure(trainer.model, trainer.group, 0.01, 0.0),
+                                        device)
+        trainer.sharpness.iters = cfg.lanczos_iters
+        _time_trainer_steps(trainer, max(1, steps // 2))       # move on a little, then warm-start
+        sharp_s = out["sharpness_warm_s"] = _time(
+            lambda: trainer.sharpness.measure(trainer.model, trainer.group, 0.01, 0.0), device)
+    spe = data.steps_per_epoch(cfg.batch)
+    out["model_epochs_per_s"] = _per_epoch(step_s, spe, cfg.log_every, log_s, test_s, sharp_s, 1)
+    return out
+
+
+def _pack_figures(cfgs: list[RunConfig], data, device, steps: int, warmup: int, test_samples: int, sharp: bool,
+                  cold_iters: int, **pack_options) -> dict:
+    from .packed import PackedTrainer
+    pack = PackedTrainer(cfgs, data=data, device=device, **pack_options)
+    pack._sync_pack()
+    for _ in range(warmup):
+        pack._train_step()
+    step_s = _time(lambda: [pack._train_step() for _ in range(steps)], device) / steps
+    members = list(pack.pack)
+    rows = list(range(len(members)))
+    for m in members:
+        m.step = 1
+        m.test_schedule.mark(1)
+        m.sharp_schedule.mark(1)
+    log_s = _time(lambda: pack._log_points(members), device)
+
+    def run_eval(part):
+        saved, pack.data = pack.data, part
+        try:
+            pack._test_eval(rows)
+        finally:
+            pack.data = saved
+
+    test_s = _scaled_test_time(run_eval, data, test_samples, device)
+    out = {"K": len(cfgs), "step_s": step_s, "log_point_s": log_s, "test_eval_s": test_s}
+    sharp_s = None
+    if sharp:
+        elrs = [0.01] * len(members)
+        out["sharpness_cold_s"] = _time(lambda: pack._sharpness(members, rows, elrs, iters=cold_iters), device)
+        for _ in range(max(1, steps // 2)):
+            pack._train_step()
+        sharp_s = out["sharpness_warm_s"] = _time(lambda: pack._sharpness(members, rows, elrs), device)
+        out["warm_lanczos_matvecs"] = pack.lanczos_matvecs
+    spe = data.steps_per_epoch(cfgs[0].batch)
+    out["model_epochs_per_s"] = _per_epoch(step_s, spe, cfgs[0].log_every, log_s, test_s, sharp_s, len(cfgs))
+    del pack
+    if device.type == "cuda":
+        out["max_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    return out
+
+
+def _digits_sweep(device, quick: bool) -> dict:
+    """An 8-member mlp_si digits ELR sweep end to end with the default metrics: one after another
+    (as the worker runs them) vs one pack. This is the measurement behind the CPU packing policy."""
+    from .data import load_dataset
+    from .packed import PackedTrainer
+    k, epochs = 8, 3 if quick else 10
+    cfgs = [RunConfig(elr=10 ** (-3 + 2 * i / (k - 1)), epochs=epochs, device=device.type) for i in range(k)]
+    threads = torch.get_num_threads()
+    configure_threads(cfgs[0], device)
+    data = load_dataset(cfgs[0], device)
+    Trainer(cfgs[0].replace(epochs=1), data=data, device=device).run()          # warm-up
+    sequential = _time(lambda: [Trainer(c, data=data, device=device).run() for c in cfgs], device)
+    packed = _time(lambda: PackedTrainer(cfgs, data=data, device=device).run(), device)
+    torch.set_num_threads(threads)
+    return {"K": k, "epochs": epochs, "threads": 1 if device.type == "cpu" else threads,
+            "sequential_s": sequential, "packed_s": packed,
+            "sequential_model_epochs_per_s": k * epochs / sequential, "packed_model_epochs_per_s": k * epochs / packed,
+            "speedup": sequential / packed}
+
+
+def packed_bench(device: torch.device, quick: bool = False) -> dict:
+    """Packed-sweep throughput. On CUDA: ConvNetSI-32, 50,000 images, K in 1, 8, 16, 32, timed over
+    30 steps, whole test split, probe 1024. On a CPU (minutes, not hours): width 8, a couple of
+    steps, the test time scaled from 128 images, probe 128, sharpness for K <= 8 only; the cold
+    Lanczos measurement is capped (it only provides the warm start), the warm one is not.
+    --quick: 5,000 images and K in 1, 8."""
+    gpu = device.type == "cuda"
+    n = 5000 if quick else 50000
+    width = 32 if gpu else 8
+    ks = (1, 8) if quick else (1, 8, 16, 32)
+    steps, warmup = (30, 5) if gpu else (1 if not quick else 2, 1)
+    test_samples = 100_000 if gpu else 128
+    probe = 1024 if gpu else 128
+    cold_iters = 20 if gpu else 3
+    base = RunConfig(model="convnet_si", width=width, dataset="synthetic", synthetic_samples=n,
+                     synthetic_shape=(3, 32, 32), probe_size=probe, device=device.type)
+    from .data import load_dataset
+    data = load_dataset(base, device)
+    tf32 = _tf32_state()
+    out = {"model": "convnet_si", "width": width, "train_samples": n, "batch": base.batch,
+           "log_every": base.log_every, "probe_size": probe, "steps_timed": steps,
+           "steps_per_epoch": data.steps_per_epoch(base.batch),
+           "single": _single_figures(base, data, device, steps if gpu else 2, test_samples, True, cold_iters)}
+    out["single"]["tf32"] = tf32
+    packs = {}
+    for k in ks:
+        cfgs = [base.replace(elr=10 ** (-4 + 3 * i / max(k - 1, 1))) for i in range(k)]
+        packs[str(k)] = _pack_figures(cfgs, data, device, steps, warmup, test_samples, gpu or k <= 8, cold_iters)
+    out["packs"] = packs
+    if gpu:   # the two knobs a GPU session should settle: TF32 (default on for packs) and channels_last
+        cfgs = [base.replace(elr=10 ** (-4 + 3 * i / 7)) for i in range(8)]
+        out["variants_k8"] = {
+            "fp32_no_tf32": _pack_figures(cfgs, data, device, steps, warmup, test_samples, False, cold_iters,
+                                          tf32=False),
+            "channels_last": _pack_figures(cfgs, data, device, steps, warmup, test_samples, False, cold_iters,
+                                           channels_last=True)}
+    out["tf32_packed"] = _tf32_state()
+    _restore_tf32(tf32)
+    single = out["single"]["model_epochs_per_s"]["standard_metrics"]
+    out["speedup_vs_one_after_another"] = {k: p["model_epochs_per_s"]["standard_metrics"] / single
+                                           for k, p in packs.items()}
+    out["digits_sweep"] = _digits_sweep(device, quick)
+    return out
+
+
+def _tf32_state() -> dict:
+    try:
+        return {"matmul": torch.backends.cuda.matmul.fp32_precision, "conv": torch.backends.cudnn.conv.fp32_precision}
+    except AttributeError:
+        return {"matmul": torch.backends.cuda.matmul.allow_tf32, "conv": torch.backends.cudnn.allow_tf32}
+
+
+def _restore_tf32(state: dict) -> None:
+    try:
+        torch.backends.cuda.matmul.fp32_precision = state["matmul"]
+        torch.backends.cudnn.conv.fp32_precision = state["conv"]
+    except AttributeError:
+        torch.backends.cuda.matmul.allow_tf32 = state["matmul"]
+        torch.backends.cudnn.allow_tf32 = state["conv"]
+
+
+def _print_packed(p: dict) -> None:
+    print(f"\npacked sweeps: {p['model']}-{p['width']}, {p['train_samples']} images, batch {p['batch']}, "
+          f"probe {p['probe_size']} (model-epochs/s)")
+    print(f"  {'':14} {'plain':>9} {'metrics':>9} {'+sharp/ep':>10} {'sharp extra':>12}")
+
+    def line(name, d):
+        e = d["model_epochs_per_s"]
+        sharp = f"{e['sharpness_every_epoch']:10.3f}" if e["sharpness_every_epoch"] else f"{'-':>10}"
+        extra = (f"{e['sharpness_every_epoch_overhead']:12.1%}" if e["sharpness_every_epoch_overhead"] is not None
+                 else f"{'-':>12}")
+        print(f"  {name:14} {e['plain']:9.3f} {e['standard_metrics']:9.3f} {sharp} {extra}")
+
+    line("one by one", p["single"])
+    for k, d in p["packs"].items():
+        line(f"packed K={k}", d)
+    for name, d in p.get("variants_k8", {}).items():
+        line(f"K=8 {name}"[:14], d)
+    s = p["digits_sweep"]
+    print(f"  mlp_si digits sweep of {s['K']} x {s['epochs']} epochs: one by one {s['sequential_s']:.2f} s, "
+          f"packed {s['packed_s']:.2f} s ({s['speedup']:.2f}x)")
+
+
+def _main(argv=None) -> int:
+    import argparse
+    parser = argparse.ArgumentParser(prog="python -m engine.bench", description="benchmark sections")
+    parser.add_argument("section", choices=["packed"])
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args(argv)
+    device = resolve_device(args.device)
+    result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else
+              f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
+              "torch": torch.__version__, "threads": torch.get_num_threads(),
+              "packed": packed_bench(device, args.quick)}
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"device: {result['device']}   torch {result['torch']}   threads {result['threads']}")
+        _print_packed(result["packed"])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())

@@ -88,6 +88,7 @@ class StoreControl:
 
     def _pause(self, trainer: Trainer) -> str | None:
         self.recorder.flush()
+        self.store.heartbeat(self.run_id, trainer.step)   # the step a reader sees while paused is exact
         self.store.set_status(self.run_id, "paused")
         while True:
             time.sleep(POLL_EVERY_S)

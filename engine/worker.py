@@ -45,6 +45,20 @@ def _child_main(url: str, run_id: int, device: str, threads: int, parent_pid: in
         pass
 
 
+def _pack_child_main(url: str, run_ids: list[int], device: str, threads: int, parent_pid: int) -> None:
+    """Like _child_main, for several runs trained as one pack (engine.packed)."""
+    _die_with_parent(parent_pid)
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    import torch
+    torch.set_num_threads(threads)
+    from .packed import execute_pack
+    try:
+        execute_pack(Store(url), run_ids, device=None if device == "auto" else device)
+    except KeyboardInterrupt:
+        pass
+
+
 class Worker:
     def __init__(self, url: str, *, max_parallel: int = 1, device: str = "auto", poll_s: float = 1.0,
                  stale_after_s: float = 30.0, exit_when_idle: bool = False):
@@ -72,11 +86,11 @@ class Worker:
                     for run_id in store.requeue_stale(self.stale_after_s, except_worker=self.id):
                         print(f"run {run_id}: heartbeat stale, marked interrupted", file=sys.stderr, flush=True)
                     next_stale_check = time.monotonic() + STALE_CHECK_EVERY_S
-                while len(self.children) < self.max_parallel:
+                while self._processes() < self.max_parallel:
                     info = store.claim_interrupted(self.id) or store.claim_next_run(self.id)
                     if info is None:
                         break
-                    self._start(ctx, info.id)
+                    self._start_claimed(ctx, store, info)
                 if self.exit_when_idle and not self.children and not store.list_runs(status="queued"):
                     break
                 time.sleep(self.poll_s)
@@ -91,6 +105,27 @@ class Worker:
         proc.start()
         self.children[run_id] = proc
         print(f"run {run_id}: started in process {proc.pid}", file=sys.stderr, flush=True)
+
+    # ---- packed sweeps (engine.packed): compatible queued runs share one process ----------------
+    def _processes(self) -> int:
+        return len({id(proc) for proc in self.children.values()})
+
+    def _start_claimed(self, ctx, store: Store, info) -> None:
+        """Start a claimed run, packed with compatible queued runs when packing pays on this device."""
+        from .packed import claim_pack_partners
+        partners = claim_pack_partners(store, self.id, info, self.device,
+                                       free_slots=self.max_parallel - self._processes())
+        if not partners:
+            self._start(ctx, info.id)
+            return
+        run_ids = [info.id] + partners
+        proc = ctx.Process(target=_pack_child_main, name=f"spherelab-pack-{run_ids[0]}",
+                           args=(self.url, run_ids, self.device, self.threads, os.getpid()))
+        proc.start()
+        for run_id in run_ids:
+            self.children[run_id] = proc
+        print(f"runs {', '.join(map(str, run_ids))}: started as one pack in process {proc.pid}",
+              file=sys.stderr, flush=True)
 
     def _reap(self, store: Store) -> None:
         for run_id, proc in list(self.children.items()):
@@ -108,9 +143,10 @@ class Worker:
         self.stopping = True
 
     def _shutdown(self) -> None:
-        for proc in self.children.values():
+        procs = list({id(proc): proc for proc in self.children.values()}.values())   # a pack: one process
+        for proc in procs:
             if proc.is_alive():
                 proc.terminate()
-        for proc in self.children.values():
+        for proc in procs:
             proc.join(timeout=30)
         self.children.clear()

@@ -22,9 +22,9 @@ def engine(*args, db, **kw):
                           timeout=300, env=ENV, **kw)
 
 
-def start_worker(db, *extra, log=None):
+def start_worker(db, *extra, log=None, env=None):
     return subprocess.Popen([sys.executable, "-m", "engine", "worker", "--db", db, "--poll", "0.2", *extra],
-                            stdout=subprocess.DEVNULL, stderr=log or subprocess.DEVNULL, env=ENV)
+                            stdout=subprocess.DEVNULL, stderr=log or subprocess.DEVNULL, env={**ENV, **(env or {})})
 
 
 def wait_for(predicate, timeout=120.0, every=0.1):
@@ -70,7 +70,9 @@ def test_two_workers_four_runs_each_claimed_once_no_rows_lost(tmp_path):
     db = str(tmp_path / "race.db")
     ids = submit(db, "--elr", "0.001", "0.003", "0.01", "0.03", "--epochs", "2")
     logs = [open(tmp_path / f"w{i}.log", "w+") for i in range(2)]
-    workers = [start_worker(db, "--once", "--max-parallel", "1", log=logs[i]) for i in range(2)]
+    # the claim race of single runs (packing would let the first worker take the whole sweep)
+    workers = [start_worker(db, "--once", "--max-parallel", "1", log=logs[i], env={"SPHERELAB_PACK": "0"})
+               for i in range(2)]
     for w in workers:
         assert w.wait(timeout=240) == 0
     store = Store(db)

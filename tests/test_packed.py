@@ -1,0 +1,429 @@
+"""Packed sweeps (engine.packed): every member is its own run, with the single run's numbers.
+
+mlp_si packs reproduce the single runs' trajectories bit for bit (shared and per-member batches,
+sphere and lrwd with momentum in one pack, even at a chaotic ELR); only reported means (train/test
+loss, cos_to_init) are summed in another order, ~1e-7 relative, hence rtol 1e-5. convnet_si packs
+differ in the rounding of the conv weight gradients (grouped vs dense convolution backward, ~1e-6),
+and these tiny conv nets on noise data amplify 1e-7 perturbations to 1e-3 within ten steps at ELR
+1e-3 (measured on two single runs), so the conv test uses small rates, a short run and rtol 1e-4
+(hessian_trace, a Hutchinson sum with cancellations, 1e-3).
+"""
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from engine.analysis import memory_trace
+from engine.config import ConfigError, RunConfig
+from engine.packed import PackedTrainer, claim_pack_partners, pack_key, packing_enabled
+from engine.trainer import Trainer
+from storage import Store
+
+# device="cpu": the exactness claims are about CPU arithmetic (CUDA: see test_cuda_pack_matches_single_runs)
+MLP = dict(width=16, depth=2, batch_size=32, probe_size=64, log_every=5, epochs=2, device="cpu")
+CONV = dict(model="convnet_si", width=4, device="cpu", dataset="synthetic", synthetic_samples=128,
+            synthetic_shape=(3, 32, 32), batch_size=32, probe_size=32, log_every=2, epochs=2, sharpness_every=4,
+            lanczos_iters=8, trace_samples=1)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    torch.set_num_threads(1)
+
+
+def single(cfg: RunConfig, control=None) -> Trainer:
+    trainer = Trainer(cfg, control=control)
+    trainer.result = trainer.run()
+    return trainer
+
+
+def assert_same_rows(expected, got, rtol=1e-5, loose=None, upto=None):
+    """Same log points, same keys, every value within rtol (loose: {key: rtol})."""
+    loose = loose or {}
+    expected = [r for r in expected if upto is None or r[0] <= upto]
+    assert [r[0] for r in got] == [r[0] for r in expected]
+    for (step, epoch, _, want), (step2, epoch2, _, have) in zip(expected, got):
+        assert epoch == epoch2
+        assert list(have) == list(want), (step, set(have) ^ set(want))
+        for key, value in want.items():
+            np.testing.assert_allclose(have[key], value, rtol=loose.get(key, rtol), atol=1e-12, equal_nan=True,
+                                       err_msg=f"{key} at step {step}")
+
+
+class Script:
+    """A member control that acts at given steps of a clock (another member's step)."""
+
+    def __init__(self, clock, actions):
+        self.clock, self.actions, self.fired = clock, dict(actions), set()
+
+    def poll(self, member):
+        now = self.clock()
+        for at, action in self.actions.items():
+            if at <= now and at not in self.fired:
+                self.fired.add(at)
+                if callable(action):
+                    action(member)
+                    continue
+                return action
+        return None
+
+
+# ---- numbers ------------------------------------------------------------------------------------
+
+def test_mlp_pack_matches_single_runs_sphere_and_lrwd_mixed_seeds():
+    cfgs = [RunConfig(**MLP, elr=0.003, sharpness_every=20, trace_samples=2),
+            RunConfig(**MLP, elr=0.3, seed=1, sharpness_every=20, trace_samples=2),     # chaotic ELR
+            RunConfig(**MLP, mode="lrwd", lr=0.1, wd=0.01, momentum=0.9, sharpness_every=20, trace_samples=2),
+            RunConfig(**MLP, mode="lrwd", lr=0.5, wd=1e-3, seed=1, sharpness_every=20, trace_samples=2)]
+    pack = PackedTrainer(cfgs)
+    results = pack.run()
+    assert [r.status for r in results] == ["finished"] * 4
+    for cfg, member in zip(cfgs, pack.members):
+        ref = single(cfg)
+        assert member.step == ref.step == ref.total_steps
+        assert_same_rows(ref.recorder.rows, member.recorder.rows)
+        keys = member.recorder.rows[-1][3]
+        for key in ("sharpness", "sharpness_threshold", "hessian_trace", "si_norm", "layer_norm/fc0",
+                    "grad_norm", "eff_grad_norm", "angular_update", "elr", "test_acc", "cos_to_init"):
+            assert key in keys
+        # the trajectory itself is the same float32 vector, bit for bit
+        assert torch.equal(member.w, ref.group.w)
+
+
+def test_mlp_pack_with_one_shared_batch_is_bitwise_on_the_weights():
+    cfgs = [RunConfig(**MLP, elr=e) for e in (0.001, 0.01, 0.1)]
+    pack = PackedTrainer(cfgs)
+    assert len({id(m.stream) for m in pack.members}) == 1          # one stream, one gathered batch
+    pack.run()
+    for cfg, member in zip(cfgs, pack.members):
+        ref = single(cfg)
+        assert torch.equal(member.w, ref.group.w)
+        assert_same_rows(ref.recorder.rows, member.recorder.rows)
+
+
+def test_convnet_pack_matches_single_runs():
+    cfgs = [RunConfig(**CONV, elr=1e-4), RunConfig(**CONV, elr=2e-4, seed=1),
+            RunConfig(**CONV, mode="lrwd", lr=1e-3, wd=1e-2, momentum=0.5)]
+    pack = PackedTrainer(cfgs)
+    pack.run()
+    for cfg, member in zip(cfgs, pack.members):
+        ref = single(cfg)
+        assert_same_rows(ref.recorder.rows, member.recorder.rows, rtol=1e-4, loose={"hessian_trace": 1e-3})
+        assert "sharpness" in member.recorder.rows[-1][3] and "test_loss" in member.recorder.rows[-1][3]
+
+
+def test_resnet18_pack_with_augmentation_matches_single_runs():
+    # width 2: BN over two channels is so touchy that rounding grows 100x every two steps, so 4 steps
+    base = dict(model="resnet18_si", width=2, device="cpu", dataset="synthetic", synthetic_samples=64,
+                synthetic_shape=(3, 32, 32), batch_size=16, probe_size=16, log_every=2, epochs=1, sharpness_every=4,
+                lanczos_iters=5, augment=True)
+    cfgs = [RunConfig(**base, elr=1e-4), RunConfig(**base, elr=2e-4, seed=1),
+            RunConfig(**base, mode="lrwd", lr=1e-3, wd=1e-2, momentum=0.5)]
+    pack = PackedTrainer(cfgs)
+    pack.run()
+    for cfg, member in zip(cfgs, pack.members):
+        assert_same_rows(single(cfg).recorder.rows, member.recorder.rows, rtol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_pack_matches_single_runs():
+    """On CUDA with TF32 off (packs default to TF32; single runs use PyTorch's defaults), a short
+    conv run: cuDNN picks different algorithms for grouped and dense convolutions."""
+    saved = (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision)
+    try:
+        base = {**CONV, "device": "cuda"}
+        cfgs = [RunConfig(**base, elr=1e-4), RunConfig(**base, elr=2e-4, seed=1),
+                RunConfig(**base, mode="lrwd", lr=1e-3, wd=1e-2, momentum=0.5)]
+        pack = PackedTrainer(cfgs, tf32=False)          # sets IEEE fp32 for the singles below too
+        pack.run()
+        for cfg, member in zip(cfgs, pack.members):
+            assert_same_rows(single(cfg).recorder.rows, member.recorder.rows, rtol=1e-3,
+                             loose={"hessian_trace": 1e-2})
+    finally:
+        torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = saved
+
+
+def test_channels_last_gives_the_same_numbers():
+    cfgs = [RunConfig(**{**CONV, "epochs": 1, "sharpness_every": 0}, elr=1e-4, seed=s) for s in (0, 1)]
+    plain, fast = PackedTrainer(cfgs), PackedTrainer(cfgs, channels_last=True)
+    plain.run()
+    fast.run()
+    for a, b in zip(plain.members, fast.members):
+        assert_same_rows(a.recorder.rows, b.recorder.rows, rtol=1e-4)
+
+
+def test_probes_never_touch_running_statistics():
+    every5 = {**MLP, "sharpness_every": 5}
+    pack = PackedTrainer([RunConfig(**every5, elr=0.01), RunConfig(**every5, elr=0.1, seed=3)])
+    pack._sync_pack()
+    for _ in range(7):
+        pack._train_step()
+    before = [(m.clone(), v.clone()) for m, v in pack.STATS]
+    w = pack.W.clone()
+    pack._probe_loss(pack.pack, pack.W)
+    pack._sharpness(pack.pack, [0, 1], [0.01, 0.1])
+    pack._test_eval([0, 1])
+    for (m0, v0), (m1, v1) in zip(before, pack.STATS):
+        assert torch.equal(m0, m1) and torch.equal(v0, v1)
+    assert torch.equal(w, pack.W)
+    assert pack.members[0].sharp_vec is not None     # the warm start is kept per member
+
+
+# ---- control ------------------------------------------------------------------------------------
+
+def test_set_rate_changes_only_that_member():
+    cfgs = [RunConfig(**MLP, elr=e) for e in (0.003, 0.01, 0.03)]
+    holder = {}
+    clock = lambda: holder["pack"].members[0].step        # noqa: E731
+    change = Script(clock, {17: lambda m: m.set_rate(0.2)})
+    pack = holder["pack"] = PackedTrainer(cfgs, controls=[None, change, None])
+    pack.run()
+    for i in (0, 2):
+        assert_same_rows(single(cfgs[i]).recorder.rows, pack.members[i].recorder.rows)
+        assert pack.members[i].recorder.events == []
+
+    class TrainerScript:
+        def poll(self, trainer):
+            if trainer.step == 17 and trainer.update.base_rate != 0.2:
+                trainer.set_rate(0.2)
+
+    ref = single(cfgs[1], control=TrainerScript())
+    assert_same_rows(ref.recorder.rows, pack.members[1].recorder.rows)
+    assert pack.members[1].recorder.events == ref.recorder.events == [(17, "elr_change", {"from": 0.01, "to": 0.2})]
+
+
+def test_pause_resume_and_stop_one_member_leave_the_others_untouched():
+    cfgs = [RunConfig(**MLP, elr=e) for e in (0.003, 0.01, 0.03)]
+    holder = {}
+    clock = lambda: holder["pack"].members[0].step        # noqa: E731
+    seen = {}
+
+    def frozen(member):
+        seen.setdefault("paused_steps", set()).add(member.step)
+
+    pause = Script(clock, {10: "pause", 18: frozen, 30: frozen, 40: "resume"})
+    stop = Script(clock, {20: "stop"})
+    pack = holder["pack"] = PackedTrainer(cfgs, controls=[None, pause, stop])
+    results = pack.run()
+    assert [r.status for r in results] == ["finished", "finished", "stopped"]
+    assert seen["paused_steps"] == {10}                     # parked: it did not step while paused
+    assert_same_rows(single(cfgs[0]).recorder.rows, pack.members[0].recorder.rows)
+    # the paused member fell 30 steps behind, read its own batches, and still is its single run
+    assert_same_rows(single(cfgs[1]).recorder.rows, pack.members[1].recorder.rows)
+    assert results[2].step == 20
+    assert_same_rows(single(cfgs[2]).recorder.rows, pack.members[2].recorder.rows, upto=20)
+
+
+def test_nonfinite_member_ends_alone():
+    every10 = {**MLP, "log_every": 10}
+    # lr*wd = 1e19: the weights overflow at step 2, then NaN flows through the shared forward and
+    # backward for eight steps before the log point at step 10 ends the member
+    cfgs = [RunConfig(**every10, elr=0.01), RunConfig(**every10, mode="lrwd", lr=1e19, wd=1.0),
+            RunConfig(**every10, mode="lrwd", lr=0.1, wd=0.01, momentum=0.9)]
+    pack = PackedTrainer(cfgs)
+    results = pack.run()
+    assert [r.status for r in results] == ["finished", "nonfinite", "finished"]
+    for cfg, member in zip(cfgs, pack.members):
+        ref = single(cfg)
+        assert ref.result.status == member.result.status and ref.result.step == member.result.step
+        assert_same_rows(ref.recorder.rows, member.recorder.rows)
+        assert member.recorder.events == ref.recorder.events
+    assert torch.isnan(pack.members[1].w).all()
+    assert torch.isfinite(pack.members[0].w).all() and torch.isfinite(pack.members[2].w).all()
+
+
+def test_nonfinite_member_does_not_leak_through_grouped_convolutions():
+    base = {**CONV, "epochs": 2, "log_every": 8, "sharpness_every": 0}
+    cfgs = [RunConfig(**base, elr=1e-4), RunConfig(**base, mode="lrwd", lr=1e19, wd=1.0)]
+    pack = PackedTrainer(cfgs)
+    assert [r.status for r in pack.run()] == ["finished", "nonfinite"]
+    assert torch.isnan(pack.members[1].w).any()
+    assert_same_rows(single(cfgs[0]).recorder.rows, pack.members[0].recorder.rows, rtol=1e-4)
+
+
+# ---- checkpoints --------------------------------------------------------------------------------
+
+def _roundtrip(state: dict) -> dict:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+def test_member_checkpoint_resumes_as_a_single_run_and_back():
+    three = {**MLP, "epochs": 3, "sharpness_every": 30}
+    cfgs = [RunConfig(**three, elr=0.01), RunConfig(**three, mode="lrwd", lr=0.1, wd=0.01, momentum=0.9, seed=2)]
+    saved = {}
+
+    def keep(member):
+        if member.epoch == 1:
+            saved[id(member)] = _roundtrip(member.state_dict())
+
+    pack = PackedTrainer(cfgs, checkpoints=[keep, keep])
+    pack.run()
+    for cfg, member in zip(cfgs, pack.members):
+        state = saved[id(member)]
+        resumed = Trainer(cfg)
+        resumed.load_state_dict(state)                  # the Trainer's own format
+        resumed.run()
+        tail = [r for r in member.recorder.rows if r[0] > state["step"]]
+        assert_same_rows(tail, resumed.recorder.rows)
+        assert torch.equal(resumed.group.w, member.w)
+
+    # and a single run's checkpoint resumes inside a pack
+    states = []
+    for cfg in cfgs:
+        trainer = Trainer(cfg)
+        trainer.checkpoint = lambda t: states.append(_roundtrip(t.state_dict())) if t.epoch == 1 else None
+        trainer.run()
+    repacked = PackedTrainer(cfgs, states=states)
+    repacked.run()
+    for member, first in zip(repacked.members, pack.members):
+        assert_same_rows([r for r in first.recorder.rows if r[0] > states[0]["step"]], member.recorder.rows)
+
+
+# ---- grouping and policy ------------------------------------------------------------------------
+
+def test_pack_key_and_policy(monkeypatch):
+    a = RunConfig(elr=0.01)
+    assert pack_key(a) == pack_key(RunConfig(mode="lrwd", lr=0.3, wd=0.01, momentum=0.9, seed=4, name="x"))
+    for other in (RunConfig(elr=0.01, width=32), RunConfig(elr=0.01, epochs=5), RunConfig(elr=0.01, log_every=3),
+                  RunConfig(elr=0.01, batch_size=64), RunConfig(elr=0.01, schedule="cosine")):
+        assert pack_key(other) != pack_key(a)
+    with pytest.raises(ConfigError, match="differ in width"):
+        PackedTrainer([a, RunConfig(elr=0.01, width=32)])
+    cpu = RunConfig(device="cpu")
+    conv = RunConfig(model="convnet_si", dataset="synthetic", synthetic_shape=(3, 32, 32), device="cpu")
+    monkeypatch.delenv("SPHERELAB_PACK", raising=False)
+    assert packing_enabled(cpu) and packing_enabled(cpu, "cuda")    # mlp packs measured faster on a CPU
+    assert not packing_enabled(conv) and packing_enabled(conv, "cuda")   # conv packs measured slower
+    monkeypatch.setenv("SPHERELAB_PACK", "force")
+    assert packing_enabled(conv)
+    monkeypatch.setenv("SPHERELAB_PACK", "0")
+    assert not packing_enabled(cpu, "cuda")
+
+
+def test_claim_pack_partners_spreads_the_queue_over_free_slots(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPHERELAB_PACK", "1")
+    store = Store(str(tmp_path / "claim.db"))
+    ids = store.create_runs([{"config": RunConfig(elr=e).to_dict(), "name": f"r{e}"} for e in (1e-3, 1e-2, 0.1, 1.0)]
+                            + [{"config": RunConfig(elr=0.1, width=8).to_dict(), "name": "other width"}])
+    first = store.claim_next_run("w1")
+    assert claim_pack_partners(store, "w1", first, "cpu", free_slots=2) == [ids[1]]      # 4 runs, 2 slots
+    second = store.claim_next_run("w1")
+    assert claim_pack_partners(store, "w1", second, "cpu", free_slots=1) == [ids[3]]
+    assert store.get_run(ids[4]).status == "queued"                 # never packed with another width
+
+
+# ---- the worker ---------------------------------------------------------------------------------
+
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "SPHERELAB_PACK": "1"}
+
+
+def engine(*args, db):
+    return subprocess.run([sys.executable, "-m", "engine", *args, "--db", db], capture_output=True, text=True,
+                          timeout=300, env=ENV)
+
+
+def submit(db, *args) -> list[int]:
+    out = engine("submit", *args, "--device", "cpu", db=db)
+    assert out.returncode == 0, out.stderr
+    return [int(x) for x in out.stdout.split()]
+
+
+def start_worker(db, *extra, log=None, env=ENV):
+    return subprocess.Popen([sys.executable, "-m", "engine", "worker", "--db", db, "--poll", "0.2", *extra],
+                            stdout=subprocess.DEVNULL, stderr=log or subprocess.DEVNULL, env=env)
+
+
+def wait_for(predicate, timeout=120.0, every=0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError("condition not reached in time")
+
+
+def test_worker_packs_a_queued_sweep_and_every_member_is_its_single_run(tmp_path):
+    db = str(tmp_path / "pack.db")
+    ids = submit(db, "--elr", "0.003", "0.03", "0.3", "--epochs", "3", "--sharpness-every", "44", "--probe-size", "64")
+    ids += submit(db, "--mode", "lrwd", "--lr", "0.1", "--wd", "0.01", "--momentum", "0.9", "--epochs", "3",
+                  "--sharpness-every", "44", "--probe-size", "64")
+    log = open(tmp_path / "worker.log", "w+")
+    worker = start_worker(db, "--once", log=log)
+    assert worker.wait(timeout=240) == 0
+    log.seek(0)
+    assert f"runs {', '.join(map(str, ids))}: started as one pack" in log.read()
+    store = Store(db)
+    for run_id in ids:
+        info = store.get_run(run_id)
+        assert info.status == "finished" and info.progress == 1.0 and info.regime is not None
+        notes = [e.payload["text"] for e in store.events(run_id, ["note"])]
+        assert any(text.startswith("packed with run(s)") for text in notes)
+        stored = store.read_metrics(run_id)
+        torch.set_num_threads(1)
+        ref = Trainer(RunConfig.from_dict(info.config))
+        ref.run()
+        expected = memory_trace(ref.recorder.rows)
+        assert stored["step"].tolist() == expected["step"].tolist()
+        for key in expected.columns:
+            if key in ("wall_time",):
+                continue
+            np.testing.assert_allclose(stored[key], expected[key], rtol=1e-5, equal_nan=True, err_msg=key)
+        assert "sharpness" in stored.columns and stored["sharpness"].notna().sum() >= 3
+    store.close()
+
+
+def test_worker_pack_commands_reach_one_member_and_resume_as_single_run(tmp_path):
+    db = str(tmp_path / "cmd.db")
+    a, b, c = submit(db, "--elr", "0.001", "0.002", "0.004", "--epochs", "2000", "--log-every", "5")
+    store = Store(db)
+    worker = start_worker(db)
+    try:
+        wait_for(lambda: all(store.get_run(i).status == "running" and (store.last_step(i) or 0) > 50
+                             for i in (a, b, c)))
+        assert store.get_run(a).worker_id == store.get_run(b).worker_id == store.get_run(c).worker_id
+
+        store.send_command(b, "pause")
+        wait_for(lambda: store.get_run(b).status == "paused")
+        frozen, moving = store.get_run(b).step, store.get_run(a).step
+        store.send_command(a, "set_elr", {"value": 0.02})
+        change = wait_for(lambda: store.events(a, ["elr_change"]))
+        assert change[0].payload == {"from": 0.001, "to": 0.02}
+        wait_for(lambda: store.latest_metrics(a)["elr"][1] == pytest.approx(0.02, rel=1e-4))
+        time.sleep(1.0)
+        assert store.get_run(b).step == frozen                                # paused alone
+        assert store.get_run(a).step > moving and store.get_run(b).heartbeat_at > time.time() - 2.0
+        assert store.latest_metrics(c)["elr"][1] == pytest.approx(0.004, rel=1e-4)     # untouched
+
+        assert engine("cancel", str(c), db=db).returncode == 0
+        wait_for(lambda: store.get_run(c).status == "cancelled")
+        store.send_command(b, "resume")
+        wait_for(lambda: store.get_run(b).status == "running" and store.get_run(b).step > frozen)
+        assert store.get_run(a).status == "running"
+        wait_for(lambda: (store.get_run(a).checkpoint_step or 0) > change[0].step)
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(timeout=60) == 0
+    assert store.get_run(a).status == store.get_run(b).status == "interrupted"
+
+    # a packed member's checkpoint resumes as a single run (packing off)
+    ckpt = store.get_run(a).checkpoint_step
+    worker = start_worker(db, env={**ENV, "SPHERELAB_PACK": "0"})
+    try:
+        wait_for(lambda: store.events(a, ["resume"]) and store.get_run(a).status == "running"
+                 and (store.last_step(a) or 0) > ckpt + 10)
+        assert store.events(a, ["resume"])[0].payload == {"from_step": ckpt}
+        assert store.latest_metrics(a)["elr"][1] == pytest.approx(0.02, rel=1e-4)    # the changed rate was kept
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(timeout=60)
+    store.close()
