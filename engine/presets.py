@@ -32,7 +32,7 @@ PRESETS = {p.name: p for p in (
            ("convergence", "chaotic_equilibrium", "divergence")),
     Preset("ELR sweep on digits",
            "The same network over 16 log-spaced ELRs from 1e-4 to 10: the regime map with its two "
-           "boundaries (about 5e-3 and 4e-2 here).",
+           "boundaries (about 5e-3 and 3e-2 here).",
            DIGITS_SPHERE, {"elr": [float(f"{10 ** (-4 + 5 * i / 15):.6g}") for i in range(16)]}),
     Preset("Periodic behaviour",
            "mlp_si on digits with LR + weight decay: weight decay shrinks the norm, the effective LR grows "
