@@ -871,8 +871,8 @@ def claim_pack_partners(store, worker_id: str, first, worker_device: str = "auto
 # ---- a pack of stored runs (the worker's pack process) ---------------------------------------
 
 def _store_glue():
-    from .runner import StoreControl, StoreRecorder, _save_checkpoint
-    return StoreControl, StoreRecorder, _save_checkpoint
+    from .runner import StoreControl, StoreRecorder, save_checkpoint
+    return StoreControl, StoreRecorder, save_checkpoint
 
 
 def _pack_store_control_class():
@@ -891,10 +891,7 @@ def _pack_store_control_class():
                     self.stop_reason = cmd.payload.get("status", "cancelled")
                     return "stop"
                 if cmd.kind in ("set_elr", "set_lr"):
-                    try:
-                        member.set_rate(float(cmd.payload["value"]))
-                    except (KeyError, ValueError) as exc:
-                        member.recorder.event(member.step, "note", {"text": f"ignored {cmd.kind}: {exc}"})
+                    self._apply_rate(cmd, member)
                 elif cmd.kind == "pause" and not self.paused:
                     self.recorder.flush()
                     self.store.heartbeat(self.run_id, member.step)     # the step it is parked at

@@ -77,14 +77,19 @@ class StoreControl:
                 self.stop_reason = cmd.payload.get("status", "cancelled")
                 return "stop"
             if cmd.kind in ("set_elr", "set_lr"):
-                try:
-                    trainer.set_rate(float(cmd.payload["value"]))
-                except (KeyError, ValueError) as exc:
-                    trainer.recorder.event(trainer.step, "note", {"text": f"ignored {cmd.kind}: {exc}"})
+                self._apply_rate(cmd, trainer)
             elif cmd.kind == "pause":
                 if self._pause(trainer) == "stop":
                     return "stop"
         return None
+
+    @staticmethod
+    def _apply_rate(cmd, target) -> None:
+        """set_elr/set_lr on a Trainer or a pack member; a bad value becomes a note, not a crash."""
+        try:
+            target.set_rate(float(cmd.payload["value"]))
+        except (KeyError, ValueError) as exc:
+            target.recorder.event(target.step, "note", {"text": f"ignored {cmd.kind}: {exc}"})
 
     def _pause(self, trainer: Trainer) -> str | None:
         self.recorder.flush()
@@ -133,7 +138,7 @@ def checkpoint_dir(store: Store) -> Path:
     return Path(os.path.expanduser("~/.spherelab/checkpoints"))
 
 
-def _save_checkpoint(store: Store, run_id: int, recorder: StoreRecorder, trainer: Trainer) -> None:
+def save_checkpoint(store: Store, run_id: int, recorder: StoreRecorder, trainer: Trainer) -> None:
     recorder.flush()
     folder = checkpoint_dir(store)
     folder.mkdir(parents=True, exist_ok=True)
@@ -175,7 +180,7 @@ def execute_run(store: Store, run_id: int, *, device: str | None = None, progres
         control.regime = info.regime
         control.spikes = {e.step for e in store.events(run_id, ["spike"])}
     trainer.recorder, trainer.control = recorder, control
-    trainer.checkpoint = lambda t: _save_checkpoint(store, run_id, recorder, t)
+    trainer.checkpoint = lambda t: save_checkpoint(store, run_id, recorder, t)
     store.update_run(run_id, device=str(trainer.device), total_steps=trainer.total_steps,
                      step=trainer.step, worker_id=info.worker_id)
     store.set_status(run_id, "running")
