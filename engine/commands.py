@@ -8,11 +8,12 @@ import math
 import sys
 from pathlib import Path
 
-from storage import RunNotFound, Store, StoreError
+from storage import Store
 
 from .cli import configs_from_args, print_json
 from .config import ConfigError, RunConfig
 from .data import load_dataset
+from .models import build_model
 from .runner import analyze_stored, checkpoint_dir, execute_run
 from .trainer import resolve_device
 
@@ -35,7 +36,6 @@ def _check_runnable(configs: list[RunConfig]) -> None:
         checked.add(key)
         data = load_dataset(cfg, "cpu")      # also checks the batch size against the data
         resolve_device(cfg.device)
-        from .models import build_model
         build_model(cfg, data.input_shape, data.num_classes)
 
 
@@ -218,5 +218,3 @@ def cmd_bench(args) -> int:
     from .bench import run_bench
     return run_bench(args)
 
-
-__all__ = ["RunNotFound", "StoreError"]
