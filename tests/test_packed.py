@@ -24,6 +24,7 @@ from engine.config import ConfigError, RunConfig
 from engine.packed import PackedTrainer, claim_pack_partners, pack_key, packing_enabled
 from engine.trainer import Trainer
 from storage import Store
+from tests.processes import start_worker, wait_for
 
 # device="cpu": the exactness claims are about CPU arithmetic (CUDA: see test_cuda_pack_matches_single_runs)
 MLP = dict(width=16, depth=2, batch_size=32, probe_size=64, log_every=5, epochs=2, device="cpu")
@@ -323,7 +324,8 @@ def test_claim_pack_partners_spreads_the_queue_over_free_slots(tmp_path, monkeyp
 
 # ---- the worker ---------------------------------------------------------------------------------
 
-ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "SPHERELAB_PACK": "1"}
+PACK = {"SPHERELAB_PACK": "1"}
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", **PACK}
 
 
 def engine(*args, db):
@@ -337,28 +339,13 @@ def submit(db, *args) -> list[int]:
     return [int(x) for x in out.stdout.split()]
 
 
-def start_worker(db, *extra, log=None, env=ENV):
-    return subprocess.Popen([sys.executable, "-m", "engine", "worker", "--db", db, "--poll", "0.2", *extra],
-                            stdout=subprocess.DEVNULL, stderr=log or subprocess.DEVNULL, env=env)
-
-
-def wait_for(predicate, timeout=120.0, every=0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError("condition not reached in time")
-
-
 def test_worker_packs_a_queued_sweep_and_every_member_is_its_single_run(tmp_path):
     db = str(tmp_path / "pack.db")
     ids = submit(db, "--elr", "0.003", "0.03", "0.3", "--epochs", "3", "--sharpness-every", "44", "--probe-size", "64")
     ids += submit(db, "--mode", "lrwd", "--lr", "0.1", "--wd", "0.01", "--momentum", "0.9", "--epochs", "3",
                   "--sharpness-every", "44", "--probe-size", "64")
     log = open(tmp_path / "worker.log", "w+")
-    worker = start_worker(db, "--once", log=log)
+    worker = start_worker(db, "--once", log=log, env=PACK)
     assert worker.wait(timeout=240) == 0
     log.seek(0)
     assert f"runs {', '.join(map(str, ids))}: started as one pack" in log.read()
@@ -386,7 +373,7 @@ def test_worker_pack_commands_reach_one_member_and_resume_as_single_run(tmp_path
     db = str(tmp_path / "cmd.db")
     a, b, c = submit(db, "--elr", "0.001", "0.002", "0.004", "--epochs", "2000", "--log-every", "5")
     store = Store(db)
-    worker = start_worker(db)
+    worker = start_worker(db, env=PACK)
     try:
         wait_for(lambda: all(store.get_run(i).status == "running" and (store.last_step(i) or 0) > 50
                              for i in (a, b, c)))
@@ -417,7 +404,7 @@ def test_worker_pack_commands_reach_one_member_and_resume_as_single_run(tmp_path
 
     # a packed member's checkpoint resumes as a single run (packing off)
     ckpt = store.get_run(a).checkpoint_step
-    worker = start_worker(db, env={**ENV, "SPHERELAB_PACK": "0"})
+    worker = start_worker(db, env={"SPHERELAB_PACK": "0"})
     try:
         wait_for(lambda: store.events(a, ["resume"]) and store.get_run(a).status == "running"
                  and (store.last_step(a) or 0) > ckpt + 10)

@@ -13,6 +13,7 @@ from engine.analysis import memory_trace
 from engine.config import RunConfig
 from engine.trainer import Trainer
 from storage import Store
+from tests.processes import start_worker, wait_for
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
@@ -20,21 +21,6 @@ ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 def engine(*args, db, **kw):
     return subprocess.run([sys.executable, "-m", "engine", *args, "--db", db], capture_output=True, text=True,
                           timeout=300, env=ENV, **kw)
-
-
-def start_worker(db, *extra, log=None, env=None):
-    return subprocess.Popen([sys.executable, "-m", "engine", "worker", "--db", db, "--poll", "0.2", *extra],
-                            stdout=subprocess.DEVNULL, stderr=log or subprocess.DEVNULL, env={**ENV, **(env or {})})
-
-
-def wait_for(predicate, timeout=120.0, every=0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError("condition not reached in time")
 
 
 def reference_trace(config: dict):
