@@ -266,7 +266,7 @@ def _pack_figures(cfgs: list[RunConfig], data, device, steps: int, warmup: int, 
         out["warm_lanczos_matvecs"] = pack.lanczos_matvecs
     spe = data.steps_per_epoch(cfgs[0].batch)
     out["model_epochs_per_s"] = _per_epoch(step_s, spe, cfgs[0].log_every, log_s, test_s, sharp_s, len(cfgs))
-    del pack
+    pack = None     # frees the pack's tensors before empty_cache (the closures hold it too)
     if device.type == "cuda":
         out["max_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
         torch.cuda.empty_cache()

@@ -907,7 +907,7 @@ def _pack_store_control_class():
 
 def execute_pack(store, run_ids: list[int], *, device: str | None = None) -> dict[int, str]:
     """Train stored runs as one pack; each member's status is set when it ends. Never raises for
-    training failures (KeyboardInterrupt: the live members become `interrupted`, resumable)."""
+    training failures; after a SIGTERM (engine.shutdown) the live members end `interrupted`, resumable."""
     _, StoreRecorder, save_checkpoint = _store_glue()
     PackStoreControl = _pack_store_control_class()
     infos = [store.get_run(run_id) for run_id in run_ids]
@@ -961,7 +961,7 @@ def execute_pack(store, run_ids: list[int], *, device: str | None = None) -> dic
     try:
         trainer.run()
         return statuses
-    except KeyboardInterrupt:      # the worker is shutting down: resumable from the last checkpoints
+    except KeyboardInterrupt:      # Ctrl-C where a pack runs in the foreground: resumable
         for m in live():
             m.recorder.flush()
             store.set_status(m.run_id, "interrupted")

@@ -16,7 +16,7 @@ import torch
 
 from storage import Store
 
-from . import analysis
+from . import analysis, shutdown
 from .config import ConfigError, RunConfig
 from .config import num_classes as classes_of
 from .trainer import Trainer, configure_threads
@@ -57,6 +57,9 @@ class StoreControl:
         self.spikes: set[int] = set()
 
     def poll(self, trainer: Trainer) -> str | None:
+        if shutdown.requested():       # the worker is stopping: resumable from the last checkpoint
+            self.stop_reason = "interrupted"
+            return "stop"
         if self.progress is not None:
             self.progress.update(trainer.step - self.progress.n)
         now = time.monotonic()
@@ -97,6 +100,9 @@ class StoreControl:
         self.store.set_status(self.run_id, "paused")
         while True:
             time.sleep(POLL_EVERY_S)
+            if shutdown.requested():
+                self.stop_reason = "interrupted"
+                return "stop"
             self.store.heartbeat(self.run_id, trainer.step)
             for cmd in self.store.take_commands(self.run_id):
                 if cmd.kind == "resume":
@@ -196,7 +202,7 @@ def execute_run(store: Store, run_id: int, *, device: str | None = None, progres
         store.update_run(run_id, step=trainer.step)
         store.set_status(run_id, status)
         return status
-    except KeyboardInterrupt:  # the worker is shutting down: resumable from the last checkpoint
+    except KeyboardInterrupt:  # Ctrl-C on `engine train`: resumable from the last checkpoint
         recorder.flush()
         store.set_status(run_id, "interrupted")
         raise

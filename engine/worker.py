@@ -19,7 +19,10 @@ import uuid
 
 from storage import LIVE_STATUSES, Store
 
+from . import shutdown
+
 STALE_CHECK_EVERY_S = 5.0
+SHUTDOWN_GRACE_S = 20.0   # a child still training this long after SIGTERM is killed
 
 
 def _die_with_parent(parent_pid: int) -> None:
@@ -33,30 +36,24 @@ def _die_with_parent(parent_pid: int) -> None:
 
 def _child_main(url: str, run_id: int, device: str, threads: int, parent_pid: int) -> None:
     _die_with_parent(parent_pid)
-    # SIGTERM from the worker (its own shutdown) becomes an orderly "interrupted".
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    # SIGTERM from the worker (its own shutdown) ends the run at the next step as "interrupted".
+    signal.signal(signal.SIGTERM, shutdown.request)
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C goes to the worker, which stops us in order
     import torch
     torch.set_num_threads(threads)
     from .runner import execute_run
-    try:
-        execute_run(Store(url), run_id, device=None if device == "auto" else device)
-    except KeyboardInterrupt:
-        pass
+    execute_run(Store(url), run_id, device=None if device == "auto" else device)
 
 
 def _pack_child_main(url: str, run_ids: list[int], device: str, threads: int, parent_pid: int) -> None:
     """Like _child_main, for several runs trained as one pack (engine.packed)."""
     _die_with_parent(parent_pid)
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    signal.signal(signal.SIGTERM, shutdown.request)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     import torch
     torch.set_num_threads(threads)
     from .packed import execute_pack
-    try:
-        execute_pack(Store(url), run_ids, device=None if device == "auto" else device)
-    except KeyboardInterrupt:
-        pass
+    execute_pack(Store(url), run_ids, device=None if device == "auto" else device)
 
 
 class Worker:
@@ -68,6 +65,7 @@ class Worker:
         self.children: dict[int, mp.Process] = {}
         self.threads = max(1, (os.cpu_count() or 1) // max_parallel)
         self.stopping = False
+        self.shutdown_grace_s = SHUTDOWN_GRACE_S
 
     def run(self) -> int:
         store = Store(self.url)
@@ -95,7 +93,7 @@ class Worker:
                     break
                 time.sleep(self.poll_s)
         finally:
-            self._shutdown()
+            self._shutdown(store)
             store.remove_worker(self.id)
         return 0
 
@@ -142,11 +140,22 @@ class Worker:
     def _stop(self, *_):
         self.stopping = True
 
-    def _shutdown(self) -> None:
+    def _shutdown(self, store: Store) -> None:
+        """SIGTERM every child (each stops at its next step and marks its runs interrupted); kill any
+        still busy after the grace period, since a live non-daemon child would also block our exit."""
         procs = list({id(proc): proc for proc in self.children.values()}.values())   # a pack: one process
         for proc in procs:
             if proc.is_alive():
                 proc.terminate()
+        deadline = time.monotonic() + self.shutdown_grace_s
         for proc in procs:
-            proc.join(timeout=30)
+            proc.join(timeout=max(0.0, deadline - time.monotonic()))
+            if proc.is_alive():
+                print(f"process {proc.pid}: still running {self.shutdown_grace_s:.0f} s after SIGTERM, killed",
+                      file=sys.stderr, flush=True)
+                proc.kill()
+                proc.join()
+        for run_id in self.children:      # killed, or died before it could say: resumable all the same
+            if store.get_run(run_id).status in LIVE_STATUSES:
+                store.set_status(run_id, "interrupted")
         self.children.clear()

@@ -1,4 +1,5 @@
 """The worker with real processes and a real SQLite file: claims, commands, kill -9 and resume."""
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -12,6 +13,7 @@ import torch
 from engine.analysis import memory_trace
 from engine.config import RunConfig
 from engine.trainer import Trainer
+from engine.worker import Worker
 from storage import Store
 from tests.processes import start_worker, wait_for
 
@@ -148,11 +150,42 @@ def test_worker_sigterm_marks_running_run_interrupted(tmp_path):
     db = str(tmp_path / "term.db")
     [run_id] = submit(db, "--elr", "0.001", "--epochs", "2000")
     store = Store(db)
-    worker = start_worker(db)
-    wait_for(lambda: (store.last_step(run_id) or 0) > 10)
-    worker.send_signal(signal.SIGTERM)
-    assert worker.wait(timeout=60) == 0
+    log = tmp_path / "worker.log"
+    with open(log, "w") as sink:
+        worker = start_worker(db, log=sink)
+        wait_for(lambda: (store.last_step(run_id) or 0) > 10)
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(timeout=60) == 0
     assert store.get_run(run_id).status == "interrupted"
+    assert "killed" not in log.read_text()       # the run stopped at its next step; nobody had to kill it
+
+
+def _deaf_to_sigterm(ready) -> None:
+    """A run process stuck where it never reaches its next step (a long kernel, a hung read)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    ready.set()
+    time.sleep(600)
+
+
+def test_shutdown_kills_a_child_deaf_to_sigterm_and_marks_its_run_interrupted(tmp_path):
+    store = Store(tmp_path / "deaf.db")
+    run_id = store.create_run(RunConfig(epochs=1).to_dict(), name="stuck")
+    assert store.claim_next_run("w").id == run_id
+    store.set_status(run_id, "running")
+    worker = Worker(str(tmp_path / "deaf.db"))
+    worker.shutdown_grace_s = 1.0
+    ctx = multiprocessing.get_context("spawn")
+    ready = ctx.Event()
+    child = ctx.Process(target=_deaf_to_sigterm, args=(ready,))
+    child.start()
+    assert ready.wait(timeout=60)
+    worker.children[run_id] = child
+    started = time.monotonic()
+    worker._shutdown(store)
+    assert child.exitcode == -signal.SIGKILL         # SIGTERM was ignored; the worker did not wait forever
+    assert time.monotonic() - started < 30
+    assert store.get_run(run_id).status == "interrupted"
+    assert not worker.children
 
 
 def test_child_killed_alone_marks_its_run_failed(tmp_path):
