@@ -833,8 +833,10 @@ def max_pack_size() -> int:
         return MAX_PACK
 
 
-def claim_pack_partners(store, worker_id: str, first, worker_device: str = "auto", free_slots: int = 1) -> list[int]:
-    """Claim queued runs that can share a pack with the claimed run `first` (a RunInfo), oldest first.
+def claim_pack_partners(store, worker_id: str, first, worker_device: str = "auto", free_slots: int = 1,
+                        status: str = "queued") -> list[int]:
+    """Claim runs of `status` (queued, or interrupted ones to resume) that can share a pack with the
+    claimed run `first` (a RunInfo), oldest first.
 
     The compatible queue is spread evenly over the free slots: this worker's (free_slots, counting
     the one `first` is about to take) plus other live workers' (max_parallel minus the runs they
@@ -848,7 +850,7 @@ def claim_pack_partners(store, worker_id: str, first, worker_device: str = "auto
     if not packing_enabled(cfg, worker_device):
         return []
     key, compatible = pack_key(cfg), []
-    for info in sorted(store.list_runs(status="queued"), key=lambda r: r.id):
+    for info in sorted(store.list_runs(status=status), key=lambda r: r.id):
         try:
             if pack_key(RunConfig.from_dict(info.config)) == key:
                 compatible.append(info.id)
@@ -862,7 +864,8 @@ def claim_pack_partners(store, worker_id: str, first, worker_device: str = "auto
     for run_id in compatible:
         if len(chosen) >= size - 1:
             break
-        claimed = store.claim_next_run(worker_id, run_ids=[run_id])
+        claim = store.claim_interrupted if status == "interrupted" else store.claim_next_run
+        claimed = claim(worker_id, run_ids=[run_id])
         if claimed is not None:
             chosen.append(claimed.id)
     return chosen

@@ -85,10 +85,12 @@ class Worker:
                         print(f"run {run_id}: heartbeat stale, marked interrupted", file=sys.stderr, flush=True)
                     next_stale_check = time.monotonic() + STALE_CHECK_EVERY_S
                 while self._processes() < self.max_parallel:
-                    info = store.claim_interrupted(self.id) or store.claim_next_run(self.id)
+                    info, source = store.claim_interrupted(self.id), "interrupted"
+                    if info is None:
+                        info, source = store.claim_next_run(self.id), "queued"
                     if info is None:
                         break
-                    self._start_claimed(ctx, store, info)
+                    self._start_claimed(ctx, store, info, source)
                 if self.exit_when_idle and not self.children and not store.list_runs(status="queued"):
                     break
                 time.sleep(self.poll_s)
@@ -108,11 +110,12 @@ class Worker:
     def _processes(self) -> int:
         return len({id(proc) for proc in self.children.values()})
 
-    def _start_claimed(self, ctx, store: Store, info) -> None:
-        """Start a claimed run, packed with compatible queued runs when packing pays on this device."""
+    def _start_claimed(self, ctx, store: Store, info, source: str) -> None:
+        """Start a claimed run, packed with compatible runs of the same source (queued, or interrupted
+        packs resuming together) when packing pays on this device."""
         from .packed import claim_pack_partners
         partners = claim_pack_partners(store, self.id, info, self.device,
-                                       free_slots=self.max_parallel - self._processes())
+                                       free_slots=self.max_parallel - self._processes(), status=source)
         if not partners:
             self._start(ctx, info.id)
             return

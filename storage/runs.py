@@ -158,9 +158,9 @@ class RunsAPI:
         Safe between processes and between PostgreSQL clients: two workers never get the same run."""
         return self._claim(worker_id, "queued", run_ids)
 
-    def claim_interrupted(self, worker_id: str) -> RunInfo | None:
+    def claim_interrupted(self, worker_id: str, *, run_ids=None) -> RunInfo | None:
         """Same as claim_next_run, for an interrupted run to resume from its checkpoint."""
-        return self._claim(worker_id, "interrupted", None)
+        return self._claim(worker_id, "interrupted", run_ids)
 
     def _claim(self, worker_id: str, from_status: str, run_ids) -> RunInfo | None:
         candidates = select(runs.c.id).where(runs.c.status == from_status)

@@ -414,3 +414,32 @@ def test_worker_pack_commands_reach_one_member_and_resume_as_single_run(tmp_path
         worker.send_signal(signal.SIGTERM)
         worker.wait(timeout=60)
     store.close()
+
+
+def test_an_interrupted_pack_resumes_as_one_pack_and_finishes(tmp_path):
+    db = str(tmp_path / "repack.db")
+    a, b = submit(db, "--elr", "0.001", "0.01", "--epochs", "40", "--checkpoint-every", "1")
+    store = Store(db)
+    worker = start_worker(db, env=PACK)
+    try:
+        wait_for(lambda: all((store.get_run(i).checkpoint_step or 0) > 0 for i in (a, b)))
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(timeout=60) == 0
+    assert [store.get_run(i).status for i in (a, b)] == ["interrupted", "interrupted"]
+    checkpoints = {i: store.get_run(i).checkpoint_step for i in (a, b)}
+
+    worker = start_worker(db, env=PACK)
+    try:
+        wait_for(lambda: all(store.get_run(i).status == "finished" for i in (a, b)), timeout=240)
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(timeout=60) == 0
+    for run, other in ((a, b), (b, a)):
+        assert [e.payload for e in store.events(run, ["resume"])] == [{"from_step": checkpoints[run]}]
+        packed = [e for e in store.events(run, ["note"]) if e.payload["text"].startswith("packed with")]
+        assert len(packed) == 2 and all(f"run(s) {other} " in e.payload["text"] for e in packed)
+        assert packed[1].step == checkpoints[run]                  # the second pack began at the resume
+        steps = store.read_metrics(run, ["train_loss"])["step"].to_numpy()
+        assert (np.diff(steps) > 0).all() and steps[-1] == store.get_run(run).total_steps
+    store.close()
