@@ -14,6 +14,7 @@ from .cli import configs_from_args, print_json
 from .config import ConfigError, RunConfig
 from .data import load_dataset
 from .models import build_model
+from .packed import execute_pack, max_pack_size, pack_key, packing_enabled
 from .runner import analyze_stored, checkpoint_dir, execute_run
 from .trainer import resolve_device
 
@@ -72,19 +73,42 @@ def cmd_sweep(args) -> int:
 
 
 def _run_here(store: Store, ids: list[int]) -> int:
-    """Train queued runs in this process, one after another, claiming them so no worker takes them."""
+    """Train queued runs in this process, claiming them so no worker takes them: compatible runs as
+    packs where packing pays on this device (as the worker does), the others one after another."""
     failed = 0
-    for run_id in ids:
-        if store.claim_next_run("cli", run_ids=[run_id]) is None:
+    for group in _pack_groups(store, ids):
+        claimed = [run_id for run_id in group if store.claim_next_run("cli", run_ids=[run_id]) is not None]
+        if not claimed:
             continue
-        info = store.get_run(run_id)
-        with _progress(None, info.name) as bar:
-            status = execute_run(store, run_id, progress=bar)
-        final = store.get_run(run_id)
-        print(f"run {run_id} {final.name}: {status}, regime {final.regime}", file=sys.stderr)
-        failed += status == "failed"
-        print(run_id)
+        label = store.get_run(claimed[0]).name + (f" (+{len(claimed) - 1} packed)" if len(claimed) > 1 else "")
+        with _progress(None, label) as bar:
+            if len(claimed) > 1:
+                statuses = execute_pack(store, claimed, progress=bar)
+            else:
+                statuses = {claimed[0]: execute_run(store, claimed[0], progress=bar)}
+        for run_id in claimed:
+            final = store.get_run(run_id)
+            print(f"run {run_id} {final.name}: {final.status}, regime {final.regime}", file=sys.stderr)
+            failed += statuses.get(run_id) == "failed"
+            print(run_id)
     return 1 if failed else 0
+
+
+def _pack_groups(store: Store, ids: list[int]) -> list[list[int]]:
+    """ids split into packs (same pack_key, at most max_pack_size()) and single runs, in order."""
+    groups: dict[str, list[list[int]]] = {}
+    order: list[list[int]] = []
+    for run_id in ids:
+        cfg = RunConfig.from_dict(store.get_run(run_id).config)
+        if not packing_enabled(cfg):
+            order.append([run_id])
+            continue
+        packs = groups.setdefault(pack_key(cfg), [])
+        if not packs or len(packs[-1]) >= max_pack_size():
+            packs.append([])
+            order.append(packs[-1])
+        packs[-1].append(run_id)
+    return order
 
 
 def cmd_submit(args) -> int:

@@ -372,6 +372,7 @@ class PackedTrainer:
         self.pack: list[PackMember] = []
         self._dirty = True
         self.lanczos_matvecs = 0          # batched Hessian-vector products of the last sharpness measurement
+        self.on_step: Callable[["PackedTrainer"], None] | None = None     # after every pack step (progress)
 
     # ---- pack bookkeeping ------------------------------------------------------------------
     def _share_streams(self, members: list[PackMember]) -> None:
@@ -466,6 +467,8 @@ class PackedTrainer:
             self._train_step()
             for m in self.pack:
                 m.step += 1
+            if self.on_step is not None:
+                self.on_step(self)
             due = [m for m in self.pack if m.step % m.cfg.log_every == 0 or m.step == m.total_steps]
             if due:
                 self._log_points(due)
@@ -908,7 +911,7 @@ def _pack_store_control_class():
     return PackStoreControl
 
 
-def execute_pack(store, run_ids: list[int], *, device: str | None = None) -> dict[int, str]:
+def execute_pack(store, run_ids: list[int], *, device: str | None = None, progress=None) -> dict[int, str]:
     """Train stored runs as one pack; each member's status is set when it ends. Never raises for
     training failures; after a SIGTERM (engine.shutdown) the live members end `interrupted`, resumable."""
     _, StoreRecorder, save_checkpoint = _store_glue()
@@ -960,6 +963,9 @@ def execute_pack(store, run_ids: list[int], *, device: str | None = None) -> dic
             store.add_event(info.id, m.step, "note",
                             {"text": f"packed with run(s) {', '.join(str(i.id) for i in infos if i.id != info.id)} "
                                      f"on {trainer.device}"})
+    if progress is not None:      # one bar for the pack: the members' steps added up
+        progress.total = sum(m.total_steps for m in trainer.members)
+        trainer.on_step = lambda pack: progress.update(sum(m.step for m in pack.members) - progress.n)
     live = lambda: [m for m in trainer.members if m.state != "ended"]   # noqa: E731
     try:
         trainer.run()

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from engine.cli import main
@@ -192,3 +193,23 @@ def test_help_shows_every_training_flag_with_defaults():
                  "--tags"):
         assert flag in text, flag
     assert "(default: mlp_si)" in text and "(default: 10)" in text
+
+
+def test_sweep_packs_mlp_runs_on_a_cpu_and_matches_the_same_sweep_run_singly(tmp_path):
+    args = ["sweep", "--elr", "1e-3", "3e-2", "--epochs", "3", "--log-every", "5"]
+    traces = {}
+    for packing in ("auto", "0"):
+        db = str(tmp_path / f"pack-{packing}.db")
+        out = subprocess.run([sys.executable, "-m", "engine", *args, "--db", db], capture_output=True, text=True,
+                             timeout=300, env={**os.environ, "SPHERELAB_PACK": packing})
+        assert out.returncode == 0, out.stderr[-2000:]
+        ids = [int(x) for x in out.stdout.split()]
+        store = Store(db)
+        assert [store.get_run(i).status for i in ids] == ["finished", "finished"]
+        notes = [e.payload["text"] for i in ids for e in store.events(i, ["note"])]
+        assert sum(n.startswith("packed with") for n in notes) == (2 if packing == "auto" else 0), notes
+        traces[packing] = [store.read_metrics(i).drop(columns="wall_time") for i in ids]
+        store.close()
+    for packed, alone in zip(traces["auto"], traces["0"]):
+        assert list(packed.columns) == list(alone.columns) and len(packed) == len(alone) > 5
+        np.testing.assert_allclose(packed.to_numpy(float), alone.to_numpy(float), rtol=1e-6, equal_nan=True)
