@@ -894,8 +894,7 @@ def _pack_store_control_class():
             action = None
             for cmd in commands:
                 if cmd.kind == "stop":
-                    self.stop_reason = cmd.payload.get("status", "cancelled")
-                    return "stop"
+                    return self._stop(cmd.payload.get("status", "cancelled"))
                 if cmd.kind in ("set_elr", "set_lr"):
                     self._apply_rate(cmd, member)
                 elif cmd.kind == "pause" and not self.paused:

@@ -58,8 +58,7 @@ class StoreControl:
 
     def poll(self, trainer: Trainer) -> str | None:
         if shutdown.requested():       # the worker is stopping: resumable from the last checkpoint
-            self.stop_reason = "interrupted"
-            return "stop"
+            return self._stop("interrupted")
         if self.progress is not None:
             self.progress.update(trainer.step - self.progress.n)
         now = time.monotonic()
@@ -77,14 +76,18 @@ class StoreControl:
     def _obey(self, commands, trainer: Trainer) -> str | None:
         for cmd in commands:
             if cmd.kind == "stop":
-                self.stop_reason = cmd.payload.get("status", "cancelled")
-                return "stop"
+                return self._stop(cmd.payload.get("status", "cancelled"))
             if cmd.kind in ("set_elr", "set_lr"):
                 self._apply_rate(cmd, trainer)
             elif cmd.kind == "pause":
                 if self._pause(trainer) == "stop":
                     return "stop"
         return None
+
+    def _stop(self, reason: str) -> str:
+        """The run ends at this step with status `reason` (cancelled, interrupted, ...)."""
+        self.stop_reason = reason
+        return "stop"
 
     @staticmethod
     def _apply_rate(cmd, target) -> None:
@@ -101,16 +104,14 @@ class StoreControl:
         while True:
             time.sleep(POLL_EVERY_S)
             if shutdown.requested():
-                self.stop_reason = "interrupted"
-                return "stop"
+                return self._stop("interrupted")
             self.store.heartbeat(self.run_id, trainer.step)
             for cmd in self.store.take_commands(self.run_id):
                 if cmd.kind == "resume":
                     self.store.set_status(self.run_id, "running")
                     return None
                 if cmd.kind == "stop":
-                    self.stop_reason = cmd.payload.get("status", "cancelled")
-                    return "stop"
+                    return self._stop(cmd.payload.get("status", "cancelled"))
                 if cmd.kind in ("set_elr", "set_lr"):
                     self._obey([cmd], trainer)
 
