@@ -12,12 +12,11 @@ import plotly.graph_objects as go
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
+from engine import registry
+
 PALETTE = qualitative.Plotly + qualitative.Dark2
 REGIME_COLORS = {"convergence": "#1b9e4b", "chaotic_equilibrium": "#f28e00", "divergence": "#d62728",
                  "undetermined": "#8c8c8c"}
-# Keys that span decades: drawn on a log axis wherever a chart picks the scale itself.
-LOG_KEYS = {"train_loss", "test_loss", "lr", "elr", "grad_norm", "eff_grad_norm", "angular_update",
-            "sharpness", "sharpness_threshold", "hessian_trace"}
 SPIKE_COLOR = "rgba(214, 39, 40, 0.55)"
 X_TITLES = {"step": "step", "epoch": "epoch", "wall_time": "wall_time (s)"}
 
@@ -120,7 +119,7 @@ def run_curves(frame: pd.DataFrame, keys: list[str], *, run_id: int, spikes=(), 
         fig.add_trace(go.Scatter(x=steps, y=values, mode="lines",
                                  name=key, line=dict(color=color, width=1.6), showlegend=False,
                                  hovertemplate=f"step %{{x}}<br>{key} %{{y:.4g}}<extra></extra>"), row=row, col=col)
-        fig.update_yaxes(**scale(values, key in LOG_KEYS), row=row, col=col)
+        fig.update_yaxes(**scale(values, registry.is_log(key)), row=row, col=col)
     # the axis title only under the lowest panel of each column: elsewhere it would hit the next title
     for row, col in cells[-cols:]:
         fig.update_xaxes(title_text="step", row=row, col=col)

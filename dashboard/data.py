@@ -13,10 +13,12 @@ from pathlib import Path
 
 import pandas as pd
 
+from engine import registry
 from engine.analysis import KEYS as ANALYSIS_KEYS
 from engine.analysis import analyze
 from engine.config import RunConfig, num_classes
 from storage import LIVE_STATUSES, TERMINAL_STATUSES, RunInfo, Store
+from storage.urls import sqlite_file
 
 from .series import smooth_long, tail_mean, thin
 
@@ -97,9 +99,9 @@ def live_page_runs(store: Store) -> list[RunInfo]:
 
 # ---- metrics ------------------------------------------------------------------------------------
 def metric_keys(store: Store, run_ids) -> list[str]:
-    """Union of the keys the runs logged, SPEC order first (train_loss before layer_norm/...)."""
+    """Union of the keys the runs logged, in registry order."""
     keys = set().union(*(store.metric_keys(run_id) for run_id in run_ids)) if run_ids else set()
-    return sorted(keys, key=lambda k: ("/" in k, k))
+    return registry.order(keys)
 
 
 def compare_frames(store: Store, run_ids, keys, *, max_points: int, smoothing: float):
@@ -180,7 +182,7 @@ class LiveTrace:
 # ---- workers ------------------------------------------------------------------------------------
 def worker_log_path(url: str) -> Path:
     """Beside an SQLite file, else under ~/.spherelab."""
-    if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
-        db = Path(url[len("sqlite:///"):])
+    db = sqlite_file(url)
+    if db is not None:
         return db.parent / (db.name + ".worker.log")
     return Path("~/.spherelab/worker.log").expanduser()

@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine.config import RunConfig, expand_grid, parse_values
-from storage import Store
 
 from .data import worker_log_path
 
@@ -69,35 +68,6 @@ def configs_of(form: LaunchForm) -> tuple[list[RunConfig], dict]:
         # one name for many runs would make them indistinguishable in every list
         base = base.replace(name=None)
     return (expand_grid(base, swept) if swept else [base]), swept
-
-
-def check_data(configs: list[RunConfig]) -> None:
-    """Read each CIFAR folder once (DataError, a ConfigError, names the path and layout expected).
-    Only CIFAR needs this: digits ship with scikit-learn and synthetic data is generated."""
-    folders = {(c.dataset, c.data_dir): c for c in configs if c.dataset in ("cifar10", "cifar100")}
-    if folders:
-        from engine.data import load_dataset  # imports torch: only when a folder must be checked
-        for cfg in folders.values():
-            load_dataset(cfg, "cpu")
-
-
-def queue(store: Store, configs: list[RunConfig], swept: dict, sweep_name: str | None = None) -> list[int]:
-    """Queue runs for the worker, as one sweep when there are several. Everything is validated
-    before anything is written; the runs are created in one transaction."""
-    for cfg in configs:
-        cfg.validate()
-    check_data(configs)
-    sweep_id = None
-    if len(configs) > 1:
-        spec = {"swept": swept, "base": configs[0].to_dict()}
-        sweep_id = store.create_sweep(sweep_name or default_sweep_name(configs[0], swept), spec)
-    return store.create_runs([{"config": c.to_dict(), "name": c.display_name(), "tags": list(c.tags),
-                               "sweep_id": sweep_id} for c in configs])
-
-
-def default_sweep_name(cfg: RunConfig, swept: dict) -> str:
-    ranges = ", ".join(f"{key} {min(v):g}..{max(v):g} ({len(v)})" for key, v in swept.items())
-    return f"{cfg.model} {cfg.dataset} {cfg.mode} {ranges}".strip()
 
 
 def start_worker(url: str, max_parallel: int = 2) -> tuple[int, Path]:

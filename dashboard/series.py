@@ -9,10 +9,10 @@ import math
 import numpy as np
 import pandas as pd
 
+from engine.analysis import REGIMES
 from storage import downsample_extremes
 
 SERIES = ["run_id", "key"]
-REGIMES = ("convergence", "chaotic_equilibrium", "divergence", "undetermined")
 
 
 def debiased_ema(values: np.ndarray, smoothing: float) -> np.ndarray:

@@ -11,10 +11,12 @@ from pathlib import Path
 from storage import Store
 
 from .cli import configs_from_args, print_json
+from . import registry
 from .config import ConfigError, RunConfig
 from .data import load_dataset
 from .models import build_model
 from .packed import execute_pack, max_pack_size, pack_key, packing_enabled
+from .submission import queue_runs
 from .runner import analyze_stored, checkpoint_dir, execute_run
 from .trainer import resolve_device
 
@@ -40,27 +42,11 @@ def _check_runnable(configs: list[RunConfig]) -> None:
         build_model(cfg, data.input_shape, data.num_classes)
 
 
-def _queue(store: Store, configs: list[RunConfig], swept: dict, sweep_name: str | None) -> list[int]:
-    sweep_id = None
-    if swept:
-        spec = {"swept": swept, "base": configs[0].to_dict()}
-        sweep_id = store.create_sweep(sweep_name or _default_sweep_name(configs[0], swept), spec)
-    return store.create_runs([{"config": c.to_dict(), "name": c.display_name(), "tags": list(c.tags),
-                               "sweep_id": sweep_id} for c in configs])
-
-
-def _default_sweep_name(cfg: RunConfig, swept: dict) -> str:
-    parts = []
-    for k, v in swept.items():
-        parts.append(f"{k} {min(v):g}..{max(v):g} ({len(v)})")
-    return f"{cfg.model} {cfg.dataset} {cfg.mode} " + ", ".join(parts)
-
-
 def cmd_train(args) -> int:
     configs, _ = configs_from_args(args, single=True)
     _check_runnable(configs)
     store = Store(args.db)
-    [run_id] = _queue(store, configs, {}, None)
+    [run_id] = queue_runs(store, configs)
     return _run_here(store, [run_id])
 
 
@@ -68,7 +54,7 @@ def cmd_sweep(args) -> int:
     configs, swept = configs_from_args(args, single=False)
     _check_runnable(configs)
     store = Store(args.db)
-    ids = _queue(store, configs, swept, args.sweep_name)
+    ids = queue_runs(store, configs, swept, args.sweep_name)
     return _run_here(store, ids)
 
 
@@ -115,7 +101,7 @@ def cmd_submit(args) -> int:
     configs, swept = configs_from_args(args, single=False)
     _check_runnable(configs)
     store = Store(args.db)
-    for run_id in _queue(store, configs, swept, args.sweep_name):
+    for run_id in queue_runs(store, configs, swept, args.sweep_name):
         print(run_id)
     return 0
 
@@ -164,18 +150,11 @@ def cmd_tag(args) -> int:
 
 
 def export_rows(store: Store, run_id: int) -> tuple[list[str], list[dict]]:
-    """Columns step, epoch, wall_time, then the metric keys (SPEC §6 order first), one row per log point."""
+    """Columns step, epoch, wall_time, then the metric keys in registry order, one row per log point."""
     frame = store.read_metrics(run_id)
-    keys = [k for k in frame.columns if k not in ("step", "epoch", "wall_time")]
-    order = {k: i for i, k in enumerate(METRIC_ORDER)}
-    keys.sort(key=lambda k: (order.get(k.split("/")[0] + ("/" if "/" in k else ""), len(order)), k))
-    columns = ["step", "epoch", "wall_time", *keys]
+    keys = registry.order(k for k in frame.columns if k not in registry.INDEX_COLUMNS)
+    columns = [*registry.INDEX_COLUMNS, *keys]
     return columns, frame[columns].to_dict("records")
-
-
-METRIC_ORDER = ("train_loss", "train_acc", "test_loss", "test_acc", "si_norm", "layer_norm/", "lr", "elr",
-                "layer_elr/", "grad_norm", "eff_grad_norm", "angular_update", "cos_to_init", "sharpness",
-                "sharpness_threshold", "hessian_trace")
 
 
 def _csv_value(v) -> str:

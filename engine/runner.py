@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from storage import Store
+from storage.urls import sqlite_file
 
 from . import analysis, shutdown
 from .config import ConfigError, RunConfig
@@ -139,8 +140,8 @@ def analyze_stored(store: Store, run_id: int, num_classes: int | None = None) ->
 
 def checkpoint_dir(store: Store) -> Path:
     """Beside an SQLite file (so a copied folder keeps its checkpoints), else under ~/.spherelab."""
-    if store.url.startswith("sqlite:///"):
-        db = Path(store.url[len("sqlite:///"):])
+    db = sqlite_file(store.url)
+    if db is not None:
         return db.parent / (db.name + ".checkpoints")
     return Path(os.path.expanduser("~/.spherelab/checkpoints"))
 

@@ -13,7 +13,7 @@ from sqlalchemy.pool import StaticPool
 from .errors import RunNotFound, StoreError, SweepNotFound
 from .migrations import ensure_schema, read_version
 from .schema import runs, sweeps
-from .urls import display_url, resolve_db_url
+from .urls import display_url, resolve_db_url, sqlite_file
 
 BUSY_TIMEOUT_MS = 30_000
 # Execution option marking read-only connections: on SQLite they BEGIN DEFERRED (never wait for the
@@ -89,7 +89,7 @@ def as_id(value) -> int | None:
 def open_engine(url: str, where: str) -> Engine:
     """An Engine on a database whose schema is current; StoreError (one line) if that cannot be had."""
     parsed = make_url(url)  # resolve_db_url has already checked it
-    path = _sqlite_path(parsed)
+    path = sqlite_file(url)
     existed = path is None or path.exists()
     created_dirs = _prepare_sqlite_path(path) if path is not None else []
     engine = None
@@ -134,15 +134,6 @@ def _create_engine(parsed: URL) -> Engine:
         conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get(READ_ONLY) else "BEGIN IMMEDIATE")
 
     return engine
-
-
-def _sqlite_path(parsed: URL) -> Path | None:
-    if parsed.get_backend_name() != "sqlite":
-        return None
-    database = parsed.database
-    if not database or database == ":memory:" or database.startswith("file:"):
-        return None
-    return Path(database)
 
 
 def _prepare_sqlite_path(path: Path) -> list[Path]:

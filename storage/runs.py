@@ -94,6 +94,19 @@ class RunsAPI:
                 row["sweep_id"] = sweep_ids.get(row["sweep_id"])
             return [conn.execute(insert(runs).values(row)).inserted_primary_key[0] for row in rows]
 
+    def create_sweep_runs(self, name: str, spec: dict, items: list[dict]) -> tuple[int, list[int]]:
+        """A new sweep and its runs in one transaction: (sweep id, run ids), or nothing at all."""
+        if not isinstance(spec, dict):
+            raise StoreError(f"a sweep spec must be a dict, not {type(spec).__name__}")
+        now = time.time()
+        rows = [_new_run_row({**item, "sweep_id": None}, now) for item in items]
+        sweep = dict(uid=new_uid(), name=str(name), spec=to_json(spec, "sweep spec"), created_at=now)
+        with self._write() as conn:
+            sweep_id = conn.execute(insert(sweeps).values(sweep)).inserted_primary_key[0]
+            for row in rows:
+                row["sweep_id"] = sweep_id
+            return sweep_id, [conn.execute(insert(runs).values(row)).inserted_primary_key[0] for row in rows]
+
     def get_run(self, run_id) -> RunInfo:
         with self._read() as conn:
             return RunInfo.from_row(self._require_run(conn, run_id))

@@ -38,6 +38,21 @@ def display_url(url: str) -> str:
         return url
 
 
+def sqlite_file(url: str):
+    """The database file of an SQLite URL (a pathlib.Path), None for other databases and in-memory SQLite.
+    Files that belong to a store (checkpoints, the worker log) live beside it."""
+    from pathlib import Path
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        return None
+    database = parsed.database
+    if parsed.get_backend_name() != "sqlite" or not database or database == ":memory:" \
+            or database.startswith("file:"):
+        return None
+    return Path(database)
+
+
 def _as_url(text: str) -> str:
     if "://" not in text:
         return "sqlite:///" + os.path.abspath(os.path.expanduser(text))

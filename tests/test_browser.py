@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from engine.submission import queue_runs
 from dashboard import launch
 from storage import Store
 
@@ -119,7 +120,7 @@ def _screenshot(page, name: str) -> Path:
 def _queue(store: Store, **form) -> None:
     """Queue more short runs the way the Launch page does (one epoch, logged every 5 steps)."""
     configs, swept = launch.configs_of(launch.LaunchForm(epochs=1, log_every=5, **form))
-    launch.queue(store, configs, swept)
+    queue_runs(store, configs, swept)
 
 
 def test_launch_watch_live_and_screenshot_every_page(served):

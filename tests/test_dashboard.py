@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from engine.submission import queue_runs
 from dashboard import launch
 from storage import Store
 
@@ -90,7 +91,7 @@ def test_every_page_renders_an_empty_store(empty_db, monkeypatch, page):
 def test_every_page_handles_runs_that_have_not_started(empty_db, monkeypatch, page):
     configs, swept = launch.configs_of(launch.LaunchForm(sweep_rate=True, rate_start=1e-3, rate_stop=1e-1,
                                                          rate_points=3, epochs=1))
-    ids = launch.queue(Store(empty_db), configs, swept)
+    ids = queue_runs(Store(empty_db), configs, swept)
     at = open_app(empty_db, monkeypatch, page, runs=",".join(map(str, ids)))
     shown = texts(at)
     expected = {"live": "3 run(s) queued", "run": "Nothing logged yet", "compare": "have not logged anything yet",

@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from engine.submission import queue_runs
 from dashboard import charts, data, launch, series, ui
 from engine.config import ConfigError
 from storage import Store
@@ -140,14 +141,14 @@ def test_queue_checks_a_missing_cifar_folder_before_writing(store, tmp_path):
     form = launch.LaunchForm(dataset="cifar10", data_dir=str(tmp_path / "nowhere"))
     configs, swept = launch.configs_of(form)
     with pytest.raises(ConfigError, match="nowhere"):
-        launch.queue(store, configs, swept)
+        queue_runs(store, configs, swept)
     assert store.list_runs() == []
 
 
 def test_queue_makes_a_sweep_for_several_configs(store):
     configs, swept = launch.configs_of(launch.LaunchForm(sweep_rate=True, rate_start=1e-3, rate_stop=1e-1,
                                                          rate_points=3, epochs=1))
-    ids = launch.queue(store, configs, swept)
+    ids = queue_runs(store, configs, swept)
     sweep = store.get_sweep(store.get_run(ids[0]).sweep_id)
     assert sweep.run_ids == sorted(ids) and sweep.spec["swept"] == {"elr": [0.001, 0.01, 0.1]}
 

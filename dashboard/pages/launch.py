@@ -1,12 +1,11 @@
 """Launch: queue a preset, a run or a sweep for the worker, and see whether a worker is alive."""
 import streamlit as st
 
+from engine.submission import queue_runs
 from dashboard import launch, ui
-from engine.config import DATASETS, MODELS, ConfigError
+from engine.config import DATASETS, IMAGE_DATASETS, MODELS, ConfigError
 from engine.presets import PRESETS
 from storage import Store
-
-IMAGE_DATASETS = ("cifar10", "cifar100")
 
 
 def show_queued(store: Store, run_ids: list[int]) -> None:
@@ -25,7 +24,7 @@ def submit(store: Store, make) -> None:
     try:
         configs, swept, name = make()
         with st.spinner("Checking and queueing…"):
-            run_ids = launch.queue(store, configs, swept, name)
+            run_ids = queue_runs(store, configs, swept, name)
     except ConfigError as exc:
         st.error(f"Not queued: {exc}")
         return

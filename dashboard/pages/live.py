@@ -7,12 +7,12 @@ outside the fragments so a refresh never disturbs a value being typed.
 import streamlit as st
 
 from dashboard import charts, data, ui
+from engine import registry
 from storage import RunInfo, Store
 
 REFRESH_S = 1.0
-DEFAULT_KEYS = ["train_loss", "test_acc", "si_norm", "elr"]
-CHOICES = ["train_loss", "train_acc", "test_loss", "test_acc", "si_norm", "lr", "elr", "grad_norm",
-           "eff_grad_norm", "angular_update", "cos_to_init", "sharpness", "sharpness_threshold"]
+DEFAULT_KEYS = registry.default_panels("lrwd")
+CHOICES = registry.keys_for()
 
 
 def roster(store: Store) -> list[tuple[int, str]]:

@@ -3,7 +3,7 @@ Selecting a point opens that run."""
 import streamlit as st
 
 from dashboard import charts, data, series, ui
-from storage import Store
+from storage import TERMINAL_STATUSES, Store
 
 
 def open_run(run_id: int) -> None:
@@ -32,7 +32,7 @@ def main(store: Store) -> None:
     for col, regime in zip(cols, series.REGIMES):
         col.metric(regime.replace("_", " "), int(counts.get(regime, 0)))
     cols[4].metric("boundaries", ", ".join(f"{b:.2g}" for b in boundaries) or "none yet")
-    unfinished = (~summary["status"].isin(["finished", "nonfinite", "failed", "cancelled"])).sum()
+    unfinished = (~summary["status"].isin(TERMINAL_STATUSES)).sum()
     if unfinished:
         st.caption(f"{unfinished} run(s) still queued or training: their points move as they learn.")
 

@@ -2,6 +2,7 @@
 behaviour, sharpness — each with its formulas and, where it has one, a one-click digits demo."""
 import streamlit as st
 
+from engine.submission import queue_runs
 from dashboard import launch, ui
 from engine.config import ConfigError
 from engine.presets import PRESETS
@@ -82,7 +83,7 @@ def demo(store: Store, topic: str) -> None:
     queued = st.session_state.setdefault("demo_runs", {})
     if st.button("Run this demo", type="primary", key=f"demo-{topic}", icon=":material/play_arrow:"):
         try:
-            queued[topic] = launch.queue(store, preset.configs(), preset.swept, preset.name)
+            queued[topic] = queue_runs(store, preset.configs(), preset.swept, preset.name)
         except ConfigError as exc:
             st.error(f"Not queued: {exc}")
     if topic in queued:

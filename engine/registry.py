@@ -1,0 +1,145 @@
+"""The metric registry: every logged key, its label, its meaning, its axis scale, its group and the
+modes it applies to. Torch-free, and the single source for:
+
+- the engine (each quantity logs only keys declared here: engine/quantities.py checks it),
+- the export column order (`python -m engine export`),
+- the dashboard's metric pickers, default panels and axis types,
+- README's metric table (`python -m engine.registry` prints it; tests/test_registry.py checks README).
+
+A family key ends in "/<...>": `layer_norm/<layer>` stands for `layer_norm/fc0`, `layer_norm/fc1`, ...
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MODES = ("sphere", "lrwd")
+
+
+@dataclass(frozen=True)
+class Metric:
+    key: str                          # the store key, or a family "prefix/<part>"
+    label: str                        # short chart label
+    description: str                  # the definition (README's metric table)
+    log: bool                         # drawn on a log axis by default (spans decades)
+    group: str                        # loss | norms | rates | gradients | curvature | features
+    modes: tuple[str, ...] = MODES    # modes in which it moves (si_norm is fixed on the sphere)
+    datasets: tuple[str, ...] | None = None    # None: every dataset
+
+    @property
+    def family(self) -> str | None:
+        """"layer_norm/" for the family `layer_norm/<layer>`, None for a plain key."""
+        return self.key.split("/")[0] + "/" if "/" in self.key else None
+
+
+METRICS: tuple[Metric, ...] = (
+    Metric("train_loss", "train loss",
+           "mean over the mini-batches since the last log point (BN in train mode); at step 0 the untrained "
+           "level on the probe", True, "loss"),
+    Metric("train_acc", "train accuracy", "mean over the same mini-batches", False, "loss"),
+    Metric("test_loss", "test loss", "whole held-out split, BN in eval mode, every `--eval-every`", True, "loss"),
+    Metric("test_acc", "test accuracy", "whole held-out split, BN in eval mode", False, "loss"),
+    Metric("si_norm", "SI norm ρ", "ρ, total L2 norm of the SI group (fixed at ρ₀ on the sphere)", False, "norms",
+           modes=("lrwd",)),
+    Metric("layer_norm/<layer>", "layer norm", "L2 norm of each SI tensor", False, "norms"),
+    Metric("lr", "learning rate", "current learning rate (sphere: ELR·ρ₀²)", True, "rates"),
+    Metric("elr", "effective LR", "lr / si_norm²", True, "rates"),
+    Metric("layer_elr/<layer>", "layer ELR", "lr / ‖w_l‖², per SI tensor", True, "rates"),
+    Metric("grad_norm", "gradient norm", "‖∇_SI L_B‖, mean over the steps since the last log point", True,
+           "gradients"),
+    Metric("eff_grad_norm", "effective gradient norm",
+           "mean of ‖∇_SI L_B‖·ρ over the same steps (scale-free)", True, "gradients"),
+    Metric("angular_update", "angular update",
+           "mean angle between w before and after a step, as 2·asin(‖u′ − u‖/2), exact for tiny angles", True,
+           "gradients"),
+    Metric("cos_to_init", "cosine to init", "cosine between the current and initial SI weights", False, "norms"),
+    Metric("sharpness", "sharpness λmax·ρ²",
+           "top Hessian eigenvalue of the mean loss w.r.t. the SI group on a fixed probe, at unit norm (λmax·ρ²)",
+           True, "curvature"),
+    Metric("sharpness_threshold", "2(1+μ)/ELR", "2(1+μ)/elr, the stability line sharpness is compared with", True,
+           "curvature"),
+    Metric("hessian_trace", "Hessian trace",
+           "Hutchinson trace at unit norm, divided by the SI parameter count (`--trace-samples` > 0)", True,
+           "curvature"),
+    Metric("feature_acc/<k>", "feature accuracy",
+           "accuracy on the probe set where only feature k is informative (`ticks` only), at test evaluations",
+           False, "features", datasets=("ticks",)),
+)
+
+_BY_KEY = {m.key: m for m in METRICS}
+_BY_FAMILY = {m.family: m for m in METRICS if m.family}
+
+# The panels a page opens with, by mode: on the sphere si_norm and elr are flat lines, so the
+# norm-free quantities take their place.
+DEFAULT_PANELS = {
+    "sphere": ("train_loss", "test_acc", "eff_grad_norm", "angular_update"),
+    "lrwd": ("train_loss", "si_norm", "elr", "test_acc"),
+}
+# What the step-by-step keys of the trace are called in exports and charts, before the metrics.
+INDEX_COLUMNS = ("step", "epoch", "wall_time")
+
+
+def spec(key: str) -> Metric | None:
+    """The registry entry of a logged key ("layer_norm/fc0" finds `layer_norm/<layer>`); None if unknown."""
+    if key in _BY_KEY:
+        return _BY_KEY[key]
+    if "/" in key:
+        return _BY_FAMILY.get(key.split("/")[0] + "/")
+    return None
+
+
+def is_known(key: str) -> bool:
+    return spec(key) is not None
+
+
+def is_log(key: str) -> bool:
+    """Default axis scale of a key: log where it spans decades (unknown keys: linear)."""
+    entry = spec(key)
+    return bool(entry and entry.log)
+
+
+def label(key: str) -> str:
+    entry = spec(key)
+    if entry is None:
+        return key
+    return f"{entry.label} {key.split('/', 1)[1]}" if entry.family else entry.label
+
+
+def order(keys) -> list[str]:
+    """Keys in registry order (families in place, their members by name; unknown keys last, by name)."""
+    rank = {m.key: i for i, m in enumerate(METRICS)}
+
+    def position(key: str) -> tuple:
+        entry = spec(key)
+        if entry is None:
+            return (len(METRICS), key)
+        member = key.split("/", 1)[1] if entry.family else ""
+        return (rank[entry.key], _natural(member))
+
+    return sorted(keys, key=position)
+
+
+def _natural(text: str) -> tuple:
+    """'fc10' after 'fc2', 'feature_acc/10' after 'feature_acc/2'."""
+    import re
+    return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text))
+
+
+def keys_for(mode: str | None = None, dataset: str | None = None) -> list[str]:
+    """Plain (non-family) keys that apply to a mode and a dataset, in registry order."""
+    return [m.key for m in METRICS if not m.family and (mode is None or mode in m.modes)
+            and (m.datasets is None or dataset is None or dataset in m.datasets)]
+
+
+def default_panels(mode: str) -> list[str]:
+    return list(DEFAULT_PANELS.get(mode, DEFAULT_PANELS["sphere"]))
+
+
+def markdown_table() -> str:
+    """README's metric table, generated from the registry."""
+    lines = ["| key | definition |", "|---|---|"]
+    lines += [f"| `{m.key}` | {m.description} |" for m in METRICS]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(markdown_table())
