@@ -206,3 +206,27 @@ class Trainer:
         self.sharpness.vec = state["sharpness_vec"]
         self.test.schedule.last = state["test_last"]
         self.sharpness.schedule.last = state["sharpness_last"]
+
+
+def train_traces(cfgs: list[RunConfig], *, device: str | None = None) -> list:
+    """Train configurations in memory and return each one's trace (a wide DataFrame: step, epoch,
+    wall_time, metric keys), in the order given. Compatible configurations train together as packs
+    where packing pays (as the worker would pack them). The stable in-process API for analysis,
+    calibration and tests: no store involved."""
+    from .analysis import memory_trace
+    from .packed import PackedTrainer, max_pack_size, pack_key, packing_enabled
+    cfgs = [c.validate() if device is None else c.replace(device=device).validate() for c in cfgs]
+    groups: dict[str, list[int]] = {}
+    for i, cfg in enumerate(cfgs):
+        groups.setdefault(pack_key(cfg) if packing_enabled(cfg) else f"single-{i}", []).append(i)
+    traces: list = [None] * len(cfgs)
+    for members in groups.values():
+        for start in range(0, len(members), max_pack_size()):
+            chunk = members[start:start + max_pack_size()]
+            recorders = [MemoryRecorder() for _ in chunk]
+            pack = PackedTrainer([cfgs[i] for i in chunk], recorders=recorders)
+            configure_threads(cfgs[chunk[0]], pack.device)
+            pack.run()
+            for i, recorder in zip(chunk, recorders):
+                traces[i] = memory_trace(recorder.rows)
+    return traces
