@@ -5,10 +5,13 @@ Bad input is one line on stderr and exit code 2, checked before anything is writ
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import sys
 
-from .config import ConfigError, RunConfig, SWEEPABLE, expand_grid, parse_values
+from storage import StoreError
+
+from . import commands
+from .config import ConfigError, RunConfig
 
 EXIT_BAD_INPUT = 2
 
@@ -82,52 +85,11 @@ def add_training_flags(p: argparse.ArgumentParser, sweep: bool) -> None:
     g.add_argument("--checkpoint-every", type=int, default=D.checkpoint_every, help="epochs between checkpoints")
     g = p.add_argument_group("where")
     g.add_argument("--device", default=D.device, help="auto | cpu | cuda")
-    g.add_argument("--db", default=None, help=DB_HELP)
     g.add_argument("--name", default=None, help="run name (default built from the config)")
     g.add_argument("--tags", nargs="*", default=[], help="labels for finding runs later")
 
 
 DB_HELP = "SQLAlchemy URL or SQLite path (default $SPHERELAB_DB, else ~/.spherelab/spherelab.db)"
-
-_SWEPT_TYPES = {"elr": float, "lr": float, "wd": float, "momentum": float, "seed": int, "width": int,
-                "batch_size": int}
-
-
-def configs_from_args(args, *, single: bool) -> tuple[list[RunConfig], dict]:
-    """Validated configs (one, or the grid's product) and the swept values."""
-    swept: dict[str, list] = {}
-    fixed: dict = {}
-    for key in SWEEPABLE:
-        raw = getattr(args, key)
-        if raw is None:
-            continue
-        raw = raw if isinstance(raw, list) else [raw]
-        values = [v for text in raw for v in parse_values(str(text), _SWEPT_TYPES[key])]
-        if len(values) == 1:
-            fixed[key] = values[0]
-        else:
-            if single:
-                raise ConfigError(f"--{key.replace('_', '-')} got {len(values)} values: `train` runs one "
-                                  "configuration; use `sweep` or `submit` for a grid")
-            swept[key] = values
-    base = RunConfig(model=args.model, depth=args.depth, init_scale=args.init_scale, dataset=args.dataset,
-                     data_dir=args.data_dir, synthetic_samples=args.synthetic_samples,
-                     synthetic_shape=tuple(args.synthetic_shape), synthetic_classes=args.synthetic_classes,
-                     augment=args.augment, mode=args.mode, schedule=args.schedule, epochs=args.epochs,
-                     log_every=args.log_every, eval_every=args.eval_every,
-                     sharpness_every=args.sharpness_every, probe_size=args.probe_size,
-                     lanczos_iters=args.lanczos_iters, lanczos_tol=args.lanczos_tol,
-                     trace_samples=args.trace_samples, checkpoint_every=args.checkpoint_every,
-                     device=args.device, name=args.name, tags=tuple(args.tags), **fixed)
-    configs = expand_grid(base, swept) if swept else [base.validate()]
-    if swept and args.name:
-        configs = [c.replace(name=f"{args.name} {_swept_label(c, swept)}") for c in configs]
-    return configs, swept
-
-
-def _swept_label(cfg: RunConfig, swept: dict) -> str:
-    return " ".join(f"{k}={getattr(cfg, k):g}" for k in swept)
-
 
 def build_parser() -> argparse.ArgumentParser:
     fmt = DefaultsFormatter
@@ -135,8 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
                       "store runs, analyse them.", formatter_class=fmt)
     sub = p.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
-    def cmd(name, help_text):
-        return sub.add_parser(name, help=help_text, description=help_text, formatter_class=fmt)
+    def cmd(name, help_text, db=True):
+        parser = sub.add_parser(name, help=help_text, description=help_text, formatter_class=fmt)
+        parser.set_defaults(handler=getattr(commands, f"cmd_{name}"))
+        if db:
+            parser.add_argument("--db", default=None, help=DB_HELP)
+        return parser
 
     add_training_flags(cmd("train", "run one configuration in this process; prints the run id last"), sweep=False)
     s = cmd("sweep", "run a grid of configurations in this process, as one sweep")
@@ -149,14 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
     w = cmd("worker", "run queued runs in background processes")
     w.add_argument("--max-parallel", type=int, default=1, help="runs trained at the same time")
     w.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    w.add_argument("--db", default=None, help=DB_HELP)
     w.add_argument("--poll", type=float, default=1.0, help="seconds between looks at the queue")
     w.add_argument("--stale-after", type=float, default=30.0,
                    help="seconds without heartbeat after which a running run counts as interrupted")
     w.add_argument("--once", action="store_true", help="exit when the queue is empty (scripts, tests)")
 
     r = cmd("runs", "list runs: id, name, status, regime, progress")
-    r.add_argument("--db", default=None, help=DB_HELP)
     r.add_argument("--status", default=None)
     r.add_argument("--sweep", type=int, default=None)
     r.add_argument("--tag", default=None)
@@ -166,29 +130,23 @@ def build_parser() -> argparse.ArgumentParser:
                        ("delete", "delete a run with its metrics, events and checkpoint")):
         c = cmd(name, text)
         c.add_argument("run", type=int)
-        c.add_argument("--db", default=None, help=DB_HELP)
     t = cmd("tag", "add tags to a run")
     t.add_argument("run", type=int)
     t.add_argument("tags", nargs="+")
-    t.add_argument("--db", default=None, help=DB_HELP)
 
     e = cmd("export", "metrics of a run, one row per log point")
     e.add_argument("run", type=int)
     e.add_argument("--format", choices=("csv", "json"), default="csv")
     e.add_argument("--out", default=None, help="file to write (default: stdout)")
-    e.add_argument("--db", default=None, help=DB_HELP)
     a = cmd("analyze", "regime, evidence, loss spikes and period of a run, as JSON")
     a.add_argument("run", type=int)
-    a.add_argument("--db", default=None, help=DB_HELP)
     b = cmd("bundle", "write a portable file with a run (or a whole sweep) and its metrics")
     b.add_argument("run", type=int, nargs="?")
     b.add_argument("--sweep", type=int, default=None)
     b.add_argument("--out", required=True)
-    b.add_argument("--db", default=None, help=DB_HELP)
     i = cmd("import", "import a bundle into this database (new ids)")
     i.add_argument("file")
-    i.add_argument("--db", default=None, help=DB_HELP)
-    bn = cmd("bench", "throughput and overhead figures")
+    bn = cmd("bench", "throughput and overhead figures", db=False)
     bn.add_argument("--json", action="store_true")
     bn.add_argument("--device", default="auto")
     bn.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
@@ -196,18 +154,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    from . import commands
-    from storage import StoreError
+    args = build_parser().parse_args(argv)
     try:
-        return getattr(commands, f"cmd_{args.command}")(args) or 0
+        return args.handler(args) or 0
     except (ConfigError, StoreError) as exc:
         sys.stderr.write(f"python -m engine {args.command}: error: {exc}\n")
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         return 130
-
-
-def print_json(obj) -> None:
-    print(json.dumps(obj, indent=2, allow_nan=False, default=str))
+    except BrokenPipeError:
+        # the reader went away (`engine runs | head`): stop quietly, and keep Python's exit-time flush
+        # of stdout from raising again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
