@@ -188,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     i = cmd("import", "import a bundle into this database (new ids)")
     i.add_argument("file")
     i.add_argument("--db", default=None, help=DB_HELP)
+    cmd("app", "start the worker and the dashboard on 127.0.0.1:8501 (env SPHERELAB_ADDRESS, SPHERELAB_PORT, "
+        "SPHERELAB_PARALLEL)").add_argument("--db", default=None, help=DB_HELP)
     bn = cmd("bench", "throughput and overhead figures")
     bn.add_argument("--json", action="store_true")
     bn.add_argument("--device", default="auto")
@@ -198,6 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "app":  # torch-free: only starts processes
+        from .app import main as app
+        return app(args)
     from . import commands
     from storage import StoreError
     try:
