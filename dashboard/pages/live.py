@@ -1,8 +1,8 @@
 """Live: runs being trained, updated every second without reloading the page.
 
 An overview table (status, regime, progress, time left; select rows to pause, resume or stop
-them) and an overlay of every run per metric sit in one fragment that reruns every REFRESH_S
-seconds and reads only the steps logged since its last read (data.LiveTrace, kept in session
+them) and an overlay of every run per metric sit in fragments that rerun every REFRESH_S
+seconds; the overlay reads only the steps logged since its last read (data.LiveTrace, kept in session
 state). Per-run cards are collapsed expanders whose curves are only drawn while open.
 """
 import time
@@ -55,7 +55,7 @@ def control(store: Store, runs: list[RunInfo], action: str) -> str:
     return f"{action} sent to {', '.join(done)}" if done else f"none of the selected runs can {action}"
 
 
-def overview(store: Store, run_ids: list[int], keys: tuple[str, ...]) -> None:
+def overview(store: Store, run_ids: list[int]) -> None:
     runs = store.list_runs(ids=run_ids)
     runs.sort(key=lambda r: run_ids.index(r.id))
     table = st.dataframe(overview_table(runs, time.time()), key="overview", on_select="rerun",
@@ -68,8 +68,12 @@ def overview(store: Store, run_ids: list[int], keys: tuple[str, ...]) -> None:
         if column.button(action.capitalize(), key=f"all-{action}", icon=icon, disabled=not chosen):
             st.toast(md(control(store, chosen, action)), icon=":material/check:")
     buttons[3].caption("Select rows to pause, resume or stop them." if not chosen else f"{len(chosen)} selected.")
-    if keys:
-        views.runs_overlay(store, runs, keys, key="live-overlay")
+
+
+def overlay(store: Store, run_ids: list[int], keys: tuple[str, ...]) -> None:
+    runs = store.list_runs(ids=run_ids)
+    runs.sort(key=lambda r: run_ids.index(r.id))
+    views.runs_overlay(store, runs, keys, key="live-overlay")
 
 
 def live_curves(store: Store, run_id: int, keys: tuple[str, ...]) -> None:
@@ -115,12 +119,15 @@ def main(store: Store) -> None:
                     f"{data.ENDED_VISIBLE_S // 60} minutes. Queued runs start when a worker is free; "
                     "saved runs are on the Run and Compare pages.")
         return
+    refresh = ui.REFRESH_S if any(not r.is_terminal for r in runs) else None
+    ids = [r.id for r in runs]
+    st.fragment(ui.guarded(overview), run_every=refresh)(store, ids)
     defaults = default_keys(runs)
     ui.seed("metric", defaults, ui.str_list, allowed=CHOICES)
-    keys = tuple(st.multiselect("Metrics", CHOICES, key="metric"))
+    keys = tuple(st.multiselect("Metrics (one panel each, every run overlaid)", CHOICES, key="metric"))
     ui.publish("metric", list(keys), defaults)
-    refresh = ui.REFRESH_S if any(not r.is_terminal for r in runs) else None
-    st.fragment(ui.guarded(overview), run_every=refresh)(store, [r.id for r in runs], keys)
+    if keys:
+        st.fragment(ui.guarded(overlay), run_every=refresh)(store, ids, keys)
     st.subheader("Runs one by one", anchor=False)
     for run in runs:
         run_card(store, run, keys or tuple(registry.default_panels(run.config.get("mode", "sphere"))),
