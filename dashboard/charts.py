@@ -64,7 +64,8 @@ def log_ticks(lo: float, hi: float, most: int = 8) -> list[float]:
     for mantissas in ((1,), (1, 2, 5), tuple(range(1, 10))):
         values = [float(f"{m * 10.0 ** k:.12g}") for k in range(k0, k1 + 1) for m in mantissas]
         values = [v for v in values if lo * (1 - 1e-9) <= v <= hi * (1 + 1e-9)]
-        if len(values) >= (3 if len(mantissas) < 9 else 2):
+        enough = 2 if len(mantissas) == 9 or (mantissas == (1,) and math.log10(hi / lo) >= 2) else 3
+        if len(values) >= enough:
             every = math.ceil(len(values) / most) if mantissas == (1,) else 1
             return values[::every]
     step = 10.0 ** math.floor(math.log10((hi - lo) / 4))
@@ -160,10 +161,17 @@ def overlay(front: pd.DataFrame, keys: list[str], names: dict[int, str], *, x: s
                 _label_end(fig, points, regimes[run_id], row, col)
         values = front.loc[front["key"] == key, "value"] if not front.empty else []
         fig.update_yaxes(title_text=key, **scale(values, key in log_keys), row=row, col=col)
-    fig.update_xaxes(**scale(front["x"] if not front.empty else [], log_x))
+    xs = front["x"] if not front.empty else []
+    fig.update_xaxes(**scale(xs, log_x))
+    if regimes and not log_x and len(xs) and not phase:
+        # room to the right of the curves for their regime labels
+        low, high = float(np.nanmin(xs)), float(np.nanmax(xs))
+        fig.update_xaxes(range=[low, high + 0.18 * (high - low or 1)])
     for row, col in cells[-cols:]:
         fig.update_xaxes(title_text=X_TITLES.get(x, x), row=row, col=col)
-    fig.update_layout(legend=LEGEND, hovermode="closest", uirevision="overlay")
+    # a grid has panel titles where a legend on top would go: there the legend goes to the right
+    legend = LEGEND if cols == 1 else dict(orientation="v", x=1.01, xanchor="left", y=1, yanchor="top")
+    fig.update_layout(legend=legend, hovermode="closest", uirevision="overlay")
     return fig
 
 
@@ -277,7 +285,7 @@ def regime_map(per_rate: pd.DataFrame, runs: pd.DataFrame, boundaries: list[dict
                 fig.add_vrect(x0=lo, x1=hi, row=row, col=1, fillcolor="rgba(80, 80, 80, 0.10)", line_width=0)
             if estimate is not None:
                 fig.add_vline(x=estimate, row=row, col=1, line=dict(color="#444", dash="dash", width=1.2),
-                              label=dict(text=f"≈ {tick_text(float(f'{estimate:.2g}'))}", textposition="end",
+                              label=dict(text=f"≈ {tick_text(float(f'{estimate:.2g}'))}", textposition="start",
                                          textangle=0, yanchor="bottom", font=dict(size=11)) if row == 1 else None)
     fig.update_layout(height=760, margin=MARGIN, clickmode="event+select", legend=dict(LEGEND, y=1.04))
     return fig

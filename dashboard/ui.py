@@ -22,10 +22,10 @@ COMPARE_PAGE = "dashboard/pages/compare.py"
 REGIME_PAGE = "dashboard/pages/regime_map.py"
 PERIODIC_PAGE = "dashboard/pages/periodic.py"
 TEACH_PAGE = "dashboard/pages/teach.py"
-# Regime colours: the badge colour (Streamlit's names) and a dot for tables; they match
-# charts.REGIME_COLORS. A regime the analysis learns later reads grey until it gets its own.
-REGIME_BADGES = {"convergence": ("green", "🟢"), "chaotic_equilibrium": ("orange", "🟠"), "divergence": ("red", "🔴"),
-                 "periodic": ("violet", "🟣"), "undetermined": ("gray", "⚪")}
+# Regime badge colours (Streamlit's names), matching charts.REGIME_COLORS. A regime the analysis
+# learns later reads grey until it gets its own.
+REGIME_BADGES = {"convergence": "green", "chaotic_equilibrium": "orange", "divergence": "red", "periodic": "violet",
+                 "undetermined": "gray"}
 REFRESH_S = 1.0   # how often pages that follow training redraw
 PLOT_CONFIG = {"displaylogo": False, "modeBarButtonsToRemove": ["select2d", "lasso2d", "autoScale2d"]}
 DB_FIX = ("**How to fix:** point the dashboard at a spherelab database with the environment variable "
@@ -178,13 +178,7 @@ def regime_label(regime: str | None) -> str:
 
 
 def regime_badge(regime: str | None) -> None:
-    color, _ = REGIME_BADGES.get(regime or "undetermined", ("gray", "⚪"))
-    st.badge(md(regime_label(regime)), color=color)
-
-
-def regime_dot(regime: str | None) -> str:
-    """The regime as table text: a coloured dot and its name."""
-    return f"{REGIME_BADGES.get(regime or 'undetermined', ('gray', '⚪'))[1]} {regime_label(regime)}"
+    st.badge(md(regime_label(regime)), color=REGIME_BADGES.get(regime or "undetermined", "gray"))
 
 
 def no_runs(what: str = "runs") -> None:

@@ -36,12 +36,12 @@ def sweep_map(store: Store, sweep_id: int, compact: bool = False) -> None:
     boundaries = series.regime_boundaries(summary["rate"], summary["regime"])
     counts = summary["regime"].value_counts()
     shown = [r for r in ui.REGIME_BADGES if counts.get(r, 0)] + [r for r in counts.index if r not in ui.REGIME_BADGES]
-    cols = st.columns(max(4, len(shown) + 1))
+    cols = st.columns(max(4, len(shown)))
     for col, regime in zip(cols, shown):
         col.metric(ui.regime_label(regime), int(counts.get(regime, 0)))
-    cols[-1].metric("boundaries", "; ".join(boundary_text(b) for b in boundaries) or "none yet",
-                    help="Interval where the label changes along the rate axis (seeds that disagree and "
-                         "undetermined runs widen it); ≈ the geometric mean of its ends.")
+    st.markdown("**Boundaries** (interval of rates where the label changes; seeds that disagree and undetermined "
+                "runs widen it): " + ("; ".join(f"{ui.regime_label(b['between'][0])} → {ui.regime_label(b['between'][1])} "
+                                              f"{boundary_text(b)}" for b in boundaries) or "none yet"))
     unfinished = int((~summary["status"].isin(TERMINAL_STATUSES)).sum())
     if unfinished:
         st.caption(f"{unfinished} run(s) still queued or training: their points move as they learn.")

@@ -22,7 +22,7 @@ def streamlit_command(address: str, port: str) -> list[str]:
     # the flags repeat .streamlit/config.toml, which Streamlit only reads from the current directory
     return [sys.executable, "-m", "streamlit", "run", str(ROOT / "streamlit_app.py"), "--server.headless", "true",
             "--server.address", address, "--server.port", port, "--browser.gatherUsageStats", "false",
-            "--client.toolbarMode", "minimal"]
+            "--client.toolbarMode", "minimal", "--theme.primaryColor", "#2856a3"]
 
 
 def main(args) -> int:

@@ -48,7 +48,7 @@ def pick_runs(store: Store) -> list[RunInfo]:
     return [by_id[i] for i in run_ids]
 
 
-PHASES = {"phase": ("Phase diagram: train_loss vs eff_grad_norm", "train_loss", "eff_grad_norm"),
+PHASES = {"phase": ("Phase: train_loss vs eff_grad_norm", "train_loss", "eff_grad_norm"),
           "cycle": ("Cycle: elr vs eff_grad_norm", "elr", "eff_grad_norm")}
 
 
@@ -82,7 +82,7 @@ def main(store: Store) -> None:
     ui.seed("x", "step", allowed=x_choices)
     ui.seed("smooth", 0.0, float)
     ui.seed("seeds", False, lambda v: v == "1")
-    keys_col, x_col, smooth_col, seeds_col = st.columns([3, 1, 2, 1], vertical_alignment="bottom")
+    keys_col, x_col, smooth_col, seeds_col = st.columns([3, 1.2, 1.6, 1.6], vertical_alignment="bottom")
     keys = keys_col.multiselect("Metrics (one panel each)", available, key="metric")
     x = x_col.selectbox("x axis", x_choices, key="x", help="step, epoch, wall time, or any metric: a phase "
                         "diagram (each panel's metric against it, start point marked)")
@@ -95,7 +95,7 @@ def main(store: Store) -> None:
     ui.seed("log", log_defaults(keys, x), ui.str_list, allowed=log_options)
     logs = st.pills("Log scale", log_options, selection_mode="multi", key="log",
                     format_func=lambda o: "x axis" if o == "x" else o)
-    phase_cols = st.columns(len(PHASES) + 1)
+    phase_cols = st.columns([2, 2, 3])
     for col, (name, (label, _, _)) in zip(phase_cols, PHASES.items()):
         col.button(label, key=f"show-{name}", on_click=show_phase, args=(name,), icon=":material/timeline:")
     for key, value, default in (("metric", keys, ["train_loss"]), ("x", x, "step"), ("smooth", smoothing, 0.0),

@@ -29,7 +29,7 @@ def overview_table(runs: list[RunInfo], now: float) -> pd.DataFrame:
     rows = []
     for run in runs:
         left = data.remaining_s(run, now)
-        rows.append({"run": data.run_label(run), "status": run.status, "regime": ui.regime_dot(run.regime),
+        rows.append({"run": data.run_label(run), "status": run.status, "regime": ui.regime_label(run.regime),
                      "progress": run.progress, "step": f"{run.step:,} / {run.total_steps:,}" if run.total_steps else "",
                      "time left": _duration(left) if left is not None else "—"})
     return pd.DataFrame(rows, columns=["run", "status", "regime", "progress", "step", "time left"])
@@ -58,7 +58,11 @@ def control(store: Store, runs: list[RunInfo], action: str) -> str:
 def overview(store: Store, run_ids: list[int]) -> None:
     runs = store.list_runs(ids=run_ids)
     runs.sort(key=lambda r: run_ids.index(r.id))
-    table = st.dataframe(overview_table(runs, time.time()), key="overview", on_select="rerun",
+    table = overview_table(runs, time.time())
+    # the regime in its colour (the same as its badge and its curve labels)
+    styled = table.style.map(lambda label: f"color: {charts.regime_color(label.replace(' ', '_'))}; font-weight: 600",
+                             subset=["regime"])
+    table = st.dataframe(styled, key="overview", on_select="rerun",
                          selection_mode="multi-row", hide_index=True, width="stretch",
                          column_config={"progress": st.column_config.ProgressColumn("progress", format="percent"),
                                         "run": st.column_config.TextColumn("run", width="large")})
