@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from engine.presets import PRESETS
 from engine.submission import queue_runs
 from dashboard import launch
 from storage import Store
