@@ -146,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", required=True)
     i = cmd("import", "import a bundle into this database (new ids)")
     i.add_argument("file")
+    cmd("app", "start the worker and the dashboard on 127.0.0.1:8501 (env SPHERELAB_ADDRESS, SPHERELAB_PORT, "
+        "SPHERELAB_PARALLEL)")
     bn = cmd("bench", "throughput and overhead figures", db=False)
     bn.add_argument("--json", action="store_true")
     bn.add_argument("--device", default="auto")

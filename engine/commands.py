@@ -100,6 +100,11 @@ def cmd_worker(args) -> int:
                   stale_after_s=args.stale_after, exit_when_idle=args.once).run()
 
 
+def cmd_app(args) -> int:
+    from .app import main as app      # torch-free: it only starts the worker and the dashboard
+    return app(args)
+
+
 def cmd_runs(args) -> int:
     store = Store(args.db)
     runs = store.list_runs(status=args.status, sweep_id=args.sweep, tag=args.tag)

@@ -1,5 +1,6 @@
 """The Store: the one API the engine and the dashboard use to reach the database."""
 
+from .annotations import AnnotationsAPI
 from .bundle import BundleAPI
 from .control import ControlAPI
 from .database import Database
@@ -7,11 +8,11 @@ from .metrics import MetricsAPI
 from .runs import RunsAPI
 
 
-class Store(RunsAPI, MetricsAPI, ControlAPI, BundleAPI, Database):
+class Store(RunsAPI, AnnotationsAPI, MetricsAPI, ControlAPI, BundleAPI, Database):
     """Open (creating or migrating as needed) the database at `url`: a SQLAlchemy URL or a plain
     path; None means $SPHERELAB_DB, else ~/.spherelab/spherelab.db. Failures raise StoreError.
 
     One Store per process (open a new one after spawn); it may be shared by threads.
     Sweeps and runs: storage.runs. Metrics: storage.metrics. Events, commands and workers:
-    storage.control. Bundles: storage.bundle.
+    storage.control. Bundles: storage.bundle. Names, tags, notes, deleting a sweep: storage.annotations.
     """
