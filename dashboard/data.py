@@ -195,23 +195,14 @@ def sharpness_runs(runs: list[RunInfo]) -> list[RunInfo]:
 
 # ---- managing runs ------------------------------------------------------------------------------
 def delete_runs(store: Store, runs: list[RunInfo]) -> None:
-    """Delete runs (refused by the store for runs a worker holds) and their checkpoint files."""
+    """Delete runs with their checkpoint files (refused by the store for runs a worker holds)."""
     for run in runs:
         store.delete(run.id)
-        _remove_checkpoint(run)
 
 
 def delete_sweep(store: Store, sweep_id) -> int:
     """Delete a sweep and its runs with their checkpoint files; returns how many runs went."""
-    deleted = store.delete_sweep(sweep_id)
-    for run in deleted:
-        _remove_checkpoint(run)
-    return len(deleted)
-
-
-def _remove_checkpoint(run: RunInfo) -> None:
-    if run.checkpoint_path:
-        Path(run.checkpoint_path).unlink(missing_ok=True)
+    return len(store.delete_sweep(sweep_id))
 
 
 def bundle_bytes(store: Store, run_ids: list[int], sweep_id=None) -> bytes:

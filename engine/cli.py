@@ -82,7 +82,10 @@ def add_training_flags(p: argparse.ArgumentParser, sweep: bool) -> None:
     g.add_argument("--lanczos-tol", type=float, default=D.lanczos_tol, help="Lanczos relative residual tolerance")
     g.add_argument("--trace-samples", type=int, default=D.trace_samples,
                    help="Hutchinson vectors for hessian_trace at sharpness steps")
-    g.add_argument("--checkpoint-every", type=int, default=D.checkpoint_every, help="epochs between checkpoints")
+    g.add_argument("--checkpoint-every", type=int, default=D.checkpoint_every,
+                   help="epochs between the checkpoints a run resumes from")
+    g.add_argument("--keep-every", type=int, default=D.keep_every,
+                   help="epochs between kept checkpoints (forks, averages), and the last one; 0 keeps only the latest")
     g = p.add_argument_group("where")
     g.add_argument("--device", default=D.device, help="auto | cpu | cuda")
     g.add_argument("--name", default=None, help="run name (default built from the config)")
@@ -111,6 +114,37 @@ def build_parser() -> argparse.ArgumentParser:
     s = cmd("submit", "queue a configuration or a grid for the worker; prints the run ids, last line = last id")
     add_training_flags(s, sweep=True)
     s.add_argument("--sweep-name", default=None, help="name of the sweep (when several values are given)")
+
+    f = cmd("fork", "a child run from a kept checkpoint of RUN (numbering continues the parent's); trains "
+                    "here unless --submit; prints the child's id last")
+    f.add_argument("run", type=int)
+    f.add_argument("--at", type=int, default=None, help="epoch of the kept checkpoint (default: the last kept one)")
+    for flag, kind, text in (("--elr", float, "ELR (sphere)"), ("--lr", float, "learning rate (lrwd)"),
+                             ("--wd", float, "weight decay (lrwd)"), ("--momentum", float, "heavy-ball momentum"),
+                             ("--mode", str, "sphere | lrwd"), ("--schedule", str, "constant | cosine | step"),
+                             ("--seed", int, "a new batch order (default: the parent's, continued)")):
+        f.add_argument(flag, type=kind, default=None, help=f"{text} (default: the parent's)")
+    f.add_argument("--epochs", type=int, default=None,
+                   help="the child's own epochs after the fork (default: the parent's remaining ones)")
+    f.add_argument("--name", default=None, help="child run name (default: #PARENT@EPOCH and the changes)")
+    f.add_argument("--tags", nargs="*", default=[], help="labels (default: the parent's)")
+    f.add_argument("--submit", action="store_true", help="queue the child for the worker instead")
+    c = cmd("checkpoints", "a run's kept checkpoints (--keep-every): epoch, step, bytes")
+    c.add_argument("run", type=int)
+    c.add_argument("--json", action="store_true")
+    a = cmd("average", "SWA of kept checkpoints: weights averaged (not projected), BN recomputed, evaluated")
+    a.add_argument("run", type=int)
+    which = a.add_mutually_exclusive_group()
+    which.add_argument("--last", type=int, default=None, help="the last K kept checkpoints (default 5, or all if fewer)")
+    which.add_argument("--at", type=int, nargs="+", default=None, help="these kept epochs")
+    a.add_argument("--json", action="store_true")
+    a.add_argument("--submit", action="store_true", help="queue it for the worker and print the job id")
+    g = cmd("geometry", "angle, linear path and barriers between two solutions RUN or RUN@EPOCH")
+    g.add_argument("a")
+    g.add_argument("b")
+    g.add_argument("--points", type=int, default=21, help="alphas on the path, ends included")
+    g.add_argument("--json", action="store_true")
+    g.add_argument("--submit", action="store_true", help="queue it for the worker and print the job id")
 
     w = cmd("worker", "run queued runs in background processes")
     w.add_argument("--max-parallel", type=int, default=1, help="runs trained at the same time")

@@ -12,7 +12,7 @@ from storage import Store
 
 from . import registry
 from .config import ConfigError, RunConfig, configs_from_flags
-from .submission import queue_runs
+from .submission import queue_average, queue_fork, queue_geometry, queue_runs
 
 
 def print_json(obj) -> None:
@@ -90,6 +90,74 @@ def cmd_submit(args) -> int:
     return 0
 
 
+def cmd_fork(args) -> int:
+    store = Store(args.db)
+    changes = {k: getattr(args, k) for k in ("elr", "lr", "wd", "momentum", "mode", "schedule", "seed")}
+    child = queue_fork(store, args.run, at=args.at, changes=changes, epochs=args.epochs, name=args.name,
+                       tags=args.tags)
+    if args.submit:
+        print(child)
+        return 0
+    _check_runnable([RunConfig.from_dict(store.get_run(child).config)])
+    return _run_here(store, [child])
+
+
+def cmd_checkpoints(args) -> int:
+    kept = Store(args.db).checkpoints(args.run)
+    if args.json:
+        print_json([{"epoch": c.epoch, "step": c.step, "bytes": c.bytes} for c in kept])
+        return 0
+    print(f"{'epoch':>6} {'step':>8} {'bytes':>12}")
+    for c in kept:
+        print(f"{c.epoch:>6} {c.step:>8} {c.bytes:>12}")
+    return 0
+
+
+def cmd_average(args) -> int:
+    store = Store(args.db)
+    return _job_here(store, queue_average(store, args.run, last=args.last, at=args.at), args)
+
+
+def cmd_geometry(args) -> int:
+    store = Store(args.db)
+    return _job_here(store, queue_geometry(store, args.a, args.b, args.points), args)
+
+
+def _job_here(store: Store, job_id: int, args) -> int:
+    """Compute a queued job in this process (or leave it to the worker with --submit), store and print it."""
+    if args.submit:
+        print(job_id)
+        return 0
+    from .jobs import execute_job
+    job = store.claim_job("cli", job_ids=[job_id])
+    status = execute_job(store, job_id, job.claim)
+    job = store.get_job(job_id)
+    if status != "finished":
+        print(f"python -m engine {job.kind}: failed: {(job.error or '').splitlines()[0]}", file=sys.stderr)
+        return 1
+    if args.json:
+        print_json(job.result)
+    else:
+        _print_job(job)
+    return 0
+
+
+def _print_job(job) -> None:
+    r = job.result
+    if job.kind == "average":
+        print(f"run {r['run']}, average of epochs {', '.join(map(str, r['epochs']))}")
+        print(f"  train loss {r['train_loss']:.4g}, accuracy {r['train_acc']:.4f}")
+        print(f"  test  loss {r['test_loss']:.4g}, accuracy {r['test_acc']:.4f}")
+        return
+    a, b = r["a"], r["b"]
+    print(f"run {a['run']}@{a['epoch']} to run {b['run']}@{b['epoch']}: angle {r['angle']:.4g} rad")
+    print("  barriers: " + ", ".join(f"{k} {v:.4g}" for k, v in r["barrier"].items()))
+    print(f"  {'alpha':>6} {'train_loss':>11} {'train_err':>10} {'test_loss':>10} {'test_err':>9}")
+    for i, alpha in enumerate(r["alphas"]):
+        print(f"  {alpha:6.3f} {r['train_loss'][i]:11.4g} {r['train_err'][i]:10.4f} {r['test_loss'][i]:10.4g} "
+              f"{r['test_err'][i]:9.4f}")
+
+
 def cmd_worker(args) -> int:
     from .runtime import resolve_device
     from .worker import Worker
@@ -110,7 +178,8 @@ def cmd_runs(args) -> int:
     runs = store.list_runs(status=args.status, sweep_id=args.sweep, tag=args.tag)
     if args.json:
         print_json([{"id": r.id, "name": r.name, "status": r.status, "regime": r.regime,
-                     "progress": round(r.progress, 4), "sweep": r.sweep_id, "tags": r.tags} for r in runs])
+                     "progress": round(r.progress, 4), "sweep": r.sweep_id, "tags": r.tags,
+                     "parent": r.parent_id, "fork_epoch": r.fork_epoch} for r in runs])
         return 0
     print(f"{'id':>5}  {'status':<11} {'regime':<19} {'progress':>8}  name [tags]")
     for r in runs:
@@ -125,13 +194,7 @@ def cmd_cancel(args) -> int:
 
 
 def cmd_delete(args) -> int:
-    from .runner import checkpoint_dir
-    store = Store(args.db)
-    info = store.get_run(args.run)
-    store.delete(args.run)
-    for path in (info.checkpoint_path, str(checkpoint_dir(store) / f"run-{args.run}.pt")):
-        if path:
-            Path(path).unlink(missing_ok=True)
+    Store(args.db).delete(args.run)       # with its checkpoint files
     return 0
 
 

@@ -67,6 +67,7 @@ class RunConfig:
     lanczos_tol: float = 1e-3
     trace_samples: int = 0            # Hutchinson vectors for hessian_trace at sharpness steps
     checkpoint_every: int = 1         # epochs between checkpoints (worker runs); 0 = off
+    keep_every: int = 0               # epochs between kept checkpoints (forks, averages); 0 = only the latest
     device: str = "auto"
     # bookkeeping
     name: str | None = None
@@ -151,7 +152,7 @@ class RunConfig:
         if self.batch < 1:
             bad(f"--batch-size must be at least 1, got {self.batch_size}")
         for flag, value in (("--log-every", self.log_every), ("--sharpness-every", self.sharpness_every),
-                            ("--checkpoint-every", self.checkpoint_every),
+                            ("--checkpoint-every", self.checkpoint_every), ("--keep-every", self.keep_every),
                             ("--trace-samples", self.trace_samples)):
             if value < 0:
                 bad(f"{flag} must be 0 (off) or a positive number of steps, got {value}")

@@ -17,7 +17,7 @@ import os
 
 from .config import ConfigError, RunConfig
 
-MEMBER_FIELDS = ("elr", "lr", "wd", "momentum", "seed", "mode", "name", "tags", "checkpoint_every")
+MEMBER_FIELDS = ("elr", "lr", "wd", "momentum", "seed", "mode", "name", "tags", "checkpoint_every", "keep_every")
 MAX_PACK = 32
 CPU_PACK_MODELS = ("mlp_si",)
 

@@ -59,6 +59,7 @@ class Quantity:
     name: str                       # its schedule's name in a checkpoint
     keys: tuple[str, ...]           # registry keys it logs
     requires: tuple[str, ...] = ()  # keys it reads from quantities measured before it
+    at_fork_start = True            # measured at a fork's first point (False: it carries state, e.g. a warm start)
 
     def every(self, member: "Member") -> int:
         """Steps between measurements (0: off); 1 means every log point."""
@@ -139,6 +140,7 @@ class Sharpness(Quantity):
     name = "sharpness"
     keys = ("sharpness", "sharpness_threshold")
     requires = ("elr",)
+    at_fork_start = False
 
     def every(self, member: "Member") -> int:
         return member.cfg.sharpness_every
@@ -167,6 +169,7 @@ class HessianTrace(Quantity):
     """Hutchinson estimate of the Hessian trace on the probe, at unit norm, per SI parameter."""
     name = "trace"
     keys = ("hessian_trace",)
+    at_fork_start = False
 
     def every(self, member: "Member") -> int:
         return member.cfg.sharpness_every if member.cfg.trace_samples else 0

@@ -8,6 +8,7 @@ trace), resume from the last checkpoint with the trace truncated to it, status a
 from __future__ import annotations
 
 import os
+import shutil
 import time
 import traceback
 from pathlib import Path
@@ -15,7 +16,6 @@ from pathlib import Path
 import torch
 
 from storage import Store
-from storage.urls import sqlite_file
 
 from . import shutdown
 from .analysis import analyze_stored
@@ -113,23 +113,43 @@ class StoreControl:
         return result
 
 
-def checkpoint_dir(store: Store) -> Path:
-    """Beside an SQLite file (so a copied folder keeps its checkpoints), else under ~/.spherelab."""
-    db = sqlite_file(store.url)
-    if db is not None:
-        return db.parent / (db.name + ".checkpoints")
-    return Path(os.path.expanduser("~/.spherelab/checkpoints"))
-
-
-def save_checkpoint(store: Store, member: Member) -> None:
+def save_checkpoint(store: Store, member: Member, keep: bool = False) -> None:
+    """The run's resume checkpoint (run-N.pt), and with keep a kept one for forks and averages
+    (run-N.eE.pt, a hard link to the same bytes). Metrics are flushed first, so a checkpoint never
+    points past the stored trace; files appear whole or not at all (written aside, then renamed)."""
     member.recorder.flush()
-    folder = checkpoint_dir(store)
+    folder = store.checkpoint_dir
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"run-{member.run_id}.pt"
     tmp = path.with_suffix(".pt.tmp")
     torch.save(member.state_dict(), tmp)
-    os.replace(tmp, path)     # atomic: a kill mid-save leaves the previous checkpoint intact
+    os.replace(tmp, path)
     store.update_run(member.run_id, checkpoint_path=str(path), checkpoint_step=member.step)
+    if keep:
+        epoch = member.step // member.steps_per_epoch
+        kept = folder / f"run-{member.run_id}.e{epoch}.pt"
+        tmp = kept.with_suffix(".pt.tmp")
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(path, tmp)
+        except OSError:           # a file system without hard links
+            shutil.copyfile(path, tmp)
+        os.replace(tmp, kept)
+        store.record_checkpoint(member.run_id, epoch, member.step, str(kept), kept.stat().st_size)
+
+
+def start_state(store: Store, info, device: torch.device) -> tuple[dict | None, bool]:
+    """(checkpoint, is_fork) a stored run starts from: its own latest checkpoint (a resume), else, for a
+    fork, its parent's kept checkpoint at the fork epoch, else nothing (a fresh run)."""
+    if info.checkpoint_path and Path(info.checkpoint_path).exists():
+        return torch.load(info.checkpoint_path, map_location=device, weights_only=True), False
+    if info.parent_id is None:
+        return None, False
+    kept = {c.epoch: c.path for c in store.checkpoints(info.parent_id)}
+    if info.fork_epoch not in kept or not Path(kept[info.fork_epoch]).exists():
+        raise ConfigError(f"run {info.id} branches from run {info.parent_id} at epoch {info.fork_epoch}, "
+                          "whose kept checkpoint is gone")
+    return torch.load(kept[info.fork_epoch], map_location=device, weights_only=True), True
 
 
 def execute(store: Store, run_ids: list[int], *, device: str | None = None, progress=None) -> dict[int, str]:
@@ -143,9 +163,8 @@ def execute(store: Store, run_ids: list[int], *, device: str | None = None, prog
         if device:
             cfgs = [c.replace(device=device) for c in cfgs]
         target = resolve_device(cfgs[0].device)
-        states = [torch.load(info.checkpoint_path, map_location=target, weights_only=True)
-                  if info.checkpoint_path and Path(info.checkpoint_path).exists() else None for info in infos]
-        trainer = Trainer(cfgs, states=states, device=target)
+        starts = [start_state(store, info, target) for info in infos]
+        trainer = Trainer(cfgs, states=[s for s, _ in starts], forks=[f for _, f in starts], device=target)
     except ConfigError as exc:
         for info in infos:
             store.set_status(info.id, "failed", error=str(exc))
@@ -200,7 +219,7 @@ def _attach(store: Store, info, m: Member, finish) -> None:
     if resumed_from is not None:   # what was already announced before the checkpoint stays announced
         m.control.regime = info.regime
         m.control.spikes = {e.step for e in store.events(info.id, ["spike"])}
-    m.checkpoint = lambda member: save_checkpoint(store, member)
+    m.checkpoint = lambda member, keep: save_checkpoint(store, member, keep)
     m.on_end = finish
     store.update_run(info.id, device=str(m.trainer.device), total_steps=m.total_steps, step=m.step,
                      worker_id=info.worker_id)

@@ -163,7 +163,7 @@ class Trainer:
     """
 
     def __init__(self, cfgs: RunConfig | list[RunConfig], *, data: Dataset | None = None, recorders=None,
-                 controls=None, checkpoints=None, states=None, device: torch.device | None = None,
+                 controls=None, checkpoints=None, states=None, forks=None, device: torch.device | None = None,
                  channels_last: bool = False):
         cfgs = [cfgs] if isinstance(cfgs, RunConfig) else list(cfgs)
         if not cfgs:
@@ -186,9 +186,9 @@ class Trainer:
         self.net = PackedNet(self.template, channels_last=channels_last).to(self.device)
         self.layer_names, self.bn_names, self.sizes = self.net.layer_names, self.net.bn_names, self.net.sizes
         self.numel = sum(self.sizes)
-        for m, state in zip(self.members, states):
+        for m, state, fork in zip(self.members, states, forks or [False] * n):
             if state is not None:
-                self.load_member_state(m, state)
+                self.load_member_state(m, state, fork=fork)
         self._share_streams()
         self._probes: dict[int, torch.Tensor] = {}
         self.active: list[Member] = []
@@ -233,9 +233,7 @@ class Trainer:
                 self.log_point(due)
             for m in [m for m in self.active if m.state == "active" and m.step % m.steps_per_epoch == 0]:
                 m.elapsed = time.perf_counter() - m.started
-                epoch = m.step // m.steps_per_epoch
-                if m.checkpoint is not None and m.cfg.checkpoint_every and epoch % m.cfg.checkpoint_every == 0:
-                    m.checkpoint(m)
+                self._checkpoint(m)
                 if m.step >= m.total_steps:
                     self._end(m, "finished")
         return [m.result for m in self.members]
@@ -285,12 +283,16 @@ class Trainer:
         values: list[dict] = [{} for _ in members]
         point = LogPoint(self, members, rows, values, start)
         final = [m.step == m.total_steps for m in members]
+        # a fork's first point measures what needs no state of its own, off the cadence it inherited
+        forked = [start and m.start_step > 0 for m in members]
         for q in QUANTITIES:
-            due = [i for i, m in enumerate(members) if m.schedules[q.name].due(m.step, final[i])]
+            due = [i for i, m in enumerate(members)
+                   if (q.at_fork_start if forked[i] else m.schedules[q.name].due(m.step, final[i]))]
             if due:
                 q.measure(point.subset(due))
                 for i in due:
-                    members[i].schedules[q.name].last = members[i].step
+                    if not forked[i]:
+                        members[i].schedules[q.name].last = members[i].step
         for m, v in zip(members, values):
             m.needs_start_point = False
             m.recorder.metrics(m.step, m.epoch, time.perf_counter() - m.started, v)
@@ -300,6 +302,16 @@ class Trainer:
                 m.recorder.event(m.step, "nonfinite", {k: str(v[k]) for k in bad})
                 self._end(m, "nonfinite")
         return values
+
+    def _checkpoint(self, m: Member) -> None:
+        """At an epoch end: the resume checkpoint every --checkpoint-every epochs, and a kept one (for
+        forks and averages) every --keep-every epochs and at the last epoch."""
+        if m.checkpoint is None:
+            return
+        epoch, cfg = m.step // m.steps_per_epoch, m.cfg
+        keep = bool(cfg.keep_every) and (epoch % cfg.keep_every == 0 or m.step >= m.total_steps)
+        if keep or (cfg.checkpoint_every and epoch % cfg.checkpoint_every == 0):
+            m.checkpoint(m, keep)
 
     # ---- pack bookkeeping ------------------------------------------------------------------------
     def _poll(self) -> None:
@@ -454,11 +466,13 @@ class Trainer:
                 "step": m.step, "start_step": m.start_step, "elapsed": m.elapsed,
                 "batch_gen": m.stream.gen.get_state(), "averages": {"sums": m.sums.clone(), "count": m.count},
                 "w0": m.w0.clone(), "sharpness_vec": m.sharp_vec,
-                "schedules": {name: s.last for name, s in m.schedules.items()}}
+                "schedules": {name: s.last for name, s in m.schedules.items()},
+                "config": {"mode": m.cfg.mode, "momentum": m.cfg.momentum, "seed": m.cfg.seed}}
 
     @torch.no_grad()
-    def load_member_state(self, m: Member, state: dict) -> None:
-        """Resume a member from member_state() (taken in any pack, of any size)."""
+    def load_member_state(self, m: Member, state: dict, fork: bool = False) -> None:
+        """Resume a member from member_state() (taken in any pack, of any size). With fork, the state is
+        another run's checkpoint and the member a new run branching from it (_branch)."""
         model = state["model"]
         m.w.copy_(torch.cat([model[f"{n}.weight"].reshape(-1) for n in self.layer_names]))
         for (mean, var), name in zip(m.stats, self.bn_names):
@@ -481,6 +495,26 @@ class Trainer:
         for name, schedule in m.schedules.items():
             schedule.last = lasts.get(name, m.step)
         m.needs_start_point = False
+        if fork:
+            self._branch(m, state)
+
+    @staticmethod
+    def _branch(m: Member, state: dict) -> None:
+        """A new run starting from another run's checkpoint: its numbering (and the step sums and
+        measurement cadence in flight) go on from there, so a fork that changes nothing is the parent's
+        own continuation; its own config rules the rate, mode, momentum and seed, and its schedule starts
+        there. A momentum buffer, a sphere radius or a batch order is kept only where the config keeps
+        what made it. It logs a first point where it starts (forked_start: log_point)."""
+        parent = state.get("config", {})
+        m.start_step, m.elapsed, m.needs_start_point = m.step, 0.0, True
+        m.base_rate = m.cfg.base_rate
+        if m.sphere and parent.get("mode") != "sphere":      # from lrwd: the sphere the weights are on now
+            m.rho0 = float(m.w.norm())
+        same_momentum = parent.get("momentum") == m.cfg.momentum and parent.get("mode") == m.cfg.mode
+        if m.buf is not None and not same_momentum:
+            m.buf.zero_()
+        if parent.get("seed") != m.cfg.seed:
+            m.stream.gen.manual_seed(m.cfg.seed)
 
 
 def angular_update(u_before: torch.Tensor, w_after: torch.Tensor) -> torch.Tensor:

@@ -2,12 +2,12 @@
 
 from .downsample import downsample_extremes
 from .errors import RunNotFound, StoreError, SweepNotFound
-from .records import Command, Event, RunInfo, SweepInfo
+from .records import CheckpointInfo, Command, Event, JobInfo, RunInfo, SweepInfo
 from .schema import COMMAND_KINDS, EVENT_KINDS, LIVE_STATUSES, STATUSES, TERMINAL_STATUSES
 from .store import Store
 from .urls import default_db_url, resolve_db_url
 from .writer import MetricWriter
 
-__all__ = ["COMMAND_KINDS", "EVENT_KINDS", "LIVE_STATUSES", "STATUSES", "TERMINAL_STATUSES", "Command", "Event",
+__all__ = ["CheckpointInfo", "JobInfo", "COMMAND_KINDS", "EVENT_KINDS", "LIVE_STATUSES", "STATUSES", "TERMINAL_STATUSES", "Command", "Event",
            "MetricWriter", "RunInfo", "RunNotFound", "Store", "StoreError", "SweepInfo", "SweepNotFound",
            "default_db_url", "downsample_extremes", "resolve_db_url"]

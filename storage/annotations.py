@@ -7,7 +7,7 @@ from sqlalchemy import delete, insert, select, update
 from .errors import StoreError
 from .jsontext import to_json
 from .records import RunInfo
-from .runs import clean_tags
+from .runs import clean_tags, remove_files, run_files
 from .schema import LIVE_STATUSES, events, runs, sweeps
 
 NAME_MAX = 200          # characters in a run or sweep name
@@ -57,8 +57,8 @@ class AnnotationsAPI:
         return str(latest[-1].payload["notes"]) if latest else ""
 
     def delete_sweep(self, sweep_id) -> list[RunInfo]:
-        """Delete a sweep and its runs (metrics, events, commands) in one transaction; returns the runs
-        deleted (their checkpoint files are the caller's). Refused while a worker holds one of them."""
+        """Delete a sweep and its runs (metrics, events, commands, checkpoint files) in one transaction;
+        returns the runs deleted. Refused while a worker holds one of them."""
         with self._write() as conn:
             row = self._require_sweep(conn, sweep_id)
             members = [RunInfo.from_row(r) for r in conn.execute(select(runs).where(runs.c.sweep_id == row.id))]
@@ -66,6 +66,8 @@ class AnnotationsAPI:
             if live:
                 raise StoreError(f"sweep {row.id} has runs being trained ({', '.join(map(str, live))}): "
                                  "stop them first, then delete the sweep")
+            files = run_files(conn, [run.id for run in members])
             conn.execute(delete(runs).where(runs.c.sweep_id == row.id))
             conn.execute(delete(sweeps).where(sweeps.c.id == row.id))
+        remove_files(files)
         return members

@@ -13,10 +13,20 @@ from sqlalchemy import inspect, select, text, update
 from sqlalchemy.engine import Connection
 
 from .errors import StoreError
-from .schema import meta, metadata
+from .schema import checkpoints, jobs, meta, metadata
 
 BASE_VERSION = 1
-MIGRATIONS: dict[int, Callable[[Connection], None]] = {}
+
+
+def _to_v3(conn: Connection) -> None:
+    """Forks (runs.parent_id, runs.fork_epoch), kept checkpoints and analysis jobs."""
+    conn.execute(text("ALTER TABLE runs ADD COLUMN parent_id INTEGER REFERENCES runs(id) ON DELETE SET NULL"))
+    conn.execute(text("ALTER TABLE runs ADD COLUMN fork_epoch INTEGER"))
+    checkpoints.create(conn)
+    jobs.create(conn)
+
+
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {3: _to_v3}
 
 # Any constant: serialises schema creation between PostgreSQL clients opening a fresh database together.
 _PG_LOCK_KEY = 0x5350484C

@@ -3,6 +3,7 @@
 import json
 import time
 import uuid
+from pathlib import Path
 
 from sqlalchemy import delete, func, insert, or_, select, update
 
@@ -10,9 +11,10 @@ from .database import as_id
 from .errors import StoreError
 from .jsontext import to_json
 from .records import RunInfo, SweepInfo
-from .schema import LIVE_STATUSES, STATUSES, TERMINAL_STATUSES, commands, events, metrics, runs, sweeps
+from .schema import (LIVE_STATUSES, STATUSES, TERMINAL_STATUSES, checkpoints, commands, events, metrics, runs,
+                     sweeps)
 
-RUN_FIELDS = ("config", "name", "tags", "sweep_id", "status", "total_steps")
+RUN_FIELDS = ("config", "name", "tags", "sweep_id", "status", "total_steps", "parent_id", "fork_epoch")
 UPDATABLE_FIELDS = ("status", "regime", "device", "error", "step", "total_steps", "started_at", "finished_at",
                     "checkpoint_path", "checkpoint_step", "worker_id", "heartbeat_at", "name")
 
@@ -233,10 +235,13 @@ class RunsAPI:
                 self._status_event(conn, row.id, row.step, "cancelled")
 
     def delete(self, run_id) -> None:
-        """Delete a run with its metrics, events and commands."""
+        """Delete a run with its metrics, events, commands, jobs and checkpoint files (its forks stay,
+        no longer linked to it)."""
         with self._write() as conn:
             row = self._require_run(conn, run_id)
+            files = run_files(conn, [row.id])
             conn.execute(delete(runs).where(runs.c.id == row.id))
+        remove_files(files)
 
     def add_tags(self, run_id, tags: list[str]) -> None:
         new = clean_tags(tags)
@@ -263,6 +268,19 @@ class RunsAPI:
                                            payload=to_json(payload, "event payload"), created_at=time.time()))
 
 
+def run_files(conn, run_ids: list[int]) -> list[str]:
+    """The checkpoint files of runs (latest and kept), read before the runs' rows go."""
+    latest = conn.execute(select(runs.c.checkpoint_path).where(runs.c.id.in_(run_ids))).scalars()
+    kept = conn.execute(select(checkpoints.c.path).where(checkpoints.c.run_id.in_(run_ids))).scalars()
+    return [path for path in (*latest, *kept) if path]
+
+
+def remove_files(paths: list[str]) -> None:
+    """After the rows are gone (a failed delete leaves the files a run still points at)."""
+    for path in paths:
+        Path(path).unlink(missing_ok=True)
+
+
 def _new_run_row(item: dict, now: float) -> dict:
     unknown = sorted(set(item) - set(RUN_FIELDS))
     if unknown:
@@ -280,7 +298,8 @@ def _new_run_row(item: dict, now: float) -> dict:
     row = dict(uid=new_uid(), name=name.strip(), config=to_json(config, "run config"), created_at=now,
                tags=to_json(clean_tags(item.get("tags", ())), "tags"), step=0,
                sweep_id=item.get("sweep_id"),  # checked and normalised by create_runs
-               total_steps=None if total_steps is None else int(total_steps))
+               total_steps=None if total_steps is None else int(total_steps),
+               parent_id=as_id(item.get("parent_id")), fork_epoch=item.get("fork_epoch"))
     row.update(status_fields(status, None, None, now))
     return row
 

@@ -6,13 +6,14 @@ from .control import ControlAPI
 from .database import Database
 from .metrics import MetricsAPI
 from .runs import RunsAPI
+from .solutions import SolutionsAPI
 
 
-class Store(RunsAPI, AnnotationsAPI, MetricsAPI, ControlAPI, BundleAPI, Database):
+class Store(RunsAPI, AnnotationsAPI, SolutionsAPI, MetricsAPI, ControlAPI, BundleAPI, Database):
     """Open (creating or migrating as needed) the database at `url`: a SQLAlchemy URL or a plain
     path; None means $SPHERELAB_DB, else ~/.spherelab/spherelab.db. Failures raise StoreError.
 
     One Store per process (open a new one after spawn); it may be shared by threads.
     Sweeps and runs: storage.runs. Metrics: storage.metrics. Events, commands and workers:
-    storage.control. Bundles: storage.bundle. Names, tags, notes, deleting a sweep: storage.annotations.
+    storage.control. Bundles: storage.bundle. Kept checkpoints and analysis jobs: storage.solutions. Names, tags, notes, deleting a sweep: storage.annotations.
     """
