@@ -50,6 +50,10 @@ runs = Table(
     Column("total_steps", Integer),
     Column("checkpoint_path", Text),
     Column("checkpoint_step", Integer),
+    # version 2: a run that came from a bundle is data, never trained here: claims skip it
+    Column("imported_at", Float),
+    # version 2: a fresh token per claim, so a process that lost its claim can tell (storage.runs)
+    Column("claim", String(32)),
     Index("ix_runs_status", "status"),
     Index("ix_runs_sweep", "sweep_id"),
     sqlite_autoincrement=True,
