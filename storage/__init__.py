@@ -1,13 +1,15 @@
 """spherelab's storage: SQLAlchemy schema, migrations and the Store API shared by engine and dashboard."""
 
+from .database import LOCK_WAIT_S, MAX_ID
 from .downsample import downsample_extremes
-from .errors import RunNotFound, StoreError, SweepNotFound
+from .errors import RunNotFound, StoreBusy, StoreError, SweepNotFound
 from .records import Command, Event, RunInfo, SweepInfo
 from .schema import COMMAND_KINDS, EVENT_KINDS, LIVE_STATUSES, STATUSES, TERMINAL_STATUSES
 from .store import Store
 from .urls import default_db_url, resolve_db_url
 from .writer import MetricWriter
 
-__all__ = ["COMMAND_KINDS", "EVENT_KINDS", "LIVE_STATUSES", "STATUSES", "TERMINAL_STATUSES", "Command", "Event",
-           "MetricWriter", "RunInfo", "RunNotFound", "Store", "StoreError", "SweepInfo", "SweepNotFound",
+__all__ = ["COMMAND_KINDS", "EVENT_KINDS", "LIVE_STATUSES", "LOCK_WAIT_S", "MAX_ID",
+           "STATUSES", "TERMINAL_STATUSES", "Command", "Event", "MetricWriter",
+           "RunInfo", "RunNotFound", "Store", "StoreBusy", "StoreError", "SweepInfo", "SweepNotFound",
            "default_db_url", "downsample_extremes", "resolve_db_url"]

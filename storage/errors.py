@@ -11,3 +11,8 @@ class RunNotFound(StoreError):
 
 class SweepNotFound(StoreError):
     """No sweep with the given id."""
+
+
+class StoreBusy(StoreError):
+    """The database stayed locked (another process held its lock) for longer than the store waits.
+    Nothing of the call was written; the same call may succeed later."""

@@ -120,9 +120,11 @@ class RunsAPI:
                 check_status(one)
             query = query.where(runs.c.status.in_(wanted))
         if sweep_id is not None:
+            if as_id(sweep_id) is None:
+                return []
             query = query.where(runs.c.sweep_id == as_id(sweep_id))
         if ids is not None:
-            query = query.where(runs.c.id.in_([as_id(i) for i in ids]))
+            query = query.where(runs.c.id.in_([as_id(i) for i in ids if as_id(i) is not None]))
         if name_contains:
             query = query.where(func.lower(runs.c.name).contains(name_contains.lower(), autoescape=True))
         if tag is not None:
