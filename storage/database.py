@@ -5,7 +5,8 @@ The transaction helpers are the one place that meets locks and database errors:
 - every transaction takes its lock when it begins (SQLite: BEGIN IMMEDIATE for writes, a first read
   for reads), before anything has been done, so waiting for a lock held elsewhere and trying again is
   always safe: a lock is waited for with backoff up to `lock_wait_s`, then StoreBusy (one line);
-- any other database error becomes one line of StoreError naming the database (read-only, damaged...).
+- any other database error becomes one line of StoreError naming the database (read-only, damaged...);
+- writes a process makes for a run it claimed are fenced (Database.hold): ClaimLost once it lost the run.
 """
 
 import operator
@@ -18,9 +19,9 @@ from sqlalchemy import create_engine, event, select
 from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 
-from .errors import RunNotFound, StoreBusy, StoreError, SweepNotFound
+from .errors import ClaimLost, RunNotFound, StoreBusy, StoreError, SweepNotFound
 from .migrations import current_version, ensure_schema, read_version, schema_is_current
-from .schema import runs, sweeps
+from .schema import LIVE_STATUSES, runs, sweeps
 from .urls import display_url, resolve_db_url, sqlite_file
 
 BUSY_TIMEOUT_MS = 30_000  # SQLite's own wait for a lock within one attempt (its busy handler polls)
@@ -56,6 +57,7 @@ class Database:
         self._where = display_url(self.url)
         self.lock_wait_s = LOCK_WAIT_S if lock_wait_s is None else float(lock_wait_s)
         busy_ms = BUSY_TIMEOUT_MS if busy_timeout_s is None else int(busy_timeout_s * 1000)
+        self._holds: dict[int, str] = {}   # run id -> claim token this process acts for (hold())
         self._engine = open_engine(self.url, self._where, min(busy_ms, int(self.lock_wait_s * 1000)),
                                    self.lock_wait_s)
         self._reader = self._engine.execution_options(**{READ_ONLY: True})
@@ -85,6 +87,46 @@ class Database:
     def _read(self):
         """A connection for reads; whatever it began is rolled back on exit."""
         return transaction(self._reader, self._where, self.lock_wait_s, write=False)
+
+    # ---- claims: fencing the writes of the process that trains a run
+    def hold(self, run_id, claim: str) -> None:
+        """This process acts for the claim `claim` (RunInfo.claim) on the run: from now on every write
+        this Store makes for it (heartbeat, metrics, events, status and other fields, commands taken,
+        truncation) first checks, in the same transaction, that the run still exists and is running or
+        paused under that claim, and otherwise raises ClaimLost and writes nothing. A Store that claims
+        a run (claim_next_run, claim_interrupted) holds it at once; a process the claimer starts calls
+        hold() with the token it was given. The hold ends when this Store gives the run a status that
+        is not live (finished, interrupted...) or on release(); never on ClaimLost, so nothing more is
+        written for a run once it is lost."""
+        number = as_id(run_id)
+        if number is None or not isinstance(claim, str) or not claim:
+            raise StoreError(f"cannot hold run {run_id!r} with claim {claim!r}: pass a run id and its RunInfo.claim")
+        self._holds[number] = claim
+
+    def release(self, run_id) -> None:
+        """Stop fencing writes for the run (see hold)."""
+        self._holds.pop(as_id(run_id), None)
+
+    def _run_for_write(self, conn, run_id):
+        """The runs row a write on behalf of the run is about to change: RunNotFound if there is none;
+        for a run this Store holds, the row locked until commit, or ClaimLost if the hold was lost."""
+        number = as_id(run_id)
+        claim = self._holds.get(number)
+        if claim is None:
+            return self._require_run(conn, run_id)
+        # FOR NO KEY UPDATE on PostgreSQL (a claim waits for this transaction); SQLite writers are
+        # serialised by BEGIN IMMEDIATE already, and the clause is left out there.
+        row = conn.execute(select(runs).where(runs.c.id == number).with_for_update(key_share=True)).first()
+        if row is None:
+            raise ClaimLost(f"run {number} was deleted while this process worked on it: stop, there is "
+                            "nothing left to write to")
+        if row.claim != claim:
+            raise ClaimLost(f"run {number} was claimed again (by {row.worker_id}) after this process's claim: "
+                            "stop, the other claimer trains it now")
+        if row.status not in LIVE_STATUSES:
+            raise ClaimLost(f"run {number} is {row.status} now (a user or a worker ended it, e.g. a stale "
+                            "heartbeat): stop, and write nothing more for it")
+        return row
 
     def _require_run(self, conn, run_id):
         """The runs row, or RunNotFound."""

@@ -365,7 +365,9 @@ def test_claims_requeue_and_resume(store):
 
     store.heartbeat(second, 7)
     assert store.requeue_stale(60.0) == []
-    assert sorted(store.requeue_stale(0.0)) == [first, second]
+    for run in (first, second):   # both workers went silent a minute ago
+        store.update_run(run, heartbeat_at=time.time() - 61)
+    assert sorted(store.requeue_stale(60.0)) == [first, second]
     assert store.events(second)[-1].payload == {"status": "interrupted"}
     resumed = store.claim_interrupted("w4")
     assert (resumed.id, resumed.status, resumed.worker_id) == (first, "running", "w4")
