@@ -3,6 +3,7 @@
 from .database import LOCK_WAIT_S, MAX_ID
 from .downsample import downsample_extremes
 from .errors import ClaimLost, RunNotFound, StoreBusy, StoreError, SweepNotFound
+from .files import write_atomically
 from .records import Command, Event, RunInfo, SweepInfo
 from .runs import HEARTBEAT_EVERY_S, MIN_STALE_AFTER_S
 from .schema import COMMAND_KINDS, EVENT_KINDS, LIVE_STATUSES, STATUSES, TERMINAL_STATUSES
@@ -13,4 +14,4 @@ from .writer import MetricWriter
 __all__ = ["COMMAND_KINDS", "EVENT_KINDS", "HEARTBEAT_EVERY_S", "LIVE_STATUSES", "LOCK_WAIT_S", "MAX_ID",
            "MIN_STALE_AFTER_S", "STATUSES", "TERMINAL_STATUSES", "ClaimLost", "Command", "Event", "MetricWriter",
            "RunInfo", "RunNotFound", "Store", "StoreBusy", "StoreError", "SweepInfo", "SweepNotFound",
-           "default_db_url", "downsample_extremes", "resolve_db_url"]
+           "default_db_url", "downsample_extremes", "resolve_db_url", "write_atomically"]

@@ -14,7 +14,6 @@ import json
 import math
 import re
 import time
-import uuid
 import zipfile
 import zlib
 from pathlib import Path
@@ -27,6 +26,7 @@ from sqlalchemy import insert, select
 from sqlalchemy.exc import IntegrityError
 
 from .errors import StoreError
+from .files import write_atomically
 from .jsontext import to_json
 from .schema import EVENT_KINDS, STATUSES, TERMINAL_STATUSES, events, metrics, runs, sweeps
 
@@ -176,23 +176,15 @@ class BundleAPI:
 
 
 def write_bundle(path, manifest: dict, table: pa.Table) -> None:
-    """Write to a temporary file beside `path`, then rename: no half-written bundle is ever left."""
-    path = Path(path)
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
+    """Write the bundle file; it appears complete or not at all (write_atomically)."""
+    def write(temporary: Path) -> None:
         parquet = io.BytesIO()
         pq.write_table(table, parquet)
         with zipfile.ZipFile(temporary, "x") as archive:
             archive.writestr(MANIFEST_NAME, json.dumps(manifest, indent=1), compress_type=zipfile.ZIP_DEFLATED)
             archive.writestr(METRICS_NAME, parquet.getvalue())  # parquet is compressed already
-        temporary.replace(path)
-    except OSError as exc:
-        temporary.unlink(missing_ok=True)
-        reason = exc.strerror or exc
-        raise StoreError(f"cannot write the bundle {path} ({reason}): choose a writable --out path") from None
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
+
+    write_atomically(path, write, what="the bundle")
 
 
 def read_bundle(path) -> tuple[dict, pq.ParquetFile]:
