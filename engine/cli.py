@@ -6,11 +6,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
+import traceback
+from pathlib import Path
 
-from .config import ConfigError, RunConfig, SWEEPABLE, expand_grid, parse_values
+from .config import DEVICES, ConfigError, RunConfig, SWEEPABLE, expand_grid, parse_values
 
 EXIT_BAD_INPUT = 2
+DEBUG_ENV = "SPHERELAB_DEBUG"   # =1: an unexpected error prints its traceback as well
+# The worker refreshes its own heartbeat once per --poll, and the dashboard counts a worker live for
+# 15 s after its last one: a longer poll would make a working worker look gone.
+MAX_POLL_S = 10.0
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -39,6 +47,69 @@ def _shape(text: str) -> tuple[int, ...]:
         return tuple(int(p) for p in text.lower().split("x"))
     except ValueError:
         raise argparse.ArgumentTypeError(f"bad shape {text!r}: write sizes joined by x, e.g. 64 or 3x32x32")
+
+
+# ---- argument types: a value the command could not use is refused while parsing, naming its flag
+
+def _id(text: str) -> int:
+    """A run or sweep id: a whole number the store can hold."""
+    from storage import MAX_ID
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= MAX_ID:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an id: ids are whole numbers from 1 to 2**63-1; "
+                                         "list them with `python -m engine runs`")
+    return value
+
+
+def _db(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("is empty: pass a file path or a database URL, or leave --db out to use "
+                                         "$SPHERELAB_DB, else ~/.spherelab/spherelab.db")
+    return text
+
+
+def _out_file(text: str) -> str:
+    """A file to write: its folder must exist, and it must not be a folder itself."""
+    path = Path(text)
+    if not text.strip():
+        raise argparse.ArgumentTypeError("is empty: name the file to write")
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a folder: name a file inside it")
+    if not path.parent.is_dir():
+        raise argparse.ArgumentTypeError(f"the folder {path.parent} does not exist: create it first, or write elsewhere")
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"the folder {path.parent} is not writable: write elsewhere")
+    return text
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds")
+    return value
+
+
+def _poll(text: str) -> float:
+    value = _seconds(text)
+    if not 0 < value <= MAX_POLL_S:
+        raise argparse.ArgumentTypeError(f"must be more than 0 and at most {MAX_POLL_S:g} seconds, got {text}")
+    return value
+
+
+def _stale_after(text: str) -> float:
+    from storage import HEARTBEAT_EVERY_S, MIN_STALE_AFTER_S
+    value = _seconds(text)
+    if value < MIN_STALE_AFTER_S:
+        raise argparse.ArgumentTypeError(
+            f"must be at least {MIN_STALE_AFTER_S:g} seconds, got {text}: runs heartbeat every {HEARTBEAT_EVERY_S:g} s, "
+            "and a shorter wait would take a live run for dead and train it twice")
+    return value
 
 
 def add_training_flags(p: argparse.ArgumentParser, sweep: bool) -> None:
@@ -78,11 +149,11 @@ def add_training_flags(p: argparse.ArgumentParser, sweep: bool) -> None:
     g.add_argument("--lanczos-iters", type=int, default=D.lanczos_iters, help="Lanczos iteration cap")
     g.add_argument("--lanczos-tol", type=float, default=D.lanczos_tol, help="Lanczos relative residual tolerance")
     g.add_argument("--trace-samples", type=int, default=D.trace_samples,
-                   help="Hutchinson vectors for hessian_trace at sharpness steps")
+                   help="Hutchinson vectors for hessian_trace at sharpness steps (0 = off)")
     g.add_argument("--checkpoint-every", type=int, default=D.checkpoint_every, help="epochs between checkpoints")
     g = p.add_argument_group("where")
     g.add_argument("--device", default=D.device, help="auto | cpu | cuda")
-    g.add_argument("--db", default=None, help=DB_HELP)
+    g.add_argument("--db", type=_db, default=None, help=DB_HELP)
     g.add_argument("--name", default=None, help="run name (default built from the config)")
     g.add_argument("--tags", nargs="*", default=[], help="labels for finding runs later")
 
@@ -148,49 +219,49 @@ def build_parser() -> argparse.ArgumentParser:
 
     w = cmd("worker", "run queued runs in background processes")
     w.add_argument("--max-parallel", type=int, default=1, help="runs trained at the same time")
-    w.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    w.add_argument("--db", default=None, help=DB_HELP)
-    w.add_argument("--poll", type=float, default=1.0, help="seconds between looks at the queue")
-    w.add_argument("--stale-after", type=float, default=30.0,
-                   help="seconds without heartbeat after which a running run counts as interrupted")
+    w.add_argument("--device", default="auto", choices=DEVICES, help="auto | cpu | cuda")
+    w.add_argument("--db", type=_db, default=None, help=DB_HELP)
+    w.add_argument("--poll", type=_poll, default=1.0, help=f"seconds between looks at the queue (at most {MAX_POLL_S:g})")
+    w.add_argument("--stale-after", type=_stale_after, default=30.0,
+                   help="seconds without heartbeat after which a running run counts as interrupted (at least 3)")
     w.add_argument("--once", action="store_true", help="exit when the queue is empty (scripts, tests)")
 
     r = cmd("runs", "list runs: id, name, status, regime, progress")
-    r.add_argument("--db", default=None, help=DB_HELP)
+    r.add_argument("--db", type=_db, default=None, help=DB_HELP)
     r.add_argument("--status", default=None)
-    r.add_argument("--sweep", type=int, default=None)
+    r.add_argument("--sweep", type=_id, default=None)
     r.add_argument("--tag", default=None)
     r.add_argument("--json", action="store_true", help="machine-readable list")
 
     for name, text in (("cancel", "cancel a queued, running or paused run"),
                        ("delete", "delete a run with its metrics, events and checkpoint")):
         c = cmd(name, text)
-        c.add_argument("run", type=int)
-        c.add_argument("--db", default=None, help=DB_HELP)
+        c.add_argument("run", type=_id)
+        c.add_argument("--db", type=_db, default=None, help=DB_HELP)
     t = cmd("tag", "add tags to a run")
-    t.add_argument("run", type=int)
+    t.add_argument("run", type=_id)
     t.add_argument("tags", nargs="+")
-    t.add_argument("--db", default=None, help=DB_HELP)
+    t.add_argument("--db", type=_db, default=None, help=DB_HELP)
 
     e = cmd("export", "metrics of a run, one row per log point")
-    e.add_argument("run", type=int)
+    e.add_argument("run", type=_id)
     e.add_argument("--format", choices=("csv", "json"), default="csv")
-    e.add_argument("--out", default=None, help="file to write (default: stdout)")
-    e.add_argument("--db", default=None, help=DB_HELP)
+    e.add_argument("--out", type=_out_file, default=None, help="file to write (default: stdout)")
+    e.add_argument("--db", type=_db, default=None, help=DB_HELP)
     a = cmd("analyze", "regime, evidence, loss spikes and period of a run, as JSON")
-    a.add_argument("run", type=int)
-    a.add_argument("--db", default=None, help=DB_HELP)
+    a.add_argument("run", type=_id)
+    a.add_argument("--db", type=_db, default=None, help=DB_HELP)
     b = cmd("bundle", "write a portable file with a run (or a whole sweep) and its metrics")
-    b.add_argument("run", type=int, nargs="?")
-    b.add_argument("--sweep", type=int, default=None)
-    b.add_argument("--out", required=True)
-    b.add_argument("--db", default=None, help=DB_HELP)
+    b.add_argument("run", type=_id, nargs="?")
+    b.add_argument("--sweep", type=_id, default=None)
+    b.add_argument("--out", type=_out_file, required=True)
+    b.add_argument("--db", type=_db, default=None, help=DB_HELP)
     i = cmd("import", "import a bundle into this database (new ids)")
     i.add_argument("file")
-    i.add_argument("--db", default=None, help=DB_HELP)
+    i.add_argument("--db", type=_db, default=None, help=DB_HELP)
     bn = cmd("bench", "throughput and overhead figures")
     bn.add_argument("--json", action="store_true")
-    bn.add_argument("--device", default="auto")
+    bn.add_argument("--device", default="auto", choices=DEVICES)
     bn.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
     return p
 
@@ -198,15 +269,29 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from . import commands
     from storage import StoreError
     try:
+        from . import commands
         return getattr(commands, f"cmd_{args.command}")(args) or 0
     except (ConfigError, StoreError) as exc:
+        _debug_traceback()
         sys.stderr.write(f"python -m engine {args.command}: error: {exc}\n")
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        raise   # a closed stdout is not an error to report (handled where stdout is written)
+    except Exception as exc:   # the one boundary: whatever else went wrong is still one line, exit 2
+        _debug_traceback()
+        first = (str(exc).strip().splitlines() or [""])[0]
+        sys.stderr.write(f"python -m engine {args.command}: error: unexpected {type(exc).__name__}"
+                         f"{': ' + first if first else ''} (set {DEBUG_ENV}=1 for the traceback)\n")
+        return EXIT_BAD_INPUT
+
+
+def _debug_traceback() -> None:
+    if os.environ.get(DEBUG_ENV) == "1":
+        traceback.print_exc()
 
 
 def print_json(obj) -> None:
