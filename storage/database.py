@@ -208,20 +208,24 @@ def begin(engine: Engine, where: str, lock_wait_s: float, *, write: bool):
 
 def is_transient(exc: DBAPIError) -> bool:
     """A lock or serialisation failure: the same transaction may succeed if tried again."""
-    orig = getattr(exc, "orig", None)
-    code = getattr(orig, "sqlite_errorcode", None)
+    code = _sqlite_code(exc)
     if code is not None:
-        return code & 0xFF in (_SQLITE_BUSY, _SQLITE_LOCKED)
-    return getattr(orig, "sqlstate", None) in _PG_TRANSIENT
+        return code in (_SQLITE_BUSY, _SQLITE_LOCKED)
+    return getattr(getattr(exc, "orig", None), "sqlstate", None) in _PG_TRANSIENT
+
+
+def _sqlite_code(exc: DBAPIError) -> int | None:
+    """SQLite's primary result code (SQLITE_BUSY...) of a driver error, None for other databases."""
+    code = getattr(getattr(exc, "orig", None), "sqlite_errorcode", None)
+    return None if code is None else code & 0xFF
 
 
 def database_error(exc: DBAPIError, where: str, path: Path | None = None) -> StoreError:
     """One line for a database error met in a transaction (or, with path, on opening the file)."""
     reason = _reason(exc)
-    code = getattr(getattr(exc, "orig", None), "sqlite_errorcode", None)
     if is_transient(exc):
         return StoreBusy(f"{where} was busy ({reason}): nothing of this call was written; try again")
-    if code is not None and code & 0xFF == _SQLITE_READONLY:
+    if _sqlite_code(exc) == _SQLITE_READONLY:
         return DatabaseError(f"{where} is read-only ({reason}): it can be listed and read but not changed; "
                              "copy it to a writable place, or fix its permissions, to change it")
     if "not a database" in reason or "malformed" in reason:
@@ -262,7 +266,8 @@ def open_engine(url: str, where: str, busy_timeout_ms: int = BUSY_TIMEOUT_MS,
             _remove_sqlite_files(path, created_dirs)
         if isinstance(exc, (ArgumentError, NoSuchModuleError, ImportError)):
             raise StoreError(f"cannot use the database URL {where} ({exc}): install its driver or fix the URL") from None
-        if isinstance(exc, (DatabaseError, StoreBusy)) and isinstance(exc.__cause__, DBAPIError):
+        if isinstance(exc, StoreError) and isinstance(exc.__cause__, DBAPIError) and (
+                isinstance(exc, (DatabaseError, StoreBusy)) or _sqlite_code(exc.__cause__) == _SQLITE_READONLY):
             raise _open_failure(exc.__cause__, where, path, existed) from None
         if isinstance(exc, (DBAPIError, OSError)) or type(exc).__module__.startswith("sqlite3"):
             raise _open_failure(exc, where, path, existed) from None
@@ -283,7 +288,7 @@ def _create_engine(parsed: URL, busy_timeout_ms: int) -> Engine:
         try:
             cursor.execute("PRAGMA journal_mode = WAL")  # readers (dashboard) never block the writer (trainer)
         except Exception as exc:  # sqlite3.OperationalError: a read-only store keeps its journal mode
-            if getattr(exc, "sqlite_errorcode", 0) & 0xFF != _SQLITE_READONLY:
+            if (getattr(exc, "sqlite_errorcode", 0) or 0) & 0xFF != _SQLITE_READONLY:
                 raise
         cursor.execute("PRAGMA synchronous = NORMAL")  # safe with WAL; skips an fsync per commit
         cursor.execute("PRAGMA foreign_keys = ON")
@@ -336,8 +341,7 @@ def _open_failure(exc: BaseException, where: str, path: Path | None, existed: bo
     if isinstance(exc, DBAPIError):
         if is_transient(exc):
             return StoreBusy(f"cannot open {where} ({_reason(exc)}): another process holds its lock; try again")
-        code = getattr(getattr(exc, "orig", None), "sqlite_errorcode", None)
-        if existed and code is not None and code & 0xFF == _SQLITE_READONLY:
+        if existed and _sqlite_code(exc) == _SQLITE_READONLY:
             return StoreError(f"{where} is read-only and needs its schema upgraded to version {current_version()} "
                               "first: open it once with write access")
     if path is None:
