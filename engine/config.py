@@ -36,7 +36,7 @@ BN_MIN_BATCH = 2
 
 # Upper bounds: generous, but finite, so that a typo (an extra zero, a pasted number) is a message at
 # submit time rather than an allocation traceback or a run that can never end.
-MAX_SEED = 2**63 - 1             # torch generators take 64-bit seeds
+MAX_SEED = 2**63 - 1             # a signed 64-bit integer: larger seeds failed mid-run (issue 12)
 MAX_DEPTH = 1_000                # mlp_si hidden blocks
 MAX_PARAMETERS = 10**9           # model weights (SI layers + frozen head): 4 GB per float32 copy, and
                                  # training keeps several (weights, gradient, momentum, initial, Lanczos)
@@ -179,7 +179,7 @@ class RunConfig:
         if self.depth > MAX_DEPTH:
             bad(f"--depth must be at most {MAX_DEPTH:,} (MAX_DEPTH), got {self.depth}")
         if not 0 <= self.seed <= MAX_SEED:
-            bad(f"--seed must be a whole number from 0 to 2**63-1 (torch's seed range), got {self.seed}")
+            bad(f"--seed must be a whole number from 0 to 2**63-1 (a signed 64-bit integer), got {self.seed}")
         for tag in self.tags:
             if not isinstance(tag, str) or not tag.strip():
                 bad(f"--tags got an empty tag {tag!r}: tags are words like baseline")
