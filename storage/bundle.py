@@ -223,7 +223,7 @@ def _limit(size: int, limit: int, what: str, name: str) -> None:
 
 
 def _size(n: int) -> str:
-    return f"{n / 2**20:.0f} MiB" if n >= 2**20 else f"{n:,} bytes"
+    return f"{n:,} bytes"
 
 
 def _member(archive: zipfile.ZipFile, name: str, limit: int, limit_name: str) -> bytes:
