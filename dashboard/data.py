@@ -15,7 +15,7 @@ import pandas as pd
 
 from engine import registry
 from engine.analysis import KEYS as ANALYSIS_KEYS
-from engine.analysis import analyze
+from engine.analysis import analyze, analyze_stored
 from engine.config import RunConfig, num_classes
 from storage import LIVE_STATUSES, TERMINAL_STATUSES, RunInfo, Store
 from storage.urls import sqlite_file
@@ -124,7 +124,7 @@ def compare_csv(store: Store, runs: list[RunInfo], keys) -> bytes:
 
 def run_analysis(store: Store, run: RunInfo) -> dict:
     """engine.analysis on the stored trace: regime, evidence, spikes, period."""
-    return analyze(store.read_metrics(run.id, SUMMARY_KEYS), num_classes(run.config))
+    return analyze_stored(store, run.id, num_classes(run.config))
 
 
 def sweep_summary(store: Store, sweep_id) -> pd.DataFrame:

@@ -5,14 +5,16 @@ Bad input is one line on stderr and exit code 2, checked before anything is writ
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
 import traceback
 from pathlib import Path
 
-from .config import DEVICES, ConfigError, RunConfig, SWEEPABLE, expand_grid, parse_values
+from storage import HEARTBEAT_EVERY_S, MAX_ID, MIN_STALE_AFTER_S, StoreError
+
+from . import commands
+from .config import DEVICES, ConfigError, RunConfig
 
 EXIT_BAD_INPUT = 2
 DEBUG_ENV = "SPHERELAB_DEBUG"   # =1: an unexpected error prints its traceback as well
@@ -53,7 +55,6 @@ def _shape(text: str) -> tuple[int, ...]:
 
 def _id(text: str) -> int:
     """A run or sweep id: a whole number the store can hold."""
-    from storage import MAX_ID
     try:
         value = int(text)
     except ValueError:
@@ -103,7 +104,6 @@ def _poll(text: str) -> float:
 
 
 def _stale_after(text: str) -> float:
-    from storage import HEARTBEAT_EVERY_S, MIN_STALE_AFTER_S
     value = _seconds(text)
     if value < MIN_STALE_AFTER_S:
         raise argparse.ArgumentTypeError(
@@ -153,52 +153,11 @@ def add_training_flags(p: argparse.ArgumentParser, sweep: bool) -> None:
     g.add_argument("--checkpoint-every", type=int, default=D.checkpoint_every, help="epochs between checkpoints")
     g = p.add_argument_group("where")
     g.add_argument("--device", default=D.device, help="auto | cpu | cuda")
-    g.add_argument("--db", type=_db, default=None, help=DB_HELP)
     g.add_argument("--name", default=None, help="run name (default built from the config)")
     g.add_argument("--tags", nargs="*", default=[], help="labels for finding runs later")
 
 
 DB_HELP = "SQLAlchemy URL or SQLite path (default $SPHERELAB_DB, else ~/.spherelab/spherelab.db)"
-
-_SWEPT_TYPES = {"elr": float, "lr": float, "wd": float, "momentum": float, "seed": int, "width": int,
-                "batch_size": int}
-
-
-def configs_from_args(args, *, single: bool) -> tuple[list[RunConfig], dict]:
-    """Validated configs (one, or the grid's product) and the swept values."""
-    swept: dict[str, list] = {}
-    fixed: dict = {}
-    for key in SWEEPABLE:
-        raw = getattr(args, key)
-        if raw is None:
-            continue
-        raw = raw if isinstance(raw, list) else [raw]
-        values = [v for text in raw for v in parse_values(str(text), _SWEPT_TYPES[key])]
-        if len(values) == 1:
-            fixed[key] = values[0]
-        else:
-            if single:
-                raise ConfigError(f"--{key.replace('_', '-')} got {len(values)} values: `train` runs one "
-                                  "configuration; use `sweep` or `submit` for a grid")
-            swept[key] = values
-    base = RunConfig(model=args.model, depth=args.depth, init_scale=args.init_scale, dataset=args.dataset,
-                     data_dir=args.data_dir, synthetic_samples=args.synthetic_samples,
-                     synthetic_shape=tuple(args.synthetic_shape), synthetic_classes=args.synthetic_classes,
-                     augment=args.augment, mode=args.mode, schedule=args.schedule, epochs=args.epochs,
-                     log_every=args.log_every, eval_every=args.eval_every,
-                     sharpness_every=args.sharpness_every, probe_size=args.probe_size,
-                     lanczos_iters=args.lanczos_iters, lanczos_tol=args.lanczos_tol,
-                     trace_samples=args.trace_samples, checkpoint_every=args.checkpoint_every,
-                     device=args.device, name=args.name, tags=tuple(args.tags), **fixed)
-    configs = expand_grid(base, swept) if swept else [base.validate()]
-    if swept and args.name:
-        configs = [c.replace(name=f"{args.name} {_swept_label(c, swept)}") for c in configs]
-    return configs, swept
-
-
-def _swept_label(cfg: RunConfig, swept: dict) -> str:
-    return " ".join(f"{k}={getattr(cfg, k):g}" for k in swept)
-
 
 def build_parser() -> argparse.ArgumentParser:
     fmt = DefaultsFormatter
@@ -206,8 +165,12 @@ def build_parser() -> argparse.ArgumentParser:
                       "store runs, analyse them.", formatter_class=fmt)
     sub = p.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
-    def cmd(name, help_text):
-        return sub.add_parser(name, help=help_text, description=help_text, formatter_class=fmt)
+    def cmd(name, help_text, db=True):
+        parser = sub.add_parser(name, help=help_text, description=help_text, formatter_class=fmt)
+        parser.set_defaults(handler=getattr(commands, f"cmd_{name}"))
+        if db:
+            parser.add_argument("--db", type=_db, default=None, help=DB_HELP)
+        return parser
 
     add_training_flags(cmd("train", "run one configuration in this process; prints the run id last"), sweep=False)
     s = cmd("sweep", "run a grid of configurations in this process, as one sweep")
@@ -220,14 +183,12 @@ def build_parser() -> argparse.ArgumentParser:
     w = cmd("worker", "run queued runs in background processes")
     w.add_argument("--max-parallel", type=int, default=1, help="runs trained at the same time")
     w.add_argument("--device", default="auto", choices=DEVICES, help="auto | cpu | cuda")
-    w.add_argument("--db", type=_db, default=None, help=DB_HELP)
     w.add_argument("--poll", type=_poll, default=1.0, help=f"seconds between looks at the queue (at most {MAX_POLL_S:g})")
     w.add_argument("--stale-after", type=_stale_after, default=30.0,
                    help="seconds without heartbeat after which a running run counts as interrupted (at least 3)")
     w.add_argument("--once", action="store_true", help="exit when the queue is empty (scripts, tests)")
 
     r = cmd("runs", "list runs: id, name, status, regime, progress")
-    r.add_argument("--db", type=_db, default=None, help=DB_HELP)
     r.add_argument("--status", default=None)
     r.add_argument("--sweep", type=_id, default=None)
     r.add_argument("--tag", default=None)
@@ -237,29 +198,23 @@ def build_parser() -> argparse.ArgumentParser:
                        ("delete", "delete a run with its metrics, events and checkpoint")):
         c = cmd(name, text)
         c.add_argument("run", type=_id)
-        c.add_argument("--db", type=_db, default=None, help=DB_HELP)
     t = cmd("tag", "add tags to a run")
     t.add_argument("run", type=_id)
     t.add_argument("tags", nargs="+")
-    t.add_argument("--db", type=_db, default=None, help=DB_HELP)
 
     e = cmd("export", "metrics of a run, one row per log point")
     e.add_argument("run", type=_id)
     e.add_argument("--format", choices=("csv", "json"), default="csv")
     e.add_argument("--out", type=_out_file, default=None, help="file to write (default: stdout)")
-    e.add_argument("--db", type=_db, default=None, help=DB_HELP)
     a = cmd("analyze", "regime, evidence, loss spikes and period of a run, as JSON")
     a.add_argument("run", type=_id)
-    a.add_argument("--db", type=_db, default=None, help=DB_HELP)
     b = cmd("bundle", "write a portable file with a run (or a whole sweep) and its metrics")
     b.add_argument("run", type=_id, nargs="?")
     b.add_argument("--sweep", type=_id, default=None)
     b.add_argument("--out", type=_out_file, required=True)
-    b.add_argument("--db", type=_db, default=None, help=DB_HELP)
     i = cmd("import", "import a bundle into this database (new ids)")
     i.add_argument("file")
-    i.add_argument("--db", type=_db, default=None, help=DB_HELP)
-    bn = cmd("bench", "throughput and overhead figures")
+    bn = cmd("bench", "throughput and overhead figures", db=False)
     bn.add_argument("--json", action="store_true")
     bn.add_argument("--device", default="auto", choices=DEVICES)
     bn.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
@@ -267,12 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    from storage import StoreError
+    args = build_parser().parse_args(argv)
     try:
-        from . import commands
-        return getattr(commands, f"cmd_{args.command}")(args) or 0
+        return args.handler(args) or 0
     except (ConfigError, StoreError) as exc:
         _debug_traceback()
         sys.stderr.write(f"python -m engine {args.command}: error: {exc}\n")
@@ -280,7 +232,10 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
-        raise   # a closed stdout is not an error to report (handled where stdout is written)
+        # the reader went away (`engine runs | head`): stop quietly, and keep Python's exit-time flush
+        # of stdout from raising again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except Exception as exc:   # the one boundary: whatever else went wrong is still one line, exit 2
         _debug_traceback()
         first = (str(exc).strip().splitlines() or [""])[0]
@@ -292,7 +247,3 @@ def main(argv=None) -> int:
 def _debug_traceback() -> None:
     if os.environ.get(DEBUG_ENV) == "1":
         traceback.print_exc()
-
-
-def print_json(obj) -> None:
-    print(json.dumps(obj, indent=2, allow_nan=False, default=str))

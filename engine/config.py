@@ -355,3 +355,36 @@ def check_grid_size(runs: int, shape: str = "") -> None:
     if runs > MAX_GRID_RUNS:
         raise ConfigError(f"the grid has {runs:,} runs{f' ({shape})' if shape else ''}, more than {MAX_GRID_RUNS:,} "
                           "(MAX_GRID_RUNS): sweep fewer values, or split it into several sweeps")
+
+
+_SWEPT_TYPES = {"elr": float, "lr": float, "wd": float, "momentum": float, "seed": int, "width": int,
+                "batch_size": int}
+
+
+def configs_from_flags(flags: dict, *, single: bool) -> tuple[list[RunConfig], dict]:
+    """Validated configs (one, or the grid's product) and the swept values, from the training flags'
+    values (the CLI's parsed arguments as a dict: sweepable flags hold lists of texts)."""
+    swept: dict[str, list] = {}
+    fixed: dict = {}
+    for key in SWEEPABLE:
+        raw = flags.get(key)
+        if raw is None:
+            continue
+        raw = raw if isinstance(raw, list) else [raw]
+        values = [v for text in raw for v in parse_values(str(text), _SWEPT_TYPES[key])]
+        if len(values) == 1:
+            fixed[key] = values[0]
+        elif single:
+            raise ConfigError(f"--{key.replace('_', '-')} got {len(values)} values: `train` runs one "
+                              "configuration; use `sweep` or `submit` for a grid")
+        else:
+            swept[key] = values
+    given = {f.name: flags[f.name] for f in dataclasses.fields(RunConfig) if f.name in flags and f.name not in SWEEPABLE}
+    given["synthetic_shape"] = tuple(given.get("synthetic_shape", RunConfig.synthetic_shape))
+    given["tags"] = tuple(given.get("tags") or ())
+    base = RunConfig(**given, **fixed)
+    configs = expand_grid(base, swept) if swept else [base.validate()]
+    if swept and base.name:
+        configs = [c.replace(name=f"{base.name} {' '.join(f'{k}={getattr(c, k):g}' for k in swept)}")
+                   for c in configs]
+    return configs, swept

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -40,17 +39,6 @@ class Dataset:
 
     def steps_per_epoch(self, batch_size: int) -> int:
         return self.train_size // batch_size
-
-    def batches(self, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
-        """One epoch of index batches from a seeded permutation.
-
-        The last partial batch is dropped: BatchNorm normalises with the batch's own statistics,
-        so a small leftover batch would be a differently-noisy step (and a batch of 1 has no variance).
-        """
-        perm = torch.randperm(self.train_size, generator=generator, device=generator.device)
-        perm = perm.to(self.x_train.device)
-        for step in range(self.steps_per_epoch(batch_size)):
-            yield perm[step * batch_size:(step + 1) * batch_size]
 
     def augment(self, xb: torch.Tensor, generator: torch.Generator, padding: int = 4,
                 flip: bool = True) -> torch.Tensor:

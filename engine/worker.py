@@ -34,26 +34,19 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
-def _child_main(url: str, run_id: int, device: str, threads: int, parent_pid: int) -> None:
+def _child_main(url: str, run_ids: list[int], device: str, threads: int, parent_pid: int) -> None:
+    """A run process: trains its runs as one pack (one run: a pack of one)."""
     _die_with_parent(parent_pid)
-    # SIGTERM from the worker (its own shutdown) ends the run at the next step as "interrupted".
+    # SIGTERM from the worker (its own shutdown) ends the runs at the next step as "interrupted".
     signal.signal(signal.SIGTERM, shutdown.request)
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C goes to the worker, which stops us in order
-    import torch
-    torch.set_num_threads(threads)
-    from .runner import execute_run
-    execute_run(Store(url), run_id, device=None if device == "auto" else device)
-
-
-def _pack_child_main(url: str, run_ids: list[int], device: str, threads: int, parent_pid: int) -> None:
-    """Like _child_main, for several runs trained as one pack (engine.packed)."""
-    _die_with_parent(parent_pid)
-    signal.signal(signal.SIGTERM, shutdown.request)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    import torch
-    torch.set_num_threads(threads)
-    from .packed import execute_pack
-    execute_pack(Store(url), run_ids, device=None if device == "auto" else device)
+    from .config import RunConfig
+    from .runner import execute
+    from .runtime import configure_process, resolve_device
+    store = Store(url)
+    cfg = RunConfig.from_dict(store.get_run(run_ids[0]).config)
+    configure_process(resolve_device(cfg.device if device == "auto" else device), cfg.model, threads)
+    execute(store, run_ids, device=None if device == "auto" else device)
 
 
 class Worker:
@@ -99,33 +92,22 @@ class Worker:
             store.remove_worker(self.id)
         return 0
 
-    def _start(self, ctx, run_id: int) -> None:
-        proc = ctx.Process(target=_child_main, name=f"spherelab-run-{run_id}",
-                           args=(self.url, run_id, self.device, self.threads, os.getpid()))
-        proc.start()
-        self.children[run_id] = proc
-        print(f"run {run_id}: started in process {proc.pid}", file=sys.stderr, flush=True)
-
-    # ---- packed sweeps (engine.packed): compatible queued runs share one process ----------------
     def _processes(self) -> int:
         return len({id(proc) for proc in self.children.values()})
 
     def _start_claimed(self, ctx, store: Store, info, source: str) -> None:
-        """Start a claimed run, packed with compatible runs of the same source (queued, or interrupted
-        packs resuming together) when packing pays on this device."""
-        from .packed import claim_pack_partners
-        partners = claim_pack_partners(store, self.id, info, self.device,
-                                       free_slots=self.max_parallel - self._processes(), status=source)
-        if not partners:
-            self._start(ctx, info.id)
-            return
-        run_ids = [info.id] + partners
-        proc = ctx.Process(target=_pack_child_main, name=f"spherelab-pack-{run_ids[0]}",
+        """Start a claimed run in its own process, packed with compatible runs of the same source
+        (queued, or interrupted packs resuming together) when packing pays on this device."""
+        from .packing import claim_pack_partners
+        run_ids = [info.id] + claim_pack_partners(store, self.id, info, self.device,
+                                                  free_slots=self.max_parallel - self._processes(), status=source)
+        proc = ctx.Process(target=_child_main, name=f"spherelab-run-{run_ids[0]}",
                            args=(self.url, run_ids, self.device, self.threads, os.getpid()))
         proc.start()
         for run_id in run_ids:
             self.children[run_id] = proc
-        print(f"runs {', '.join(map(str, run_ids))}: started as one pack in process {proc.pid}",
+        what = f"run {run_ids[0]}" if len(run_ids) == 1 else f"runs {', '.join(map(str, run_ids))}"
+        print(f"{what}: started{' as one pack' if len(run_ids) > 1 else ''} in process {proc.pid}",
               file=sys.stderr, flush=True)
 
     def _reap(self, store: Store) -> None:

@@ -10,9 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from engine.analysis import memory_trace
 from engine.config import RunConfig
-from engine.trainer import Trainer
+from engine.trainer import train_traces
 from engine.worker import Worker
 from storage import MIN_STALE_AFTER_S, Store
 from tests.processes import start_worker, wait_for
@@ -28,9 +27,7 @@ def engine(*args, db, **kw):
 def reference_trace(config: dict):
     """The same run trained in-process without interruption."""
     torch.set_num_threads(1)
-    trainer = Trainer(RunConfig.from_dict(config))
-    trainer.run()
-    return memory_trace(trainer.recorder.rows)
+    return train_traces([RunConfig.from_dict(config)])[0]
 
 
 def submit(db, *args) -> list[int]:

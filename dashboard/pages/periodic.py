@@ -3,7 +3,7 @@ and the sharpness against its 2/ELR stability line."""
 import streamlit as st
 
 from dashboard import charts, data, ui
-from engine.analysis import analyze
+from engine.analysis import analyze_stored
 from storage import Store
 
 KEYS = ["train_loss", "train_acc", "si_norm", "elr", "sharpness", "sharpness_threshold"]
@@ -26,7 +26,7 @@ def main(store: Store) -> None:
         st.caption("This run is on the sphere (fixed ELR): periodic behaviour comes from weight decay, "
                    "so look at an lrwd run — the preset “Periodic behaviour” makes one.")
     # spikes and period from the full trace; the chart gets a thinned copy that keeps the extremes
-    result = analyze(store.read_metrics(run.id, data.ANALYSIS_KEYS), data.num_classes(run.config))
+    result = analyze_stored(store, run.id)
     frame = store.read_metrics(run.id, KEYS, max_points=MAX_POINTS)
     if frame.empty:
         st.info("Nothing logged yet for this run.")
