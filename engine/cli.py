@@ -5,15 +5,22 @@ Bad input is one line on stderr and exit code 2, checked before anything is writ
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
+import traceback
+from pathlib import Path
 
-from storage import StoreError
+from storage import HEARTBEAT_EVERY_S, MAX_ID, MIN_STALE_AFTER_S, StoreError
 
 from . import commands
-from .config import ConfigError, RunConfig
+from .config import DEVICES, ConfigError, RunConfig
 
 EXIT_BAD_INPUT = 2
+DEBUG_ENV = "SPHERELAB_DEBUG"   # =1: an unexpected error prints its traceback as well
+# The worker refreshes its own heartbeat once per --poll, and the dashboard counts a worker live for
+# 15 s after its last one: a longer poll would make a working worker look gone.
+MAX_POLL_S = 10.0
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -42,6 +49,67 @@ def _shape(text: str) -> tuple[int, ...]:
         return tuple(int(p) for p in text.lower().split("x"))
     except ValueError:
         raise argparse.ArgumentTypeError(f"bad shape {text!r}: write sizes joined by x, e.g. 64 or 3x32x32")
+
+
+# ---- argument types: a value the command could not use is refused while parsing, naming its flag
+
+def _id(text: str) -> int:
+    """A run or sweep id: a whole number the store can hold."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= MAX_ID:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an id: ids are whole numbers from 1 to 2**63-1; "
+                                         "list them with `python -m engine runs`")
+    return value
+
+
+def _db(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("is empty: pass a file path or a database URL, or leave --db out to use "
+                                         "$SPHERELAB_DB, else ~/.spherelab/spherelab.db")
+    return text
+
+
+def _out_file(text: str) -> str:
+    """A file to write: its folder must exist, and it must not be a folder itself."""
+    path = Path(text)
+    if not text.strip():
+        raise argparse.ArgumentTypeError("is empty: name the file to write")
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a folder: name a file inside it")
+    if not path.parent.is_dir():
+        raise argparse.ArgumentTypeError(f"the folder {path.parent} does not exist: create it first, or write elsewhere")
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"the folder {path.parent} is not writable: write elsewhere")
+    return text
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds")
+    return value
+
+
+def _poll(text: str) -> float:
+    value = _seconds(text)
+    if not 0 < value <= MAX_POLL_S:
+        raise argparse.ArgumentTypeError(f"must be more than 0 and at most {MAX_POLL_S:g} seconds, got {text}")
+    return value
+
+
+def _stale_after(text: str) -> float:
+    value = _seconds(text)
+    if value < MIN_STALE_AFTER_S:
+        raise argparse.ArgumentTypeError(
+            f"must be at least {MIN_STALE_AFTER_S:g} seconds, got {text}: runs heartbeat every {HEARTBEAT_EVERY_S:g} s, "
+            "and a shorter wait would take a live run for dead and train it twice")
+    return value
 
 
 def add_training_flags(p: argparse.ArgumentParser, sweep: bool) -> None:
@@ -81,7 +149,7 @@ def add_training_flags(p: argparse.ArgumentParser, sweep: bool) -> None:
     g.add_argument("--lanczos-iters", type=int, default=D.lanczos_iters, help="Lanczos iteration cap")
     g.add_argument("--lanczos-tol", type=float, default=D.lanczos_tol, help="Lanczos relative residual tolerance")
     g.add_argument("--trace-samples", type=int, default=D.trace_samples,
-                   help="Hutchinson vectors for hessian_trace at sharpness steps")
+                   help="Hutchinson vectors for hessian_trace at sharpness steps (0 = off)")
     g.add_argument("--checkpoint-every", type=int, default=D.checkpoint_every,
                    help="epochs between the checkpoints a run resumes from")
     g.add_argument("--keep-every", type=int, default=D.keep_every,
@@ -104,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
         parser = sub.add_parser(name, help=help_text, description=help_text, formatter_class=fmt)
         parser.set_defaults(handler=getattr(commands, f"cmd_{name}"))
         if db:
-            parser.add_argument("--db", default=None, help=DB_HELP)
+            parser.add_argument("--db", type=_db, default=None, help=DB_HELP)
         return parser
 
     add_training_flags(cmd("train", "run one configuration in this process; prints the run id last"), sweep=False)
@@ -148,43 +216,43 @@ def build_parser() -> argparse.ArgumentParser:
 
     w = cmd("worker", "run queued runs in background processes")
     w.add_argument("--max-parallel", type=int, default=1, help="runs trained at the same time")
-    w.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    w.add_argument("--poll", type=float, default=1.0, help="seconds between looks at the queue")
-    w.add_argument("--stale-after", type=float, default=30.0,
-                   help="seconds without heartbeat after which a running run counts as interrupted")
+    w.add_argument("--device", default="auto", choices=DEVICES, help="auto | cpu | cuda")
+    w.add_argument("--poll", type=_poll, default=1.0, help=f"seconds between looks at the queue (at most {MAX_POLL_S:g})")
+    w.add_argument("--stale-after", type=_stale_after, default=30.0,
+                   help="seconds without heartbeat after which a running run counts as interrupted (at least 3)")
     w.add_argument("--once", action="store_true", help="exit when the queue is empty (scripts, tests)")
 
     r = cmd("runs", "list runs: id, name, status, regime, progress")
     r.add_argument("--status", default=None)
-    r.add_argument("--sweep", type=int, default=None)
+    r.add_argument("--sweep", type=_id, default=None)
     r.add_argument("--tag", default=None)
     r.add_argument("--json", action="store_true", help="machine-readable list")
 
     for name, text in (("cancel", "cancel a queued, running or paused run"),
                        ("delete", "delete a run with its metrics, events and checkpoint")):
         c = cmd(name, text)
-        c.add_argument("run", type=int)
+        c.add_argument("run", type=_id)
     t = cmd("tag", "add tags to a run")
-    t.add_argument("run", type=int)
+    t.add_argument("run", type=_id)
     t.add_argument("tags", nargs="+")
 
     e = cmd("export", "metrics of a run, one row per log point")
-    e.add_argument("run", type=int)
+    e.add_argument("run", type=_id)
     e.add_argument("--format", choices=("csv", "json"), default="csv")
-    e.add_argument("--out", default=None, help="file to write (default: stdout)")
+    e.add_argument("--out", type=_out_file, default=None, help="file to write (default: stdout)")
     a = cmd("analyze", "regime, evidence, loss spikes and period of a run, as JSON")
-    a.add_argument("run", type=int)
+    a.add_argument("run", type=_id)
     b = cmd("bundle", "write a portable file with a run (or a whole sweep) and its metrics")
-    b.add_argument("run", type=int, nargs="?")
-    b.add_argument("--sweep", type=int, default=None)
-    b.add_argument("--out", required=True)
+    b.add_argument("run", type=_id, nargs="?")
+    b.add_argument("--sweep", type=_id, default=None)
+    b.add_argument("--out", type=_out_file, required=True)
     i = cmd("import", "import a bundle into this database (new ids)")
     i.add_argument("file")
     cmd("app", "start the worker and the dashboard on 127.0.0.1:8501 (env SPHERELAB_ADDRESS, SPHERELAB_PORT, "
         "SPHERELAB_PARALLEL)")
     bn = cmd("bench", "throughput and overhead figures", db=False)
     bn.add_argument("--json", action="store_true")
-    bn.add_argument("--device", default="auto")
+    bn.add_argument("--device", default="auto", choices=DEVICES)
     bn.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
     return p
 
@@ -194,6 +262,7 @@ def main(argv=None) -> int:
     try:
         return args.handler(args) or 0
     except (ConfigError, StoreError) as exc:
+        _debug_traceback()
         sys.stderr.write(f"python -m engine {args.command}: error: {exc}\n")
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
@@ -203,3 +272,14 @@ def main(argv=None) -> int:
         # of stdout from raising again
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except Exception as exc:   # the one boundary: whatever else went wrong is still one line, exit 2
+        _debug_traceback()
+        first = (str(exc).strip().splitlines() or [""])[0]
+        sys.stderr.write(f"python -m engine {args.command}: error: unexpected {type(exc).__name__}"
+                         f"{': ' + first if first else ''} (set {DEBUG_ENV}=1 for the traceback)\n")
+        return EXIT_BAD_INPUT
+
+
+def _debug_traceback() -> None:
+    if os.environ.get(DEBUG_ENV) == "1":
+        traceback.print_exc()

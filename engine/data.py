@@ -80,9 +80,7 @@ def load_dataset(cfg: RunConfig, device: torch.device | str) -> Dataset:
     if cfg.dataset not in loaders:
         raise ConfigError(f"unknown dataset {cfg.dataset!r}: choose one of {', '.join(loaders)}")
     data = loaders[cfg.dataset](cfg, torch.device(device))
-    if cfg.batch > data.train_size:
-        raise ConfigError(f"--batch-size {cfg.batch} is larger than the {data.train_size} training "
-                          f"samples of {cfg.dataset}: use at most {data.train_size}")
+    cfg.check_against_data(data.train_size)   # a CIFAR folder's size is known only now
     if cfg.augment and len(data.input_shape) != 3:
         raise ConfigError(f"--augment needs image data (C x H x W) but {cfg.dataset} has shape "
                           f"{'x'.join(map(str, data.input_shape))}: drop --augment")

@@ -9,7 +9,7 @@ from __future__ import annotations
 from storage import Store
 
 from .cifar import check_cifar
-from .config import IMAGE_DATASETS, ConfigError, RunConfig
+from .config import IMAGE_DATASETS, ConfigError, RunConfig, check_grid_size
 
 
 def check_data(configs: list[RunConfig]) -> None:
@@ -22,6 +22,7 @@ def check_data(configs: list[RunConfig]) -> None:
 def queue_runs(store: Store, configs: list[RunConfig], swept: dict | None = None,
                sweep_name: str | None = None) -> list[int]:
     """Store the runs as queued (as one sweep when several values were swept); returns their ids."""
+    check_grid_size(len(configs))
     configs = [c.validate() for c in configs]
     check_data(configs)
     items = [{"config": c.to_dict(), "name": c.display_name(), "tags": list(c.tags)} for c in configs]

@@ -27,6 +27,8 @@ class RunInfo:
     total_steps: int | None
     checkpoint_path: str | None
     checkpoint_step: int | None
+    imported_at: float | None = None   # set for runs imported from a bundle: data, never claimable
+    claim: str | None = None           # token of the latest claim (see Store.hold)
     parent_id: int | None = None      # a fork: the run it branched from
     fork_epoch: int | None = None     # and the epoch of the kept checkpoint it started at
 
@@ -50,7 +52,8 @@ class RunInfo:
                    device=m["device"], error=m["error"], tags=from_json(m["tags"]) or [],
                    sweep_id=m["sweep_id"], worker_id=m["worker_id"], step=m["step"],
                    total_steps=m["total_steps"], checkpoint_path=m["checkpoint_path"],
-                   checkpoint_step=m["checkpoint_step"], parent_id=m.get("parent_id"), fork_epoch=m.get("fork_epoch"))
+                   checkpoint_step=m["checkpoint_step"], imported_at=m["imported_at"], claim=m["claim"],
+                   parent_id=m["parent_id"], fork_epoch=m["fork_epoch"])
 
 
 @dataclass

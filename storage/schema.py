@@ -52,6 +52,10 @@ runs = Table(
     Column("total_steps", Integer),
     Column("checkpoint_path", Text),
     Column("checkpoint_step", Integer),
+    # version 2: a run that came from a bundle is data, never trained here: claims skip it
+    Column("imported_at", Float),
+    # version 2: a fresh token per claim, so a process that lost its claim can tell (storage.runs)
+    Column("claim", String(32)),
     # version 3: a fork records the run it branched from and the epoch of the checkpoint it started at
     Column("parent_id", Integer, ForeignKey("runs.id", ondelete="SET NULL")),
     Column("fork_epoch", Integer),

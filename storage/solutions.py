@@ -15,16 +15,12 @@ from pathlib import Path
 
 from sqlalchemy import insert, or_, select, update
 
-from .errors import StoreError
+from .errors import ClaimLost, StoreError
 from .jsontext import to_json
 from .records import CheckpointInfo, JobInfo
 from .schema import JOB_KINDS, checkpoints, jobs
 from .upsert import upsert
 from .urls import sqlite_file
-
-
-class ClaimLost(StoreError):
-    """The job (or run) is no longer held under this claim: another process took it over."""
 
 
 class SolutionsAPI:
