@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import socket
 import sys
-from pathlib import Path
+import uuid
 
-from storage import Store
+from storage import LIVE_STATUSES, Store, write_atomically
 
 from . import registry
 from .config import ConfigError, RunConfig, configs_from_flags
@@ -46,39 +48,54 @@ def _check_runnable(configs: list[RunConfig]) -> None:
 def cmd_train(args) -> int:
     configs, _ = configs_from_flags(vars(args), single=True)
     _check_runnable(configs)
-    store = Store(args.db)
-    return _run_here(store, queue_runs(store, configs))
+    store, claimer = Store(args.db), _claimer()
+    return _run_here(store, queue_runs(store, configs, reserve_for=claimer), claimer)
 
 
 def cmd_sweep(args) -> int:
     configs, swept = configs_from_flags(vars(args), single=False)
     _check_runnable(configs)
-    store = Store(args.db)
-    return _run_here(store, queue_runs(store, configs, swept, args.sweep_name))
+    store, claimer = Store(args.db), _claimer()
+    return _run_here(store, queue_runs(store, configs, swept, args.sweep_name, reserve_for=claimer), claimer)
 
 
-def _run_here(store: Store, ids: list[int]) -> int:
-    """Train queued runs in this process, claiming them so no worker takes them: compatible runs as
-    packs where packing pays on this device (as the worker does), the others one after another."""
+def _claimer() -> str:
+    """The claimer id of this CLI process: its runs are reserved for it, so a live worker never takes them."""
+    return f"cli-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+def _run_here(store: Store, ids: list[int], claimer: str) -> int:
+    """Train runs reserved for this process, here: compatible runs as packs where packing pays on this
+    device (as the worker does), the others one after another. Whatever it never started (Ctrl-C, an
+    error) is cancelled, not left for a worker."""
     from .packing import pack_groups
     from .runner import execute
     from .runtime import configure_process, resolve_device
     configs = [RunConfig.from_dict(store.get_run(run_id).config) for run_id in ids]
     failed = 0
-    for group in pack_groups(configs):
-        claimed = [ids[i] for i in group if store.claim_next_run("cli", run_ids=[ids[i]]) is not None]
-        if not claimed:
-            continue
-        cfg = configs[group[0]]
-        configure_process(resolve_device(cfg.device), cfg.model)
-        label = store.get_run(claimed[0]).name + (f" (+{len(claimed) - 1} packed)" if len(claimed) > 1 else "")
-        with _progress(label) as bar:
-            statuses = execute(store, claimed, progress=bar)
-        for run_id in claimed:
-            final = store.get_run(run_id)
-            print(f"run {run_id} {final.name}: {final.status}, regime {final.regime}", file=sys.stderr)
-            failed += statuses.get(run_id) == "failed"
-            print(run_id)
+    try:
+        for group in pack_groups(configs):
+            claimed = [info for info in (store.claim_next_run(claimer, run_ids=[ids[i]]) for i in group) if info]
+            if not claimed:
+                continue
+            cfg = configs[group[0]]
+            configure_process(resolve_device(cfg.device), cfg.model)
+            label = claimed[0].name + (f" (+{len(claimed) - 1} packed)" if len(claimed) > 1 else "")
+            try:
+                with _progress(label) as bar:
+                    statuses = execute(store, {info.id: info.claim for info in claimed}, progress=bar)
+            except KeyboardInterrupt:      # also before training began: resumable, not left "running"
+                for info in claimed:
+                    if store.get_run(info.id).status in LIVE_STATUSES:
+                        store.set_status(info.id, "interrupted")
+                raise
+            for info in claimed:
+                final = store.get_run(info.id)
+                print(f"run {info.id} {final.name}: {final.status}, regime {final.regime}", file=sys.stderr)
+                failed += statuses.get(info.id) == "failed"
+                print(info.id)
+    finally:
+        store.cancel_reserved(claimer, "the command that created it stopped before training it")
     return 1 if failed else 0
 
 
@@ -93,13 +110,13 @@ def cmd_submit(args) -> int:
 def cmd_fork(args) -> int:
     store = Store(args.db)
     changes = {k: getattr(args, k) for k in ("elr", "lr", "wd", "momentum", "mode", "schedule", "seed")}
+    claimer = None if args.submit else _claimer()
     child = queue_fork(store, args.run, at=args.at, changes=changes, epochs=args.epochs, name=args.name,
-                       tags=args.tags)
+                       tags=args.tags, reserve_for=claimer)
     if args.submit:
         print(child)
         return 0
-    _check_runnable([RunConfig.from_dict(store.get_run(child).config)])
-    return _run_here(store, [child])
+    return _run_here(store, [child], claimer)
 
 
 def cmd_checkpoints(args) -> int:
@@ -114,22 +131,25 @@ def cmd_checkpoints(args) -> int:
 
 
 def cmd_average(args) -> int:
-    store = Store(args.db)
-    return _job_here(store, queue_average(store, args.run, last=args.last, at=args.at), args)
+    store, claimer = Store(args.db), None if args.submit else _claimer()
+    job_id = queue_average(store, args.run, last=args.last, at=args.at, reserve_for=claimer)
+    return _job_here(store, job_id, claimer, args)
 
 
 def cmd_geometry(args) -> int:
-    store = Store(args.db)
-    return _job_here(store, queue_geometry(store, args.a, args.b, args.points), args)
+    store, claimer = Store(args.db), None if args.submit else _claimer()
+    job_id = queue_geometry(store, args.a, args.b, args.points, reserve_for=claimer)
+    return _job_here(store, job_id, claimer, args)
 
 
-def _job_here(store: Store, job_id: int, args) -> int:
-    """Compute a queued job in this process (or leave it to the worker with --submit), store and print it."""
+def _job_here(store: Store, job_id: int, claimer: str | None, args) -> int:
+    """Compute a job reserved for this process (or, with --submit, leave it to the worker), store and
+    print it."""
     if args.submit:
         print(job_id)
         return 0
     from .jobs import execute_job
-    job = store.claim_job("cli", job_ids=[job_id])
+    job = store.claim_job(claimer, job_ids=[job_id])
     status = execute_job(store, job_id, job.claim)
     job = store.get_job(job_id)
     if status != "finished":
@@ -218,9 +238,7 @@ def cmd_export(args) -> int:
                 for row in frame.to_dict("records")]
         text = json.dumps(rows, allow_nan=False) + "\n"
     if args.out:
-        tmp = Path(args.out + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(args.out)
+        write_atomically(args.out, lambda tmp: tmp.write_text(text), what="the export")
     else:
         sys.stdout.write(text)
     return 0

@@ -68,14 +68,15 @@ def pack_groups(cfgs: list[RunConfig]) -> list[list[int]]:
 
 
 def claim_pack_partners(store, worker_id: str, first, worker_device: str = "auto", free_slots: int = 1,
-                        status: str = "queued") -> list[int]:
+                        status: str = "queued") -> list:
     """Claim runs of `status` (queued, or interrupted ones to resume) that can share a pack with the
     claimed run `first` (a RunInfo), oldest first.
 
     The compatible queue is spread evenly over the free slots: this worker's (free_slots, counting
     the one `first` is about to take) plus other live workers' (max_parallel minus the runs they
     hold), so a sweep is not packed into one process while other slots or machines stand idle.
-    At most max_pack_size() runs per pack. Empty when packing is off or nothing fits.
+    At most max_pack_size() runs per pack. Returns the claimed RunInfos (with their claim tokens);
+    empty when packing is off or nothing fits.
     """
     try:
         cfg = RunConfig.from_dict(first.config).validate()
@@ -101,5 +102,5 @@ def claim_pack_partners(store, worker_id: str, first, worker_device: str = "auto
             break
         claimed = claim(worker_id, run_ids=[run_id])
         if claimed is not None:
-            chosen.append(claimed.id)
+            chosen.append(claimed)
     return chosen

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from storage import Store
+from storage import HEARTBEAT_EVERY_S, ClaimLost, Store, StoreError, write_atomically
 
 from . import shutdown
 from .analysis import analyze_stored
@@ -25,33 +25,52 @@ from .trainer import Member, Trainer
 
 POLL_EVERY_S = 0.5        # how often the store is asked for commands
 ANALYZE_EVERY_S = 5.0     # how often the live regime label and spikes are refreshed
-HEARTBEAT_EVERY_S = 1.0
+EX_TEMPFAIL = 75          # a run process's exit code when the store stayed locked and its runs' end went unrecorded
 
 
 class StoreRecorder:
-    """Metrics go through the batched writer; events are rare and written at once."""
+    """Metrics go through the batched writer; events are rare and written at once. A write that finds
+    the run taken from this process (ClaimLost: deleted, ended by someone else, claimed again) marks
+    the member lost: nothing more is written for it, and its control stops it at the next poll."""
 
     def __init__(self, store: Store, run_id: int):
         self.store, self.run_id = store, run_id
         self.writer = store.metric_writer(run_id)
+        self.lost: str | None = None
 
     def metrics(self, step, epoch, wall_time, values):
-        self.writer.log(step, epoch, wall_time, values)
+        if not self.lost:
+            self.guard(self.writer.log, step, epoch, wall_time, values)
 
     def event(self, step, kind, payload):
-        self.store.add_event(self.run_id, step, kind, payload)
+        if not self.lost:
+            self.guard(self.store.add_event, self.run_id, step, kind, payload)
 
     def flush(self):
-        self.writer.flush()
+        if not self.lost:
+            self.guard(self.writer.flush)
 
     def close(self):
-        self.writer.close()
+        if self.lost:
+            self.writer.discard()
+        else:
+            self.guard(self.writer.close)
+
+    def guard(self, write, *args, **kwargs):
+        """write(...), or mark the run lost if it was taken from this process."""
+        try:
+            return write(*args, **kwargs)
+        except ClaimLost as exc:
+            self.lost = str(exc)
+            self.writer.discard()
+            return None
 
 
 class StoreControl:
     """A member's control (trainer.Control): heartbeats, the live regime label, and the commands table —
     pause parks the member, resume brings it back, stop ends it, set_elr/set_lr change its rate.
-    After a SIGTERM of the process (engine.shutdown) the member stops as `interrupted`, resumable."""
+    After a SIGTERM of the process (engine.shutdown) the member stops as `interrupted`, resumable;
+    a member whose run was taken from this process (recorder.lost) stops and writes nothing more."""
 
     def __init__(self, store: Store, run_id: int, recorder: StoreRecorder):
         self.store, self.run_id, self.recorder = store, run_id, recorder
@@ -64,6 +83,10 @@ class StoreControl:
     def poll(self, member: Member) -> str | None:
         if shutdown.requested():
             return self._stop("interrupted")
+        action = self.recorder.guard(self._poll, member)
+        return self._stop("lost") if self.recorder.lost else action
+
+    def _poll(self, member: Member) -> str | None:
         now = time.monotonic()
         if now >= self.next_beat:
             self.store.heartbeat(self.run_id, member.step)
@@ -94,7 +117,7 @@ class StoreControl:
         return action
 
     def _stop(self, reason: str) -> str:
-        """The run ends at this step with status `reason` (cancelled, interrupted, ...)."""
+        """The run ends at this step with status `reason` (cancelled, interrupted, ...; lost: none)."""
         self.stop_reason = reason
         return "stop"
 
@@ -114,27 +137,31 @@ class StoreControl:
 
 
 def save_checkpoint(store: Store, member: Member, keep: bool = False) -> None:
-    """The run's resume checkpoint (run-N.pt), and with keep a kept one for forks and averages
-    (run-N.eE.pt, a hard link to the same bytes). Metrics are flushed first, so a checkpoint never
-    points past the stored trace; files appear whole or not at all (written aside, then renamed)."""
+    """The run's resume checkpoint, and with keep a kept one for forks and averages (a hard link to the
+    same bytes). Metrics are flushed first, so a checkpoint never points past the stored trace; files
+    appear whole or not at all (written aside, then renamed), and carry the claim in their names, so a
+    process that lost its run never overwrites its successor's files (the store's writes are fenced)."""
     member.recorder.flush()
     folder = store.checkpoint_dir
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"run-{member.run_id}.pt"
-    tmp = path.with_suffix(".pt.tmp")
-    torch.save(member.state_dict(), tmp)
-    os.replace(tmp, path)
+    tag = f"run-{member.run_id}-{(member.claim or 'here')[:12]}"
+    path = folder / f"{tag}.pt"
+    previous = store.get_run(member.run_id).checkpoint_path
+    write_atomically(path, lambda tmp: torch.save(member.state_dict(), tmp), what="the checkpoint")
     store.update_run(member.run_id, checkpoint_path=str(path), checkpoint_step=member.step)
+    if previous and previous != str(path):      # the file of an earlier claim of this run
+        Path(previous).unlink(missing_ok=True)
     if keep:
         epoch = member.step // member.steps_per_epoch
-        kept = folder / f"run-{member.run_id}.e{epoch}.pt"
-        tmp = kept.with_suffix(".pt.tmp")
-        tmp.unlink(missing_ok=True)
-        try:
-            os.link(path, tmp)
-        except OSError:           # a file system without hard links
-            shutil.copyfile(path, tmp)
-        os.replace(tmp, kept)
+        kept = folder / f"{tag}.e{epoch}.pt"
+
+        def link(tmp: Path) -> None:
+            try:
+                os.link(path, tmp)
+            except OSError:           # a file system without hard links
+                shutil.copyfile(path, tmp)
+
+        write_atomically(kept, link, what="the kept checkpoint")
         store.record_checkpoint(member.run_id, epoch, member.step, str(kept), kept.stat().st_size)
 
 
@@ -152,11 +179,16 @@ def start_state(store: Store, info, device: torch.device) -> tuple[dict | None, 
     return torch.load(kept[info.fork_epoch], map_location=device, weights_only=True), True
 
 
-def execute(store: Store, run_ids: list[int], *, device: str | None = None, progress=None) -> dict[int, str]:
-    """Train stored runs to their end in this process, as one pack (one run: a pack of one), each
-    resumed from its checkpoint if it has one; returns each run's final status. Never raises for
-    training failures (they mark the runs failed); Ctrl-C leaves the live runs interrupted."""
-    infos = [store.get_run(run_id) for run_id in run_ids]
+def execute(store: Store, claims: dict[int, str], *, device: str | None = None, progress=None) -> dict[int, str]:
+    """Train the claimed runs ({run id: claim token}) to their end in this process, as one pack (one
+    run: a pack of one), each resumed from its checkpoint (or, for a fork, started from its parent's)
+    if it has one; returns each run's final status. Never raises for training failures (they mark the
+    runs failed); a run taken from this process ends "lost" with nothing more written; a store locked
+    for longer than storage.LOCK_WAIT_S leaves the runs interrupted (or "unrecorded" if even that
+    could not be written); Ctrl-C leaves the live runs interrupted."""
+    for run_id, claim in claims.items():
+        store.hold(run_id, claim)
+    infos = [store.get_run(run_id) for run_id in claims]
     statuses: dict[int, str] = {}
     try:
         cfgs = [RunConfig.from_dict(info.config) for info in infos]
@@ -167,23 +199,22 @@ def execute(store: Store, run_ids: list[int], *, device: str | None = None, prog
         trainer = Trainer(cfgs, states=[s for s, _ in starts], forks=[f for _, f in starts], device=target)
     except ConfigError as exc:
         for info in infos:
-            store.set_status(info.id, "failed", error=str(exc))
-            statuses[info.id] = "failed"
+            statuses[info.id] = _end_run(store, info.id, "failed", str(exc))
         return statuses
 
     def finish(m: Member) -> None:
-        m.recorder.flush()
         status = m.result.status if m.result.status != "stopped" else m.control.stop_reason or "cancelled"
-        m.control.refresh_analysis(m)
-        store.update_run(m.run_id, step=m.step)
-        store.set_status(m.run_id, status)
-        statuses[m.run_id] = status
+        if status != "lost":
+            m.recorder.flush()
+            m.recorder.guard(m.control.refresh_analysis, m)
+            m.recorder.guard(store.update_run, m.run_id, step=m.step)
+        statuses[m.run_id] = _end_run(store, m.run_id, status, recorder=m.recorder)
 
     for info, m in zip(infos, trainer.members):
-        _attach(store, info, m, finish)
+        _attach(store, info, m, claims[info.id], finish)
         if len(infos) > 1:
             others = ", ".join(str(i.id) for i in infos if i.id != info.id)
-            store.add_event(info.id, m.step, "note", {"text": f"packed with run(s) {others} on {trainer.device}"})
+            m.recorder.event(m.step, "note", {"text": f"packed with run(s) {others} on {trainer.device}"})
     if progress is not None:      # one bar: the members' steps added up
         progress.total = sum(m.total_steps for m in trainer.members)
         trainer.on_step = lambda t: progress.update(sum(m.step for m in t.members) - progress.n)
@@ -193,25 +224,66 @@ def execute(store: Store, run_ids: list[int], *, device: str | None = None, prog
         return statuses
     except KeyboardInterrupt:      # Ctrl-C where runs train in the foreground: resumable
         for m in live():
-            m.recorder.flush()
-            store.set_status(m.run_id, "interrupted")
+            statuses[m.run_id] = _end_run(store, m.run_id, "interrupted", recorder=m.recorder)
         raise
+    except StoreError as exc:      # locked past LOCK_WAIT_S (StoreBusy) or gone: resumable by a worker later
+        for m in live():
+            statuses[m.run_id] = _end_run(store, m.run_id, "interrupted", str(exc), recorder=m.recorder)
+        return statuses
     except Exception as exc:       # a bug or an OOM marks the live runs, never kills the worker
         error = f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"
         for m in live():
-            m.recorder.flush()
-            store.set_status(m.run_id, "failed", error=error)
-            statuses[m.run_id] = "failed"
+            statuses[m.run_id] = _end_run(store, m.run_id, "failed", error, recorder=m.recorder)
         return statuses
     finally:
         for m in trainer.members:
             m.recorder.close()
 
 
-def _attach(store: Store, info, m: Member, finish) -> None:
+def _end_run(store: Store, run_id: int, status: str, error: str | None = None, recorder=None) -> str:
+    """Record a run's final status; returns what was recorded: the status, "lost" (the run is no
+    longer this process's: nothing written) or "unrecorded" (the store refused the write)."""
+    if status == "lost" or (recorder is not None and recorder.lost):
+        return "lost"
+    try:
+        if recorder is not None:
+            recorder.flush()
+        store.set_status(run_id, status, error=error)
+        return status
+    except ClaimLost:
+        return "lost"
+    except StoreError:
+        return "unrecorded"
+
+
+def start_state(store: Store, info, device: torch.device) -> tuple[dict | None, bool]:
+    """(checkpoint, is_fork) a stored run starts from: its own latest checkpoint (a resume), else, for a
+    fork, its parent's kept checkpoint at the fork epoch, else nothing (a fresh run). A file that cannot
+    be read (truncated, damaged, refused by the safe loader) is a ConfigError naming it."""
+    if info.checkpoint_path and Path(info.checkpoint_path).exists():
+        return _load(info.checkpoint_path, device, f"run {info.id}'s checkpoint"), False
+    if info.parent_id is None:
+        return None, False
+    kept = {c.epoch: c.path for c in store.checkpoints(info.parent_id)}
+    if info.fork_epoch not in kept or not Path(kept[info.fork_epoch]).exists():
+        raise ConfigError(f"run {info.id} branches from run {info.parent_id} at epoch {info.fork_epoch}, "
+                          "whose kept checkpoint is gone")
+    return _load(kept[info.fork_epoch], device, f"run {info.parent_id}'s kept checkpoint"), True
+
+
+def _load(path: str, device: torch.device, what: str) -> dict:
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:      # truncated, damaged, or a pickle the safe loader refuses
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise ConfigError(f"{what} {path} cannot be loaded ({type(exc).__name__}: {reason}): "
+                          "it is damaged or not a spherelab checkpoint") from None
+
+
+def _attach(store: Store, info, m: Member, claim: str, finish) -> None:
     """Connect a member to its stored run: recorder, control, checkpoints, the trace cut back to where
     it resumes (the stored trace is exactly one trajectory), status running."""
-    m.run_id = info.id
+    m.run_id, m.claim = info.id, claim
     resumed_from = m.step if not m.needs_start_point else None
     store.truncate_after(info.id, m.step if resumed_from is not None else -1)
     m.recorder = StoreRecorder(store, info.id)
@@ -219,10 +291,9 @@ def _attach(store: Store, info, m: Member, finish) -> None:
     if resumed_from is not None:   # what was already announced before the checkpoint stays announced
         m.control.regime = info.regime
         m.control.spikes = {e.step for e in store.events(info.id, ["spike"])}
-    m.checkpoint = lambda member, keep: save_checkpoint(store, member, keep)
+    m.checkpoint = lambda member, keep: member.recorder.guard(save_checkpoint, store, member, keep)
     m.on_end = finish
-    store.update_run(info.id, device=str(m.trainer.device), total_steps=m.total_steps, step=m.step,
-                     worker_id=info.worker_id)
+    store.update_run(info.id, device=str(m.trainer.device), total_steps=m.total_steps, step=m.step)
     store.set_status(info.id, "running")
     if resumed_from is not None:
         store.add_event(info.id, resumed_from, "resume", {"from_step": resumed_from})

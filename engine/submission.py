@@ -1,5 +1,5 @@
-"""Queueing runs: the one path by which the CLI (`train`, `sweep`, `submit`) and the dashboard's
-Launch page turn validated configurations into stored runs. Torch-free.
+"""Queueing work: the one path by which the CLI (`train`, `sweep`, `submit`, `fork`, `average`,
+`geometry`) and the dashboard turn validated input into stored runs and jobs. Torch-free.
 
 Everything is checked before anything is written (configs, a CIFAR folder's files), and a sweep
 is created together with its runs in one transaction, so bad input leaves nothing behind.
@@ -20,12 +20,14 @@ def check_data(configs: list[RunConfig]) -> None:
 
 
 def queue_runs(store: Store, configs: list[RunConfig], swept: dict | None = None,
-               sweep_name: str | None = None) -> list[int]:
-    """Store the runs as queued (as one sweep when several values were swept); returns their ids."""
-    check_grid_size(len(configs))
+               sweep_name: str | None = None, *, reserve_for: str | None = None) -> list[int]:
+    """Store the runs as queued (as one sweep when several values were swept); returns their ids.
+    reserve_for: a claimer id (the CLI training them itself); no other claimer takes these runs."""
     configs = [c.validate() for c in configs]
+    check_grid_size(len(configs))
     check_data(configs)
-    items = [{"config": c.to_dict(), "name": c.display_name(), "tags": list(c.tags)} for c in configs]
+    items = [{"config": c.to_dict(), "name": c.display_name(), "tags": list(c.tags), "reserved_for": reserve_for}
+             for c in configs]
     if not swept and len(configs) == 1:
         return store.create_runs(items)
     spec = {"swept": swept or {}, "base": configs[0].to_dict()}
@@ -94,7 +96,7 @@ def fork_config(store: Store, parent_id: int, *, at: int | None = None, changes:
 
 
 def queue_fork(store: Store, parent_id: int, *, at: int | None = None, changes: dict | None = None,
-               epochs: int | None = None, name: str | None = None, tags=()) -> int:
+               epochs: int | None = None, name: str | None = None, tags=(), reserve_for: str | None = None) -> int:
     """Queue a child run branching from the parent's kept checkpoint at epoch `at`; returns its id."""
     cfg, at = fork_config(store, parent_id, at=at, changes=changes, epochs=epochs)
     parent = store.get_run(parent_id)
@@ -103,11 +105,13 @@ def queue_fork(store: Store, parent_id: int, *, at: int | None = None, changes: 
     cfg = cfg.replace(tags=tuple(tags) or cfg.tags)
     check_data([cfg])
     [run_id] = store.create_runs([{"config": cfg.to_dict(), "name": name or f"#{parent_id}@{at} {what}",
-                                   "tags": list(cfg.tags), "parent_id": parent.id, "fork_epoch": at}])
+                                   "tags": list(cfg.tags), "parent_id": parent.id, "fork_epoch": at,
+                                   "reserved_for": reserve_for}])
     return run_id
 
 
-def queue_average(store: Store, run_id: int, *, last: int | None = None, at: list[int] | None = None) -> int:
+def queue_average(store: Store, run_id: int, *, last: int | None = None, at: list[int] | None = None,
+                  reserve_for: str | None = None) -> int:
     """Queue the SWA average of a run's kept checkpoints: the last K (default 5, or all if fewer were
     kept) or the epochs given; returns the job id."""
     kept = kept_epochs(store, run_id)
@@ -122,7 +126,7 @@ def queue_average(store: Store, run_id: int, *, last: int | None = None, at: lis
         if not kept:
             _require_kept(store, run_id, None)
         epochs = kept[-(last or min(5, len(kept))):]
-    return store.create_job("average", run_id, {"epochs": epochs})
+    return store.create_job("average", run_id, {"epochs": epochs}, reserved_for=reserve_for)
 
 
 def parse_solution(text: str) -> tuple[int, int | None]:
@@ -138,7 +142,7 @@ ARCHITECTURE = ("model", "width", "depth", "init_scale", "dataset", "data_dir", 
                 "synthetic_shape", "synthetic_classes")
 
 
-def queue_geometry(store: Store, a: str, b: str, points: int = 21) -> int:
+def queue_geometry(store: Store, a: str, b: str, points: int = 21, *, reserve_for: str | None = None) -> int:
     """Queue the geometry between two solutions (RUN = its last kept checkpoint, RUN@EPOCH a kept one)."""
     if not 2 <= points <= 201:
         raise ConfigError(f"--points must be between 2 and 201, got {points}")
@@ -153,4 +157,4 @@ def queue_geometry(store: Store, a: str, b: str, points: int = 21) -> int:
         raise ConfigError(f"runs {ends[0]['run']} and {ends[1]['run']} differ in {', '.join(differ)}: "
                           "a path between solutions needs one architecture and one dataset")
     return store.create_job("geometry", ends[0]["run"], {"a": ends[0], "b": ends[1], "points": points},
-                            other_run_id=ends[1]["run"])
+                            other_run_id=ends[1]["run"], reserved_for=reserve_for)

@@ -109,6 +109,7 @@ class Member:
         self.result: TrainResult | None = None
         self.last: dict = {}
         self.run_id = None
+        self.claim: str | None = None                # the store's claim token the run is trained under
         self.steps_per_epoch = data.steps_per_epoch(cfg.batch)
         self.total_steps = cfg.epochs * self.steps_per_epoch
         self.step = self.start_step = 0              # start_step: where this run's own schedule begins

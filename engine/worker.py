@@ -17,7 +17,7 @@ import sys
 import time
 import uuid
 
-from storage import LIVE_STATUSES, Store
+from storage import LIVE_STATUSES, ClaimLost, RunNotFound, Store, StoreError
 
 from . import shutdown
 
@@ -34,19 +34,21 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
-def _child_main(url: str, run_ids: list[int], device: str, threads: int, parent_pid: int) -> None:
-    """A run process: trains its runs as one pack (one run: a pack of one)."""
+def _child_main(url: str, claims: dict[int, str], device: str, threads: int, parent_pid: int) -> None:
+    """A run process: trains its claimed runs ({run id: claim token}) as one pack (one run: a pack of one)."""
     _die_with_parent(parent_pid)
     # SIGTERM from the worker (its own shutdown) ends the runs at the next step as "interrupted".
     signal.signal(signal.SIGTERM, shutdown.request)
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C goes to the worker, which stops us in order
     from .config import RunConfig
-    from .runner import execute
+    from .runner import EX_TEMPFAIL, execute
     from .runtime import configure_process, resolve_device
     store = Store(url)
-    cfg = RunConfig.from_dict(store.get_run(run_ids[0]).config)
+    cfg = RunConfig.from_dict(store.get_run(next(iter(claims))).config)
     configure_process(resolve_device(cfg.device if device == "auto" else device), cfg.model, threads)
-    execute(store, run_ids, device=None if device == "auto" else device)
+    statuses = execute(store, claims, device=None if device == "auto" else device)
+    if "unrecorded" in statuses.values():
+        sys.exit(EX_TEMPFAIL)       # the worker records the end the store refused us
 
 
 def _job_main(url: str, job_id: int, claim: str, device: str, threads: int, parent_pid: int) -> None:
@@ -57,6 +59,18 @@ def _job_main(url: str, job_id: int, claim: str, device: str, threads: int, pare
     torch.set_num_threads(threads)
     from .jobs import execute_job
     execute_job(Store(url), job_id, claim, device=None if device == "auto" else device)
+
+
+def _exit_cause(code: int | None) -> tuple[str, str]:
+    """(status, reason) for a run whose process exited without recording its end."""
+    from .runner import EX_TEMPFAIL
+    if code == EX_TEMPFAIL:
+        return "interrupted", "its process could not record its end: the store stayed locked past its patience"
+    if code is not None and code < 0:
+        name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else f"signal {-code}"
+        hint = " (the out-of-memory killer, or kill -9)" if -code == signal.SIGKILL else ""
+        return "failed", f"its process was killed by {name}{hint}"
+    return "failed", f"its process exited with code {code} without recording an end (see the worker's log)"
 
 
 class Worker:
@@ -78,38 +92,47 @@ class Worker:
         signal.signal(signal.SIGINT, self._stop)
         print(f"worker {self.id}: {self.url}, up to {self.max_parallel} run(s) at once, "
               f"{self.threads} torch thread(s) each", file=sys.stderr, flush=True)
-        next_stale_check = 0.0
+        self.next_stale_check = 0.0
         try:
             while not self.stopping:
-                store.worker_heartbeat(self.id, host=socket.gethostname(), pid=os.getpid(),
-                                       device=self.device, max_parallel=self.max_parallel)
-                self._reap(store)
-                if time.monotonic() >= next_stale_check:
-                    for run_id in store.requeue_stale(self.stale_after_s, except_worker=self.id):
-                        print(f"run {run_id}: heartbeat stale, marked interrupted", file=sys.stderr, flush=True)
-                    for job_id in store.requeue_stale_jobs(self.stale_after_s):
-                        print(f"job {job_id}: heartbeat stale, queued again", file=sys.stderr, flush=True)
-                    next_stale_check = time.monotonic() + STALE_CHECK_EVERY_S
-                while self._processes() < self.max_parallel:
-                    info, source = store.claim_interrupted(self.id), "interrupted"
-                    if info is None:
-                        info, source = store.claim_next_run(self.id), "queued"
-                    if info is not None:
-                        self._start_claimed(ctx, store, info, source)
-                        continue
-                    job = store.claim_job(self.id)
-                    if job is None:
+                try:
+                    self._tick(ctx, store)
+                    if self.exit_when_idle and self._idle(store):
                         break
-                    self._start_job(ctx, job)
-                idle = not self.children and not self.jobs
-                if self.exit_when_idle and idle and not store.list_runs(status="queued") \
-                        and not store.list_jobs(status="queued"):
-                    break
+                except StoreError as exc:       # a lock held past the store's patience, a server gone:
+                    print(f"worker {self.id}: {exc} (retrying)", file=sys.stderr, flush=True)   # never die
                 time.sleep(self.poll_s)
         finally:
             self._shutdown(store)
             store.remove_worker(self.id)
         return 0
+
+    def _tick(self, ctx, store: Store) -> None:
+        """One look at the store: heartbeat, reap, requeue stale work, start what fits."""
+        store.worker_heartbeat(self.id, host=socket.gethostname(), pid=os.getpid(),
+                               device=self.device, max_parallel=self.max_parallel)
+        self._reap(store)
+        if time.monotonic() >= self.next_stale_check:
+            for run_id in store.requeue_stale(self.stale_after_s, except_worker=self.id):
+                print(f"run {run_id}: heartbeat stale, marked interrupted", file=sys.stderr, flush=True)
+            for job_id in store.requeue_stale_jobs(self.stale_after_s):
+                print(f"job {job_id}: heartbeat stale, queued again", file=sys.stderr, flush=True)
+            self.next_stale_check = time.monotonic() + STALE_CHECK_EVERY_S
+        while self._processes() < self.max_parallel:
+            info, source = store.claim_interrupted(self.id), "interrupted"
+            if info is None:
+                info, source = store.claim_next_run(self.id), "queued"
+            if info is not None:
+                self._start_claimed(ctx, store, info, source)
+                continue
+            job = store.claim_job(self.id)
+            if job is None:
+                break
+            self._start_job(ctx, job)
+
+    def _idle(self, store: Store) -> bool:
+        return (not self.children and not self.jobs and not store.list_runs(status="queued")
+                and not store.list_jobs(status="queued"))
 
     def _processes(self) -> int:
         return len({id(proc) for proc in self.children.values()}) + len(self.jobs)
@@ -125,10 +148,11 @@ class Worker:
         """Start a claimed run in its own process, packed with compatible runs of the same source
         (queued, or interrupted packs resuming together) when packing pays on this device."""
         from .packing import claim_pack_partners
-        run_ids = [info.id] + claim_pack_partners(store, self.id, info, self.device,
-                                                  free_slots=self.max_parallel - self._processes(), status=source)
+        claimed = [info] + claim_pack_partners(store, self.id, info, self.device,
+                                               free_slots=self.max_parallel - self._processes(), status=source)
+        run_ids = [r.id for r in claimed]
         proc = ctx.Process(target=_child_main, name=f"spherelab-run-{run_ids[0]}",
-                           args=(self.url, run_ids, self.device, self.threads, os.getpid()))
+                           args=(self.url, {r.id: r.claim for r in claimed}, self.device, self.threads, os.getpid()))
         proc.start()
         for run_id in run_ids:
             self.children[run_id] = proc
@@ -142,19 +166,30 @@ class Worker:
                 proc.join()
                 del self.children[run_id]
                 print(f"run {run_id}: process exited ({proc.exitcode})", file=sys.stderr, flush=True)
-                # A child that died without recording an end (killed by the OOM killer, a segfault)
-                # leaves its run live: say so rather than leave it "running" forever.
-                if store.get_run(run_id).status in LIVE_STATUSES:
-                    store.set_status(run_id, "failed", error=f"run process exited with code {proc.exitcode} "
-                                                             "without finishing (out of memory?)")
+                # A child that died without recording an end (killed, a segfault, the store locked past
+                # its patience) leaves its run live: record why rather than leave it "running" forever.
+                self._record_end(store, run_id, *_exit_cause(proc.exitcode))
+                store.release(run_id)
         for job_id, (proc, claim) in list(self.jobs.items()):
             if not proc.is_alive():
                 proc.join()
                 del self.jobs[job_id]
                 print(f"job {job_id}: process exited ({proc.exitcode})", file=sys.stderr, flush=True)
                 if store.get_job(job_id).status == "running":
-                    store.fail_job(job_id, f"job process exited with code {proc.exitcode} without a result "
-                                           "(out of memory?)", claim=claim)
+                    try:
+                        store.fail_job(job_id, _exit_cause(proc.exitcode)[1], claim=claim)
+                    except ClaimLost:
+                        pass     # requeued or taken over meanwhile: not ours to end
+
+    @staticmethod
+    def _record_end(store: Store, run_id: int, status: str, error: str | None = None) -> None:
+        """Give a run this worker claimed the status `status` if it is still live under our claim; a run
+        deleted, ended or taken over meanwhile is left alone."""
+        try:
+            if store.get_run(run_id).status in LIVE_STATUSES:
+                store.set_status(run_id, status, error=error)
+        except (ClaimLost, RunNotFound):
+            pass
 
     def _stop(self, *_):
         self.stopping = True
@@ -176,10 +211,12 @@ class Worker:
                 proc.kill()
                 proc.join()
         for run_id in self.children:      # killed, or died before it could say: resumable all the same
-            if store.get_run(run_id).status in LIVE_STATUSES:
-                store.set_status(run_id, "interrupted")
+            self._record_end(store, run_id, "interrupted")
         for job_id, (_, claim) in self.jobs.items():      # a job cut short is computed again, whole
-            if store.get_job(job_id).status == "running":
-                store.requeue_job(job_id, claim=claim)
+            try:
+                if store.get_job(job_id).status == "running":
+                    store.requeue_job(job_id, claim=claim)
+            except ClaimLost:
+                pass
         self.children.clear()
         self.jobs.clear()

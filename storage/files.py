@@ -17,7 +17,8 @@ def write_atomically(path, write, *, what: str = "the file") -> None:
         temporary.replace(path)
     except OSError as exc:
         temporary.unlink(missing_ok=True)
-        raise StoreError(f"cannot write {what} {path} ({exc.strerror or exc}): choose a writable --out path") from None
+        raise StoreError(f"cannot write {what} {path} ({exc.strerror or exc}): choose a path in a folder that "
+                         "exists, is writable and has space") from None
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise

@@ -21,7 +21,7 @@ from .schema import (LIVE_STATUSES, STATUSES, TERMINAL_STATUSES, checkpoints, co
 HEARTBEAT_EVERY_S = 1.0
 MIN_STALE_AFTER_S = 3 * HEARTBEAT_EVERY_S
 
-RUN_FIELDS = ("config", "name", "tags", "sweep_id", "status", "total_steps", "parent_id", "fork_epoch")
+RUN_FIELDS = ("config", "name", "tags", "sweep_id", "status", "total_steps", "parent_id", "fork_epoch", "reserved_for")
 UPDATABLE_FIELDS = ("status", "regime", "device", "error", "step", "total_steps", "started_at", "finished_at",
                     "checkpoint_path", "checkpoint_step", "worker_id", "heartbeat_at", "name")
 
@@ -191,6 +191,8 @@ class RunsAPI:
 
     def _claim(self, worker_id: str, from_status: str, run_ids) -> RunInfo | None:
         candidates = select(runs.c.id).where(runs.c.status == from_status, runs.c.imported_at.is_(None))
+        if from_status == "queued":   # a queued run reserved for a claimer (a CLI's own runs) is its alone
+            candidates = candidates.where(or_(runs.c.worker_id.is_(None), runs.c.worker_id == worker_id))
         if run_ids is not None:
             candidates = candidates.where(runs.c.id.in_([as_id(i) for i in run_ids if as_id(i) is not None]))
         candidates = candidates.order_by(runs.c.id).limit(1)
@@ -212,6 +214,18 @@ class RunsAPI:
             if won:
                 self.hold(run_id, token)
                 return RunInfo.from_row(row)
+
+    def cancel_reserved(self, worker_id: str, reason: str) -> list[int]:
+        """Queued runs reserved for worker_id that it never claimed (its process is ending) become
+        'cancelled' with `reason`; returns their ids."""
+        mine = (runs.c.status == "queued") & (runs.c.worker_id == worker_id)
+        with self._write() as conn:
+            ids = list(conn.execute(select(runs.c.id).where(mine).order_by(runs.c.id)).scalars())
+            for run_id in ids:
+                conn.execute(update(runs).where(runs.c.id == run_id)
+                             .values(**status_fields("cancelled", "queued", None, time.time()), error=reason))
+                self._status_event(conn, run_id, 0, "cancelled", reason)
+        return ids
 
     def requeue_stale(self, stale_after_s: float, *, except_worker: str | None = None) -> list[int]:
         """Runs held by a worker (running/paused) whose heartbeat is older than stale_after_s, or
@@ -318,7 +332,9 @@ def _new_run_row(item: dict, now: float) -> dict:
                tags=to_json(clean_tags(item.get("tags", ())), "tags"), step=0,
                sweep_id=item.get("sweep_id"),  # checked and normalised by create_runs
                total_steps=None if total_steps is None else int(total_steps),
-               parent_id=as_id(item.get("parent_id")), fork_epoch=item.get("fork_epoch"))
+               parent_id=as_id(item.get("parent_id")), fork_epoch=item.get("fork_epoch"),
+               # a queued run reserved for one claimer (claim_next_run by that worker id only)
+               worker_id=item.get("reserved_for"))
     row.update(status_fields(status, None, None, now))
     return row
 

@@ -33,11 +33,17 @@ class SolutionsAPI:
         return Path(os.path.expanduser("~/.spherelab/checkpoints"))
 
     def record_checkpoint(self, run_id, epoch: int, step: int, path: str, size: int) -> None:
+        """Record a kept checkpoint file (fenced like every write for a held run). A file it replaces
+        (the same epoch kept again after a resume) is removed."""
         with self._write() as conn:
-            run = self._require_run(conn, run_id)
+            run = self._run_for_write(conn, run_id)
+            before = conn.execute(select(checkpoints.c.path).where(checkpoints.c.run_id == run.id,
+                                                                    checkpoints.c.epoch == int(epoch))).scalar()
             upsert(conn, checkpoints, [dict(run_id=run.id, epoch=int(epoch), step=int(step), path=str(path),
                                             bytes=int(size), created_at=time.time())],
                    key=("run_id", "epoch"), replace=("step", "path", "bytes", "created_at"))
+        if before and before != str(path):
+            Path(before).unlink(missing_ok=True)
 
     def checkpoints(self, run_id) -> list[CheckpointInfo]:
         """A run's kept checkpoints, oldest first."""
@@ -48,7 +54,8 @@ class SolutionsAPI:
         return [CheckpointInfo.from_row(row) for row in rows]
 
     # ---- jobs
-    def create_job(self, kind: str, run_id, spec: dict, *, other_run_id=None) -> int:
+    def create_job(self, kind: str, run_id, spec: dict, *, other_run_id=None, reserved_for: str | None = None) -> int:
+        """Queue a job; reserved_for: the one claimer that may take it (a CLI computing it itself)."""
         if kind not in JOB_KINDS:
             raise StoreError(f"unknown job kind {kind!r}: use one of {', '.join(JOB_KINDS)}")
         with self._write() as conn:
@@ -56,7 +63,7 @@ class SolutionsAPI:
             other = self._require_run(conn, other_run_id).id if other_run_id is not None else None
             return conn.execute(insert(jobs).values(
                 kind=kind, run_id=run.id, other_run_id=other, spec=to_json(spec, "job spec"), status="queued",
-                created_at=time.time())).inserted_primary_key[0]
+                worker_id=reserved_for, created_at=time.time())).inserted_primary_key[0]
 
     def get_job(self, job_id) -> JobInfo:
         with self._read() as conn:
@@ -77,7 +84,8 @@ class SolutionsAPI:
 
     def claim_job(self, worker_id: str, *, job_ids=None) -> JobInfo | None:
         """Atomically take the oldest queued job (optionally among job_ids); None if there is none."""
-        candidates = select(jobs.c.id).where(jobs.c.status == "queued")
+        candidates = select(jobs.c.id).where(jobs.c.status == "queued",
+                                             or_(jobs.c.worker_id.is_(None), jobs.c.worker_id == worker_id))
         if job_ids is not None:
             candidates = candidates.where(jobs.c.id.in_(list(job_ids)))
         candidates = candidates.order_by(jobs.c.id).limit(1)

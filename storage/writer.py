@@ -40,6 +40,10 @@ class MetricWriter:
             self._pending_values = sum(len(row[3]) for row in self._rows)
             raise
 
+    def discard(self) -> None:
+        """Drop the buffered rows (the run was lost to another claimer: nothing more is written)."""
+        self._rows, self._pending_values = [], 0
+
     def close(self) -> None:
         self.flush()
 

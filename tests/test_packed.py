@@ -246,7 +246,7 @@ def test_member_checkpoint_resumes_as_a_single_run_and_back():
     cfgs = [RunConfig(**three, elr=0.01), RunConfig(**three, mode="lrwd", lr=0.1, wd=0.01, momentum=0.9, seed=2)]
     saved = {}
 
-    def keep(member):
+    def keep(member, kept):
         if member.epoch == 1:
             saved[id(member)] = _roundtrip(member.state_dict())
 
@@ -263,7 +263,7 @@ def test_member_checkpoint_resumes_as_a_single_run_and_back():
     # and a single run's checkpoint resumes inside a pack
     states = []
     for cfg in cfgs:
-        Trainer([cfg], checkpoints=[lambda m: states.append(_roundtrip(m.state_dict())) if m.epoch == 1 else None]
+        Trainer([cfg], checkpoints=[lambda m, kept: states.append(_roundtrip(m.state_dict())) if m.epoch == 1 else None]
                 ).run()
     repacked = Trainer(cfgs, states=states)
     repacked.run()
@@ -298,9 +298,10 @@ def test_claim_pack_partners_spreads_the_queue_over_free_slots(tmp_path, monkeyp
     ids = store.create_runs([{"config": RunConfig(elr=e).to_dict(), "name": f"r{e}"} for e in (1e-3, 1e-2, 0.1, 1.0)]
                             + [{"config": RunConfig(elr=0.1, width=8).to_dict(), "name": "other width"}])
     first = store.claim_next_run("w1")
-    assert claim_pack_partners(store, "w1", first, "cpu", free_slots=2) == [ids[1]]      # 4 runs, 2 slots
+    assert [r.id for r in claim_pack_partners(store, "w1", first, "cpu", free_slots=2)] == [ids[1]]  # 4 runs, 2 slots
     second = store.claim_next_run("w1")
-    assert claim_pack_partners(store, "w1", second, "cpu", free_slots=1) == [ids[3]]
+    [partner] = claim_pack_partners(store, "w1", second, "cpu", free_slots=1)
+    assert partner.id == ids[3] and partner.claim and partner.claim != second.claim     # each its own claim
     assert store.get_run(ids[4]).status == "queued"                 # never packed with another width
 
 

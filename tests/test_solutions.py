@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from engine.config import RunConfig
 from engine.solutions import Evaluator, angle, average, barrier, checkpoint_weights, path
 from engine.trainer import Trainer
-from storage import Store
+from storage import Store, StoreError
 from tests.helpers import assert_bitwise_rows, single
 from tests.processes import start_worker, wait_for
 
@@ -204,7 +204,7 @@ def test_a_failed_checkpoint_write_leaves_the_previous_files_and_records_nothing
     monkeypatch.setattr(runner.torch, "save", torn)
     for _ in range(m.steps_per_epoch):
         trainer.train_step()
-    with pytest.raises(OSError):
+    with pytest.raises(StoreError, match="disk full"):
         runner.save_checkpoint(store, m, keep=True)
     assert {p: open(p, "rb").read() for p in before} == before
     assert [c.epoch for c in store.checkpoints(run)] == [1] and store.get_run(run).checkpoint_step == m.steps_per_epoch

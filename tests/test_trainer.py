@@ -59,7 +59,7 @@ def test_checkpoint_round_trip_continues_the_same_trajectory():
     whole = single(cfg)
     saved = {}
 
-    def save(member):
+    def save(member, kept):
         if member.epoch == 1:
             saved["state"] = _roundtrip(member.state_dict())
 

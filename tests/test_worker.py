@@ -195,7 +195,7 @@ def test_child_killed_alone_marks_its_run_failed(tmp_path):
         for pid in pids:
             os.kill(pid, signal.SIGKILL)        # what the OOM killer does
         info = wait_for(lambda: store.get_run(run_id).status == "failed" and store.get_run(run_id))
-        assert "exited with code -9" in info.error
+        assert info.error == "its process was killed by SIGKILL (the out-of-memory killer, or kill -9)"
     finally:
         worker.send_signal(signal.SIGTERM)
         worker.wait(timeout=60)

@@ -1,0 +1,215 @@
+"""Issue 12, the defects that live in the worker and the run processes (items 1, 2, 3, 7, 8), with real
+workers, real run processes and real SQLite files. Each test says what main did before and what it does
+now."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from engine import runner, worker
+from engine.config import RunConfig
+from storage import ClaimLost, Store, StoreBusy
+from tests.processes import start_worker, wait_for
+from tests.test_hardening import engine, hold_lock
+
+LONG = ("--elr", "0.001", "--epochs", "2000", "--log-every", "5")
+
+
+def submit(db, *args) -> list[int]:
+    out = engine("submit", *args, "--db", db)
+    assert out.returncode == 0, out.stderr
+    return [int(x) for x in out.stdout.split()]
+
+
+def run_processes(worker_pid: int) -> list[int]:
+    found = subprocess.run(["pgrep", "-P", str(worker_pid), "-f", "spawn"], capture_output=True, text=True)
+    return [int(p) for p in found.stdout.split()]
+
+
+def stop(proc, timeout=60):
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def test_deleting_a_running_run_leaves_the_worker_training_the_queue(tmp_path):
+    """Item 1. Before: `delete` of a running run exited 0, its process hit "no run with id", the worker
+    itself exited and the queued runs stayed queued with no worker. Now: the run process finds its run
+    gone (ClaimLost), stops writing, and the worker goes on with the queue."""
+    db = str(tmp_path / "delete.db")
+    [doomed] = submit(db, *LONG)
+    [next_run] = submit(db, "--elr", "0.01", "--epochs", "2")
+    log = open(tmp_path / "worker.log", "w+")
+    proc = start_worker(db, log=log)
+    store = Store(db)
+    try:
+        wait_for(lambda: (store.last_step(doomed) or 0) > 20)
+        assert engine("delete", str(doomed), "--db", db).returncode == 0
+        wait_for(lambda: store.get_run(next_run).status == "finished", timeout=180)
+        assert proc.poll() is None                              # the worker is still there
+    finally:
+        stop(proc)
+    log.seek(0)
+    text = log.read()
+    assert "Traceback" not in text, text[-3000:]
+    assert [r.id for r in store.list_runs()] == [next_run]
+    assert not [p for p in os.listdir(store.checkpoint_dir) if p.startswith(f"run-{doomed}-")]
+
+
+def test_a_run_process_that_lost_its_claim_stops_and_the_run_is_trained_once(tmp_path):
+    """Item 2. Before: a run whose process was frozen past --stale-after got a second process while the
+    first one, thawed, kept training and writing into the same run (both wrote run-N.pt.tmp; a spurious
+    failure). Now: the thawed process's first write raises ClaimLost, it writes nothing more, and the
+    stored trace is one trajectory finished once by the successor."""
+    db = str(tmp_path / "twice.db")
+    [run_id] = submit(db, "--elr", "0.001", "--epochs", "40", "--log-every", "5")
+    store = Store(db)
+    first = start_worker(db, "--stale-after", "3")
+    second = None
+    try:
+        wait_for(lambda: (store.get_run(run_id).checkpoint_step or 0) > 0)
+        [child] = run_processes(first.pid)
+        os.kill(child, signal.SIGSTOP)               # frozen: no heartbeat, no progress
+        os.kill(first.pid, signal.SIGSTOP)           # and its worker, so nobody answers for it
+        second = start_worker(db, "--stale-after", "3")
+        wait_for(lambda: store.get_run(run_id).claim and store.events(run_id, ["resume"]), timeout=120)
+        os.kill(first.pid, signal.SIGCONT)
+        os.kill(child, signal.SIGCONT)               # thawed: it must notice it lost the run
+        wait_for(lambda: store.get_run(run_id).status == "finished", timeout=300)
+        wait_for(lambda: child not in run_processes(first.pid), timeout=60)
+    finally:
+        for proc in (first, second):
+            if proc is not None:
+                stop(proc)
+    statuses = [e.payload["status"] for e in store.events(run_id, ["status"])]
+    assert "failed" not in statuses and statuses.count("finished") == 1, statuses
+    steps = store.read_metrics(run_id, ["train_loss"])["step"].to_numpy()
+    assert (np.diff(steps) > 0).all() and steps[-1] == store.get_run(run_id).total_steps
+    assert store.get_run(run_id).error is None
+
+
+def test_a_lock_held_past_the_old_busy_timeout_does_not_end_the_worker_or_the_run(tmp_path):
+    """Item 3. Before: a database lock held over 30 s raised an unhandled OperationalError around the
+    worker's heartbeat: the run ended `failed` and nothing trained afterwards. Now every store call
+    waits it out (retries with backoff up to storage.LOCK_WAIT_S) and training goes on."""
+    db = str(tmp_path / "lock.db")
+    [run_id] = submit(db, "--elr", "0.001", "--epochs", "30", "--log-every", "5")
+    [after] = submit(db, "--elr", "0.01", "--epochs", "2")
+    store = Store(db)
+    proc = start_worker(db)
+    try:
+        wait_for(lambda: (store.last_step(run_id) or 0) > 10)
+        holder = hold_lock(store.url, 35)
+        assert holder.wait(timeout=120) == 0
+        wait_for(lambda: store.get_run(after).status == "finished", timeout=300)
+        assert proc.poll() is None
+    finally:
+        stop(proc)
+    assert store.get_run(run_id).status == "finished" and store.get_run(run_id).error is None
+
+
+def test_a_store_locked_past_its_patience_leaves_runs_interrupted_never_failed(monkeypatch):
+    """Item 3, the far end: when even the wait runs out (StoreBusy), the run is resumable, not failed:
+    its process records `interrupted`, or, if the store still refuses, exits with EX_TEMPFAIL and the
+    worker records `interrupted` for it."""
+    class Locked:
+        def set_status(self, *args, **kwargs):
+            raise StoreBusy("the database stayed locked for 120 s")
+
+    assert runner._end_run(Locked(), 1, "interrupted") == "unrecorded"
+    assert worker._exit_cause(runner.EX_TEMPFAIL)[0] == "interrupted"
+
+    class Lost:
+        def set_status(self, *args, **kwargs):
+            raise ClaimLost("run 1 was deleted")
+
+    assert runner._end_run(Lost(), 1, "finished") == "lost"
+
+
+@pytest.mark.parametrize("content", [b"", b"PK\x03\x04 truncated", "malicious"])
+def test_a_damaged_or_refused_checkpoint_fails_its_run_naming_the_file(tmp_path, content):
+    """Item 7. Before: a corrupt, truncated or refused (malicious) checkpoint ended the run `failed` with
+    "(out of memory?)", the real cause only in the worker's log. Now the run's error names the file and
+    what is wrong with it."""
+    db = str(tmp_path / "damaged.db")
+    store = Store(db)
+    [run_id] = store.create_runs([{"config": RunConfig(epochs=2).to_dict(), "name": "damaged"}])
+    path = tmp_path / "run.pt"
+    if content == "malicious":
+        import pickle
+
+        class Boom:
+            def __reduce__(self):
+                return (os.system, ("echo pwned > /dev/null",))
+
+        torch.save({"model": Boom()}, path)
+    else:
+        path.write_bytes(content)
+    info = store.claim_next_run("w")
+    store.update_run(run_id, checkpoint_path=str(path), checkpoint_step=44)
+    store.set_status(run_id, "interrupted")
+    store.release(run_id)
+    proc = start_worker(db, "--once")
+    assert proc.wait(timeout=180) == 0
+    failed = store.get_run(run_id)
+    assert failed.status == "failed" and failed.error.startswith(f"run {run_id}'s checkpoint {path} cannot be loaded")
+    assert "out of memory" not in failed.error and "\n" not in failed.error
+    assert info.claim
+
+
+def test_an_lrwd_rate_beyond_float32_ends_nonfinite_not_failed(tmp_path):
+    """Item 7. Before: on the single-run path an LR above float32's range ended the run `failed` (an
+    overflow converting it), the packed path `nonfinite`. Now there is one path: `nonfinite`."""
+    db = str(tmp_path / "huge.db")
+    out = engine("train", "--mode", "lrwd", "--lr", "1e39", "--epochs", "1", "--db", db)
+    assert out.returncode == 0, out.stderr
+    run = Store(db).get_run(int(out.stdout.split()[-1]))
+    assert run.status == "nonfinite" and run.error is None
+
+
+def test_train_and_sweep_never_share_their_runs_with_a_live_worker(tmp_path):
+    """Item 8. Before: with a worker on the same store, it claimed runs `train`/`sweep` had just created,
+    so `train` could exit 0 without printing its run id. Now the CLI's runs are reserved for it."""
+    db = str(tmp_path / "race.db")
+    Store(db).close()
+    proc = start_worker(db, env={"SPHERELAB_PACK": "0"})
+    try:
+        out = engine("sweep", "--elr", "0.001", "0.003", "0.01", "--epochs", "2", "--db", db,
+                     env={"SPHERELAB_PACK": "0"})
+        assert out.returncode == 0, out.stderr
+        ids = [int(x) for x in out.stdout.split()]
+        assert len(ids) == 3
+        single = engine("train", "--elr", "0.02", "--epochs", "1", "--db", db)
+        assert single.returncode == 0 and int(single.stdout.split()[-1]) > max(ids)
+    finally:
+        stop(proc)
+    store = Store(db)
+    for run in store.list_runs():
+        assert run.status == "finished" and run.worker_id.startswith("cli-"), (run.id, run.worker_id)
+    assert store.live_workers() == []
+
+
+def test_a_cli_that_stops_early_cancels_what_it_never_started(tmp_path):
+    """Item 8, the other side: runs reserved for a CLI that stops (Ctrl-C, an error) do not wait forever."""
+    db = str(tmp_path / "early.db")
+    proc = subprocess.Popen([sys.executable, "-m", "engine", "sweep", "--elr", "0.001", "0.01", "--epochs", "500",
+                             "--db", db], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "SPHERELAB_PACK": "0"})
+    store = wait_for(lambda: os.path.exists(db) and Store(db))
+    wait_for(lambda: len(store.list_runs()) == 2 and any(r.status == "running" for r in store.list_runs()))
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == 130
+    statuses = sorted(r.status for r in store.list_runs())
+    assert statuses == ["cancelled", "interrupted"], statuses
+    assert [r.error for r in store.list_runs(status="cancelled")] == \
+        ["the command that created it stopped before training it"]
