@@ -8,6 +8,7 @@ import argparse
 import json
 import sys
 
+from . import calibrate
 from .config import ConfigError, RunConfig, SWEEPABLE, expand_grid, parse_values
 
 EXIT_BAD_INPUT = 2
@@ -192,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--json", action="store_true")
     bn.add_argument("--device", default="auto")
     bn.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
+    calibrate.add_parser(sub)
     return p
 
 
@@ -201,7 +203,7 @@ def main(argv=None) -> int:
     from . import commands
     from storage import StoreError
     try:
-        return getattr(commands, f"cmd_{args.command}")(args) or 0
+        return (getattr(args, "handler", None) or getattr(commands, f"cmd_{args.command}"))(args) or 0
     except (ConfigError, StoreError) as exc:
         sys.stderr.write(f"python -m engine {args.command}: error: {exc}\n")
         return EXIT_BAD_INPUT
