@@ -21,9 +21,9 @@ Regime of the run (`classify`):
 
 Spikes (`find_spikes`): a loss excursion is a run of points at least SPIKE_RATIO times the running
 median of the SPIKE_WINDOW points before it and at least SPIKE_FLOOR of the untrained level, dated
-at its peak. It is a spike of the periodic mechanism when, from the last point before it to
-MECHANISM_EPOCHS after its peak, si_norm rises at least NORM_JUMP above and elr falls at least
-ELR_DROP below their values at that last point. An excursion that starts within MECHANISM_EPOCHS
+at its peak. It is a spike of the periodic mechanism when, from its first point to MECHANISM_EPOCHS
+after its peak, si_norm rises at least NORM_JUMP above its lowest value and elr falls at least
+ELR_DROP below its highest value over the LEAD_EPOCHS before the excursion. An excursion that starts within MECHANISM_EPOCHS
 of a spike's peak is part of that spike (an aftershock). Other excursions are
 evidence.excursions. period: the median spacing of the spikes, in steps.
 
@@ -53,7 +53,8 @@ TINY_FRACTION = 1e-4      # tail loss below 0.01% of the untrained level: conver
                           # equilibria sit far above (digits: >= 0.2%, the papers' CIFAR: >= 3%)
 FALL_SLOPE = -0.35        # the loss keeps falling: log-log slope <= -0.35 (down >= 32% over the
                           # window's x3 in time). Calibration (BENCHMARKS.md): converging digits
-                          # runs fall with slopes <= -0.4 there, equilibria drift by > -0.35
+                          # runs fall with slopes <= -0.4 there; equilibria drift by > -0.35 (all
+                          # but two still relaxing into their equilibrium)
 FALLS_WITH = -0.1         # in convergence eff_grad_norm falls with the loss (slope <= -0.1): flat or
                           # rising contradicts it (converging digits runs: <= -0.2)
 FLAT_SLOPE = 0.3          # an equilibrium's norm-free quantities show no trend: |slope| < 0.3
@@ -64,6 +65,8 @@ SPIKE_RATIO = 10.0        # an excursion is an order of magnitude above the loss
 SPIKE_FLOOR = 0.02        # and at least 2% of the untrained loss (not a wiggle of a converged run)
 SPIKE_WINDOW = 10         # log points in the running median an excursion is measured against
 MECHANISM_EPOCHS = 5.0    # the norm jump and ELR drop must follow within this many epochs
+LEAD_EPOCHS = 1.0         # the instability starts before the loss crosses SPIKE_RATIO: the norm is
+                          # measured against its lowest value (elr its highest) over the epoch before
 NORM_JUMP = 0.05          # si_norm up by at least 5% (gradients blow the norm up)
 ELR_DROP = 0.05           # elr down by at least 5% (5% norm jump alone gives ~9% at fixed lr)
 MAX_PERIOD_CV = 0.3       # spacing std/mean of a regular train of spikes (the preset: ~0.15)
@@ -223,9 +226,12 @@ def find_spikes(trace: pd.DataFrame) -> tuple[list[dict], list[dict]]:
                 "loss": float(loss[peak]), "loss_before": float(loss[before]), "norm_jump": None, "elr_drop": None,
                 "aftershocks": 0}
         if epoch is not None:
-            window = (epoch > epoch[before]) & (epoch <= epoch[peak] + MECHANISM_EPOCHS)
-            item["norm_jump"] = _relative_change(columns.get("si_norm"), before, window, np.nanmax)
-            drop = _relative_change(columns.get("elr"), before, window, np.nanmin)
+            index = np.arange(len(epoch))
+            lead = (index < first) & (epoch >= epoch[first] - LEAD_EPOCHS)
+            lead = lead if lead.any() else index == before
+            after = (index >= first) & (epoch <= epoch[peak] + MECHANISM_EPOCHS)
+            item["norm_jump"] = _relative_change(columns.get("si_norm"), lead, after, np.nanmin, np.nanmax)
+            drop = _relative_change(columns.get("elr"), lead, after, np.nanmax, np.nanmin)
             item["elr_drop"] = None if drop is None else -drop
         mechanism = (item["norm_jump"] is not None and item["norm_jump"] >= NORM_JUMP
                      and item["elr_drop"] is not None and item["elr_drop"] >= ELR_DROP)
@@ -233,11 +239,11 @@ def find_spikes(trace: pd.DataFrame) -> tuple[list[dict], list[dict]]:
     return spikes, excursions
 
 
-def _relative_change(values: np.ndarray | None, before: int, window: np.ndarray, pick) -> float | None:
-    """pick(values in window) / values[before] - 1; None where not logged or not finite."""
-    if values is None or not window.any():
+def _relative_change(values: np.ndarray | None, lead: np.ndarray, after: np.ndarray, base, pick) -> float | None:
+    """pick(values after) / base(values in the lead) - 1; None where not logged or not finite."""
+    if values is None or not after.any():
         return None
-    ref, moved = values[before], pick(values[window])
+    ref, moved = base(values[lead]), pick(values[after])
     if not (np.isfinite(ref) and ref > 0 and np.isfinite(moved)):
         return None
     return float(moved / ref - 1)

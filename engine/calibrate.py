@@ -32,9 +32,10 @@ from .config import ConfigError, RunConfig, parse_values
 
 REFERENCE_FACTOR = 4     # the reference sees each run continued to 4x its horizon (issue 10)
 REF_UNTRAINED = 0.75     # never learned: loss over the extra time stays at >= 75% of the untrained
-                         # loss (the diverged digits runs sit at 1.0-1.1x; learners at <= 0.5x)
-REF_FALL = 0.75          # kept falling: loss and eff_grad_norm each down by >= 25% over 4x the
-                         # time (converging runs: 0.3-0.65; equilibria: 0.85-1.15)
+                         # loss (diverged digits runs sit at 1.0-1.1x, equilibria at <= 0.4x; the
+                         # partial learners between them are boundary runs)
+REF_FALL = 0.75          # kept falling: loss and eff_grad_norm each down by >= 25% over 4x the time
+                         # (most converging runs: to 0.3-0.65; most equilibria: 0.85-1.15)
 
 TARGET_AGREEMENT = 0.95
 TARGET_UNDETERMINED = 0.05
@@ -68,8 +69,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
     p.add_argument("--save-traces", default=None, help="write the trained traces to this Parquet file")
     p.add_argument("--load-traces", default=None,
-                   help="judge the traces of an earlier --save-traces instead of training (the matrix flags "
-                        "are then read from the file)")
+                   help="judge the traces of an earlier --save-traces instead of training (seeds, widths, "
+                        "depths, batch sizes and ELRs come from the file; --horizons still applies)")
     p.add_argument("--json", action="store_true", help="machine-readable result, with every run")
     p.set_defaults(handler=run)
     return p
@@ -233,6 +234,9 @@ def run(args) -> int:
             traces = pd.read_parquet(args.load_traces)
         except (OSError, ValueError) as exc:
             raise ConfigError(f"cannot read traces from {args.load_traces}: {exc}") from None
+        missing = [c for c in [*SWEEP_KEYS[:-1], "elr", *TRACE_COLUMNS] if c not in traces]
+        if missing:
+            raise ConfigError(f"{args.load_traces} is not a file of --save-traces: no column {missing[0]}")
         spec = {"seeds": sorted(traces["seed"].unique().tolist()), "widths": sorted(traces["width"].unique().tolist()),
                 "depths": sorted(traces["depth"].unique().tolist()),
                 "batch_sizes": sorted(traces["batch_size"].unique().tolist()),
@@ -248,7 +252,7 @@ def run(args) -> int:
     summary = summarize(judged)
     wall = time.time() - start
     if args.json:
-        print(json.dumps({"matrix": {k: v for k, v in spec.items()}, "reference_factor": REFERENCE_FACTOR,
+        print(json.dumps({"matrix": spec, "reference_factor": REFERENCE_FACTOR,
                           "summary": summary, "wall_time_s": round(wall, 1), "machine": _machine(),
                           "runs": judged.to_dict(orient="records")}, indent=2, default=str))
     else:

@@ -51,7 +51,7 @@ def test_power_law_decay_of_loss_and_gradient_norm_is_convergence():
 
 
 def test_tiny_loss_is_convergence_even_when_flat():
-    trace = make_trace(30, train_loss=lambda t: np.full_like(t, 1e-3), train_acc=lambda t: np.ones_like(t),
+    trace = make_trace(30, train_loss=lambda t: np.full_like(t, 1e-4), train_acc=lambda t: np.ones_like(t),
                        eff_grad_norm=lambda t: np.full_like(t, 0.1), noise=0.3)
     regime, ev = classify(trace, 10)
     assert regime == "convergence" and "untrained level" in ev["reason"]
