@@ -47,11 +47,11 @@ def time_compare(store: Store, ids: list[int], smoothing: float) -> tuple[float,
     """(total seconds, of which reading and thinning the data)."""
     started = time.perf_counter()
     runs = store.list_runs(ids=ids)
-    raw, smoothed = data.compare_frames(store, ids, ["train_loss", "test_acc"], max_points=MAX_POINTS,
-                                        smoothing=smoothing)
+    front, faint = data.compare_frames(store, ids, ["train_loss", "test_acc"], max_points=MAX_POINTS,
+                                       smoothing=smoothing)
     read = time.perf_counter() - started
-    fig = charts.overlay(raw, smoothed, ["train_loss", "test_acc"], {r.id: data.run_label(r) for r in runs},
-                         log_y=True)
+    fig = charts.overlay(front, ["train_loss", "test_acc"], {r.id: data.run_label(r) for r in runs},
+                         faint=faint, log_keys={"train_loss"})
     fig.to_json()  # what st.plotly_chart sends to the browser
     return time.perf_counter() - started, read
 

@@ -1,24 +1,37 @@
 """Plotly figure builders: pure functions from DataFrames to Figures (no Streamlit, no store).
 
 Axis titles and legends use the metric keys of SPEC §6, so a chart reads like the exported data.
+Every user-controlled string (run names) goes through plain.html: Plotly renders HTML in labels.
+Log axes carry explicit tick values and texts (log_axis), so a tick never reads as a bare mantissa
+("2" for 0.02), on screen and in exported files alike.
 """
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
-from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
 from engine import registry
 
-PALETTE = qualitative.Plotly + qualitative.Dark2
+from .plain import html
+
+# Run colours avoid the regime colours below (green, orange, red, purple, grey), so a curve's
+# colour is never read as its regime.
+PALETTE = ("#1f77b4", "#e377c2", "#17becf", "#8c564b", "#bcbd22", "#3949ab", "#f48fb1", "#00838f",
+           "#6d4c41", "#0d47a1")
 REGIME_COLORS = {"convergence": "#1b9e4b", "chaotic_equilibrium": "#f28e00", "divergence": "#d62728",
-                 "undetermined": "#8c8c8c"}
+                 "periodic": "#7b2cbf", "undetermined": "#8c8c8c"}
+UNKNOWN_REGIME_COLOR = "#8c8c8c"
 SPIKE_COLOR = "rgba(214, 39, 40, 0.55)"
+INDEX_X = ("step", "epoch", "wall_time")
 X_TITLES = {"step": "step", "epoch": "epoch", "wall_time": "wall_time (s)"}
+LEGEND = dict(orientation="h", yanchor="bottom", y=1.02, x=0, xanchor="left")
+# room above the plot for the legend, so neither it nor a title sits under the toolbar
+MARGIN = dict(l=10, r=10, t=60, b=10)
 
 
 def run_color(run_id: int) -> str:
@@ -27,10 +40,52 @@ def run_color(run_id: int) -> str:
     return PALETTE[int(run_id) % len(PALETTE)]
 
 
+def regime_color(regime: str | None) -> str:
+    return REGIME_COLORS.get(regime or "undetermined", UNKNOWN_REGIME_COLOR)
+
+
 def _finite(values) -> np.ndarray:
     """inf cannot be drawn (or sent as JSON): it becomes a gap like nan."""
     values = np.asarray(values, dtype=np.float64)
     return np.where(np.isfinite(values), values, np.nan)
+
+
+# ---- axes ---------------------------------------------------------------------------------------
+def tick_text(value: float) -> str:
+    """A tick label that reads as the number itself: 0.02, 500, 2e-5, 1e6."""
+    text = f"{value:.6g}"
+    return re.sub(r"e\+?(-?)0*(\d)", r"e\1\2", text)
+
+
+def log_ticks(lo: float, hi: float, most: int = 8) -> list[float]:
+    """Tick values for a log axis over [lo, hi]: decades when there are three or more, else 1-2-5,
+    else every mantissa, else (a range narrower than one mantissa step) evenly spaced values."""
+    k0, k1 = math.floor(math.log10(lo)), math.ceil(math.log10(hi))
+    for mantissas in ((1,), (1, 2, 5), tuple(range(1, 10))):
+        values = [float(f"{m * 10.0 ** k:.12g}") for k in range(k0, k1 + 1) for m in mantissas]
+        values = [v for v in values if lo * (1 - 1e-9) <= v <= hi * (1 + 1e-9)]
+        enough = 2 if len(mantissas) == 9 or (mantissas == (1,) and math.log10(hi / lo) >= 2) else 3
+        if len(values) >= enough:
+            every = math.ceil(len(values) / most) if mantissas == (1,) else 1
+            return values[::every]
+    step = 10.0 ** math.floor(math.log10((hi - lo) / 4))
+    step *= next(m for m in (1, 2, 5, 10) if (hi - lo) / (m * step) <= 5)
+    first = math.ceil(lo / step)
+    return [float(f"{i * step:.12g}") for i in range(first, int(math.floor(hi / step)) + 1)]
+
+
+def log_axis(values, lo: float | None = None, hi: float | None = None) -> dict:
+    """A log axis with explicit ticks over the positive finite values (or [lo, hi])."""
+    values = np.asarray(values, dtype=np.float64)
+    values = values[np.isfinite(values) & (values > 0)]
+    if lo is None:
+        if not values.size:
+            return {"type": "log"}
+        lo, hi = float(values.min()), float(values.max())
+    if hi <= lo:
+        lo, hi = lo / 1.5, hi * 1.5
+    ticks = log_ticks(lo, hi)
+    return {"type": "log", "tickvals": ticks, "ticktext": [tick_text(v) for v in ticks]}
 
 
 def scale(values, log: bool) -> dict:
@@ -42,20 +97,19 @@ def scale(values, log: bool) -> dict:
     if values.size and np.ptp(values) <= 1e-5 * np.abs(values).max():
         middle = float(values.mean())
         if log:
-            axis = {"type": "log", "range": [math.log10(middle) - 0.005, math.log10(middle) + 0.005]}
+            low, high = math.log10(middle) - 0.005, math.log10(middle) + 0.005
+            axis = {**log_axis([], 10 ** low, 10 ** high), "range": [low, high]}
         elif middle:
             axis["range"] = [middle - 0.01 * abs(middle), middle + 0.01 * abs(middle)]
     return axis
 
 
-def log_axis(values) -> dict:
-    """A log axis whose labels stay readable in a short panel: over two or more decades only the
-    powers of ten are labelled, over one to two decades 1-2-5, below that Plotly's own choice."""
-    values = np.asarray(values, dtype=np.float64)
-    values = values[np.isfinite(values) & (values > 0)]
-    span = float(np.log10(values.max() / values.min())) if values.size else 0.0
-    ticks = {"dtick": 1} if span >= 2 else {"dtick": "D2"} if span >= 1 else {}
-    return {"type": "log", **ticks}
+def _grid(keys: list[str], cols: int, shared_x: bool, row_height: int, titles: bool = True):
+    rows = max(1, math.ceil(len(keys) / cols))
+    fig = make_subplots(rows=rows, cols=cols, shared_xaxes=shared_x, subplot_titles=keys if titles else None,
+                        vertical_spacing=min(0.12, 0.3 / rows), horizontal_spacing=0.08)
+    fig.update_layout(height=max(320, row_height * rows), margin=MARGIN)
+    return fig, [(i // cols + 1, i % cols + 1) for i in range(len(keys))]
 
 
 def _series(frame: pd.DataFrame, key: str, x: str = "step") -> tuple[np.ndarray, np.ndarray]:
@@ -66,48 +120,99 @@ def _series(frame: pd.DataFrame, key: str, x: str = "step") -> tuple[np.ndarray,
     return points[x].to_numpy(), _finite(points[key])
 
 
-def _grid(keys: list[str], cols: int, shared_x: bool, row_height: int, titles: bool = True):
-    rows = max(1, math.ceil(len(keys) / cols))
-    fig = make_subplots(rows=rows, cols=cols, shared_xaxes=shared_x, subplot_titles=keys if titles else None,
-                        vertical_spacing=min(0.12, 0.3 / rows), horizontal_spacing=0.08)
-    fig.update_layout(height=max(320, row_height * rows), margin=dict(l=10, r=10, t=40, b=10))
-    return fig, [(i // cols + 1, i % cols + 1) for i in range(len(keys))]
+# ---- overlays of runs ---------------------------------------------------------------------------
+def overlay(front: pd.DataFrame, keys: list[str], names: dict[int, str], *, x: str = "step",
+            log_x: bool = False, log_keys=(), faint: pd.DataFrame | None = None,
+            regimes: dict[int, str] | None = None, row_height: int = 280, cols: int = 1) -> go.Figure:
+    """One panel per metric key, one colour per run (or per seed group).
 
-
-def overlay(raw: pd.DataFrame, smoothed: pd.DataFrame | None, keys: list[str], names: dict[int, str], *,
-            x: str = "step", log_x: bool = False, log_y: bool = False) -> go.Figure:
-    """Compare runs: one panel per metric key, one colour per run. With smoothing the raw curve is
-    drawn faintly behind the smoothed one. Inputs are long frames (run_id, key, step, epoch,
-    wall_time, value) as the store's read_metrics_many returns them."""
-    fig, cells = _grid(keys, 1, True, 280, titles=False)
-    front = smoothed if smoothed is not None else raw
-    raw_series, front_series = _by_series(raw), _by_series(front)
-    empty = raw.iloc[0:0]
+    front, faint: long frames (run_id, key, step, x, value; optionally lo and hi for a mean ± std
+    band) as series.with_x makes them. `faint` (the raw curves behind smoothed ones) is drawn thin
+    and pale. x is "step", "epoch", "wall_time" or a metric key: then each panel is a phase diagram
+    (the key against that metric at the same steps) with each run's start point marked. regimes
+    (run id -> label) adds the regime to the legend and writes it at the end of each curve."""
+    fig, cells = _grid(keys, cols, x in INDEX_X, row_height, titles=cols > 1)
+    phase = x not in INDEX_X
+    regimes = regimes or {}
+    front_series, faint_series = _by_series(front), _by_series(faint)
     for (row, col), key in zip(cells, keys):
         for run_id, name in names.items():
             color, first = run_color(run_id), key == keys[0]
-            if smoothed is not None:
-                points = raw_series.get((run_id, key), empty)
-                fig.add_trace(go.Scatter(x=points[x], y=_finite(points["value"]), mode="lines", opacity=0.25,
+            label = html(name) + (f" · {regimes[run_id].replace('_', ' ')}" if run_id in regimes else "")
+            points = faint_series.get((run_id, key))
+            if points is not None:
+                fig.add_trace(go.Scatter(x=points["x"], y=_finite(points["value"]), mode="lines", opacity=0.25,
                                          line=dict(color=color, width=1), legendgroup=str(run_id),
                                          showlegend=False, hoverinfo="skip"), row=row, col=col)
-            points = front_series.get((run_id, key), empty)
-            fig.add_trace(go.Scatter(x=points[x], y=_finite(points["value"]), mode="lines", name=name,
-                                     line=dict(color=color, width=1.8), legendgroup=str(run_id),
-                                     showlegend=first, hovertemplate=f"{name}<br>{x} %{{x}}<br>{key} %{{y:.4g}}"
-                                     "<extra></extra>"), row=row, col=col)
-        values = front.loc[front["key"] == key, "value"]
-        fig.update_yaxes(title_text=key, **scale(values, log_y), row=row, col=col)
-    fig.update_xaxes(**scale(front[x], log_x))
-    fig.update_xaxes(title_text=X_TITLES.get(x, x), row=len(keys), col=1)
-    fig.update_layout(legend=dict(orientation="h", yanchor="bottom", y=1.02, x=0), hovermode="closest")
+            points = front_series.get((run_id, key))
+            if points is None:
+                continue
+            if "lo" in points:
+                _band(fig, points, color, run_id, row, col)
+            fig.add_trace(go.Scatter(
+                x=points["x"], y=_finite(points["value"]), mode="lines+markers" if phase else "lines",
+                name=label, line=dict(color=color, width=1.8), marker=dict(size=3), legendgroup=str(run_id),
+                showlegend=first, customdata=points["step"],
+                hovertemplate=f"{html(name)}<br>{x} %{{x:.4g}}<br>{key} %{{y:.4g}}<br>step %{{customdata}}"
+                              "<extra></extra>"), row=row, col=col)
+            if phase:
+                _mark_start(fig, points, color, row, col)
+            if run_id in regimes and first:
+                _label_end(fig, points, regimes[run_id], row, col)
+        values = front.loc[front["key"] == key, "value"] if not front.empty else []
+        fig.update_yaxes(title_text=key, **scale(values, key in log_keys), row=row, col=col)
+    xs = front["x"] if not front.empty else []
+    fig.update_xaxes(**scale(xs, log_x))
+    if regimes and not log_x and len(xs) and not phase:
+        # room to the right of the curves for their regime labels
+        low, high = float(np.nanmin(xs)), float(np.nanmax(xs))
+        fig.update_xaxes(range=[low, high + 0.18 * (high - low or 1)])
+    for row, col in cells[-cols:]:
+        fig.update_xaxes(title_text=X_TITLES.get(x, x), row=row, col=col)
+    # a grid has panel titles where a legend on top would go: there the legend goes to the right
+    legend = LEGEND if cols == 1 else dict(orientation="v", x=1.01, xanchor="left", y=1, yanchor="top")
+    fig.update_layout(legend=legend, hovermode="closest", uirevision="overlay")
     return fig
 
 
-def _by_series(long: pd.DataFrame) -> dict:
+def _by_series(long: pd.DataFrame | None) -> dict:
+    if long is None or long.empty:
+        return {}
     return {(int(run_id), key): group for (run_id, key), group in long.groupby(["run_id", "key"], sort=False)}
 
 
+def _band(fig: go.Figure, points: pd.DataFrame, color: str, run_id: int, row: int, col: int) -> None:
+    """mean ± std of a seed group: the upper edge, then the lower one filled up to it."""
+    fill = "rgba({}, {}, {}, 0.18)".format(*(int(color[i:i + 2], 16) for i in (1, 3, 5)))
+    for edge, fill_mode in (("hi", None), ("lo", "tonexty")):
+        fig.add_trace(go.Scatter(x=points["x"], y=_finite(points[edge]), mode="lines", line=dict(width=0),
+                                 fill=fill_mode, fillcolor=fill, legendgroup=str(run_id), showlegend=False,
+                                 hoverinfo="skip"), row=row, col=col)
+
+
+def _mark_start(fig: go.Figure, points: pd.DataFrame, color: str, row: int, col: int) -> None:
+    finite = points[np.isfinite(points["x"]) & np.isfinite(points["value"])]
+    if finite.empty:
+        return
+    start = finite.iloc[0]
+    fig.add_trace(go.Scatter(x=[start["x"]], y=[start["value"]], mode="markers+text", text=["start"],
+                             textposition="top center", textfont=dict(color=color, size=11),
+                             marker=dict(symbol="circle-open", size=13, color=color, line=dict(width=2.5)),
+                             showlegend=False, hoverinfo="skip"), row=row, col=col)
+
+
+def _label_end(fig: go.Figure, points: pd.DataFrame, regime: str, row: int, col: int) -> None:
+    """The regime written at the last finite point of the curve, in the regime's colour."""
+    finite = points[np.isfinite(points["x"]) & np.isfinite(points["value"])]
+    if finite.empty:
+        return
+    end = finite.iloc[-1]
+    fig.add_trace(go.Scatter(x=[end["x"]], y=[end["value"]], mode="text", text=[regime.replace("_", " ")],
+                             textposition="middle right", textfont=dict(color=regime_color(regime), size=13),
+                             showlegend=False, hoverinfo="skip", cliponaxis=False), row=row, col=col)
+
+
+# ---- one run ------------------------------------------------------------------------------------
 def run_curves(frame: pd.DataFrame, keys: list[str], *, run_id: int, spikes=(), rate_changes=(),
                cols: int = 2) -> go.Figure:
     """One run's metrics against step, a panel per key (log scale for keys that span decades),
@@ -138,67 +243,102 @@ def _mark_steps(fig: go.Figure, spikes, rate_changes) -> None:
                                  textangle=0, xanchor="left", yanchor="top", font=dict(size=10)))
 
 
-def regime_map(summary: pd.DataFrame, boundaries: list[float], rate_key: str) -> go.Figure:
-    """Tail means against the swept rate (log axis), coloured by regime, with the estimated
-    boundaries as dashed lines. customdata carries the run id, so a selected point names its run."""
-    panels = [("train_loss", True), ("test_acc", False), ("eff_grad_norm", True)]
+# ---- sweeps -------------------------------------------------------------------------------------
+MAP_PANELS = [("train_loss", True), ("test_acc", False), ("eff_grad_norm", True)]
+
+
+def regime_map(per_rate: pd.DataFrame, runs: pd.DataFrame, boundaries: list[dict], rate_key: str) -> go.Figure:
+    """Tail means against the swept rate (log axis). per_rate: one row per rate with the majority
+    regime, the label agreement across seeds and mean/std of each panel's metric (error bars: ±1 std
+    over seeds); runs: one row per run (small markers, each in its own regime's colour, when there
+    are seeds). Boundaries are intervals (shaded) with an estimate (dashed). customdata is a run id,
+    so a selected point names its run."""
     fig = make_subplots(rows=3, cols=1, shared_xaxes=True, vertical_spacing=0.06,
-                        subplot_titles=[f"tail mean {key}" for key, _ in panels])
-    for row, (key, log) in enumerate(panels, start=1):
-        for regime, color in REGIME_COLORS.items():
-            points = summary[summary["regime"] == regime]
-            if points.empty:
-                continue
+                        subplot_titles=[f"tail mean {key}" for key, _ in MAP_PANELS])
+    seeded = bool((per_rate["n"] > 1).any()) if not per_rate.empty else False
+    for row, (key, log) in enumerate(MAP_PANELS, start=1):
+        if seeded:
+            for regime, points in runs.groupby("regime", sort=False):
+                fig.add_trace(go.Scatter(
+                    x=points["rate"], y=_finite(points[key]), mode="markers", showlegend=False,
+                    marker=dict(color=regime_color(regime), size=6, opacity=0.45), customdata=points["run_id"],
+                    hovertemplate=f"run #%{{customdata}} ({html(regime)})<br>{rate_key} %{{x:.3g}}<br>"
+                                  f"{key} %{{y:.4g}}<extra></extra>"), row=row, col=1)
+        for regime, points in per_rate.groupby("regime", sort=False):
+            std = _finite(points[f"{key}_std"])
             fig.add_trace(go.Scatter(
-                x=points["rate"], y=_finite(points[key]), mode="markers", name=regime, legendgroup=regime,
-                showlegend=row == 1, marker=dict(color=color, size=11, line=dict(color="white", width=1)),
-                customdata=points["run_id"], text=points["name"],
-                hovertemplate=f"%{{text}}<br>{rate_key} %{{x:.3g}}<br>{key} %{{y:.4g}}<br>run #%{{customdata}}"
-                              "<extra>" + regime + "</extra>"), row=row, col=1)
-        fig.update_yaxes(title_text=key, **scale(summary[key], log), row=row, col=1)
-    fig.update_xaxes(**scale(summary["rate"], True))
+                x=points["rate"], y=_finite(points[f"{key}_mean"]), mode="markers", legendgroup=regime,
+                name=regime.replace("_", " "), showlegend=row == 1,
+                error_y=dict(type="data", array=np.nan_to_num(std), visible=seeded, color=regime_color(regime)),
+                marker=dict(color=regime_color(regime), size=12, line=dict(color="white", width=1)),
+                customdata=points["run_id"], text=points["agreement"],
+                hovertemplate=f"{rate_key} %{{x:.3g}}<br>{key} %{{y:.4g}}<br>labels agree: %{{text}}"
+                              f"<extra>{html(regime)}</extra>"), row=row, col=1)
+        values = pd.concat([per_rate[f"{key}_mean"], runs[key]]) if seeded else per_rate[f"{key}_mean"]
+        fig.update_yaxes(title_text=key, **scale(values, log), row=row, col=1)
+    fig.update_xaxes(**scale(per_rate["rate"], True))
     fig.update_xaxes(title_text=rate_key, row=3, col=1)
     for boundary in boundaries:
-        line = dict(color="#444", dash="dash", width=1.2)
-        fig.add_vline(x=boundary, row=1, col=1, line=line,
-                      label=dict(text=f"{boundary:.2g}", textposition="end", textangle=0, yanchor="bottom",
-                                 font=dict(size=11)))
-        fig.add_vline(x=boundary, row=2, col=1, line=line)
-        fig.add_vline(x=boundary, row=3, col=1, line=line)
-    fig.update_layout(height=760, margin=dict(l=10, r=10, t=40, b=10), clickmode="event+select",
-                      legend=dict(orientation="h", yanchor="bottom", y=1.04, x=0))
+        lo, hi, estimate = boundary["lo"], boundary["hi"], boundary["estimate"]
+        for row in (1, 2, 3):
+            if lo is not None and hi is not None:
+                fig.add_vrect(x0=lo, x1=hi, row=row, col=1, fillcolor="rgba(80, 80, 80, 0.10)", line_width=0)
+            if estimate is not None:
+                fig.add_vline(x=estimate, row=row, col=1, line=dict(color="#444", dash="dash", width=1.2),
+                              label=dict(text=f"≈ {tick_text(float(f'{estimate:.2g}'))}", textposition="start",
+                                         textangle=0, yanchor="bottom", font=dict(size=11)) if row == 1 else None)
+    fig.update_layout(height=760, margin=MARGIN, clickmode="event+select", legend=dict(LEGEND, y=1.04))
     return fig
 
 
+# ---- periodic behaviour and sharpness -----------------------------------------------------------
 def periodic(frame: pd.DataFrame, spikes: list[int], period: int | None) -> go.Figure:
     """train_loss, si_norm and elr on one shared step axis: spikes in the loss line up with jumps in
     the norm and drops in the ELR."""
-    panels = [("train_loss", True, "#1f77b4"), ("si_norm", False, "#2ca02c"), ("elr", True, "#9467bd")]
+    panels = [("train_loss", "#1f77b4"), ("si_norm", "#00838f"), ("elr", "#3949ab")]
     fig = make_subplots(rows=3, cols=1, shared_xaxes=True, vertical_spacing=0.05)
-    for row, (key, log, color) in enumerate(panels, start=1):
+    for row, (key, color) in enumerate(panels, start=1):
         steps, values = _series(frame, key)
         fig.add_trace(go.Scatter(x=steps, y=values, mode="lines", name=key, showlegend=False,
                                  line=dict(width=1.5, color=color),
                                  hovertemplate=f"step %{{x}}<br>{key} %{{y:.4g}}<extra></extra>"), row=row, col=1)
-        fig.update_yaxes(title_text=key, **scale(values, log), row=row, col=1)
+        fig.update_yaxes(title_text=key, **scale(values, registry.is_log(key)), row=row, col=1)
     _mark_steps(fig, spikes, [])
     fig.update_xaxes(title_text="step", row=3, col=1)
     title = f"{len(spikes)} loss spike(s)" + (f", period ≈ {period} steps" if period else "") if spikes else None
-    fig.update_layout(height=700, title=title, margin=dict(l=10, r=10, t=40 if spikes else 10, b=10))
+    fig.update_layout(height=700, title=title, margin=MARGIN, uirevision="periodic")
     return fig
 
 
-def sharpness(frame: pd.DataFrame) -> go.Figure:
-    """sharpness (λmax·ρ²) against the sharpness_threshold line 2(1+μ)/elr it cannot stay above."""
-    fig, drawn = go.Figure(), []
-    for key, style in (("sharpness", dict(width=2, color="#1f77b4")),
-                       ("sharpness_threshold", dict(width=1.5, dash="dash", color="#d62728"))):
-        steps, values = _series(frame, key)
-        drawn.append(values)
-        fig.add_trace(go.Scatter(x=steps, y=values, mode="lines+markers", name=key,
-                                 line=style, marker=dict(size=4)))
-    fig.update_yaxes(title_text="sharpness", **log_axis(np.concatenate(drawn)))
+def sharpness(long: pd.DataFrame, names: dict[int, str]) -> go.Figure:
+    """Each run's sharpness (λmax·ρ², solid) against its own stability line 2(1+μ)/elr (dashed), in
+    the run's colour: the sharpness rises to its line and cannot stay above it."""
+    fig = go.Figure()
+    series = _by_series(long)
+    for run_id, name in names.items():
+        color = run_color(run_id)
+        for key, style, suffix in (("sharpness", dict(width=2), ""),
+                                   ("sharpness_threshold", dict(width=1.5, dash="dash"), " · 2(1+μ)/elr")):
+            points = series.get((run_id, key))
+            if points is None:
+                continue
+            fig.add_trace(go.Scatter(x=points["step"], y=_finite(points["value"]),
+                                     mode="lines+markers" if key == "sharpness" else "lines",
+                                     name=html(name) + suffix, legendgroup=str(run_id), line=dict(color=color, **style),
+                                     marker=dict(size=4),
+                                     hovertemplate=f"{html(name)}<br>step %{{x}}<br>{key} %{{y:.4g}}<extra></extra>"))
+    fig.update_yaxes(title_text="sharpness  (dashed: 2(1+μ)/elr)", **log_axis(long["value"] if not long.empty else []))
     fig.update_xaxes(title_text="step")
-    fig.update_layout(height=380, margin=dict(l=10, r=10, t=30, b=10),
-                      legend=dict(orientation="h", yanchor="bottom", y=1.02, x=0))
+    fig.update_layout(height=420, margin=MARGIN, legend=LEGEND, uirevision="sharpness")
     return fig
+
+
+# ---- files --------------------------------------------------------------------------------------
+def for_export(fig: go.Figure, width: int = 1200) -> go.Figure:
+    """A copy sized for a file: fixed width, room for tick labels and titles (automargin), white."""
+    out = go.Figure(fig)
+    out.update_xaxes(automargin=True, title_standoff=12)
+    out.update_yaxes(automargin=True, title_standoff=12)
+    out.update_layout(width=width, height=fig.layout.height or 500, template="plotly_white",
+                      margin=dict(l=90, r=40, t=90, b=70))
+    return out

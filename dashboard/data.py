@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,12 +16,12 @@ import pandas as pd
 
 from engine import registry
 from engine.analysis import KEYS as ANALYSIS_KEYS
-from engine.analysis import analyze
+from engine.analysis import analyze, analyze_stored
 from engine.config import RunConfig, num_classes
 from storage import LIVE_STATUSES, TERMINAL_STATUSES, RunInfo, Store
 from storage.urls import sqlite_file
 
-from .series import smooth_long, tail_mean, thin
+from .series import group_mean, smooth_long, tail_mean, thin, with_x
 
 ENDED_VISIBLE_S = 600          # ended runs stay on the Live page this long, with their final curves
 SUMMARY_KEYS = [*ANALYSIS_KEYS, "test_acc"]
@@ -104,17 +105,28 @@ def metric_keys(store: Store, run_ids) -> list[str]:
     return registry.order(keys)
 
 
-def compare_frames(store: Store, run_ids, keys, *, max_points: int, smoothing: float):
-    """(raw, smoothed or None) long frames ready to draw. The EMA runs on the full-resolution data
-    (smoothing thinned points would change the curve); only then are both thinned for drawing."""
-    if smoothing > 0:
-        full = store.read_metrics_many(run_ids, keys)
-        return thin(full, max_points), thin(smooth_long(full, smoothing), max_points)
-    return store.read_metrics_many(run_ids, keys, max_points=max_points), None
+def compare_frames(store: Store, run_ids, keys, *, x: str = "step", max_points: int, smoothing: float = 0.0,
+                   groups: dict[int, list[int]] | None = None, log_keys=()):
+    """(front, faint or None): long frames with an x column, ready for charts.overlay. The EMA, the
+    seed-group means and the pairing with an x metric all run on the full-resolution data
+    (thinned points would change them); only then are the frames thinned for drawing. faint is
+    the raw curve behind a smoothed one."""
+    wanted = list(dict.fromkeys([*keys, *([] if x in registry.INDEX_COLUMNS else [x])]))
+    full = smoothing > 0 or bool(groups) or x not in registry.INDEX_COLUMNS
+    raw = store.read_metrics_many(run_ids, wanted, max_points=None if full else max_points)
+    front = smooth_long(raw, smoothing) if smoothing > 0 else raw
+    faint = raw if smoothing > 0 and not groups else None
+    if groups:
+        front = group_mean(front, groups, log_keys)
+
+    def ready(long):
+        long = with_x(long, x)
+        return thin(long[long["key"].isin(list(keys))], max_points)
+    return ready(front), None if faint is None else ready(faint)
 
 
-def compare_csv(store: Store, runs: list[RunInfo], keys) -> bytes:
-    """All points (not thinned) of the chosen runs and metrics, long format; nan/inf/-inf as text."""
+def compare_csv(store: Store, runs: list[RunInfo], keys=None) -> bytes:
+    """All points (not thinned) of the runs and metrics (None: all), long format; nan/inf/-inf as text."""
     frame = store.read_metrics_many([r.id for r in runs], keys)
     frame.insert(1, "run_name", frame["run_id"].map({r.id: r.name for r in runs}))
     buffer = io.StringIO()
@@ -124,23 +136,81 @@ def compare_csv(store: Store, runs: list[RunInfo], keys) -> bytes:
 
 def run_analysis(store: Store, run: RunInfo) -> dict:
     """engine.analysis on the stored trace: regime, evidence, spikes, period."""
-    return analyze(store.read_metrics(run.id, SUMMARY_KEYS), num_classes(run.config))
+    return analyze_stored(store, run.id, num_classes(run.config))
+
+
+_SUMMARIES: dict[tuple, tuple] = {}   # (url, run id) -> ((status, step), row): a moved run is read again
+
+
+def run_summary(store: Store, run: RunInfo) -> dict:
+    """A run's rate, regime (analysis of its trace) and tail means; cached until the run moves on,
+    so a regime map that refreshes while its sweep trains reads only the runs that changed."""
+    version = (run.status, run.step, run.name)
+    cached = _SUMMARIES.get((store.url, run.id))
+    if cached and cached[0] == version:
+        return cached[1]
+    trace = store.read_metrics(run.id, SUMMARY_KEYS)
+    result = analyze(trace, num_classes(run.config))
+    rate_key, rate = rate_of(run.config)
+    row = {"run_id": run.id, "name": run.name, "status": run.status, "rate_key": rate_key,
+           "rate": rate, "seed": run.config.get("seed"), "regime": result["regime"],
+           **{key: tail_mean(trace[key]) if key in trace else float("nan")
+              for key in ("train_loss", "test_acc", "eff_grad_norm")},
+           "reason": result["evidence"].get("reason", "")}
+    _SUMMARIES[(store.url, run.id)] = (version, row)
+    return row
 
 
 def sweep_summary(store: Store, sweep_id) -> pd.DataFrame:
     """One row per run of a sweep: its rate, regime (analysis of its trace) and tail means."""
-    rows = []
-    for run in store.list_runs(sweep_id=sweep_id):
-        trace = store.read_metrics(run.id, SUMMARY_KEYS)
-        result = analyze(trace, num_classes(run.config))
-        rate_key, rate = rate_of(run.config)
-        rows.append({"run_id": run.id, "name": run.name, "status": run.status, "rate_key": rate_key,
-                     "rate": rate, "seed": run.config.get("seed"), "regime": result["regime"],
-                     **{key: tail_mean(trace[key]) for key in ("train_loss", "test_acc", "eff_grad_norm")},
-                     "reason": result["evidence"].get("reason", "")})
+    rows = [run_summary(store, run) for run in store.list_runs(sweep_id=sweep_id)]
     columns = ["run_id", "name", "status", "rate_key", "rate", "seed", "regime", "train_loss", "test_acc",
                "eff_grad_norm", "reason"]
     return pd.DataFrame(rows, columns=columns).sort_values(["rate", "run_id"], ignore_index=True)
+
+
+def long_frame(wide: pd.DataFrame, run_id: int, keys) -> pd.DataFrame:
+    """A wide trace (step, epoch, wall_time, one column per key) as the long frame charts.overlay
+    draws (run_id, key, step, epoch, wall_time, value)."""
+    present = [key for key in keys if key in wide]
+    if wide is None or wide.empty or not present:
+        return pd.DataFrame(columns=["run_id", "key", "step", "epoch", "wall_time", "value"])
+    long = wide.melt(id_vars=["step", "epoch", "wall_time"], value_vars=present, var_name="key",
+                     value_name="value").dropna(subset=["value"])
+    return long.assign(run_id=run_id)[["run_id", "key", "step", "epoch", "wall_time", "value"]]
+
+
+def remaining_s(run: RunInfo, now: float) -> float | None:
+    """Seconds left at the pace the run has kept since it started (None before its first steps)."""
+    if run.status != "running" or not run.total_steps or not run.step or run.started_at is None:
+        return None
+    elapsed = now - run.started_at
+    return max(0.0, (run.total_steps - run.step) * elapsed / run.step) if elapsed > 0 else None
+
+
+def sharpness_runs(runs: list[RunInfo]) -> list[RunInfo]:
+    """Runs configured to measure sharpness."""
+    return [r for r in runs if (r.config.get("sharpness_every") or 0) > 0]
+
+
+# ---- managing runs ------------------------------------------------------------------------------
+def delete_runs(store: Store, runs: list[RunInfo]) -> None:
+    """Delete runs with their checkpoint files (refused by the store for runs a worker holds)."""
+    for run in runs:
+        store.delete(run.id)
+
+
+def delete_sweep(store: Store, sweep_id) -> int:
+    """Delete a sweep and its runs with their checkpoint files; returns how many runs went."""
+    return len(store.delete_sweep(sweep_id))
+
+
+def bundle_bytes(store: Store, run_ids: list[int], sweep_id=None) -> bytes:
+    """The portable bundle (`python -m engine import FILE` reads it) of runs or of a whole sweep."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "bundle.zip"
+        store.export_bundle(run_ids, path, sweep_id=sweep_id)
+        return path.read_bytes()
 
 
 # ---- live traces --------------------------------------------------------------------------------

@@ -12,7 +12,8 @@ from sqlalchemy.exc import SQLAlchemyError
 from storage import LIVE_STATUSES, RunInfo, RunNotFound, Store, StoreError, SweepNotFound, resolve_db_url
 from storage.urls import display_url
 
-from . import data, export, launch
+from . import charts, data, export, launch
+from .plain import md
 
 LAUNCH_PAGE = "dashboard/pages/launch.py"
 LIVE_PAGE = "dashboard/pages/live.py"
@@ -20,8 +21,13 @@ RUN_PAGE = "dashboard/pages/run.py"
 COMPARE_PAGE = "dashboard/pages/compare.py"
 REGIME_PAGE = "dashboard/pages/regime_map.py"
 PERIODIC_PAGE = "dashboard/pages/periodic.py"
-REGIME_BADGES = {"convergence": ("convergence", "green"), "chaotic_equilibrium": ("chaotic equilibrium", "orange"),
-                 "divergence": ("divergence", "red"), "undetermined": ("undetermined", "gray")}
+TEACH_PAGE = "dashboard/pages/teach.py"
+# Regime badge colours (Streamlit's names), matching charts.REGIME_COLORS. A regime the analysis
+# learns later reads grey until it gets its own.
+REGIME_BADGES = {"convergence": "green", "chaotic_equilibrium": "orange", "divergence": "red", "periodic": "violet",
+                 "undetermined": "gray"}
+REFRESH_S = 1.0   # how often pages that follow training redraw
+PLOT_CONFIG = {"displaylogo": False, "modeBarButtonsToRemove": ["select2d", "lasso2d", "autoScale2d"]}
 DB_FIX = ("**How to fix:** point the dashboard at a spherelab database with the environment variable "
           "`SPHERELAB_DB` (a file path or a SQLAlchemy URL, e.g. `SPHERELAB_DB=~/runs.db streamlit run "
           "streamlit_app.py`), or move the broken file away (or delete it) so a fresh one is created. "
@@ -46,7 +52,7 @@ def store_or_stop() -> Store:
 
 def show_store_failure(exc: Exception) -> None:
     reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
-    st.error(f"**Cannot use the run database.** {reason}")
+    st.error(f"**Cannot use the run database.** {md(reason)}")
     st.markdown(DB_FIX)
 
 
@@ -65,9 +71,9 @@ def guarded(body: Callable[..., None]) -> Callable[..., None]:
         try:
             body(*args, **kwargs)
         except (RunNotFound, SweepNotFound) as exc:
-            st.warning(f"{exc}. The link may point at a deleted run or another database.")
+            st.warning(f"{md(exc)}. The link may point at a deleted run or another database.")
         except StoreError as exc:
-            st.error(str(exc))
+            st.error(md(exc))
         except SQLAlchemyError as exc:  # the database broke under us (file removed, server gone)
             _open_store.clear()
             show_store_failure(exc)
@@ -124,6 +130,39 @@ def str_list(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
+def pick(label: str, options: dict[int, str], key: str, noun: str, default: int | None = None) -> int:
+    """A selectbox of ids (labels shown as plain text) whose value lives in the URL under `key`.
+    A link naming an id that is not here says so, then shows the default (the newest) instead."""
+    asked = st.query_params.get(key)
+    if asked is not None and asked != st.session_state.get(_SEEN, {}).get(key) and \
+            (not asked.strip().isdigit() or int(asked) not in options):
+        st.warning(f"{noun.capitalize()} {md(asked)} is not in this database: it was deleted, or the link comes "
+                   f"from another database. Showing another {noun} instead.", icon=":material/link_off:")
+    seed(key, next(iter(options)) if default is None else default, int, allowed=list(options))
+    chosen = st.selectbox(label, list(options), format_func=options.get, key=key)
+    publish(key, chosen)
+    return chosen
+
+
+def follow(body: Callable[..., None], store: Store, run_ids, *args) -> None:
+    """body(store, *args) in a fragment that redraws every REFRESH_S seconds while any of run_ids
+    is queued, training or interrupted, and stops once all of them have ended (one last whole-page
+    rerun draws the final state, static)."""
+    def active() -> bool:
+        return bool(run_ids) and any(not r.is_terminal for r in store.list_runs(ids=list(run_ids)))
+    live = active()
+
+    def tick(*inner) -> None:
+        body(store, *inner)
+        if live and not active():
+            st.rerun(scope="app")
+    st.fragment(guarded(tick), run_every=REFRESH_S if live else None)(*args)
+
+
+def chart(fig, key: str, **kwargs):
+    return st.plotly_chart(fig, key=key, config=PLOT_CONFIG, **kwargs)
+
+
 def selected_run(event) -> int | None:
     """The run id (the point's customdata) of the first point selected on a chart, if any."""
     for point in (event or {}).get("selection", {}).get("points", []):
@@ -134,9 +173,12 @@ def selected_run(event) -> int | None:
 
 
 # ---- small displays -----------------------------------------------------------------------------
+def regime_label(regime: str | None) -> str:
+    return (regime or "undetermined").replace("_", " ")
+
+
 def regime_badge(regime: str | None) -> None:
-    label, color = REGIME_BADGES.get(regime or "undetermined", (regime or "undetermined", "gray"))
-    st.badge(label, color=color)
+    st.badge(md(regime_label(regime)), color=REGIME_BADGES.get(regime or "undetermined", "gray"))
 
 
 def no_runs(what: str = "runs") -> None:
@@ -152,7 +194,8 @@ def downloads(csv_label: str, make_csv: Callable[[], bytes | str], stem: str, fi
     columns[0].download_button(csv_label, make_csv, file_name=f"{stem}.csv", mime="text/csv",
                                icon=":material/download:", on_click="ignore")
     for column, fmt in zip(columns[1:], formats):
-        column.download_button(f"Figure as {fmt.label}", lambda fmt=fmt: export.figure_bytes(fig, fmt),
+        column.download_button(f"Figure as {fmt.label}",
+                               lambda fmt=fmt: export.figure_bytes(charts.for_export(fig), fmt),
                                file_name=f"{stem}.{fmt.extension}", mime=fmt.mime, icon=":material/download:",
                                on_click="ignore")
     if not export.static_images_available():
@@ -167,7 +210,7 @@ def worker_panel(store: Store) -> None:
     waiting = f" {queued} run(s) queued." if queued else ""
     if workers:
         held = sum(len(w["run_ids"]) for w in workers)
-        names = ", ".join(f"{w['host']} pid {w['pid']} ({w['device']}, up to {w['max_parallel']} at once)"
+        names = ", ".join(md(f"{w['host']} pid {w['pid']} ({w['device']}, up to {w['max_parallel']} at once)")
                           for w in workers)
         doing = f"training {held} run(s)" if held else "idle"
         st.success(f"Worker alive: {names}; {doing}.{waiting}", icon=":material/memory:")
@@ -175,11 +218,11 @@ def worker_panel(store: Store) -> None:
     started = st.session_state.get("worker_started")
     if started and time.time() - started["at"] < 30:
         st.info(f"Starting a worker (pid {started['pid']}); it shows up here within a few seconds. "
-                f"Its log: `{started['log']}`.{waiting}", icon=":material/hourglass_top:")
+                f"Its log: {md(started['log'])}.{waiting}", icon=":material/hourglass_top:")
         return
-    st.warning(f"No worker is running, so queued runs wait.{waiting} Start one here, or in a shell: "
-               f"`python -m engine worker --db {display_url(store.url)} --max-parallel 2`.",
+    st.warning(f"No worker is running, so queued runs wait.{waiting} Start one here, or in a shell:",
                icon=":material/warning:")
+    st.code(f"python -m engine worker --db {display_url(store.url)} --max-parallel 2", language="bash")
     if st.button("Start a worker", icon=":material/play_arrow:", key="start_worker"):
         pid, log = launch.start_worker(store.url)
         st.session_state["worker_started"] = {"pid": pid, "log": str(log), "at": time.time()}
@@ -215,6 +258,6 @@ def _act(send: Callable[[], Any], done: str) -> None:
     try:
         send()
     except StoreError as exc:
-        st.error(str(exc))
+        st.error(md(exc))
         return
     st.toast(done, icon=":material/check:")

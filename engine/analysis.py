@@ -312,3 +312,12 @@ def _clean(value):
 def memory_trace(rows) -> pd.DataFrame:
     """Wide frame (step, epoch, wall_time, keys...) from MemoryRecorder rows."""
     return pd.DataFrame([{"step": s, "epoch": e, "wall_time": t, **v} for s, e, t, v in rows])
+
+
+def analyze_stored(store, run_id: int, num_classes: int | None = None) -> dict:
+    """analyze() on a stored run's trace (num_classes from its config when not given): the one way
+    the worker, the CLI and the dashboard judge a stored run."""
+    from .config import num_classes as classes_of
+    if num_classes is None:
+        num_classes = classes_of(store.get_run(run_id).config)
+    return analyze(store.read_metrics(run_id, KEYS), num_classes)

@@ -5,13 +5,22 @@ Bad input is one line on stderr and exit code 2, checked before anything is writ
 from __future__ import annotations
 
 import argparse
-import json
+import math
+import os
 import sys
+import traceback
+from pathlib import Path
 
-from . import calibrate
-from .config import ConfigError, RunConfig, SWEEPABLE, expand_grid, parse_values
+from storage import HEARTBEAT_EVERY_S, MAX_ID, MIN_STALE_AFTER_S, StoreError
+
+from . import calibrate, commands
+from .config import DEVICES, ConfigError, RunConfig
 
 EXIT_BAD_INPUT = 2
+DEBUG_ENV = "SPHERELAB_DEBUG"   # =1: an unexpected error prints its traceback as well
+# The worker refreshes its own heartbeat once per --poll, and the dashboard counts a worker live for
+# 15 s after its last one: a longer poll would make a working worker look gone.
+MAX_POLL_S = 10.0
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -40,6 +49,67 @@ def _shape(text: str) -> tuple[int, ...]:
         return tuple(int(p) for p in text.lower().split("x"))
     except ValueError:
         raise argparse.ArgumentTypeError(f"bad shape {text!r}: write sizes joined by x, e.g. 64 or 3x32x32")
+
+
+# ---- argument types: a value the command could not use is refused while parsing, naming its flag
+
+def _id(text: str) -> int:
+    """A run or sweep id: a whole number the store can hold."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= MAX_ID:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an id: ids are whole numbers from 1 to 2**63-1; "
+                                         "list them with `python -m engine runs`")
+    return value
+
+
+def _db(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("is empty: pass a file path or a database URL, or leave --db out to use "
+                                         "$SPHERELAB_DB, else ~/.spherelab/spherelab.db")
+    return text
+
+
+def _out_file(text: str) -> str:
+    """A file to write: its folder must exist, and it must not be a folder itself."""
+    path = Path(text)
+    if not text.strip():
+        raise argparse.ArgumentTypeError("is empty: name the file to write")
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a folder: name a file inside it")
+    if not path.parent.is_dir():
+        raise argparse.ArgumentTypeError(f"the folder {path.parent} does not exist: create it first, or write elsewhere")
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"the folder {path.parent} is not writable: write elsewhere")
+    return text
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds")
+    return value
+
+
+def _poll(text: str) -> float:
+    value = _seconds(text)
+    if not 0 < value <= MAX_POLL_S:
+        raise argparse.ArgumentTypeError(f"must be more than 0 and at most {MAX_POLL_S:g} seconds, got {text}")
+    return value
+
+
+def _stale_after(text: str) -> float:
+    value = _seconds(text)
+    if value < MIN_STALE_AFTER_S:
+        raise argparse.ArgumentTypeError(
+            f"must be at least {MIN_STALE_AFTER_S:g} seconds, got {text}: runs heartbeat every {HEARTBEAT_EVERY_S:g} s, "
+            "and a shorter wait would take a live run for dead and train it twice")
+    return value
 
 
 def add_training_flags(p: argparse.ArgumentParser, sweep: bool) -> None:
@@ -79,56 +149,18 @@ def add_training_flags(p: argparse.ArgumentParser, sweep: bool) -> None:
     g.add_argument("--lanczos-iters", type=int, default=D.lanczos_iters, help="Lanczos iteration cap")
     g.add_argument("--lanczos-tol", type=float, default=D.lanczos_tol, help="Lanczos relative residual tolerance")
     g.add_argument("--trace-samples", type=int, default=D.trace_samples,
-                   help="Hutchinson vectors for hessian_trace at sharpness steps")
-    g.add_argument("--checkpoint-every", type=int, default=D.checkpoint_every, help="epochs between checkpoints")
+                   help="Hutchinson vectors for hessian_trace at sharpness steps (0 = off)")
+    g.add_argument("--checkpoint-every", type=int, default=D.checkpoint_every,
+                   help="epochs between the checkpoints a run resumes from")
+    g.add_argument("--keep-every", type=int, default=D.keep_every,
+                   help="epochs between kept checkpoints (forks, averages), and the last one; 0 keeps only the latest")
     g = p.add_argument_group("where")
     g.add_argument("--device", default=D.device, help="auto | cpu | cuda")
-    g.add_argument("--db", default=None, help=DB_HELP)
     g.add_argument("--name", default=None, help="run name (default built from the config)")
     g.add_argument("--tags", nargs="*", default=[], help="labels for finding runs later")
 
 
 DB_HELP = "SQLAlchemy URL or SQLite path (default $SPHERELAB_DB, else ~/.spherelab/spherelab.db)"
-
-_SWEPT_TYPES = {"elr": float, "lr": float, "wd": float, "momentum": float, "seed": int, "width": int,
-                "batch_size": int}
-
-
-def configs_from_args(args, *, single: bool) -> tuple[list[RunConfig], dict]:
-    """Validated configs (one, or the grid's product) and the swept values."""
-    swept: dict[str, list] = {}
-    fixed: dict = {}
-    for key in SWEEPABLE:
-        raw = getattr(args, key)
-        if raw is None:
-            continue
-        raw = raw if isinstance(raw, list) else [raw]
-        values = [v for text in raw for v in parse_values(str(text), _SWEPT_TYPES[key])]
-        if len(values) == 1:
-            fixed[key] = values[0]
-        else:
-            if single:
-                raise ConfigError(f"--{key.replace('_', '-')} got {len(values)} values: `train` runs one "
-                                  "configuration; use `sweep` or `submit` for a grid")
-            swept[key] = values
-    base = RunConfig(model=args.model, depth=args.depth, init_scale=args.init_scale, dataset=args.dataset,
-                     data_dir=args.data_dir, synthetic_samples=args.synthetic_samples,
-                     synthetic_shape=tuple(args.synthetic_shape), synthetic_classes=args.synthetic_classes,
-                     augment=args.augment, mode=args.mode, schedule=args.schedule, epochs=args.epochs,
-                     log_every=args.log_every, eval_every=args.eval_every,
-                     sharpness_every=args.sharpness_every, probe_size=args.probe_size,
-                     lanczos_iters=args.lanczos_iters, lanczos_tol=args.lanczos_tol,
-                     trace_samples=args.trace_samples, checkpoint_every=args.checkpoint_every,
-                     device=args.device, name=args.name, tags=tuple(args.tags), **fixed)
-    configs = expand_grid(base, swept) if swept else [base.validate()]
-    if swept and args.name:
-        configs = [c.replace(name=f"{args.name} {_swept_label(c, swept)}") for c in configs]
-    return configs, swept
-
-
-def _swept_label(cfg: RunConfig, swept: dict) -> str:
-    return " ".join(f"{k}={getattr(cfg, k):g}" for k in swept)
-
 
 def build_parser() -> argparse.ArgumentParser:
     fmt = DefaultsFormatter
@@ -136,8 +168,12 @@ def build_parser() -> argparse.ArgumentParser:
                       "store runs, analyse them.", formatter_class=fmt)
     sub = p.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
-    def cmd(name, help_text):
-        return sub.add_parser(name, help=help_text, description=help_text, formatter_class=fmt)
+    def cmd(name, help_text, db=True):
+        parser = sub.add_parser(name, help=help_text, description=help_text, formatter_class=fmt)
+        parser.set_defaults(handler=getattr(commands, f"cmd_{name}"))
+        if db:
+            parser.add_argument("--db", type=_db, default=None, help=DB_HELP)
+        return parser
 
     add_training_flags(cmd("train", "run one configuration in this process; prints the run id last"), sweep=False)
     s = cmd("sweep", "run a grid of configurations in this process, as one sweep")
@@ -147,69 +183,104 @@ def build_parser() -> argparse.ArgumentParser:
     add_training_flags(s, sweep=True)
     s.add_argument("--sweep-name", default=None, help="name of the sweep (when several values are given)")
 
+    f = cmd("fork", "a child run from a kept checkpoint of RUN (numbering continues the parent's); trains "
+                    "here unless --submit; prints the child's id last")
+    f.add_argument("run", type=int)
+    f.add_argument("--at", type=int, default=None, help="epoch of the kept checkpoint (default: the last kept one)")
+    for flag, kind, text in (("--elr", float, "ELR (sphere)"), ("--lr", float, "learning rate (lrwd)"),
+                             ("--wd", float, "weight decay (lrwd)"), ("--momentum", float, "heavy-ball momentum"),
+                             ("--mode", str, "sphere | lrwd"), ("--schedule", str, "constant | cosine | step"),
+                             ("--seed", int, "a new batch order (default: the parent's, continued)")):
+        f.add_argument(flag, type=kind, default=None, help=f"{text} (default: the parent's)")
+    f.add_argument("--epochs", type=int, default=None,
+                   help="the child's own epochs after the fork (default: the parent's remaining ones)")
+    f.add_argument("--name", default=None, help="child run name (default: #PARENT@EPOCH and the changes)")
+    f.add_argument("--tags", nargs="*", default=[], help="labels (default: the parent's)")
+    f.add_argument("--submit", action="store_true", help="queue the child for the worker instead")
+    c = cmd("checkpoints", "a run's kept checkpoints (--keep-every): epoch, step, bytes")
+    c.add_argument("run", type=int)
+    c.add_argument("--json", action="store_true")
+    a = cmd("average", "SWA of kept checkpoints: weights averaged (not projected), BN recomputed, evaluated")
+    a.add_argument("run", type=int)
+    which = a.add_mutually_exclusive_group()
+    which.add_argument("--last", type=int, default=None, help="the last K kept checkpoints (default 5, or all if fewer)")
+    which.add_argument("--at", type=int, nargs="+", default=None, help="these kept epochs")
+    a.add_argument("--json", action="store_true")
+    a.add_argument("--submit", action="store_true", help="queue it for the worker and print the job id")
+    g = cmd("geometry", "angle, linear path and barriers between two solutions RUN or RUN@EPOCH")
+    g.add_argument("a")
+    g.add_argument("b")
+    g.add_argument("--points", type=int, default=21, help="alphas on the path, ends included")
+    g.add_argument("--json", action="store_true")
+    g.add_argument("--submit", action="store_true", help="queue it for the worker and print the job id")
+
     w = cmd("worker", "run queued runs in background processes")
     w.add_argument("--max-parallel", type=int, default=1, help="runs trained at the same time")
-    w.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    w.add_argument("--db", default=None, help=DB_HELP)
-    w.add_argument("--poll", type=float, default=1.0, help="seconds between looks at the queue")
-    w.add_argument("--stale-after", type=float, default=30.0,
-                   help="seconds without heartbeat after which a running run counts as interrupted")
+    w.add_argument("--device", default="auto", choices=DEVICES, help="auto | cpu | cuda")
+    w.add_argument("--poll", type=_poll, default=1.0, help=f"seconds between looks at the queue (at most {MAX_POLL_S:g})")
+    w.add_argument("--stale-after", type=_stale_after, default=30.0,
+                   help="seconds without heartbeat after which a running run counts as interrupted (at least 3)")
     w.add_argument("--once", action="store_true", help="exit when the queue is empty (scripts, tests)")
 
     r = cmd("runs", "list runs: id, name, status, regime, progress")
-    r.add_argument("--db", default=None, help=DB_HELP)
     r.add_argument("--status", default=None)
-    r.add_argument("--sweep", type=int, default=None)
+    r.add_argument("--sweep", type=_id, default=None)
     r.add_argument("--tag", default=None)
     r.add_argument("--json", action="store_true", help="machine-readable list")
 
     for name, text in (("cancel", "cancel a queued, running or paused run"),
                        ("delete", "delete a run with its metrics, events and checkpoint")):
         c = cmd(name, text)
-        c.add_argument("run", type=int)
-        c.add_argument("--db", default=None, help=DB_HELP)
+        c.add_argument("run", type=_id)
     t = cmd("tag", "add tags to a run")
-    t.add_argument("run", type=int)
+    t.add_argument("run", type=_id)
     t.add_argument("tags", nargs="+")
-    t.add_argument("--db", default=None, help=DB_HELP)
 
     e = cmd("export", "metrics of a run, one row per log point")
-    e.add_argument("run", type=int)
+    e.add_argument("run", type=_id)
     e.add_argument("--format", choices=("csv", "json"), default="csv")
-    e.add_argument("--out", default=None, help="file to write (default: stdout)")
-    e.add_argument("--db", default=None, help=DB_HELP)
+    e.add_argument("--out", type=_out_file, default=None, help="file to write (default: stdout)")
     a = cmd("analyze", "regime, evidence, loss spikes and period of a run, as JSON")
-    a.add_argument("run", type=int)
-    a.add_argument("--db", default=None, help=DB_HELP)
+    a.add_argument("run", type=_id)
     b = cmd("bundle", "write a portable file with a run (or a whole sweep) and its metrics")
-    b.add_argument("run", type=int, nargs="?")
-    b.add_argument("--sweep", type=int, default=None)
-    b.add_argument("--out", required=True)
-    b.add_argument("--db", default=None, help=DB_HELP)
+    b.add_argument("run", type=_id, nargs="?")
+    b.add_argument("--sweep", type=_id, default=None)
+    b.add_argument("--out", type=_out_file, required=True)
     i = cmd("import", "import a bundle into this database (new ids)")
     i.add_argument("file")
-    i.add_argument("--db", default=None, help=DB_HELP)
-    bn = cmd("bench", "throughput and overhead figures")
+    cmd("app", "start the worker and the dashboard on 127.0.0.1:8501 (env SPHERELAB_ADDRESS, SPHERELAB_PORT, "
+        "SPHERELAB_PARALLEL)")
+    bn = cmd("bench", "throughput and overhead figures", db=False)
     bn.add_argument("--json", action="store_true")
-    bn.add_argument("--device", default="auto")
+    bn.add_argument("--device", default="auto", choices=DEVICES)
     bn.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
     calibrate.add_parser(sub)
     return p
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    from . import commands
-    from storage import StoreError
+    args = build_parser().parse_args(argv)
     try:
-        return (getattr(args, "handler", None) or getattr(commands, f"cmd_{args.command}"))(args) or 0
+        return args.handler(args) or 0
     except (ConfigError, StoreError) as exc:
+        _debug_traceback()
         sys.stderr.write(f"python -m engine {args.command}: error: {exc}\n")
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # the reader went away (`engine runs | head`): stop quietly, and keep Python's exit-time flush
+        # of stdout from raising again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except Exception as exc:   # the one boundary: whatever else went wrong is still one line, exit 2
+        _debug_traceback()
+        first = (str(exc).strip().splitlines() or [""])[0]
+        sys.stderr.write(f"python -m engine {args.command}: error: unexpected {type(exc).__name__}"
+                         f"{': ' + first if first else ''} (set {DEBUG_ENV}=1 for the traceback)\n")
+        return EXIT_BAD_INPUT
 
 
-def print_json(obj) -> None:
-    print(json.dumps(obj, indent=2, allow_nan=False, default=str))
+def _debug_traceback() -> None:
+    if os.environ.get(DEBUG_ENV) == "1":
+        traceback.print_exc()

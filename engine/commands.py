@@ -1,8 +1,8 @@
-"""One function per CLI command. Each validates everything before it writes anything."""
+"""One function per CLI command (registered by engine/cli.py). Each validates everything before it
+writes anything. Torch is imported only by the commands that train or read checkpoints, so `--help`
+and bad input answer at once."""
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 import sys
@@ -10,26 +10,27 @@ from pathlib import Path
 
 from storage import Store
 
-from .cli import configs_from_args, print_json
 from . import registry
-from .config import ConfigError, RunConfig
-from .data import load_dataset
-from .models import build_model
-from .packed import execute_pack, max_pack_size, pack_key, packing_enabled
-from .submission import queue_runs
-from .runner import analyze_stored, checkpoint_dir, execute_run
-from .trainer import resolve_device
+from .config import ConfigError, RunConfig, configs_from_flags
+from .submission import queue_average, queue_fork, queue_geometry, queue_runs
 
 
-def _progress(total: int, desc: str):
+def print_json(obj) -> None:
+    print(json.dumps(obj, indent=2, allow_nan=False, default=str))
+
+
+def _progress(desc: str):
+    """A progress bar on stderr (the run id stays the last line of stdout) whenever stderr is a terminal."""
     from tqdm import tqdm
-    # stderr, so the run id stays the last line of stdout
-    return tqdm(total=total, desc=desc, unit="step", file=sys.stderr, leave=False,
-                disable=None, dynamic_ncols=True)
+    return tqdm(total=None, desc=desc, unit="step", file=sys.stderr, leave=True,
+                disable=not sys.stderr.isatty(), dynamic_ncols=True)
 
 
 def _check_runnable(configs: list[RunConfig]) -> None:
     """Fail on bad data or device before a row is written (a missing CIFAR folder, no GPU)."""
+    from .data import load_dataset
+    from .models import build_model
+    from .runtime import resolve_device
     checked = set()
     for cfg in configs:
         key = (cfg.dataset, cfg.data_dir, cfg.synthetic_samples, tuple(cfg.synthetic_shape),
@@ -43,35 +44,36 @@ def _check_runnable(configs: list[RunConfig]) -> None:
 
 
 def cmd_train(args) -> int:
-    configs, _ = configs_from_args(args, single=True)
+    configs, _ = configs_from_flags(vars(args), single=True)
     _check_runnable(configs)
     store = Store(args.db)
-    [run_id] = queue_runs(store, configs)
-    return _run_here(store, [run_id])
+    return _run_here(store, queue_runs(store, configs))
 
 
 def cmd_sweep(args) -> int:
-    configs, swept = configs_from_args(args, single=False)
+    configs, swept = configs_from_flags(vars(args), single=False)
     _check_runnable(configs)
     store = Store(args.db)
-    ids = queue_runs(store, configs, swept, args.sweep_name)
-    return _run_here(store, ids)
+    return _run_here(store, queue_runs(store, configs, swept, args.sweep_name))
 
 
 def _run_here(store: Store, ids: list[int]) -> int:
     """Train queued runs in this process, claiming them so no worker takes them: compatible runs as
     packs where packing pays on this device (as the worker does), the others one after another."""
+    from .packing import pack_groups
+    from .runner import execute
+    from .runtime import configure_process, resolve_device
+    configs = [RunConfig.from_dict(store.get_run(run_id).config) for run_id in ids]
     failed = 0
-    for group in _pack_groups(store, ids):
-        claimed = [run_id for run_id in group if store.claim_next_run("cli", run_ids=[run_id]) is not None]
+    for group in pack_groups(configs):
+        claimed = [ids[i] for i in group if store.claim_next_run("cli", run_ids=[ids[i]]) is not None]
         if not claimed:
             continue
+        cfg = configs[group[0]]
+        configure_process(resolve_device(cfg.device), cfg.model)
         label = store.get_run(claimed[0]).name + (f" (+{len(claimed) - 1} packed)" if len(claimed) > 1 else "")
-        with _progress(None, label) as bar:
-            if len(claimed) > 1:
-                statuses = execute_pack(store, claimed, progress=bar)
-            else:
-                statuses = {claimed[0]: execute_run(store, claimed[0], progress=bar)}
+        with _progress(label) as bar:
+            statuses = execute(store, claimed, progress=bar)
         for run_id in claimed:
             final = store.get_run(run_id)
             print(f"run {run_id} {final.name}: {final.status}, regime {final.regime}", file=sys.stderr)
@@ -80,33 +82,84 @@ def _run_here(store: Store, ids: list[int]) -> int:
     return 1 if failed else 0
 
 
-def _pack_groups(store: Store, ids: list[int]) -> list[list[int]]:
-    """ids split into packs (same pack_key, at most max_pack_size()) and single runs, in order."""
-    groups: dict[str, list[list[int]]] = {}
-    order: list[list[int]] = []
-    for run_id in ids:
-        cfg = RunConfig.from_dict(store.get_run(run_id).config)
-        if not packing_enabled(cfg):
-            order.append([run_id])
-            continue
-        packs = groups.setdefault(pack_key(cfg), [])
-        if not packs or len(packs[-1]) >= max_pack_size():
-            packs.append([])
-            order.append(packs[-1])
-        packs[-1].append(run_id)
-    return order
-
-
 def cmd_submit(args) -> int:
-    configs, swept = configs_from_args(args, single=False)
+    configs, swept = configs_from_flags(vars(args), single=False)
     _check_runnable(configs)
-    store = Store(args.db)
-    for run_id in queue_runs(store, configs, swept, args.sweep_name):
+    for run_id in queue_runs(Store(args.db), configs, swept, args.sweep_name):
         print(run_id)
     return 0
 
 
+def cmd_fork(args) -> int:
+    store = Store(args.db)
+    changes = {k: getattr(args, k) for k in ("elr", "lr", "wd", "momentum", "mode", "schedule", "seed")}
+    child = queue_fork(store, args.run, at=args.at, changes=changes, epochs=args.epochs, name=args.name,
+                       tags=args.tags)
+    if args.submit:
+        print(child)
+        return 0
+    _check_runnable([RunConfig.from_dict(store.get_run(child).config)])
+    return _run_here(store, [child])
+
+
+def cmd_checkpoints(args) -> int:
+    kept = Store(args.db).checkpoints(args.run)
+    if args.json:
+        print_json([{"epoch": c.epoch, "step": c.step, "bytes": c.bytes} for c in kept])
+        return 0
+    print(f"{'epoch':>6} {'step':>8} {'bytes':>12}")
+    for c in kept:
+        print(f"{c.epoch:>6} {c.step:>8} {c.bytes:>12}")
+    return 0
+
+
+def cmd_average(args) -> int:
+    store = Store(args.db)
+    return _job_here(store, queue_average(store, args.run, last=args.last, at=args.at), args)
+
+
+def cmd_geometry(args) -> int:
+    store = Store(args.db)
+    return _job_here(store, queue_geometry(store, args.a, args.b, args.points), args)
+
+
+def _job_here(store: Store, job_id: int, args) -> int:
+    """Compute a queued job in this process (or leave it to the worker with --submit), store and print it."""
+    if args.submit:
+        print(job_id)
+        return 0
+    from .jobs import execute_job
+    job = store.claim_job("cli", job_ids=[job_id])
+    status = execute_job(store, job_id, job.claim)
+    job = store.get_job(job_id)
+    if status != "finished":
+        print(f"python -m engine {job.kind}: failed: {(job.error or '').splitlines()[0]}", file=sys.stderr)
+        return 1
+    if args.json:
+        print_json(job.result)
+    else:
+        _print_job(job)
+    return 0
+
+
+def _print_job(job) -> None:
+    r = job.result
+    if job.kind == "average":
+        print(f"run {r['run']}, average of epochs {', '.join(map(str, r['epochs']))}")
+        print(f"  train loss {r['train_loss']:.4g}, accuracy {r['train_acc']:.4f}")
+        print(f"  test  loss {r['test_loss']:.4g}, accuracy {r['test_acc']:.4f}")
+        return
+    a, b = r["a"], r["b"]
+    print(f"run {a['run']}@{a['epoch']} to run {b['run']}@{b['epoch']}: angle {r['angle']:.4g} rad")
+    print("  barriers: " + ", ".join(f"{k} {v:.4g}" for k, v in r["barrier"].items()))
+    print(f"  {'alpha':>6} {'train_loss':>11} {'train_err':>10} {'test_loss':>10} {'test_err':>9}")
+    for i, alpha in enumerate(r["alphas"]):
+        print(f"  {alpha:6.3f} {r['train_loss'][i]:11.4g} {r['train_err'][i]:10.4f} {r['test_loss'][i]:10.4g} "
+              f"{r['test_err'][i]:9.4f}")
+
+
 def cmd_worker(args) -> int:
+    from .runtime import resolve_device
     from .worker import Worker
     if args.max_parallel < 1:
         raise ConfigError(f"--max-parallel must be at least 1, got {args.max_parallel}")
@@ -115,12 +168,18 @@ def cmd_worker(args) -> int:
                   stale_after_s=args.stale_after, exit_when_idle=args.once).run()
 
 
+def cmd_app(args) -> int:
+    from .app import main as app      # torch-free: it only starts the worker and the dashboard
+    return app(args)
+
+
 def cmd_runs(args) -> int:
     store = Store(args.db)
     runs = store.list_runs(status=args.status, sweep_id=args.sweep, tag=args.tag)
     if args.json:
         print_json([{"id": r.id, "name": r.name, "status": r.status, "regime": r.regime,
-                     "progress": round(r.progress, 4), "sweep": r.sweep_id, "tags": r.tags} for r in runs])
+                     "progress": round(r.progress, 4), "sweep": r.sweep_id, "tags": r.tags,
+                     "parent": r.parent_id, "fork_epoch": r.fork_epoch} for r in runs])
         return 0
     print(f"{'id':>5}  {'status':<11} {'regime':<19} {'progress':>8}  name [tags]")
     for r in runs:
@@ -135,12 +194,7 @@ def cmd_cancel(args) -> int:
 
 
 def cmd_delete(args) -> int:
-    store = Store(args.db)
-    info = store.get_run(args.run)
-    store.delete(args.run)
-    for path in (info.checkpoint_path, str(checkpoint_dir(store) / f"run-{args.run}.pt")):
-        if path:
-            Path(path).unlink(missing_ok=True)
+    Store(args.db).delete(args.run)       # with its checkpoint files
     return 0
 
 
@@ -149,36 +203,20 @@ def cmd_tag(args) -> int:
     return 0
 
 
-def export_rows(store: Store, run_id: int) -> tuple[list[str], list[dict]]:
-    """Columns step, epoch, wall_time, then the metric keys in registry order, one row per log point."""
-    frame = store.read_metrics(run_id)
-    keys = registry.order(k for k in frame.columns if k not in registry.INDEX_COLUMNS)
-    columns = [*registry.INDEX_COLUMNS, *keys]
-    return columns, frame[columns].to_dict("records")
-
-
-def _csv_value(v) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "nan"
-    if isinstance(v, float) and math.isinf(v):
-        return "inf" if v > 0 else "-inf"
-    return repr(v) if isinstance(v, float) else str(v)
-
-
 def cmd_export(args) -> int:
+    """One row per log point: step, epoch, wall_time, then the metric keys in registry order. CSV
+    writes nan/inf/-inf; JSON writes null for them (it has no such numbers)."""
     store = Store(args.db)
     store.get_run(args.run)
-    columns, rows = export_rows(store, args.run)
+    frame = store.read_metrics(args.run)
+    frame = frame[[*registry.INDEX_COLUMNS, *registry.order(c for c in frame.columns
+                                                            if c not in registry.INDEX_COLUMNS)]]
     if args.format == "csv":
-        buf = io.StringIO()
-        w = csv.writer(buf, lineterminator="\n")
-        w.writerow(columns)
-        for row in rows:
-            w.writerow([_csv_value(row[c]) if c != "step" else int(row[c]) for c in columns])
-        text = buf.getvalue()
+        text = frame.to_csv(index=False, na_rep="nan", lineterminator="\n")
     else:
-        clean = [{c: (int(r[c]) if c == "step" else _json_value(r[c])) for c in columns} for r in rows]
-        text = json.dumps(clean, allow_nan=False) + "\n"
+        rows = [{k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
+                for row in frame.to_dict("records")]
+        text = json.dumps(rows, allow_nan=False) + "\n"
     if args.out:
         tmp = Path(args.out + ".tmp")
         tmp.write_text(text)
@@ -188,11 +226,8 @@ def cmd_export(args) -> int:
     return 0
 
 
-def _json_value(v):
-    return None if v is None or (isinstance(v, float) and not math.isfinite(v)) else v
-
-
 def cmd_analyze(args) -> int:
+    from .analysis import analyze_stored
     store = Store(args.db)
     print_json(analyze_stored(store, store.get_run(args.run).id))
     return 0

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -40,17 +39,6 @@ class Dataset:
 
     def steps_per_epoch(self, batch_size: int) -> int:
         return self.train_size // batch_size
-
-    def batches(self, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
-        """One epoch of index batches from a seeded permutation.
-
-        The last partial batch is dropped: BatchNorm normalises with the batch's own statistics,
-        so a small leftover batch would be a differently-noisy step (and a batch of 1 has no variance).
-        """
-        perm = torch.randperm(self.train_size, generator=generator, device=generator.device)
-        perm = perm.to(self.x_train.device)
-        for step in range(self.steps_per_epoch(batch_size)):
-            yield perm[step * batch_size:(step + 1) * batch_size]
 
     def augment(self, xb: torch.Tensor, generator: torch.Generator, padding: int = 4,
                 flip: bool = True) -> torch.Tensor:
@@ -92,9 +80,7 @@ def load_dataset(cfg: RunConfig, device: torch.device | str) -> Dataset:
     if cfg.dataset not in loaders:
         raise ConfigError(f"unknown dataset {cfg.dataset!r}: choose one of {', '.join(loaders)}")
     data = loaders[cfg.dataset](cfg, torch.device(device))
-    if cfg.batch > data.train_size:
-        raise ConfigError(f"--batch-size {cfg.batch} is larger than the {data.train_size} training "
-                          f"samples of {cfg.dataset}: use at most {data.train_size}")
+    cfg.check_against_data(data.train_size)   # a CIFAR folder's size is known only now
     if cfg.augment and len(data.input_shape) != 3:
         raise ConfigError(f"--augment needs image data (C x H x W) but {cfg.dataset} has shape "
                           f"{'x'.join(map(str, data.input_shape))}: drop --augment")

@@ -41,8 +41,9 @@ PRESETS = {p.name: p for p in (
            RunConfig(model="mlp_si", dataset="digits", mode="lrwd", lr=0.05, wd=0.03, batch_size=128,
                      epochs=200, log_every=5, tags=("preset",))),
     Preset("Sharpness vs 2/ELR",
-           "Sharpness (top Hessian eigenvalue at unit norm) measured during training at three ELRs, "
-           "against the 2/ELR stability line it cannot stay above.",
+           "Sharpness (top Hessian eigenvalue at unit norm) measured during training at three ELRs, against "
+           "the 2/ELR stability line: the two small ELRs train well below their line, the largest one (a "
+           "chaotic equilibrium) is pushed up to it and hovers around it.",
            DIGITS_SPHERE.replace(sharpness_every=22, probe_size=256), {"elr": [1e-3, 3e-3, 1e-2]}),
     Preset("ConvNet on CIFAR-10",
            "ConvNetSI-32 on CIFAR-10 on the sphere at ELR 1e-3 (chaotic equilibrium in the papers). Needs the "

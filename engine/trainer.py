@@ -1,25 +1,38 @@
-"""The training loop for one run: a scale-invariant network on the sphere or under LR + WD.
+"""The training loop: K >= 1 runs of one architecture trained in lockstep on one device.
 
-Deliberately one readable page. What is measured lives in metrics.py, where it goes is the
-recorder's business (memory, the store), and who may pause or steer the run is the control's
-(the worker's command poller, a progress bar, a test).
+A single run is a pack of one; a packed sweep is the same loop with K members. Every member is its
+own run: its own config (rate, weight decay, momentum, mode, seed), batch order, recorder, control,
+checkpoints and log points. The vectorised network is engine/packnet.py, the update rule
+engine/optim.py, what is measured engine/quantities.py; where values go is the recorder's business
+(memory, the store) and who may pause or steer a member is its control's (the worker's command
+poller, a test). The loop itself, `Trainer.run`, is one short page.
+
+Members whose seeds and positions agree read one shared batch; others gather their own ([B, K, ...]).
+Control never blocks: a pause parks the member (its rows are copied out of the pack; the others go
+on; its control keeps being polled, so heartbeats continue), resume brings it back, stop and a
+non-finite value end it alone. Every exit leaves the rest of the pack numerically as it was.
 """
 from __future__ import annotations
 
 import math
 import time
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
-import torch.nn.functional as F
+from torch import nn
 
-from .config import RunConfig
+from .config import ConfigError, RunConfig
 from .data import Dataset, load_dataset
-from .metrics import NormStats, Sharpness, StepAverages, TestEval, angular_update
-from .hessian import preserved_buffers
 from .models import build_model, si_layer_names, si_parameters
-from .optim import SIGroup, SIUpdate
+from .optim import PackUpdate, schedule_factor
+from .packing import MEMBER_FIELDS, pack_key
+from .packnet import BN_TYPES, PackedNet, member_losses
+from .quantities import QUANTITIES, LogPoint, Schedule, StepAverages
+from .hessian import hvp_operator
+from .runtime import resolve_device
+
+PARKED_SLEEP_S = 0.1      # how often an all-paused pack looks at its controls
 
 
 class Recorder(Protocol):
@@ -28,8 +41,9 @@ class Recorder(Protocol):
 
 
 class Control(Protocol):
-    def poll(self, trainer: "Trainer") -> str | None:
-        """Called between steps; may block (pause) or return "stop"."""
+    def poll(self, member: "Member") -> str | None:
+        """Called between two steps for every member that has not ended (parked ones too); never blocks.
+        Returns None, "stop", "pause" or "resume" (and may call member.set_rate)."""
 
 
 class MemoryRecorder:
@@ -50,22 +64,6 @@ class MemoryRecorder:
         return [s for s, _ in pts], [v for _, v in pts]
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        from .config import ConfigError
-        raise ConfigError("--device cuda was asked for but no CUDA GPU is visible: use --device cpu or auto")
-    return torch.device(name)
-
-
-def configure_threads(cfg: RunConfig, device: torch.device) -> None:
-    """mlp_si on a CPU runs on one thread: its tiny matmuls lose more to thread hand-offs than they
-    gain (measured 8x slower with two threads on 2 cores)."""
-    if device.type == "cpu" and cfg.model == "mlp_si":
-        torch.set_num_threads(1)
-
-
 @dataclass
 class TrainResult:
     status: str          # finished | nonfinite | stopped
@@ -73,139 +71,467 @@ class TrainResult:
     last: dict
 
 
-class Trainer:
-    def __init__(self, cfg: RunConfig, *, data: Dataset | None = None, recorder: Recorder | None = None,
-                 control: Control | None = None, checkpoint=None, device: torch.device | None = None):
-        self.cfg = cfg.validate()
-        self.device = device or resolve_device(cfg.device)
-        self.data = data if data is not None else load_dataset(cfg, self.device)
-        self.recorder = recorder or MemoryRecorder()
-        self.control, self.checkpoint = control, checkpoint
+class BatchStream:
+    """One seeded batch order: a permutation per epoch from the run's generator, index slices of it
+    (the last partial batch dropped: BN normalises with the batch's own statistics), augmentation
+    drawn from the same generator. Shared by members whose seed and position agree."""
 
-        torch.manual_seed(cfg.seed)
-        self.model = build_model(cfg, self.data.input_shape, self.data.num_classes).to(self.device)
-        self.model.train()
-        self.group = SIGroup(si_parameters(self.model))
-        self.steps_per_epoch = self.data.steps_per_epoch(cfg.batch)
+    def __init__(self, data: Dataset, batch: int, generator: torch.Generator):
+        self.data, self.batch, self.gen = data, batch, generator
+        self.spe = data.steps_per_epoch(batch)
+        self.perm: torch.Tensor | None = None
+        self.pos = 0
+
+    def advance(self) -> torch.Tensor:
+        if self.pos == 0:
+            self.perm = torch.randperm(self.data.train_size, generator=self.gen,
+                                       device=self.gen.device).to(self.data.x_train.device)
+        idx = self.perm[self.pos * self.batch:(self.pos + 1) * self.batch]
+        self.pos = (self.pos + 1) % self.spe
+        return idx
+
+    def clone(self) -> "BatchStream":
+        twin = BatchStream(self.data, self.batch, torch.Generator(device=self.gen.device))
+        twin.gen.set_state(self.gen.get_state())
+        twin.perm, twin.pos = self.perm, self.pos
+        return twin
+
+
+class Member:
+    """One run inside the loop. Its tensors are row views into the pack's tensors while it is active,
+    and its own copies while it is parked or after it has ended."""
+
+    def __init__(self, cfg: RunConfig, data: Dataset, *, recorder: Recorder | None = None,
+                 control: Control | None = None, checkpoint: Callable[["Member"], None] | None = None):
+        self.cfg, self.recorder, self.control, self.checkpoint = cfg, recorder or MemoryRecorder(), control, checkpoint
+        self.on_end: Callable[["Member"], None] | None = None
+        self.state = "active"                        # active | parked | ended
+        self.result: TrainResult | None = None
+        self.last: dict = {}
+        self.run_id = None
+        self.steps_per_epoch = data.steps_per_epoch(cfg.batch)
         self.total_steps = cfg.epochs * self.steps_per_epoch
-        self.update = SIUpdate(self.group, cfg.mode, cfg.base_rate, wd=cfg.wd, momentum=cfg.momentum,
-                               schedule=cfg.schedule, total_steps=self.total_steps)
-        self.batch_gen = torch.Generator(device=self.device).manual_seed(cfg.seed)
-        self.step, self.elapsed = 0, 0.0
-
-        self.averages = StepAverages(self.device)
-        self.norms = NormStats(self.group, si_layer_names(self.model), self.group.w.clone())
-        self.test = TestEval(cfg.eval_every or self.steps_per_epoch)
-        probe = self.data.probe_indices(min(cfg.probe_size, len(self.data.y_train)), seed=cfg.seed)
-        self.probe_chunks = [(self.data.x_train[i], self.data.y_train[i])
-                             for i in probe.split(cfg.batch)]
-        self.sharpness = Sharpness(cfg.sharpness_every, self.probe_chunks, iters=cfg.lanczos_iters,
-                                   tol=cfg.lanczos_tol, trace_samples=cfg.trace_samples, seed=cfg.seed)
-
-    # ---- live control ------------------------------------------------------------------------
-    def set_rate(self, value: float) -> None:
-        """Change the ELR (sphere) or LR (lrwd) between two steps; recorded as an event."""
-        if not (math.isfinite(value) and value > 0):
-            raise ValueError(f"rate must be a positive finite number, got {value}")
-        kind = "elr_change" if self.cfg.mode == "sphere" else "lr_change"
-        self.recorder.event(self.step, kind, {"from": self.update.base_rate, "to": value})
-        self.update.base_rate = value
+        self.step = self.start_step = 0              # start_step: where this run's own schedule begins
+        self.elapsed = self.started = 0.0
+        self.needs_start_point = True                # a fresh run (or a fork) logs its starting point
+        self.base_rate = cfg.base_rate
+        self.sphere = cfg.mode == "sphere"
+        self.schedules = {q.name: Schedule(q.every(self)) for q in QUANTITIES}
+        self.sharp_vec: torch.Tensor | None = None
+        self.count = 0                               # steps summed since the last log point
+        self.rho0 = 0.0
+        # set by the Trainer: weights, initial weights, momentum buffer, step sums, BN statistics
+        self.w = self.w0 = self.buf = self.sums = None
+        self.stats: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.stream: BatchStream | None = None
+        self.trainer: "Trainer | None" = None
 
     @property
     def epoch(self) -> float:
         return self.step / self.steps_per_epoch
 
+    def lr(self, step: int | None = None) -> float:
+        """Learning rate applied at this step (sphere: ELR * rho0^2); schedules run from start_step."""
+        step = self.step if step is None else step
+        rate = self.base_rate * schedule_factor(self.cfg.schedule, step - self.start_step,
+                                                self.total_steps - self.start_step)
+        return rate * self.rho0 ** 2 if self.sphere else rate
+
+    def set_rate(self, value: float) -> None:
+        """Change the ELR (sphere) or LR (lrwd) between two steps; recorded as an event."""
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"rate must be a positive finite number, got {value}")
+        kind = "elr_change" if self.sphere else "lr_change"
+        self.recorder.event(self.step, kind, {"from": self.base_rate, "to": value})
+        self.base_rate = value
+
+    def state_dict(self) -> dict:
+        return self.trainer.member_state(self)
+
+    def own_tensors(self) -> None:
+        """Copy the row views out of the pack (parking, ending)."""
+        self.w, self.w0, self.sums = self.w.clone(), self.w0.clone(), self.sums.clone()
+        self.buf = None if self.buf is None else self.buf.clone()
+        self.stats = [(mean.clone(), var.clone()) for mean, var in self.stats]
+
+
+class Trainer:
+    """Trains configurations that share packing.pack_key in lockstep (one configuration: a single run).
+
+    recorders / controls / checkpoints: one per member (None: MemoryRecorder / none / none).
+    states: optional per-member checkpoints (Trainer.member_state) to resume from.
+    """
+
+    def __init__(self, cfgs: RunConfig | list[RunConfig], *, data: Dataset | None = None, recorders=None,
+                 controls=None, checkpoints=None, states=None, forks=None, device: torch.device | None = None,
+                 channels_last: bool = False):
+        cfgs = [cfgs] if isinstance(cfgs, RunConfig) else list(cfgs)
+        if not cfgs:
+            raise ValueError("a pack needs at least one configuration")
+        cfgs = [c.validate() for c in cfgs]
+        _check_packable(cfgs)
+        self.device = device or resolve_device(cfgs[0].device)
+        self.data = data if data is not None else load_dataset(cfgs[0], self.device)
+        n = len(cfgs)
+        recorders, controls = recorders or [None] * n, controls or [None] * n
+        checkpoints, states = checkpoints or [None] * n, states or [None] * n
+        self.members = [Member(c, self.data, recorder=r, control=ctl, checkpoint=ck)
+                        for c, r, ctl, ck in zip(cfgs, recorders, controls, checkpoints)]
+        models = []
+        for m in self.members:                   # global seed, build, move: the model a run alone gets
+            torch.manual_seed(m.cfg.seed)
+            models.append(build_model(m.cfg, self.data.input_shape, self.data.num_classes).to(self.device))
+            self._adopt(m, models[-1])
+        self.template = models[0]
+        self.net = PackedNet(self.template, channels_last=channels_last).to(self.device)
+        self.layer_names, self.bn_names, self.sizes = self.net.layer_names, self.net.bn_names, self.net.sizes
+        self.numel = sum(self.sizes)
+        for m, state, fork in zip(self.members, states, forks or [False] * n):
+            if state is not None:
+                self.load_member_state(m, state, fork=fork)
+        self._share_streams()
+        self._probes: dict[int, torch.Tensor] = {}
+        self.active: list[Member] = []
+        self._dirty, self._lr_key = True, None
+        self.lanczos_matvecs = 0             # batched Hessian-vector products of the last sharpness measurement
+        self.on_step: Callable[["Trainer"], None] | None = None       # after every step (progress bars)
+
+    def _adopt(self, m: Member, model: nn.Module) -> None:
+        m.trainer = self
+        w = torch.cat([p.detach().reshape(-1) for p in si_parameters(model)])
+        m.w, m.w0, m.rho0 = w, w.clone(), float(w.norm())
+        m.buf = torch.zeros_like(w) if m.cfg.momentum else None
+        m.sums = torch.zeros(len(StepAverages.SUMMED), dtype=torch.float64, device=self.device)
+        m.stats = [(b.running_mean.detach().clone(), b.running_var.detach().clone())
+                   for b in model.modules() if isinstance(b, BN_TYPES)]
+        m.stream = BatchStream(self.data, m.cfg.batch, torch.Generator(device=self.device).manual_seed(m.cfg.seed))
+
     # ---- the loop ------------------------------------------------------------------------------
-    def run(self) -> TrainResult:
-        cfg, data = self.cfg, self.data
-        started = time.perf_counter() - self.elapsed
-        last: dict = {}
-        if self.step == 0:
-            last = self._log_point(started, initial=True)
-        while self.step < self.total_steps:
-            for idx in data.batches(cfg.batch, self.batch_gen):
-                if self.control is not None and self.control.poll(self) == "stop":
-                    self.elapsed = time.perf_counter() - started
-                    return TrainResult("stopped", self.step, last)
-                self._train_step(idx)
-                self.step += 1
-                if self.step % cfg.log_every == 0 or self.step == self.total_steps:
-                    last = self._log_point(started)
-                    if not self._finite(last):
-                        return TrainResult("nonfinite", self.step, last)
-            self.elapsed = time.perf_counter() - started
-            epoch = self.step // self.steps_per_epoch
-            if self.checkpoint is not None and cfg.checkpoint_every and epoch % cfg.checkpoint_every == 0:
-                self.checkpoint(self)
-        return TrainResult("finished", self.step, last)
+    def run(self) -> list[TrainResult]:
+        now = time.perf_counter()
+        for m in self.members:
+            m.started = now - m.elapsed
+            if m.state != "ended" and m.step >= m.total_steps:
+                self._end(m, "finished")
+        self._sync()
+        fresh = [m for m in self.active if m.needs_start_point]
+        if fresh:
+            self.log_point(fresh, start=True)
+        while True:
+            self._poll()
+            self._sync()
+            if not self.active:
+                if any(m.state == "parked" for m in self.members):
+                    time.sleep(PARKED_SLEEP_S)
+                    continue
+                break
+            self.train_step()
+            if self.on_step is not None:
+                self.on_step(self)
+            due = [m for m in self.active if m.step % m.cfg.log_every == 0 or m.step == m.total_steps]
+            if due:
+                self.log_point(due)
+            for m in [m for m in self.active if m.state == "active" and m.step % m.steps_per_epoch == 0]:
+                m.elapsed = time.perf_counter() - m.started
+                self._checkpoint(m)
+                if m.step >= m.total_steps:
+                    self._end(m, "finished")
+        return [m.result for m in self.members]
 
-    def _train_step(self, idx: torch.Tensor) -> None:
-        x, y = self.data.x_train[idx], self.data.y_train[idx]
-        if self.cfg.augment:
-            x = self.data.augment(x, self.batch_gen)
-        logits = self.model(x)
-        loss = F.cross_entropy(logits, y)
-        g = self.group.flat_grad(torch.autograd.grad(loss, self.group.params))
+    def train_step(self) -> None:
+        """One optimizer step for every active member, with the per-step sums of quantities.StepAverages."""
+        self._sync()
+        x, y, per_member = self._batch()
+        W = self.W
+        Wg = W.detach().requires_grad_()
+        logits = self.net(Wg, x, mode="train", stats=self._stats(), per_member_input=per_member)
+        loss, acc = member_losses(logits, y)
+        G, = torch.autograd.grad(loss.sum(), Wg)
         with torch.no_grad():
-            w = self.group.w
-            rho = w.norm()
-            u_before = w / rho
-            self.update.step(g, self.step)
-            acc = (logits.argmax(1) == y).float().mean()
-            self.averages.add(loss.detach(), acc, g.norm(), rho, angular_update(u_before, w))
+            norm = torch.linalg.vector_norm
+            rho = norm(W, dim=1)
+            u_before = W / rho[:, None]
+            self.update.step(W, G, self.BUF, self._neg_lrs())
+            gn = norm(G, dim=1)
+            angle = angular_update(u_before, W)
+            self.SUMS.add_(torch.stack([loss.detach(), acc, gn, gn * rho, angle], 1))
+        for m in self.active:
+            m.count += 1
+            m.step += 1
 
-    def _log_point(self, started: float, initial: bool = False) -> dict:
-        final = self.step == self.total_steps
-        values = self._initial_train_loss() if initial else self.averages.flush()
-        values.update(self.norms.measure(self.update.lr(self.step)))
-        if self.test.schedule.due(self.step, final):
-            values.update(self.test.measure(self.model, self.data))
-            self.test.schedule.mark(self.step)
-        if self.sharpness.schedule.due(self.step, final):
-            values.update(self.sharpness.measure(self.model, self.group, values["elr"], self.cfg.momentum))
-            self.sharpness.schedule.mark(self.step)
-        self.recorder.metrics(self.step, self.epoch, time.perf_counter() - started, values)
+    def measure(self, names: list[str], members: list[Member] | None = None, start: bool = False) -> list[dict]:
+        """Measure the named quantities (and those they require) now, for active members (default: all):
+        a probe for tests and benchmarks. Schedules and recorders are left alone; "averages" consumes
+        the step sums, unless start=True, which measures the start-point (probe) loss instead."""
+        self._sync()
+        members = list(self.active) if members is None else members
+        needed = set(names)
+        for q in reversed(QUANTITIES):          # providers come first, so one backward pass finds them all
+            if q.name in needed:
+                needed |= {p.name for p in QUANTITIES if set(p.keys) & set(q.requires)}
+        rows = torch.tensor([self.active.index(m) for m in members], device=self.device)
+        point = LogPoint(self, members, rows, [{} for _ in members], start)
+        for q in QUANTITIES:
+            if q.name in needed:
+                q.measure(point)
+        return point.values
+
+    def log_point(self, members: list[Member], start: bool = False) -> list[dict]:
+        """Measure the members' due quantities, record the values, end members that went non-finite."""
+        self._sync()
+        rows = torch.tensor([self.active.index(m) for m in members], device=self.device)
+        values: list[dict] = [{} for _ in members]
+        point = LogPoint(self, members, rows, values, start)
+        final = [m.step == m.total_steps for m in members]
+        # a fork's first point measures what needs no state of its own, off the cadence it inherited
+        forked = [start and m.start_step > 0 for m in members]
+        for q in QUANTITIES:
+            due = [i for i, m in enumerate(members)
+                   if (q.at_fork_start if forked[i] else m.schedules[q.name].due(m.step, final[i]))]
+            if due:
+                q.measure(point.subset(due))
+                for i in due:
+                    if not forked[i]:
+                        members[i].schedules[q.name].last = members[i].step
+        for m, v in zip(members, values):
+            m.needs_start_point = False
+            m.recorder.metrics(m.step, m.epoch, time.perf_counter() - m.started, v)
+            m.last = v
+            bad = [k for k in ("train_loss", "si_norm", "grad_norm") if k in v and not math.isfinite(v[k])]
+            if bad:
+                m.recorder.event(m.step, "nonfinite", {k: str(v[k]) for k in bad})
+                self._end(m, "nonfinite")
         return values
 
-    def _initial_train_loss(self) -> dict[str, float]:
-        """Untrained level at step 0: the probe batches in train mode, leaving BN statistics as they were."""
-        loss = torch.zeros((), dtype=torch.float64, device=self.device)
-        correct = torch.zeros((), dtype=torch.float64, device=self.device)
-        n = 0
-        with preserved_buffers(self.model), torch.no_grad():
-            for x, y in self.probe_chunks:
-                logits = self.model(x)
-                loss += F.cross_entropy(logits, y, reduction="sum").double()
-                correct += (logits.argmax(1) == y).sum()
-                n += len(y)
-        mean = torch.stack([loss, correct]).div(n).tolist()
-        return {"train_loss": mean[0], "train_acc": mean[1]}
+    def _checkpoint(self, m: Member) -> None:
+        """At an epoch end: the resume checkpoint every --checkpoint-every epochs, and a kept one (for
+        forks and averages) every --keep-every epochs and at the last epoch."""
+        if m.checkpoint is None:
+            return
+        epoch, cfg = m.step // m.steps_per_epoch, m.cfg
+        keep = bool(cfg.keep_every) and (epoch % cfg.keep_every == 0 or m.step >= m.total_steps)
+        if keep or (cfg.checkpoint_every and epoch % cfg.checkpoint_every == 0):
+            m.checkpoint(m, keep)
 
-    def _finite(self, values: dict) -> bool:
-        bad = [k for k in ("train_loss", "si_norm", "grad_norm") if k in values and not math.isfinite(values[k])]
-        if bad:
-            self.recorder.event(self.step, "nonfinite", {k: str(values[k]) for k in bad})
-        return not bad
+    # ---- pack bookkeeping ------------------------------------------------------------------------
+    def _poll(self) -> None:
+        for m in self.members:
+            if m.state == "ended" or m.control is None:
+                continue
+            action = m.control.poll(m)
+            if action == "stop":
+                self._end(m, "stopped")
+            elif action == "pause" and m.state == "active":
+                m.own_tensors()
+                m.stream = m.stream.clone()          # it keeps its own position in the batch order
+                m.state, self._dirty = "parked", True
+            elif action == "resume" and m.state == "parked":
+                m.state, self._dirty = "active", True
 
-    # ---- checkpoints ---------------------------------------------------------------------------
-    def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "update": self.update.state_dict(), "step": self.step,
-                "elapsed": self.elapsed, "batch_gen": self.batch_gen.get_state(),
-                "averages": self.averages.state_dict(), "w0": self.norms.w0,
-                "sharpness_vec": self.sharpness.vec, "test_last": self.test.schedule.last,
-                "sharpness_last": self.sharpness.schedule.last}
+    def _end(self, m: Member, status: str) -> None:
+        m.elapsed = time.perf_counter() - m.started
+        m.result = TrainResult(status, m.step, m.last)
+        if m.state == "active":
+            self._dirty = True
+            m.own_tensors()
+        m.state = "ended"
+        if m.on_end is not None:
+            m.on_end(m)
 
-    def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-        self.update.load_state_dict(state["update"])
-        self.step, self.elapsed = state["step"], state["elapsed"]
-        self.batch_gen.set_state(state["batch_gen"])
-        self.averages.load_state_dict(state["averages"])
-        self.norms.w0.copy_(state["w0"])
-        self.norms.w0_norm = self.norms.w0.norm()
-        self.sharpness.vec = state["sharpness_vec"]
-        self.test.schedule.last = state["test_last"]
-        self.sharpness.schedule.last = state["sharpness_last"]
+    def _sync(self) -> None:
+        """Restack the active members' rows into the pack tensors (after a park, an end or a resume)."""
+        if not self._dirty:
+            return
+        self._dirty, self._lr_key = False, None
+        self.active = ms = [m for m in self.members if m.state == "active"]
+        if not ms:
+            return
+        self.W = torch.stack([m.w for m in ms])
+        self.W0 = torch.stack([m.w0 for m in ms])
+        self.SUMS = torch.stack([m.sums for m in ms])
+        self.BUF = (torch.stack([m.buf if m.buf is not None else torch.zeros_like(m.w) for m in ms])
+                    if any(m.buf is not None for m in ms) else None)
+        self.STATS = [(torch.stack([m.stats[i][0] for m in ms]), torch.stack([m.stats[i][1] for m in ms]))
+                      for i in range(len(self.bn_names))]
+        for k, m in enumerate(ms):
+            m.w, m.w0, m.sums = self.W[k], self.W0[k], self.SUMS[k]
+            if m.buf is not None:
+                m.buf = self.BUF[k]
+            m.stats = [(mean[k], var[k]) for mean, var in self.STATS]
+        self.update = PackUpdate(ms, self.device)
+        self._flat_stats = [(mean.view(-1), var.view(-1)) for mean, var in self.STATS]
+        streams = {id(m.stream) for m in ms}
+        self._one_stream = ms[0].stream if len(streams) == 1 else None
+
+    def _stats(self, rows: torch.Tensor | None = None):
+        """BN running statistics of the active members (or of `rows` of them), flat over K*C, as the
+        network takes them; for all members they are views, so training updates them in place."""
+        if rows is None or len(rows) == len(self.active):
+            return self._flat_stats
+        return [(mean[rows].reshape(-1), var[rows].reshape(-1)) for mean, var in self.STATS]
+
+    def _neg_lrs(self) -> torch.Tensor:
+        """[K, 1]: minus each active member's learning rate at this step (rebuilt only when one changes)."""
+        lrs = [m.lr() for m in self.active]
+        if lrs != self._lr_key:
+            self._lr_key, self._neg_lr = lrs, -torch.tensor(lrs, device=self.device)[:, None]
+        return self._neg_lr
+
+    def _share_streams(self) -> None:
+        """Members with the same seed, step and generator state read one stream (one gathered batch)."""
+        streams: dict[tuple, BatchStream] = {}
+        for m in self.members:
+            key = (m.cfg.seed, m.step, m.stream.pos, bytes(m.stream.gen.get_state().cpu().numpy()))
+            m.stream = streams.setdefault(key, m.stream)
+
+    def _batch(self):
+        """(x, y, per_member): x [B, ...] when all members read one stream, else [B, K, ...]."""
+        if self._one_stream is not None:
+            return (*self._read(self._one_stream, self.active[0].cfg.augment), False)
+        batches = {}
+        for m in self.active:
+            if id(m.stream) not in batches:
+                batches[id(m.stream)] = self._read(m.stream, m.cfg.augment)
+        parts = [batches[id(m.stream)] for m in self.active]
+        return torch.stack([x for x, _ in parts], 1), torch.stack([y for _, y in parts], 1), True
+
+    def _read(self, stream: BatchStream, augment: bool):
+        idx = stream.advance()
+        x = self.data.x_train[idx]
+        return (self.data.augment(x, stream.gen) if augment else x), self.data.y_train[idx]
+
+    # ---- what quantities measure with ----------------------------------------------------------------
+    def _probe_chunks(self, members: list[Member]):
+        """Each member's fixed probe in training-sized chunks: ([(x [b, ...], y [b])], False) when the
+        members share one probe (same seed), else ([(x [b, K, ...], y [b, K])], True)."""
+        probes = []
+        for m in members:
+            if m.cfg.seed not in self._probes:
+                size = min(m.cfg.probe_size, self.data.train_size)
+                self._probes[m.cfg.seed] = self.data.probe_indices(size, seed=m.cfg.seed)
+            probes.append(self._probes[m.cfg.seed])
+        batch = members[0].cfg.batch
+        if all(p is probes[0] for p in probes):
+            return [(self.data.x_train[i], self.data.y_train[i]) for i in probes[0].split(batch)], False
+        stacked = torch.stack(probes)
+        return [(self.data.x_train[i.T], self.data.y_train[i.T]) for i in stacked.split(batch, dim=1)], True
+
+    @torch.no_grad()
+    def probe_loss(self, members: list[Member], rows: torch.Tensor) -> torch.Tensor:
+        """[n, 2]: mean loss and accuracy on each member's probe, BN on batch statistics, stats untouched."""
+        chunks, per_member = self._probe_chunks(members)
+        W = self.W[rows]
+        total = torch.zeros(len(members), 2, dtype=torch.float64, device=self.device)
+        for x, y in chunks:
+            loss, correct = member_losses(self.net(W, x, mode="probe", per_member_input=per_member), y, "sum")
+            total += torch.stack([loss, correct], 1).double()
+        return total / sum(len(y) for _, y in chunks)
+
+    def probe_hvp(self, members: list[Member], rows: torch.Tensor):
+        chunks, per_member = self._probe_chunks(members)
+        return hvp_operator(self.net, self.W[rows], chunks, per_member)
+
+    @torch.no_grad()
+    def evaluate(self, rows: torch.Tensor, x_all: torch.Tensor, y_all: torch.Tensor) -> torch.Tensor:
+        """[n, 2]: mean loss and accuracy of the active members `rows` on a whole split, BN in eval mode."""
+        W, stats = self.W[rows], self._stats(rows)
+        chunk = max(64, 8192 // len(rows)) if len(rows) > 8 else 1024
+        total = torch.zeros(len(rows), 2, dtype=torch.float64, device=self.device)
+        for i in range(0, len(y_all), chunk):
+            loss, correct = member_losses(self.net(W, x_all[i:i + chunk], mode="eval", stats=stats),
+                                          y_all[i:i + chunk], "sum")
+            total += torch.stack([loss, correct], 1).double()
+        return total / len(y_all)
+
+    # ---- checkpoints: one format for a member, whatever pack it trained in ------------------------------
+    def member_state(self, m: Member) -> dict:
+        """The member's checkpoint: model weights and BN statistics under the model's own state_dict
+        keys, the update state, step, batch generator, step sums, initial weights, schedules and the
+        sharpness warm start. Taken at an epoch end (the batch position is 0), so any pack resumes it."""
+        pieces = dict(zip(self.layer_names, m.w.split(self.sizes)))
+        stats = dict(zip(self.bn_names, m.stats))
+        model = {}
+        for key, value in self.template.state_dict().items():
+            prefix, _, leaf = key.rpartition(".")
+            if leaf == "weight" and prefix in pieces:
+                model[key] = pieces[prefix].reshape(value.shape).clone()
+            elif prefix in stats and leaf in ("running_mean", "running_var"):
+                model[key] = stats[prefix][0 if leaf == "running_mean" else 1].clone()
+            elif prefix in stats and leaf == "num_batches_tracked":
+                model[key] = torch.tensor(m.step, dtype=value.dtype, device=value.device)
+            else:
+                model[key] = value.clone()
+        return {"model": model,
+                "update": {"base_rate": m.base_rate, "rho0": m.rho0, "buf": None if m.buf is None else m.buf.clone()},
+                "step": m.step, "start_step": m.start_step, "elapsed": m.elapsed,
+                "batch_gen": m.stream.gen.get_state(), "averages": {"sums": m.sums.clone(), "count": m.count},
+                "w0": m.w0.clone(), "sharpness_vec": m.sharp_vec,
+                "schedules": {name: s.last for name, s in m.schedules.items()},
+                "config": {"mode": m.cfg.mode, "momentum": m.cfg.momentum, "seed": m.cfg.seed}}
+
+    @torch.no_grad()
+    def load_member_state(self, m: Member, state: dict, fork: bool = False) -> None:
+        """Resume a member from member_state() (taken in any pack, of any size). With fork, the state is
+        another run's checkpoint and the member a new run branching from it (_branch)."""
+        model = state["model"]
+        m.w.copy_(torch.cat([model[f"{n}.weight"].reshape(-1) for n in self.layer_names]))
+        for (mean, var), name in zip(m.stats, self.bn_names):
+            mean.copy_(model[f"{name}.running_mean"])
+            var.copy_(model[f"{name}.running_var"])
+        m.base_rate, m.rho0 = state["update"]["base_rate"], state["update"]["rho0"]
+        if m.buf is not None and state["update"]["buf"] is not None:
+            m.buf.copy_(state["update"]["buf"])
+        m.step, m.elapsed = state["step"], state["elapsed"]
+        m.start_step = state.get("start_step", 0)
+        m.stream.gen.set_state(state["batch_gen"])
+        m.stream.pos = 0
+        m.sums.copy_(state["averages"]["sums"])
+        m.count = state["averages"]["count"]
+        m.w0.copy_(state["w0"])
+        m.sharp_vec = state["sharpness_vec"]
+        # checkpoints written before quantities had names kept two schedules under their own keys
+        lasts = state.get("schedules") or {"test": state.get("test_last"), "sharpness": state.get("sharpness_last"),
+                                           "trace": state.get("sharpness_last")}
+        for name, schedule in m.schedules.items():
+            schedule.last = lasts.get(name, m.step)
+        m.needs_start_point = False
+        if fork:
+            self._branch(m, state)
+
+    @staticmethod
+    def _branch(m: Member, state: dict) -> None:
+        """A new run starting from another run's checkpoint: its numbering (and the step sums and
+        measurement cadence in flight) go on from there, so a fork that changes nothing is the parent's
+        own continuation; its own config rules the rate, mode, momentum and seed, and its schedule starts
+        there. A momentum buffer, a sphere radius or a batch order is kept only where the config keeps
+        what made it. It logs a first point where it starts (forked_start: log_point)."""
+        parent = state.get("config", {})
+        m.start_step, m.elapsed, m.needs_start_point = m.step, 0.0, True
+        m.base_rate = m.cfg.base_rate
+        if m.sphere and parent.get("mode") != "sphere":      # from lrwd: the sphere the weights are on now
+            m.rho0 = float(m.w.norm())
+        same_momentum = parent.get("momentum") == m.cfg.momentum and parent.get("mode") == m.cfg.mode
+        if m.buf is not None and not same_momentum:
+            m.buf.zero_()
+        if parent.get("seed") != m.cfg.seed:
+            m.stream.gen.manual_seed(m.cfg.seed)
+
+
+def angular_update(u_before: torch.Tensor, w_after: torch.Tensor) -> torch.Tensor:
+    """Per row, the angle between u_before (unit) and the direction of w_after, as 2*asin(|u' - u|/2):
+    exact for tiny angles, where the arccos of a float32 cosine reads 0 (the whole convergence regime)."""
+    norm = torch.linalg.vector_norm
+    chord = norm(w_after / norm(w_after, dim=1, keepdim=True) - u_before, dim=1)
+    return chord.mul_(0.5).clamp_(max=1.0).asin_().mul_(2)
+
+
+def _check_packable(cfgs: list[RunConfig]) -> None:
+    if len({pack_key(c) for c in cfgs}) == 1:
+        return
+    first = cfgs[0].to_dict()
+    differ = sorted({k for c in cfgs for k, v in c.to_dict().items() if k not in MEMBER_FIELDS and v != first[k]})
+    raise ConfigError(f"these runs cannot share a pack: they differ in {', '.join(differ)} "
+                      f"(members may differ only in {', '.join(MEMBER_FIELDS[:6])})")
 
 
 def train_traces(cfgs: list[RunConfig], *, device: str | None = None) -> list:
@@ -214,19 +540,15 @@ def train_traces(cfgs: list[RunConfig], *, device: str | None = None) -> list:
     where packing pays (as the worker would pack them). The stable in-process API for analysis,
     calibration and tests: no store involved."""
     from .analysis import memory_trace
-    from .packed import PackedTrainer, max_pack_size, pack_key, packing_enabled
+    from .packing import pack_groups
+    from .runtime import configure_process
     cfgs = [c.validate() if device is None else c.replace(device=device).validate() for c in cfgs]
-    groups: dict[str, list[int]] = {}
-    for i, cfg in enumerate(cfgs):
-        groups.setdefault(pack_key(cfg) if packing_enabled(cfg) else f"single-{i}", []).append(i)
     traces: list = [None] * len(cfgs)
-    for members in groups.values():
-        for start in range(0, len(members), max_pack_size()):
-            chunk = members[start:start + max_pack_size()]
-            recorders = [MemoryRecorder() for _ in chunk]
-            pack = PackedTrainer([cfgs[i] for i in chunk], recorders=recorders)
-            configure_threads(cfgs[chunk[0]], pack.device)
-            pack.run()
-            for i, recorder in zip(chunk, recorders):
-                traces[i] = memory_trace(recorder.rows)
+    for group in pack_groups(cfgs):
+        recorders = [MemoryRecorder() for _ in group]
+        trainer = Trainer([cfgs[i] for i in group], recorders=recorders)
+        configure_process(trainer.device, cfgs[group[0]].model)
+        trainer.run()
+        for i, recorder in zip(group, recorders):
+            traces[i] = memory_trace(recorder.rows)
     return traces

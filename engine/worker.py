@@ -34,26 +34,29 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
-def _child_main(url: str, run_id: int, device: str, threads: int, parent_pid: int) -> None:
+def _child_main(url: str, run_ids: list[int], device: str, threads: int, parent_pid: int) -> None:
+    """A run process: trains its runs as one pack (one run: a pack of one)."""
     _die_with_parent(parent_pid)
-    # SIGTERM from the worker (its own shutdown) ends the run at the next step as "interrupted".
+    # SIGTERM from the worker (its own shutdown) ends the runs at the next step as "interrupted".
     signal.signal(signal.SIGTERM, shutdown.request)
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C goes to the worker, which stops us in order
-    import torch
-    torch.set_num_threads(threads)
-    from .runner import execute_run
-    execute_run(Store(url), run_id, device=None if device == "auto" else device)
+    from .config import RunConfig
+    from .runner import execute
+    from .runtime import configure_process, resolve_device
+    store = Store(url)
+    cfg = RunConfig.from_dict(store.get_run(run_ids[0]).config)
+    configure_process(resolve_device(cfg.device if device == "auto" else device), cfg.model, threads)
+    execute(store, run_ids, device=None if device == "auto" else device)
 
 
-def _pack_child_main(url: str, run_ids: list[int], device: str, threads: int, parent_pid: int) -> None:
-    """Like _child_main, for several runs trained as one pack (engine.packed)."""
+def _job_main(url: str, job_id: int, claim: str, device: str, threads: int, parent_pid: int) -> None:
+    """A job process: computes one analysis job (engine.jobs) and stores its result."""
     _die_with_parent(parent_pid)
-    signal.signal(signal.SIGTERM, shutdown.request)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     import torch
     torch.set_num_threads(threads)
-    from .packed import execute_pack
-    execute_pack(Store(url), run_ids, device=None if device == "auto" else device)
+    from .jobs import execute_job
+    execute_job(Store(url), job_id, claim, device=None if device == "auto" else device)
 
 
 class Worker:
@@ -62,7 +65,8 @@ class Worker:
         self.url, self.max_parallel, self.device = url, max_parallel, device
         self.poll_s, self.stale_after_s, self.exit_when_idle = poll_s, stale_after_s, exit_when_idle
         self.id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        self.children: dict[int, mp.Process] = {}
+        self.children: dict[int, mp.Process] = {}           # run id -> its process (a pack: one for several)
+        self.jobs: dict[int, tuple[mp.Process, str]] = {}    # job id -> its process and claim
         self.threads = max(1, (os.cpu_count() or 1) // max_parallel)
         self.stopping = False
         self.shutdown_grace_s = SHUTDOWN_GRACE_S
@@ -83,15 +87,23 @@ class Worker:
                 if time.monotonic() >= next_stale_check:
                     for run_id in store.requeue_stale(self.stale_after_s, except_worker=self.id):
                         print(f"run {run_id}: heartbeat stale, marked interrupted", file=sys.stderr, flush=True)
+                    for job_id in store.requeue_stale_jobs(self.stale_after_s):
+                        print(f"job {job_id}: heartbeat stale, queued again", file=sys.stderr, flush=True)
                     next_stale_check = time.monotonic() + STALE_CHECK_EVERY_S
                 while self._processes() < self.max_parallel:
                     info, source = store.claim_interrupted(self.id), "interrupted"
                     if info is None:
                         info, source = store.claim_next_run(self.id), "queued"
-                    if info is None:
+                    if info is not None:
+                        self._start_claimed(ctx, store, info, source)
+                        continue
+                    job = store.claim_job(self.id)
+                    if job is None:
                         break
-                    self._start_claimed(ctx, store, info, source)
-                if self.exit_when_idle and not self.children and not store.list_runs(status="queued"):
+                    self._start_job(ctx, job)
+                idle = not self.children and not self.jobs
+                if self.exit_when_idle and idle and not store.list_runs(status="queued") \
+                        and not store.list_jobs(status="queued"):
                     break
                 time.sleep(self.poll_s)
         finally:
@@ -99,33 +111,29 @@ class Worker:
             store.remove_worker(self.id)
         return 0
 
-    def _start(self, ctx, run_id: int) -> None:
-        proc = ctx.Process(target=_child_main, name=f"spherelab-run-{run_id}",
-                           args=(self.url, run_id, self.device, self.threads, os.getpid()))
-        proc.start()
-        self.children[run_id] = proc
-        print(f"run {run_id}: started in process {proc.pid}", file=sys.stderr, flush=True)
-
-    # ---- packed sweeps (engine.packed): compatible queued runs share one process ----------------
     def _processes(self) -> int:
-        return len({id(proc) for proc in self.children.values()})
+        return len({id(proc) for proc in self.children.values()}) + len(self.jobs)
+
+    def _start_job(self, ctx, job) -> None:
+        proc = ctx.Process(target=_job_main, name=f"spherelab-job-{job.id}",
+                           args=(self.url, job.id, job.claim, self.device, self.threads, os.getpid()))
+        proc.start()
+        self.jobs[job.id] = (proc, job.claim)
+        print(f"job {job.id} ({job.kind}): started in process {proc.pid}", file=sys.stderr, flush=True)
 
     def _start_claimed(self, ctx, store: Store, info, source: str) -> None:
-        """Start a claimed run, packed with compatible runs of the same source (queued, or interrupted
-        packs resuming together) when packing pays on this device."""
-        from .packed import claim_pack_partners
-        partners = claim_pack_partners(store, self.id, info, self.device,
-                                       free_slots=self.max_parallel - self._processes(), status=source)
-        if not partners:
-            self._start(ctx, info.id)
-            return
-        run_ids = [info.id] + partners
-        proc = ctx.Process(target=_pack_child_main, name=f"spherelab-pack-{run_ids[0]}",
+        """Start a claimed run in its own process, packed with compatible runs of the same source
+        (queued, or interrupted packs resuming together) when packing pays on this device."""
+        from .packing import claim_pack_partners
+        run_ids = [info.id] + claim_pack_partners(store, self.id, info, self.device,
+                                                  free_slots=self.max_parallel - self._processes(), status=source)
+        proc = ctx.Process(target=_child_main, name=f"spherelab-run-{run_ids[0]}",
                            args=(self.url, run_ids, self.device, self.threads, os.getpid()))
         proc.start()
         for run_id in run_ids:
             self.children[run_id] = proc
-        print(f"runs {', '.join(map(str, run_ids))}: started as one pack in process {proc.pid}",
+        what = f"run {run_ids[0]}" if len(run_ids) == 1 else f"runs {', '.join(map(str, run_ids))}"
+        print(f"{what}: started{' as one pack' if len(run_ids) > 1 else ''} in process {proc.pid}",
               file=sys.stderr, flush=True)
 
     def _reap(self, store: Store) -> None:
@@ -139,6 +147,14 @@ class Worker:
                 if store.get_run(run_id).status in LIVE_STATUSES:
                     store.set_status(run_id, "failed", error=f"run process exited with code {proc.exitcode} "
                                                              "without finishing (out of memory?)")
+        for job_id, (proc, claim) in list(self.jobs.items()):
+            if not proc.is_alive():
+                proc.join()
+                del self.jobs[job_id]
+                print(f"job {job_id}: process exited ({proc.exitcode})", file=sys.stderr, flush=True)
+                if store.get_job(job_id).status == "running":
+                    store.fail_job(job_id, f"job process exited with code {proc.exitcode} without a result "
+                                           "(out of memory?)", claim=claim)
 
     def _stop(self, *_):
         self.stopping = True
@@ -147,6 +163,7 @@ class Worker:
         """SIGTERM every child (each stops at its next step and marks its runs interrupted); kill any
         still busy after the grace period, since a live non-daemon child would also block our exit."""
         procs = list({id(proc): proc for proc in self.children.values()}.values())   # a pack: one process
+        procs += [proc for proc, _ in self.jobs.values()]
         for proc in procs:
             if proc.is_alive():
                 proc.terminate()
@@ -161,4 +178,8 @@ class Worker:
         for run_id in self.children:      # killed, or died before it could say: resumable all the same
             if store.get_run(run_id).status in LIVE_STATUSES:
                 store.set_status(run_id, "interrupted")
+        for job_id, (_, claim) in self.jobs.items():      # a job cut short is computed again, whole
+            if store.get_job(job_id).status == "running":
+                store.requeue_job(job_id, claim=claim)
         self.children.clear()
+        self.jobs.clear()

@@ -1,10 +1,9 @@
 #!/usr/bin/env bash
-# Installs spherelab and starts it: the engine worker (background) and the dashboard.
-# Store: $SPHERELAB_DB if set, else ~/.spherelab/spherelab.db. Ctrl-C stops both.
+# Installs spherelab's pinned requirements and starts it: the engine worker and the dashboard
+# (python -m engine app: http://localhost:8501, bound to 127.0.0.1). Ctrl-C stops both.
+# Store: $SPHERELAB_DB, else ~/.spherelab/spherelab.db. SPHERELAB_PORT, SPHERELAB_PARALLEL and
+# SPHERELAB_ADDRESS (e.g. 0.0.0.0 to expose it: no login, see README) change the defaults.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip install -q --disable-pip-version-check -r requirements.txt
-python3 -m engine worker --max-parallel "${SPHERELAB_PARALLEL:-2}" &
-worker=$!
-trap 'kill "$worker" 2>/dev/null; wait "$worker" 2>/dev/null' EXIT
-python3 -m streamlit run streamlit_app.py --server.headless true --server.port "${SPHERELAB_PORT:-8501}"
+exec python3 -m engine app

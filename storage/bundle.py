@@ -1,22 +1,34 @@
 """Bundles: saved runs as one portable zip file (manifest.json + metrics.parquet), to share a run or a
-sweep with a colleague. Checkpoints are not included."""
+sweep with a colleague. Checkpoints are not included.
+
+A bundle is someone else's file, so an import reads it as data within stated limits: every field is
+checked (types, finite numbers, integers within 64 bits, JSON nesting), and the whole import is one
+transaction, so a bad or oversized bundle is one line of StoreError and nothing is written. Imported
+runs are never queued, running or claimable here: they carry imported_at (claims skip them), and a
+run the bundle says had not ended (queued, running, paused, interrupted) is stored as `interrupted`,
+with the bundle's status kept in a status event; it cannot resume here (checkpoints do not travel).
+"""
 
 import io
 import json
+import math
 import re
-import uuid
+import time
 import zipfile
 import zlib
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from sqlalchemy import insert, select
+from sqlalchemy.exc import IntegrityError
 
 from .errors import StoreError
+from .files import write_atomically
 from .jsontext import to_json
-from .schema import EVENT_KINDS, STATUSES, events, metrics, runs, sweeps
+from .schema import EVENT_KINDS, STATUSES, TERMINAL_STATUSES, events, metrics, runs, sweeps
 
 FORMAT = "spherelab-bundle"
 FORMAT_VERSION = 1
@@ -28,14 +40,79 @@ METRICS_SCHEMA = pa.schema([("run_uid", pa.string()), ("key", pa.string()), ("st
                             ("epoch", pa.float64()), ("wall_time", pa.float64()), ("value", pa.float64()),
                             ("special", pa.int8())])
 
-_NUMBER, _NONE = (int, float), type(None)
-_RUN_TYPES = {"uid": (str,), "name": (str,), "config": (dict,), "status": (str,), "regime": (str, _NONE),
-              "tags": (list,), "created_at": _NUMBER, "started_at": (*_NUMBER, _NONE),
-              "finished_at": (*_NUMBER, _NONE), "device": (str, _NONE), "error": (str, _NONE), "step": (int,),
-              "total_steps": (int, _NONE), "events": (list,)}
-_EVENT_TYPES = {"step": (int,), "kind": (str,), "payload": (dict,), "created_at": _NUMBER}
-_SWEEP_TYPES = {"uid": (str,), "name": (str,), "spec": (dict,), "created_at": _NUMBER}
+# Import limits. An import is one transaction (all or nothing), so it holds the database's write lock
+# while it runs: the limits keep the largest import to about a minute of writing on a laptop CPU (the
+# store's other users wait up to storage.database.LOCK_WAIT_S for it) and a few hundred MB of memory
+# (metrics are decoded and written IMPORT_BATCH_ROWS at a time). A 30-epoch digits run logs about 2,000
+# metric rows; a 1,000-epoch CIFAR-10 run with every metric every 10 steps under 800,000.
+MAX_BUNDLE_BYTES = 256 << 20          # the zip file on disk
+MAX_MANIFEST_BYTES = 64 << 20         # manifest.json, uncompressed (configs, events)
+MAX_METRICS_BYTES = 256 << 20         # metrics.parquet, as stored in the zip
+MAX_METRICS_DECODED_BYTES = 512 << 20  # metrics.parquet's columns decoded, as its footer declares
+MAX_RUNS = 10_000                     # runs in one bundle
+MAX_METRIC_ROWS = 2_000_000           # metric rows in one bundle
+MAX_JSON_DEPTH = 32                   # nesting of a config, sweep spec or event payload
+MAX_INT = 2**63 - 1                   # steps and counts are 64-bit integers in the database
+MAX_KEY_CHARS = 128                   # metrics.key is VARCHAR(128)
+MAX_REGIME_CHARS = 32                 # runs.regime is VARCHAR(32)
+IMPORT_BATCH_ROWS = 50_000            # metric rows decoded, checked and written at a time
+
 _UID = re.compile(r"[0-9a-f]{32}")
+
+
+def _count(v) -> bool:
+    return type(v) is int and 0 <= v <= MAX_INT
+
+
+def _time(v) -> bool:
+    return type(v) in (int, float) and math.isfinite(v)
+
+
+def _json_object(v) -> bool:
+    return type(v) is dict and json_depth(v) <= MAX_JSON_DEPTH
+
+
+def _maybe(check):
+    return lambda v: v is None or check(v)
+
+
+_COUNT = "a whole number from 0 to 2**63-1"
+_TIME = "a finite number"
+_OBJECT = f"a JSON object nested at most {MAX_JSON_DEPTH} deep"
+# field -> (check, what it must be): every field of a run, event and sweep entry is checked
+_RUN_FIELDS = {
+    "uid": (lambda v: type(v) is str and _UID.fullmatch(v) is not None, "32 hex digits"),
+    "name": (lambda v: type(v) is str, "a string"),
+    "config": (_json_object, _OBJECT),
+    "status": (lambda v: type(v) is str and v in STATUSES, f"one of {', '.join(STATUSES)}"),
+    "regime": (_maybe(lambda v: type(v) is str and len(v) <= MAX_REGIME_CHARS),
+               f"null or at most {MAX_REGIME_CHARS} characters"),
+    "tags": (lambda v: type(v) is list and all(type(tag) is str for tag in v), "a list of strings"),
+    "created_at": (_time, _TIME),
+    "started_at": (_maybe(_time), f"null or {_TIME}"),
+    "finished_at": (_maybe(_time), f"null or {_TIME}"),
+    "device": (_maybe(lambda v: type(v) is str), "null or a string"),
+    "error": (_maybe(lambda v: type(v) is str), "null or a string"),
+    "step": (_count, _COUNT),
+    "total_steps": (_maybe(_count), f"null or {_COUNT}"),
+    "events": (lambda v: type(v) is list, "a list"),
+}
+_EVENT_FIELDS = {
+    "step": (_count, _COUNT),
+    "kind": (lambda v: type(v) is str and v in EVENT_KINDS, f"one of {', '.join(EVENT_KINDS)}"),
+    "payload": (_json_object, _OBJECT),
+    "created_at": (_time, _TIME),
+}
+_SWEEP_FIELDS = {
+    "uid": _RUN_FIELDS["uid"],
+    "name": _RUN_FIELDS["name"],
+    "spec": (_json_object, _OBJECT),
+    "created_at": (_time, _TIME),
+}
+
+
+class TooLarge(ValueError):
+    """A bundle beyond the import limits."""
 
 
 class BundleAPI:
@@ -68,8 +145,10 @@ class BundleAPI:
 
     def import_bundle(self, path) -> list[int]:
         """Add a bundle's runs under new ids (uids kept) in one transaction; returns the new ids.
-        Runs keep their status; checkpoint fields are cleared (checkpoints do not travel)."""
-        manifest, table = read_bundle(path)
+        Imported runs are data (see the module docstring): never claimable, and a status that had not
+        ended becomes `interrupted`. Checkpoint fields are cleared (checkpoints do not travel)."""
+        manifest, parquet = read_bundle(path)
+        now = time.time()
         with self._write() as conn:
             for entry in manifest["runs"]:
                 existing = conn.execute(select(runs.c.id).where(runs.c.uid == entry["uid"])).scalar()
@@ -79,109 +158,168 @@ class BundleAPI:
             sweep_id = _import_sweep(conn, manifest["sweep"])
             new_ids = {}
             for entry in manifest["runs"]:
-                run_id = conn.execute(insert(runs).values(_run_row(entry, sweep_id))).inserted_primary_key[0]
+                row = _run_row(entry, sweep_id, now)
+                run_id = conn.execute(insert(runs).values(row)).inserted_primary_key[0]
                 new_ids[entry["uid"]] = run_id
                 _insert_events(conn, run_id, entry["events"])
-            _insert_metrics(conn, table, new_ids)
+                if row["status"] != entry["status"]:   # the bundle's claim stays as history
+                    _insert_events(conn, run_id, [{"step": entry["step"], "kind": "status", "created_at": now,
+                                                   "payload": {"status": row["status"],
+                                                               "bundle_status": entry["status"]}}])
+            try:
+                _insert_metrics(conn, parquet, new_ids)
+            except (ValueError, TypeError, pa.ArrowException) as exc:
+                raise _not_a_bundle(path, exc) from None
+            except IntegrityError:
+                raise _not_a_bundle(path, ValueError(f"{METRICS_NAME} has a (run, key, step) twice")) from None
         return list(new_ids.values())
 
 
 def write_bundle(path, manifest: dict, table: pa.Table) -> None:
-    """Write to a temporary file beside `path`, then rename: no half-written bundle is ever left."""
-    path = Path(path)
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
+    """Write the bundle file; it appears complete or not at all (write_atomically)."""
+    def write(temporary: Path) -> None:
         parquet = io.BytesIO()
         pq.write_table(table, parquet)
         with zipfile.ZipFile(temporary, "x") as archive:
             archive.writestr(MANIFEST_NAME, json.dumps(manifest, indent=1), compress_type=zipfile.ZIP_DEFLATED)
             archive.writestr(METRICS_NAME, parquet.getvalue())  # parquet is compressed already
-        temporary.replace(path)
-    except OSError as exc:
-        temporary.unlink(missing_ok=True)
-        reason = exc.strerror or exc
-        raise StoreError(f"cannot write the bundle {path} ({reason}): choose a writable --out path") from None
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
+
+    write_atomically(path, write, what="the bundle")
 
 
-def read_bundle(path) -> tuple[dict, pa.Table]:
-    """The checked manifest and metrics table; StoreError (one line) for anything else."""
+def read_bundle(path) -> tuple[dict, pq.ParquetFile]:
+    """The checked manifest and the metrics file (its rows are checked as they are imported);
+    StoreError (one line) for anything else, before anything is written."""
     path = Path(path)
     if not path.is_file():
         raise StoreError(f"{path} is not a file: give the path of a bundle made with `python -m engine bundle`")
     try:
+        _limit(path.stat().st_size, MAX_BUNDLE_BYTES, "the bundle file", "MAX_BUNDLE_BYTES")
         with zipfile.ZipFile(path) as archive:
-            manifest = json.loads(archive.read(MANIFEST_NAME))
+            manifest = json.loads(_member(archive, MANIFEST_NAME, MAX_MANIFEST_BYTES, "MAX_MANIFEST_BYTES"))
             _check_manifest(manifest, path)
-            table = pq.read_table(io.BytesIO(archive.read(METRICS_NAME)))
-        table = table.select(METRICS_SCHEMA.names).cast(METRICS_SCHEMA)
-        _check_metrics(table, {entry["uid"] for entry in manifest["runs"]})
-    except (zipfile.BadZipFile, zlib.error, EOFError, KeyError, ValueError, TypeError, OSError,
+            parquet = pq.ParquetFile(io.BytesIO(_member(archive, METRICS_NAME, MAX_METRICS_BYTES,
+                                                        "MAX_METRICS_BYTES")))
+        _check_metrics_file(parquet)
+    except TooLarge as exc:
+        raise StoreError(f"{path} is over an import limit ({exc}): split it into smaller bundles, "
+                         "e.g. one per run") from None
+    except (zipfile.BadZipFile, zlib.error, EOFError, KeyError, ValueError, TypeError, OSError, RecursionError,
             pa.ArrowException) as exc:
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise StoreError(f"{path} is not a spherelab bundle ({reason}): "
-                         "make one with `python -m engine bundle`") from None
-    return manifest, table
+        raise _not_a_bundle(path, exc) from None
+    return manifest, parquet
+
+
+def _not_a_bundle(path, exc: BaseException) -> StoreError:
+    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    if isinstance(exc, RecursionError):
+        reason = f"JSON nested too deep (at most {MAX_JSON_DEPTH} levels are read)"
+    return StoreError(f"{path} is not a spherelab bundle ({reason}): make one with `python -m engine bundle`")
+
+
+def _limit(size: int, limit: int, what: str, name: str) -> None:
+    if size > limit:
+        raise TooLarge(f"{what} is {_size(size)}, more than the {_size(limit)} allowed by {name}")
+
+
+def _size(n: int) -> str:
+    return f"{n:,} bytes"
+
+
+def _member(archive: zipfile.ZipFile, name: str, limit: int, limit_name: str) -> bytes:
+    """A member's bytes, never more than `limit` of them (the size in the zip directory can lie)."""
+    info = archive.getinfo(name)
+    _limit(info.file_size, limit, name, limit_name)
+    with archive.open(info) as member:
+        data = member.read(limit + 1)
+    _limit(len(data), limit, name, limit_name)
+    return data
+
+
+def json_depth(obj) -> int:
+    """Nesting depth of JSON data (a scalar is 0, {} is 1), without recursion; stops counting once
+    past MAX_JSON_DEPTH."""
+    deepest, stack = 0, [(obj, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, level)
+            if deepest > MAX_JSON_DEPTH:
+                return deepest
+            stack.extend((child, level + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
 
 
 def _check_manifest(manifest, path: Path) -> None:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ValueError(f"{MANIFEST_NAME} does not say format {FORMAT!r}")
     version = manifest.get("version")
-    if not isinstance(version, int):
+    if not _count(version):
         raise ValueError(f"{MANIFEST_NAME} has no format version")
     if version > FORMAT_VERSION:
         raise StoreError(f"{path} is a version {version} bundle, newer than this spherelab reads "
                          f"({FORMAT_VERSION}): upgrade spherelab")
     if manifest.get("sweep") is not None:
-        _check_fields(manifest["sweep"], _SWEEP_TYPES, "the sweep")
+        _check_fields(manifest["sweep"], _SWEEP_FIELDS, "the sweep")
     if not isinstance(manifest.get("runs"), list):
         raise ValueError(f"{MANIFEST_NAME} has no list of runs")
+    if len(manifest["runs"]) > MAX_RUNS:
+        raise TooLarge(f"{len(manifest['runs']):,} runs, more than the {MAX_RUNS:,} allowed by MAX_RUNS")
     for index, entry in enumerate(manifest["runs"]):
         what = f"run #{index}"
-        _check_fields(entry, _RUN_TYPES, what)
-        if not _UID.fullmatch(entry["uid"]):
-            raise ValueError(f"{what} has a malformed uid")
-        if entry["status"] not in STATUSES:
-            raise ValueError(f"{what} has unknown status {entry['status']!r}")
-        if not all(isinstance(tag, str) for tag in entry["tags"]):
-            raise ValueError(f"{what} has a tag that is not a string")
+        _check_fields(entry, _RUN_FIELDS, what)
         for event in entry["events"]:
-            _check_fields(event, _EVENT_TYPES, f"an event of {what}")
-            if event["kind"] not in EVENT_KINDS:
-                raise ValueError(f"{what} has an event of unknown kind {event['kind']!r}")
+            _check_fields(event, _EVENT_FIELDS, f"an event of {what}")
     uids = [entry["uid"] for entry in manifest["runs"]]
     if len(set(uids)) != len(uids):
         raise ValueError("a run uid appears twice")
 
 
-def _check_fields(entry, types: dict, what: str) -> None:
+def _check_fields(entry, fields: dict, what: str) -> None:
     if not isinstance(entry, dict):
         raise ValueError(f"{what} is not a JSON object")
-    for field, allowed in types.items():
+    for field, (check, expected) in fields.items():
         if field not in entry:
             raise ValueError(f"{what} has no {field!r}")
-        if not isinstance(entry[field], allowed) or isinstance(entry[field], bool):
-            raise ValueError(f"{what} has a {field!r} of the wrong type")
+        if not check(entry[field]):
+            raise ValueError(f"{what} has a {field!r} that is not {expected}")
 
 
-def _check_metrics(table: pa.Table, uids: set[str]) -> None:
-    if table.num_rows == 0:
-        return
-    for name in ("run_uid", "key", "step", "epoch", "wall_time", "special"):
-        if table[name].null_count:
-            raise ValueError(f"{METRICS_NAME} has empty {name} cells")
-    unknown = set(table["run_uid"].unique().to_pylist()) - uids
-    if unknown:
-        raise ValueError(f"{METRICS_NAME} has metrics of runs not in the manifest")
-    special = table["special"].to_numpy()
-    value = table["value"].to_numpy(zero_copy_only=False)
-    if not np.isin(special, (0, 1, 2, 3)).all() or not np.isfinite(value[special == 0]).all():
-        raise ValueError(f"{METRICS_NAME} has values that do not match their special codes")
-    if table.group_by(["run_uid", "key", "step"]).aggregate([]).num_rows != table.num_rows:
-        raise ValueError(f"{METRICS_NAME} has a (run, key, step) twice")
+def _check_metrics_file(parquet: pq.ParquetFile) -> None:
+    meta = parquet.metadata
+    if meta.num_rows > MAX_METRIC_ROWS:
+        raise TooLarge(f"{meta.num_rows:,} metric rows, more than the {MAX_METRIC_ROWS:,} allowed by MAX_METRIC_ROWS")
+    decoded = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
+    _limit(decoded, MAX_METRICS_DECODED_BYTES, f"{METRICS_NAME} decoded", "MAX_METRICS_DECODED_BYTES")
+    missing = set(METRICS_SCHEMA.names) - set(parquet.schema_arrow.names)
+    if missing:
+        raise ValueError(f"{METRICS_NAME} has no column(s) {', '.join(sorted(missing))}")
+
+
+def _metric_batches(parquet: pq.ParquetFile, uids: pa.Array):
+    """The metric rows, IMPORT_BATCH_ROWS at a time, each batch checked (ValueError if bad)."""
+    for batch in parquet.iter_batches(batch_size=IMPORT_BATCH_ROWS, columns=METRICS_SCHEMA.names):
+        table = pa.Table.from_batches([batch]).select(METRICS_SCHEMA.names).cast(METRICS_SCHEMA)
+        if table.num_rows == 0:
+            continue
+        for name in ("run_uid", "key", "step", "epoch", "wall_time", "special"):
+            if table[name].null_count:
+                raise ValueError(f"{METRICS_NAME} has empty {name} cells")
+        if not pc.all(pc.is_in(table["run_uid"], value_set=uids)).as_py():
+            raise ValueError(f"{METRICS_NAME} has metrics of runs not in the manifest")
+        lengths = pc.utf8_length(table["key"])
+        if pc.min(lengths).as_py() < 1 or pc.max(lengths).as_py() > MAX_KEY_CHARS:
+            raise ValueError(f"{METRICS_NAME} has a metric key that is empty or over {MAX_KEY_CHARS} characters")
+        if pc.min(table["step"]).as_py() < 0:
+            raise ValueError(f"{METRICS_NAME} has a negative step")
+        times = np.concatenate([table[name].to_numpy() for name in ("epoch", "wall_time")])
+        special = table["special"].to_numpy()
+        value = table["value"].to_numpy(zero_copy_only=False)
+        if not np.isfinite(times).all():
+            raise ValueError(f"{METRICS_NAME} has an epoch or wall_time that is not a finite number")
+        if not np.isin(special, (0, 1, 2, 3)).all() or not np.isfinite(value[special == 0]).all():
+            raise ValueError(f"{METRICS_NAME} has values that do not match their special codes")
+        yield table
 
 
 def _manifest_run(row, event_rows) -> dict:
@@ -207,12 +345,15 @@ def _insert_events(conn, run_id: int, entries: list[dict]) -> None:
                  created_at=e["created_at"]) for e in entries])
 
 
-def _insert_metrics(conn, table: pa.Table, new_ids: dict[str, int]) -> None:
-    if table.num_rows == 0:
-        return
-    columns = table.to_pydict()
-    columns["run_id"] = [new_ids[uid] for uid in columns.pop("run_uid")]
-    conn.execute(insert(metrics), [dict(zip(columns, row)) for row in zip(*columns.values())])
+def _insert_metrics(conn, parquet: pq.ParquetFile, new_ids: dict[str, int]) -> None:
+    uids = pa.array(list(new_ids), type=pa.string())
+    ids = np.array(list(new_ids.values()), dtype=np.int64)
+    for table in _metric_batches(parquet, uids):
+        columns = table.to_pydict()
+        columns["run_id"] = ids[pc.index_in(table["run_uid"], value_set=uids).to_numpy()].tolist()
+        del columns["run_uid"]
+        columns["value"] = [v if code == 0 else None for v, code in zip(columns["value"], columns["special"])]
+        conn.execute(insert(metrics), [dict(zip(columns, row)) for row in zip(*columns.values())])
 
 
 def _import_sweep(conn, sweep: dict | None) -> int | None:
@@ -227,8 +368,10 @@ def _import_sweep(conn, sweep: dict | None) -> int | None:
     return conn.execute(insert(sweeps).values(row)).inserted_primary_key[0]
 
 
-def _run_row(entry: dict, sweep_id: int | None) -> dict:
+def _run_row(entry: dict, sweep_id: int | None, now: float) -> dict:
     row = {key: entry[key] for key in RUN_KEYS}
-    row.update(config=to_json(entry["config"], "run config"), tags=to_json(entry["tags"], "tags"),
-               sweep_id=sweep_id, heartbeat_at=None, worker_id=None, checkpoint_path=None, checkpoint_step=None)
+    status = entry["status"] if entry["status"] in TERMINAL_STATUSES else "interrupted"
+    row.update(status=status, imported_at=now, config=to_json(entry["config"], "run config"),
+               tags=to_json(entry["tags"], "tags"), sweep_id=sweep_id, heartbeat_at=None, worker_id=None,
+               claim=None, checkpoint_path=None, checkpoint_step=None)
     return row

@@ -20,7 +20,7 @@ class ControlAPI:
         if kind not in EVENT_KINDS:
             raise StoreError(f"unknown event kind {kind!r}: use one of {', '.join(EVENT_KINDS)}")
         with self._write() as conn:
-            run = self._require_run(conn, run_id)
+            run = self._run_for_write(conn, run_id)
             return conn.execute(insert(events).values(
                 run_id=run.id, step=int(step), kind=kind, payload=to_json(payload or {}, "event payload"),
                 created_at=time.time())).inserted_primary_key[0]
@@ -61,6 +61,7 @@ class ControlAPI:
                 return []
         taken = []
         with self._write() as conn:
+            self._run_for_write(conn, run_id)   # a process that lost the run must not take its commands
             for row in conn.execute(pending).all():
                 claim = update(commands).where(commands.c.id == row.id, commands.c.consumed_at.is_(None))
                 if conn.execute(claim.values(consumed_at=time.time())).rowcount == 1:

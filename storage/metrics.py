@@ -23,7 +23,7 @@ class MetricsAPI:
         if not records:
             return
         with self._write() as conn:
-            self._require_run(conn, run_id)
+            self._run_for_write(conn, run_id)
             upsert(conn, metrics, records, key=("run_id", "key", "step"),
                    replace=("epoch", "wall_time", "value", "special"))
 

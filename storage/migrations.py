@@ -1,10 +1,14 @@
 """Schema versions. A fresh database is built from storage.schema at the current version; an older
 one is upgraded here, one step at a time, inside a single transaction (all or nothing).
 
-To add version 2: change storage.schema to the new shape, then add
-    def _to_v2(conn): conn.execute(text("ALTER TABLE runs ADD COLUMN ..."))
-    MIGRATIONS[2] = _to_v2
-Each function takes a database at version N-1 to version N (its key).
+To add version N: change storage.schema to the new shape, then add
+    def _to_vN(conn): conn.execute(text("ALTER TABLE runs ADD COLUMN ..."))
+    MIGRATIONS[N] = _to_vN
+Each function takes a database at version N-1 to version N (its key), and a test opens a database
+written by version N-1 (tests/test_hardening.py keeps version 1 as the SQL SQLite wrote).
+
+History: 1 the first schema; 2 runs.imported_at and runs.claim (imported runs are inert, claims are fenced);
+3 runs.parent_id and runs.fork_epoch, the checkpoints and jobs tables (forks, kept checkpoints, analysis jobs).
 """
 
 from collections.abc import Callable
@@ -13,10 +17,27 @@ from sqlalchemy import inspect, select, text, update
 from sqlalchemy.engine import Connection
 
 from .errors import StoreError
-from .schema import meta, metadata
+from .schema import checkpoints, jobs, meta, metadata
 
 BASE_VERSION = 1
-MIGRATIONS: dict[int, Callable[[Connection], None]] = {}
+
+
+def _to_v2(conn: Connection) -> None:
+    """runs.imported_at (runs from bundles are data: claims skip them) and runs.claim (a token per
+    claim, which fences a process that lost its run). Existing runs were made here and hold no claim."""
+    conn.execute(text("ALTER TABLE runs ADD COLUMN imported_at FLOAT"))
+    conn.execute(text("ALTER TABLE runs ADD COLUMN claim VARCHAR(32)"))
+
+
+def _to_v3(conn: Connection) -> None:
+    """Forks (runs.parent_id, runs.fork_epoch), kept checkpoints and analysis jobs."""
+    conn.execute(text("ALTER TABLE runs ADD COLUMN parent_id INTEGER REFERENCES runs(id) ON DELETE SET NULL"))
+    conn.execute(text("ALTER TABLE runs ADD COLUMN fork_epoch INTEGER"))
+    checkpoints.create(conn)
+    jobs.create(conn)
+
+
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {2: _to_v2, 3: _to_v3}
 
 # Any constant: serialises schema creation between PostgreSQL clients opening a fresh database together.
 _PG_LOCK_KEY = 0x5350484C
@@ -24,6 +45,22 @@ _PG_LOCK_KEY = 0x5350484C
 
 def current_version() -> int:
     return max(MIGRATIONS, default=BASE_VERSION)
+
+
+def schema_is_current(conn: Connection, where: str) -> bool:
+    """True when the database already has this spherelab's schema, so opening it needs no write (a
+    read-only store can be opened); False when it must be created or upgraded (ensure_schema)."""
+    if meta.name not in set(inspect(conn).get_table_names()):
+        return False
+    found = read_version(conn, where)
+    _refuse_newer(found)
+    return found == current_version()
+
+
+def _refuse_newer(found: int) -> None:
+    if found > current_version():
+        raise StoreError(f"database schema version {found} is newer than this spherelab ({current_version()}): "
+                         "upgrade spherelab")
 
 
 def ensure_schema(conn: Connection, where: str) -> int:
@@ -42,8 +79,7 @@ def ensure_schema(conn: Connection, where: str) -> int:
         return target
 
     found = read_version(conn, where)
-    if found > target:
-        raise StoreError(f"database schema version {found} is newer than this spherelab ({target}): upgrade spherelab")
+    _refuse_newer(found)
     for version in range(found + 1, target + 1):
         try:
             MIGRATIONS[version](conn)

@@ -27,6 +27,10 @@ class RunInfo:
     total_steps: int | None
     checkpoint_path: str | None
     checkpoint_step: int | None
+    imported_at: float | None = None   # set for runs imported from a bundle: data, never claimable
+    claim: str | None = None           # token of the latest claim (see Store.hold)
+    parent_id: int | None = None      # a fork: the run it branched from
+    fork_epoch: int | None = None     # and the epoch of the kept checkpoint it started at
 
     @property
     def progress(self) -> float:
@@ -48,7 +52,8 @@ class RunInfo:
                    device=m["device"], error=m["error"], tags=from_json(m["tags"]) or [],
                    sweep_id=m["sweep_id"], worker_id=m["worker_id"], step=m["step"],
                    total_steps=m["total_steps"], checkpoint_path=m["checkpoint_path"],
-                   checkpoint_step=m["checkpoint_step"])
+                   checkpoint_step=m["checkpoint_step"], imported_at=m["imported_at"], claim=m["claim"],
+                   parent_id=m["parent_id"], fork_epoch=m["fork_epoch"])
 
 
 @dataclass
@@ -96,3 +101,46 @@ class Command:
         m = row._mapping
         return cls(id=m["id"], run_id=m["run_id"], kind=m["kind"],
                    payload=from_json(m["payload"]) or {}, created_at=m["created_at"])
+
+
+@dataclass
+class CheckpointInfo:
+    """A kept checkpoint of a run (--keep-every)."""
+    run_id: int
+    epoch: int
+    step: int
+    path: str
+    bytes: int
+    created_at: float
+
+    @classmethod
+    def from_row(cls, row) -> "CheckpointInfo":
+        m = row._mapping
+        return cls(run_id=m["run_id"], epoch=m["epoch"], step=m["step"], path=m["path"], bytes=m["bytes"],
+                   created_at=m["created_at"])
+
+
+@dataclass
+class JobInfo:
+    """An analysis job: an SWA average of one run's checkpoints, or the geometry between two solutions."""
+    id: int
+    kind: str
+    run_id: int
+    other_run_id: int | None
+    spec: dict
+    status: str
+    result: dict | None
+    error: str | None
+    worker_id: str | None
+    claim: str | None
+    heartbeat_at: float | None
+    created_at: float
+    finished_at: float | None
+
+    @classmethod
+    def from_row(cls, row) -> "JobInfo":
+        m = row._mapping
+        return cls(id=m["id"], kind=m["kind"], run_id=m["run_id"], other_run_id=m["other_run_id"],
+                   spec=from_json(m["spec"]) or {}, status=m["status"], result=from_json(m["result"]),
+                   error=m["error"], worker_id=m["worker_id"], claim=m["claim"], heartbeat_at=m["heartbeat_at"],
+                   created_at=m["created_at"], finished_at=m["finished_at"])

@@ -3,6 +3,7 @@
 import json
 import time
 import uuid
+from pathlib import Path
 
 from sqlalchemy import delete, func, insert, or_, select, update
 
@@ -10,9 +11,17 @@ from .database import as_id
 from .errors import StoreError
 from .jsontext import to_json
 from .records import RunInfo, SweepInfo
-from .schema import LIVE_STATUSES, STATUSES, TERMINAL_STATUSES, commands, events, metrics, runs, sweeps
+from .schema import (LIVE_STATUSES, STATUSES, TERMINAL_STATUSES, checkpoints, commands, events, metrics, runs,
+                     sweeps)
 
-RUN_FIELDS = ("config", "name", "tags", "sweep_id", "status", "total_steps")
+# A run process heartbeats this often (engine.runner uses it). requeue_stale never calls a run stale
+# before it has missed MIN_STALE_AFTER_S of heartbeats: one late heartbeat (a slow step, a flush)
+# happens, three in a row mean the process is gone or stuck. Below that floor a live run would be
+# taken for dead and trained twice. (Claims are fenced besides, see Store.hold.)
+HEARTBEAT_EVERY_S = 1.0
+MIN_STALE_AFTER_S = 3 * HEARTBEAT_EVERY_S
+
+RUN_FIELDS = ("config", "name", "tags", "sweep_id", "status", "total_steps", "parent_id", "fork_epoch")
 UPDATABLE_FIELDS = ("status", "regime", "device", "error", "step", "total_steps", "started_at", "finished_at",
                     "checkpoint_path", "checkpoint_step", "worker_id", "heartbeat_at", "name")
 
@@ -120,9 +129,11 @@ class RunsAPI:
                 check_status(one)
             query = query.where(runs.c.status.in_(wanted))
         if sweep_id is not None:
+            if as_id(sweep_id) is None:
+                return []
             query = query.where(runs.c.sweep_id == as_id(sweep_id))
         if ids is not None:
-            query = query.where(runs.c.id.in_([as_id(i) for i in ids]))
+            query = query.where(runs.c.id.in_([as_id(i) for i in ids if as_id(i) is not None]))
         if name_contains:
             query = query.where(func.lower(runs.c.name).contains(name_contains.lower(), autoescape=True))
         if tag is not None:
@@ -143,7 +154,7 @@ class RunsAPI:
         if "status" in fields:
             check_status(fields["status"])
         with self._write() as conn:
-            row = self._require_run(conn, run_id)
+            row = self._run_for_write(conn, run_id)
             values = dict(fields)
             if "status" in fields:
                 values = {**status_fields(fields["status"], row.status, row.started_at, time.time()), **fields}
@@ -152,23 +163,26 @@ class RunsAPI:
             if "status" in fields and fields["status"] != row.status:
                 step = values.get("step", row.step)
                 self._status_event(conn, row.id, step, fields["status"], values.get("error"))
+        if fields.get("status") not in (None, *LIVE_STATUSES):
+            self.release(run_id)   # this process ended the run: its hold ends with it
 
     def set_status(self, run_id, status: str, *, error: str | None = None) -> None:
         fields = {"status": status} if error is None else {"status": status, "error": error}
         self.update_run(run_id, **fields)
 
     def heartbeat(self, run_id, step: int) -> None:
-        """The worker is alive and has reached `step` (requeue_stale looks at this)."""
+        """The run's process is alive and has reached `step` (requeue_stale looks at this). Raises
+        ClaimLost for a run this Store holds (see hold) that was taken from it."""
         with self._write() as conn:
-            done = conn.execute(update(runs).where(runs.c.id == as_id(run_id))
-                                .values(heartbeat_at=time.time(), step=int(step)))
-            if done.rowcount != 1:
-                raise self._run_not_found(run_id)
+            row = self._run_for_write(conn, run_id)
+            conn.execute(update(runs).where(runs.c.id == row.id).values(heartbeat_at=time.time(), step=int(step)))
 
     # ---- workers taking runs
     def claim_next_run(self, worker_id: str, *, run_ids=None) -> RunInfo | None:
         """Atomically take the oldest queued run (optionally among run_ids) for this worker; None if none.
-        Safe between processes and between PostgreSQL clients: two workers never get the same run."""
+        Safe between processes and between PostgreSQL clients: two workers never get the same run.
+        Imported runs are never taken. The claim is recorded (worker_id, a fresh RunInfo.claim token)
+        and this Store holds the run (see hold); give the token to the process that trains it."""
         return self._claim(worker_id, "queued", run_ids)
 
     def claim_interrupted(self, worker_id: str, *, run_ids=None) -> RunInfo | None:
@@ -176,39 +190,46 @@ class RunsAPI:
         return self._claim(worker_id, "interrupted", run_ids)
 
     def _claim(self, worker_id: str, from_status: str, run_ids) -> RunInfo | None:
-        candidates = select(runs.c.id).where(runs.c.status == from_status)
+        candidates = select(runs.c.id).where(runs.c.status == from_status, runs.c.imported_at.is_(None))
         if run_ids is not None:
-            candidates = candidates.where(runs.c.id.in_([as_id(i) for i in run_ids]))
+            candidates = candidates.where(runs.c.id.in_([as_id(i) for i in run_ids if as_id(i) is not None]))
         candidates = candidates.order_by(runs.c.id).limit(1)
         while True:
             with self._write() as conn:
                 run_id = conn.execute(candidates).scalar()
                 if run_id is None:
                     return None
-                now = time.time()
+                now, token = time.time(), new_uid()
                 # The status condition makes the UPDATE the arbiter: whoever changes the row first wins,
                 # a concurrent claimer updates nothing and tries the next candidate.
                 won = conn.execute(
                     update(runs).where(runs.c.id == run_id, runs.c.status == from_status)
-                    .values(status="running", worker_id=worker_id, heartbeat_at=now,
+                    .values(status="running", worker_id=worker_id, claim=token, heartbeat_at=now,
                             started_at=func.coalesce(runs.c.started_at, now))).rowcount == 1
                 if won:
                     row = self._require_run(conn, run_id)
                     self._status_event(conn, run_id, row.step, "running")
-                    return RunInfo.from_row(row)
+            if won:
+                self.hold(run_id, token)
+                return RunInfo.from_row(row)
 
     def requeue_stale(self, stale_after_s: float, *, except_worker: str | None = None) -> list[int]:
         """Runs held by a worker (running/paused) whose heartbeat is older than stale_after_s, or
         missing, become 'interrupted' so claim_interrupted can resume them; returns their ids.
+        stale_after_s must be at least MIN_STALE_AFTER_S (three heartbeats). The process that held
+        such a run gets ClaimLost at its next write (see hold), so it never trains beside its successor.
         `except_worker` skips the caller's own runs: it watches its children directly, and a child
         that is still starting up has not had the chance to heartbeat yet."""
-        stale = (runs.c.status.in_(LIVE_STATUSES)
+        if not stale_after_s >= MIN_STALE_AFTER_S:   # also refuses nan
+            raise StoreError(f"stale_after_s={stale_after_s} is below {MIN_STALE_AFTER_S:g} s (three heartbeats of "
+                             f"{HEARTBEAT_EVERY_S:g} s): a live run would be taken for stale and trained twice")
+        stale = (runs.c.status.in_(LIVE_STATUSES) & runs.c.imported_at.is_(None)
                  & or_(runs.c.heartbeat_at.is_(None), runs.c.heartbeat_at < time.time() - stale_after_s))
         if except_worker is not None:
             stale = stale & or_(runs.c.worker_id.is_(None), runs.c.worker_id != except_worker)
         interrupted = []
         with self._write() as conn:
-            for run_id, step in conn.execute(select(runs.c.id, runs.c.step).where(stale)).all():
+            for run_id, step in conn.execute(select(runs.c.id, runs.c.step).where(stale).order_by(runs.c.id)).all():
                 if conn.execute(update(runs).where(runs.c.id == run_id, stale)
                                 .values(status="interrupted")).rowcount == 1:
                     self._status_event(conn, run_id, step, "interrupted")
@@ -233,10 +254,13 @@ class RunsAPI:
                 self._status_event(conn, row.id, row.step, "cancelled")
 
     def delete(self, run_id) -> None:
-        """Delete a run with its metrics, events and commands."""
+        """Delete a run with its metrics, events, commands, jobs and checkpoint files (its forks stay,
+        no longer linked to it)."""
         with self._write() as conn:
             row = self._require_run(conn, run_id)
+            files = run_files(conn, [row.id])
             conn.execute(delete(runs).where(runs.c.id == row.id))
+        remove_files(files)
 
     def add_tags(self, run_id, tags: list[str]) -> None:
         new = clean_tags(tags)
@@ -251,7 +275,7 @@ class RunsAPI:
         trace is exactly one trajectory. Status events stay: they are the history of the process
         (claimed, interrupted, resumed), not of the trajectory. The run's step is lowered to `step`."""
         with self._write() as conn:
-            row = self._require_run(conn, run_id)
+            row = self._run_for_write(conn, run_id)
             conn.execute(delete(metrics).where(metrics.c.run_id == row.id, metrics.c.step > step))
             conn.execute(delete(events).where(events.c.run_id == row.id, events.c.step > step,
                                               events.c.kind != "status"))
@@ -261,6 +285,19 @@ class RunsAPI:
         payload = {"status": status} if error is None else {"status": status, "error": error}
         conn.execute(insert(events).values(run_id=run_id, step=step, kind="status",
                                            payload=to_json(payload, "event payload"), created_at=time.time()))
+
+
+def run_files(conn, run_ids: list[int]) -> list[str]:
+    """The checkpoint files of runs (latest and kept), read before the runs' rows go."""
+    latest = conn.execute(select(runs.c.checkpoint_path).where(runs.c.id.in_(run_ids))).scalars()
+    kept = conn.execute(select(checkpoints.c.path).where(checkpoints.c.run_id.in_(run_ids))).scalars()
+    return [path for path in (*latest, *kept) if path]
+
+
+def remove_files(paths: list[str]) -> None:
+    """After the rows are gone (a failed delete leaves the files a run still points at)."""
+    for path in paths:
+        Path(path).unlink(missing_ok=True)
 
 
 def _new_run_row(item: dict, now: float) -> dict:
@@ -280,7 +317,8 @@ def _new_run_row(item: dict, now: float) -> dict:
     row = dict(uid=new_uid(), name=name.strip(), config=to_json(config, "run config"), created_at=now,
                tags=to_json(clean_tags(item.get("tags", ())), "tags"), step=0,
                sweep_id=item.get("sweep_id"),  # checked and normalised by create_runs
-               total_steps=None if total_steps is None else int(total_steps))
+               total_steps=None if total_steps is None else int(total_steps),
+               parent_id=as_id(item.get("parent_id")), fork_epoch=item.get("fork_epoch"))
     row.update(status_fields(status, None, None, now))
     return row
 

@@ -9,6 +9,8 @@ TERMINAL_STATUSES = ("finished", "failed", "cancelled", "nonfinite")
 LIVE_STATUSES = ("running", "paused")  # a worker process holds the run
 EVENT_KINDS = ("elr_change", "lr_change", "spike", "regime", "note", "nonfinite", "status", "resume")
 COMMAND_KINDS = ("pause", "resume", "stop", "set_elr", "set_lr")
+JOB_KINDS = ("average", "geometry")
+JOB_STATUSES = ("queued", "running", "finished", "failed")
 
 metadata = MetaData()
 
@@ -50,6 +52,13 @@ runs = Table(
     Column("total_steps", Integer),
     Column("checkpoint_path", Text),
     Column("checkpoint_step", Integer),
+    # version 2: a run that came from a bundle is data, never trained here: claims skip it
+    Column("imported_at", Float),
+    # version 2: a fresh token per claim, so a process that lost its claim can tell (storage.runs)
+    Column("claim", String(32)),
+    # version 3: a fork records the run it branched from and the epoch of the checkpoint it started at
+    Column("parent_id", Integer, ForeignKey("runs.id", ondelete="SET NULL")),
+    Column("fork_epoch", Integer),
     Index("ix_runs_status", "status"),
     Index("ix_runs_sweep", "sweep_id"),
     sqlite_autoincrement=True,
@@ -90,6 +99,39 @@ commands = Table(
     Column("created_at", Float, nullable=False),
     Column("consumed_at", Float),
     Index("ix_commands_pending", "run_id", "consumed_at"),
+)
+
+# version 3: checkpoints kept with --keep-every (forks and averages start from them)
+checkpoints = Table(
+    "checkpoints", metadata,
+    Column("run_id", Integer, ForeignKey("runs.id", ondelete="CASCADE"), nullable=False),
+    Column("epoch", Integer, nullable=False),
+    Column("step", Integer, nullable=False),
+    Column("path", Text, nullable=False),
+    Column("bytes", Integer, nullable=False),
+    Column("created_at", Float, nullable=False),
+    PrimaryKeyConstraint("run_id", "epoch", name="pk_checkpoints"),
+)
+
+# version 3: analysis jobs on kept checkpoints (an SWA average, the geometry between two solutions)
+jobs = Table(
+    "jobs", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("kind", String(16), nullable=False),
+    Column("run_id", Integer, ForeignKey("runs.id", ondelete="CASCADE"), nullable=False),
+    Column("other_run_id", Integer, ForeignKey("runs.id", ondelete="CASCADE")),   # a geometry's second run
+    Column("spec", Text, nullable=False),          # JSON: what to compute
+    Column("status", String(16), nullable=False),  # queued | running | finished | failed
+    Column("result", Text),                        # JSON, written once, complete
+    Column("error", Text),
+    Column("worker_id", Text),
+    Column("claim", String(32)),                   # a fresh token per claim: a process that lost its job can tell
+    Column("heartbeat_at", Float),
+    Column("created_at", Float, nullable=False),
+    Column("finished_at", Float),
+    Index("ix_jobs_status", "status"),
+    Index("ix_jobs_run", "run_id"),
+    sqlite_autoincrement=True,
 )
 
 workers = Table(

@@ -20,14 +20,26 @@ def default_db_url() -> str:
     Nothing is created here: the directory appears when a Store first opens the file.
     """
     from_env = os.environ.get(ENV_VAR, "").strip()
-    return _as_url(from_env or DEFAULT_PATH)
+    return resolve_db_url(from_env or DEFAULT_PATH)
 
 
 def resolve_db_url(url_or_path=None) -> str:
-    """A URL stays as it is, a plain path becomes sqlite:///abs/path, None means default_db_url()."""
-    if url_or_path is None or not str(url_or_path).strip():
+    """A URL stays as it is, a plain path becomes sqlite:///abs/path, None means default_db_url().
+
+    An empty path is refused rather than taken for the default (it is a mistake, e.g. an unset shell
+    variable, and would silently write to the home store), and so is in-memory SQLite: its runs
+    would vanish with the process, unseen by any worker or dashboard."""
+    if url_or_path is None:
         return default_db_url()
-    return _as_url(str(url_or_path).strip())
+    text = str(url_or_path).strip()
+    if not text:
+        raise StoreError("the database path is empty: pass a file path or a URL, or none at all for "
+                         f"${ENV_VAR}, else {DEFAULT_PATH}")
+    url = _as_url(text)
+    if _in_memory(url):
+        raise StoreError(f"{url} is an in-memory SQLite database: its runs would be lost when this process "
+                         "exits and no worker or dashboard could see them; pass a file path instead")
+    return url
 
 
 def display_url(url: str) -> str:
@@ -51,6 +63,17 @@ def sqlite_file(url: str):
             or database.startswith("file:"):
         return None
     return Path(database)
+
+
+def _in_memory(url: str) -> bool:
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        return False
+    database = parsed.database or ""
+    return parsed.get_backend_name() == "sqlite" and (
+        database in ("", ":memory:") or database.startswith("file::memory:")
+        or parsed.query.get("mode") == "memory")
 
 
 def _as_url(text: str) -> str:

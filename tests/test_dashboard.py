@@ -1,6 +1,7 @@
 """Every dashboard page through Streamlit's AppTest: with an empty store, with a store of real short
 runs (trained once per session by the engine's CLI), and with a broken database."""
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from engine.submission import queue_runs
-from dashboard import launch
+from dashboard import launch, plain
 from storage import Store
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -95,18 +96,26 @@ def test_every_page_handles_runs_that_have_not_started(empty_db, monkeypatch, pa
     at = open_app(empty_db, monkeypatch, page, runs=",".join(map(str, ids)))
     shown = texts(at)
     expected = {"live": "3 run(s) queued", "run": "Nothing logged yet", "compare": "have not logged anything yet",
-                "regime_map": "still queued or training", "periodic": "Nothing logged yet"}.get(page, "")
-    assert expected in shown
+                "regime_map": "still queued or training", "periodic": "Nothing logged yet",
+                "launch": "3 run(s) queued", "teach": "Scale-invariant networks in five short steps"}
+    assert set(expected) == set(PAGES) and expected[page] in shown
 
 
 # ---- a store of real runs ------------------------------------------------------------------------
-def test_live_shows_runs_that_just_ended_with_their_curves(runs_db, monkeypatch):
+def test_live_overview_lists_runs_that_just_ended_and_overlays_them(runs_db, monkeypatch):
     at = open_app(runs_db, monkeypatch, "live")
     runs = Store(runs_db).list_runs()
-    shown = texts(at)
-    assert all(f"#{run.id} {run.name}" in shown for run in runs)
-    assert len(charts(at)) == len(runs)
-    assert sorted(regime_badges(at)) == sorted((run.regime or "undetermined").replace("_", " ") for run in runs)
+    table = at.dataframe[0].value
+    assert list(table["run"]) == [f"#{run.id} {run.name}" for run in runs]
+    assert list(table["regime"]) == [(run.regime or "undetermined").replace("_", " ") for run in runs]
+    assert list(table["progress"]) == [1.0] * len(runs)
+    # one overlay of every run (cards are collapsed: their curves are drawn only when opened)
+    [overlay] = charts(at)
+    cards = [e.label for e in at.expander]
+    assert all(any(c.startswith(plain.md(f"#{run.id} {run.name}")) for c in cards) for run in runs)
+    # sphere runs open with the norm-free panels, lrwd ones with the norm and the ELR
+    assert at.multiselect(key="metric").value == ["train_loss", "test_acc", "eff_grad_norm", "angular_update",
+                                                  "si_norm", "elr"]
 
 
 def test_run_page_shows_regime_curves_config_and_events(runs_db, monkeypatch):
@@ -124,15 +133,15 @@ def test_run_page_shows_regime_curves_config_and_events(runs_db, monkeypatch):
 def test_compare_overlays_chosen_runs_and_lists_config_differences(runs_db, monkeypatch):
     ids = [run.id for run in Store(runs_db).list_runs()]
     at = open_app(runs_db, monkeypatch, "compare", runs=",".join(map(str, ids)), metric="train_loss,test_acc",
-                  x="epoch", log="y", smooth="0.6")
+                  x="epoch", log="train_loss", smooth="0.6")
     assert at.multiselect(key="runs").value == ids
     assert at.multiselect(key="metric").value == ["train_loss", "test_acc"]
-    assert at.radio(key="x").value == "epoch" and at.slider(key="smooth").value == pytest.approx(0.6)
+    assert at.selectbox(key="x").value == "epoch" and at.slider(key="smooth").value == pytest.approx(0.6)
     assert len(charts(at)) == 1
     diff = at.dataframe[0].value
     assert set(diff["config"]) >= {"elr", "mode", "lr", "wd"} and "epochs" not in set(diff["config"])
     # the link to this view is the URL: it carries the state
-    assert at.query_params["runs"] == ",".join(map(str, ids)) and at.query_params["log"] == "y"
+    assert at.query_params["runs"] == ",".join(map(str, ids)) and at.pills(key="log").value == ["train_loss"]
 
 
 def test_compare_filters_by_config(runs_db, monkeypatch):
@@ -152,7 +161,7 @@ def test_regime_map_shows_the_sweep_with_labels_and_opens_a_run(runs_db, monkeyp
     assert sorted(table["elr"]) == [0.001, 0.01, 0.2]
     assert set(table["regime"]) <= {"convergence", "chaotic_equilibrium", "divergence", "undetermined"}
     assert "divergence" in set(table["regime"])  # ELR 0.2 never learns, even in 2 epochs
-    assert sum(int(m.value) for m in at.metric[:4]) == 3
+    assert sum(int(m.value) for m in at.metric) == 3
     target = sweep.run_ids[-1]
     at.selectbox(key="open_run").set_value(target)
     at.button(key="open_button").click().run()
@@ -163,14 +172,16 @@ def test_regime_map_shows_the_sweep_with_labels_and_opens_a_run(runs_db, monkeyp
 def test_periodic_view_draws_loss_norm_elr_and_sharpness(runs_db, monkeypatch):
     lrwd = Store(runs_db).list_runs(tag="lrwd")[0]
     at = open_app(runs_db, monkeypatch, "periodic", run=lrwd.id)
-    assert len(charts(at)) == 2  # periodic panels + sharpness against 2/ELR
-    assert "loss spikes" in texts(at)
+    assert len(charts(at)) == 3  # periodic panels, the cycle picture, sharpness against 2/ELR
+    assert "loss spikes" in texts(at) and at.multiselect(key="sharp").value == [lrwd.id]
 
 
-def test_periodic_view_explains_a_run_without_sharpness(runs_db, monkeypatch):
-    sphere = [run for run in Store(runs_db).list_runs() if run.config["mode"] == "sphere"][0]
+def test_sharpness_defaults_to_runs_that_measure_it(runs_db, monkeypatch):
+    store = Store(runs_db)
+    sphere = [run for run in store.list_runs() if run.config["mode"] == "sphere"][0]
     at = open_app(runs_db, monkeypatch, "periodic", run=sphere.id)
-    assert "did not measure sharpness" in texts(at)
+    assert at.multiselect(key="sharp").value == [store.list_runs(tag="lrwd")[0].id]
+    assert "on the sphere" in texts(at)
 
 
 @pytest.mark.parametrize("topic", ["invariance", "elr", "regimes", "periodic", "sharpness"])
@@ -186,7 +197,8 @@ def test_teach_demo_queues_its_preset(empty_db, monkeypatch):
     at.button(key="demo-regimes").click().run()
     queued = Store(empty_db).list_runs(status="queued")
     assert len(queued) == 3 and len({run.sweep_id for run in queued}) == 1
-    assert "Queued 3 run(s)" in texts(at)
+    assert "3 run(s) queued" in texts(at)
+    assert at.query_params["runs_regimes"] == ",".join(str(r.id) for r in sorted(queued, key=lambda r: r.id))
 
 
 # ---- launching -----------------------------------------------------------------------------------
@@ -231,7 +243,7 @@ def test_launch_names_a_missing_cifar_folder_and_queues_nothing(empty_db, monkey
     at.text_input(key="f_data_dir").set_value(str(tmp_path / "no-cifar-here")).run()
     at.button(key="queue_custom").click().run()
     assert not at.exception
-    assert any("no-cifar-here" in e.value for e in at.error)
+    assert any("no-cifar-here" in e.value.replace("\\", "") for e in at.error)
     assert Store(empty_db).list_runs() == []
 
 
@@ -256,7 +268,7 @@ def test_live_controls_send_commands_to_a_running_run(empty_db, monkeypatch):
     at.button(key="queue_custom").click().run()
     run = store.claim_next_run("test-worker")  # what a worker does first: the run is now running
     at = open_app(empty_db, monkeypatch, "live")
-    assert f"#{run.id}" in texts(at) and "Waiting for the first log point" in texts(at)
+    assert at.expander[0].label.startswith(plain.md(f"#{run.id}")) and "Waiting for the first log point" in texts(at)
     at.button(key=f"pause-{run.id}").click().run()
     at.number_input(key=f"rate-{run.id}").set_value(0.05)
     at.button(key=f"set-{run.id}").click().run()
@@ -298,7 +310,116 @@ def test_an_unreachable_database_shows_the_problem(monkeypatch):
     assert any("Cannot use the run database" in e.value for e in at.error)
 
 
-def test_a_link_to_a_deleted_run_falls_back_to_the_newest(runs_db, monkeypatch):
-    at = open_app(runs_db, monkeypatch, "run", run=99999)
-    # an unknown id in the URL falls back to the newest run rather than failing
-    assert at.selectbox(key="run").value == Store(runs_db).list_runs()[0].id
+@pytest.mark.parametrize("page, param", [("run", "run"), ("periodic", "run"), ("regime_map", "sweep")])
+def test_a_link_to_a_missing_run_or_sweep_says_so(runs_db, monkeypatch, page, param):
+    at = open_app(runs_db, monkeypatch, page, **{param: 99999})
+    assert any("99999 is not in this database" in w.value for w in at.warning)
+    # then it shows the newest one rather than failing
+    store = Store(runs_db)
+    newest = store.list_runs()[0].id if param == "run" else store.list_sweeps()[0].id
+    if page == "periodic":
+        newest = store.list_runs(tag="lrwd")[0].id
+    assert at.selectbox(key=param).value == newest
+
+
+# ---- plain text, managing runs, following training, teaching ----------------------------------------
+EVIL = "[click](http://evil.example) ![x](http://evil.example/i.png) <a href=x>y</a>"
+
+
+def markdown_sources(at: AppTest) -> list[str]:
+    """Every string the page handed Streamlit to render as markdown."""
+    parts = [e.value for kind in ("title", "subheader", "markdown", "caption", "info", "warning", "error", "success",
+                                  "toast") for e in getattr(at, kind)]
+    parts += [e.label for kind in ("expander", "button", "metric", "tabs") for e in getattr(at, kind)]
+    return [str(p) for p in parts]
+
+
+@pytest.mark.parametrize("page", ["live", "run", "compare", "regime_map", "periodic", "teach"])
+def test_names_notes_and_errors_never_render_as_links_or_images(empty_db, monkeypatch, page):
+    store = Store(empty_db)
+    sweep_id, [run_id] = store.create_sweep_runs(EVIL, {}, [{"config": {"mode": "lrwd", "sharpness_every": 5},
+                                                             "name": EVIL, "tags": [EVIL]}])
+    store.log_metrics(run_id, [(s, s / 10, s / 10, {"train_loss": 2.0 / (s + 1), "sharpness": 1.0 + s,
+                                                   "sharpness_threshold": 50.0, "elr": 0.01, "eff_grad_norm": 3.0})
+                               for s in range(0, 100, 10)])
+    store.set_notes(run_id, EVIL)
+    store.update_run(run_id, status="failed", error=EVIL)
+    at = open_app(empty_db, monkeypatch, page, run=run_id, runs=run_id, sweep=sweep_id, topic="sharpness",
+                  runs_sharpness=run_id)
+    sources = markdown_sources(at)
+    assert any("evil" in text for text in sources) or page in ("compare", "teach", "periodic")  # there: widgets, charts
+    for text in sources:
+        # a link or an image needs an unescaped "](", an autolink an unescaped "http:", HTML an unescaped "<"
+        bare = re.sub(r"\\[^\w\s]", "", text)
+        assert "](" not in bare and "http:" not in bare and "<a" not in bare, text
+    for chart in charts(at):
+        assert "<a href" not in chart.proto.spec and "evil.example/i.png\"" not in chart.proto.spec
+
+
+def test_manage_a_run_rename_tags_notes_and_delete_with_confirmation(empty_db, monkeypatch):
+    store = Store(empty_db)
+    keep, gone = store.create_runs([{"config": {}, "name": "keep"}, {"config": {}, "name": "gone"}])
+    at = open_app(empty_db, monkeypatch, "run", run=keep)
+    at.text_input(key=f"m-name-{keep}").set_value("renamed").run()
+    at.button(key=f"m-rename-{keep}").click().run()
+    at.multiselect(key=f"m-tags-{keep}").set_value(["lecture"]).run()
+    at.button(key=f"m-save-tags-{keep}").click().run()
+    at.text_area(key=f"m-notes-{keep}").set_value("ELR too small here")
+    at.button(key=f"m-save-notes-{keep}").click().run()
+    run = store.get_run(keep)
+    assert (run.name, run.tags, store.notes(keep)) == ("renamed", ["lecture"], "ELR too small here")
+
+    at = open_app(empty_db, monkeypatch, "run", run=gone)
+    at.button(key=f"m-delete-{gone}-ask").click().run()
+    assert [r.id for r in store.list_runs()] == [gone, keep]     # asking is not deleting
+    at.button(key=f"m-delete-{gone}-yes").click().run()
+    assert not at.exception and [r.id for r in store.list_runs()] == [keep]
+    assert any(f"Deleted run #{gone}" in s.value.replace("\\", "") for s in at.success)
+
+
+def test_a_run_being_trained_is_not_offered_for_deletion(empty_db, monkeypatch):
+    store = Store(empty_db)
+    run_id = store.create_run({}, name="busy")
+    store.update_run(run_id, status="running")
+    at = open_app(empty_db, monkeypatch, "run", run=run_id)
+    assert not any(b.key == f"m-delete-{run_id}-ask" for b in at.button)
+    assert "is being trained. Stop it first" in texts(at)
+
+
+def test_manage_a_sweep_rename_and_delete(empty_db, monkeypatch):
+    store = Store(empty_db)
+    sweep_id, ids = store.create_sweep_runs("s", {}, [{"config": {"elr": e}, "name": f"e{e}"} for e in (0.01, 0.1)])
+    at = open_app(empty_db, monkeypatch, "regime_map", sweep=sweep_id)
+    at.text_input(key=f"m-sweep-name-{sweep_id}").set_value("lecture sweep").run()
+    at.button(key=f"m-sweep-rename-{sweep_id}").click().run()
+    assert store.get_sweep(sweep_id).name == "lecture sweep"
+    at.button(key=f"m-sweep-delete-{sweep_id}-ask").click().run()
+    at.button(key=f"m-sweep-delete-{sweep_id}-yes").click().run()
+    assert not at.exception and store.list_runs() == [] and store.list_sweeps() == []
+
+
+def test_compare_draws_a_phase_diagram_and_seed_bands(empty_db, monkeypatch):
+    store = Store(empty_db)
+    ids = store.create_runs([{"config": {"mode": "sphere", "elr": 0.01, "seed": seed}, "name": f"seed {seed}"}
+                             for seed in (0, 1)])
+    for run_id in ids:
+        store.log_metrics(run_id, [(s, s / 10, s / 10, {"train_loss": (2.0 + run_id) / (s + 1),
+                                                       "eff_grad_norm": 5.0 / (s + 1) ** 0.5}) for s in range(0, 200, 10)])
+    at = open_app(empty_db, monkeypatch, "compare", runs=",".join(map(str, ids)))
+    at.button(key="show-phase").click().run()
+    assert at.selectbox(key="x").value == "eff_grad_norm" and at.multiselect(key="metric").value == ["train_loss"]
+    assert set(at.pills(key="log").value) == {"x", "train_loss"}
+    spec = charts(at)[0].proto.spec
+    assert '"start"' in spec and '"type":"log"' in spec.replace(" ", "")
+    at.toggle(key="seeds").set_value(True).run()
+    assert "mean of 2 seeds" in charts(at)[0].proto.spec and '"tonexty"' in charts(at)[0].proto.spec
+
+
+def test_teach_draws_the_demo_runs_on_the_same_page(runs_db, monkeypatch):
+    store = Store(runs_db)
+    sweep = store.list_sweeps()[0]
+    at = open_app(runs_db, monkeypatch, "teach", topic="regimes", runs_regimes=",".join(map(str, sweep.run_ids)))
+    overlay, regime_map = charts(at)
+    assert all(f"#{i} " in overlay.proto.spec for i in sweep.run_ids)       # every run of the demo, labelled
+    assert "tail mean train_loss" in regime_map.proto.spec
+    assert len(regime_badges(at)) == len(sweep.run_ids)

@@ -1,13 +1,16 @@
 """The dashboard's pure parts: smoothing, boundaries, config differences, incremental live reads,
 the launch form, and the chart builders (figures checked as data, no browser)."""
 import math
+import re
+import string
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from engine.submission import queue_runs
-from dashboard import charts, data, launch, series, ui
+from dashboard import charts, data, launch, plain, series, ui
+from engine.analysis import REGIMES
 from engine.config import ConfigError
 from storage import Store
 
@@ -53,16 +56,67 @@ def test_thinning_keeps_a_spike():
 
 
 # ---- sweep summaries -----------------------------------------------------------------------------
-def test_boundaries_are_geometric_means_between_differing_neighbours():
+def test_boundaries_are_intervals_between_differing_neighbours():
     rates = pd.Series([1e-3, 1e-2, 1e-1, 1.0])
     regimes = pd.Series(["convergence", "chaotic_equilibrium", "chaotic_equilibrium", "divergence"])
-    assert series.regime_boundaries(rates, regimes) == pytest.approx([math.sqrt(1e-5), math.sqrt(0.1)])
+    found = series.regime_boundaries(rates, regimes)
+    assert [(b["lo"], b["hi"]) for b in found] == [(1e-3, 1e-2), (1e-1, 1.0)]
+    assert [b["estimate"] for b in found] == pytest.approx([math.sqrt(1e-5), math.sqrt(0.1)])
+    assert found[0]["between"] == ("convergence", "chaotic_equilibrium")
 
 
-def test_boundaries_use_the_majority_over_seeds_and_ignore_undetermined():
-    rates = pd.Series([1e-3, 1e-3, 1e-3, 1e-2, 1e-1])
-    regimes = pd.Series(["convergence", "convergence", "chaotic_equilibrium", "undetermined", "divergence"])
-    assert series.regime_boundaries(rates, regimes) == pytest.approx([math.sqrt(1e-4)])
+def test_seeds_that_disagree_widen_a_boundary_and_undetermined_runs_carry_no_evidence():
+    rates = pd.Series([1e-3, 1e-3, 1e-2, 1e-2, 3e-2, 1e-1, 1e-1])
+    regimes = pd.Series(["convergence", "convergence", "convergence", "chaotic_equilibrium", "undetermined",
+                         "chaotic_equilibrium", "chaotic_equilibrium"])
+    [boundary] = series.regime_boundaries(rates, regimes)
+    # 1e-2 has one seed on each side: the boundary lies anywhere between 1e-3 and 1e-1
+    assert (boundary["lo"], boundary["hi"]) == (1e-3, 1e-1)
+    assert boundary["estimate"] == pytest.approx(1e-2)
+
+
+def test_a_sweep_without_a_middle_regime_has_one_boundary():
+    found = series.regime_boundaries(pd.Series([1e-3, 1e-2, 1e-1]),
+                                     pd.Series(["convergence", "convergence", "divergence"]))
+    assert [(b["between"], b["lo"], b["hi"]) for b in found] == [(("convergence", "divergence"), 1e-2, 1e-1)]
+
+
+def test_per_rate_summary_gives_mean_std_and_label_agreement_over_seeds():
+    summary = pd.DataFrame({"run_id": [1, 2, 3, 4], "rate": [1e-3, 1e-3, 1e-3, 1e-1],
+                            "regime": ["convergence", "convergence", "chaotic_equilibrium", "divergence"],
+                            "train_loss": [0.1, 0.3, 0.2, 2.0], "test_acc": [0.9, 0.8, 0.85, 0.1],
+                            "eff_grad_norm": [1.0, 1.0, 1.0, 50.0]})
+    rates = series.per_rate(summary).set_index("rate")
+    assert rates.loc[1e-3, "regime"] == "convergence" and rates.loc[1e-3, "agreement"] == "2/3"
+    assert rates.loc[1e-3, "train_loss_mean"] == pytest.approx(0.2)
+    assert rates.loc[1e-3, "train_loss_std"] == pytest.approx(0.1)
+    assert rates.loc[1e-1, "n"] == 1 and rates.loc[1e-1, "agreement"] == "1/1"
+
+
+def test_seed_groups_join_runs_that_differ_only_in_seed(store):
+    ids = store.create_runs([{"config": {"mode": "sphere", "elr": 0.01, "seed": s}, "name": f"s{s}"} for s in (0, 1)]
+                            + [{"config": {"mode": "sphere", "elr": 0.1, "seed": 0}, "name": "other"}])
+    assert series.seed_groups(store.list_runs(ids=ids)) == {ids[0]: ids[:2], ids[2]: [ids[2]]}
+
+
+def test_group_mean_draws_mean_and_std_band_geometric_on_log_keys():
+    long = pd.concat([long_frame(1, "train_loss", [1.0, 10.0]), long_frame(2, "train_loss", [100.0, 10.0]),
+                      long_frame(1, "test_acc", [0.2, 0.4]), long_frame(2, "test_acc", [0.4, 0.4])])
+    grouped = series.group_mean(long, {1: [1, 2]}, log_keys={"train_loss"}).set_index(["key", "step"])
+    assert grouped.loc[("train_loss", 0), "value"] == pytest.approx(10.0)   # geometric mean of 1 and 100
+    lo, hi = grouped.loc[("train_loss", 0), ["lo", "hi"]]
+    assert lo == pytest.approx(10 ** (1 - math.sqrt(2))) and hi == pytest.approx(10 ** (1 + math.sqrt(2)))
+    assert grouped.loc[("train_loss", 10), ["lo", "value", "hi"]].tolist() == pytest.approx([10.0, 10.0, 10.0])
+    assert grouped.loc[("test_acc", 0), "value"] == pytest.approx(0.3)      # arithmetic on a linear key
+    assert set(grouped["run_id"]) == {1}
+
+
+def test_with_x_pairs_a_metric_with_another_at_the_same_steps():
+    long = pd.concat([long_frame(1, "train_loss", [3.0, 2.0, 1.0]), long_frame(1, "eff_grad_norm", [9.0, 8.0])])
+    paired = series.with_x(long, "eff_grad_norm")
+    loss = paired[paired["key"] == "train_loss"]
+    assert loss["x"].tolist() == [9.0, 8.0] and loss["value"].tolist() == [3.0, 2.0]
+    assert series.with_x(long, "epoch")["x"].tolist() == long["epoch"].tolist()
 
 
 def test_tail_mean_uses_the_last_quarter_of_finite_points():
@@ -159,16 +213,44 @@ def test_run_colour_is_stable_and_differs_for_neighbours():
     assert len({charts.run_color(i) for i in range(1, 11)}) == 10
 
 
-def test_overlay_draws_raw_faintly_behind_the_smoothed_curve_on_true_log_axes():
-    raw = pd.concat([long_frame(1, "train_loss", np.linspace(3, 0.01, 100)),
-                     long_frame(2, "train_loss", np.linspace(3, 0.5, 100))])
-    smoothed = series.smooth_long(raw, 0.9)
-    fig = charts.overlay(raw, smoothed, ["train_loss"], {1: "#1 a", 2: "#2 b"}, x="epoch", log_x=False, log_y=True)
+def test_overlay_draws_raw_faintly_behind_the_smoothed_curve_on_per_panel_log_axes():
+    raw = pd.concat([long_frame(i, key, np.linspace(3, 0.01 * i, 100)) for i in (1, 2)
+                     for key in ("train_loss", "test_acc")])
+    smoothed = series.with_x(series.smooth_long(raw, 0.9), "epoch")
+    fig = charts.overlay(smoothed, ["train_loss", "test_acc"], {1: "#1 a", 2: "#2 b"}, x="epoch",
+                         log_keys={"train_loss"}, faint=series.with_x(raw, "epoch"))
     faint = [t for t in fig.data if t.opacity == 0.25]
-    assert len(faint) == 2 and len(fig.data) == 4
-    assert fig.layout.yaxis.type == "log" and fig.layout.yaxis.title.text == "train_loss"
-    assert fig.layout.xaxis.title.text == "epoch"
+    assert len(faint) == 4 and len(fig.data) == 8
+    assert fig.layout.yaxis.type == "log" and fig.layout.yaxis2.type == "linear"   # log only where asked
+    assert fig.layout.yaxis.title.text == "train_loss" and fig.layout.xaxis2.title.text == "epoch"
     assert {t.line.color for t in fig.data if t.name == "#1 a"} == {charts.run_color(1)}
+
+
+def test_a_phase_diagram_marks_each_runs_start_and_bands_show_seed_spread():
+    long = pd.concat([long_frame(1, "train_loss", [2.0, 1.0, 0.5]), long_frame(1, "eff_grad_norm", [5.0, 3.0, 2.0]),
+                      long_frame(2, "train_loss", [2.2, 1.5, 0.9]), long_frame(2, "eff_grad_norm", [6.0, 4.0, 3.0])])
+    grouped = series.with_x(series.group_mean(long, {1: [1, 2]}, {"train_loss", "eff_grad_norm"}), "eff_grad_norm")
+    fig = charts.overlay(grouped[grouped["key"] == "train_loss"], ["train_loss"], {1: "mean"}, x="eff_grad_norm",
+                         log_x=True, log_keys={"train_loss"})
+    starts = [t for t in fig.data if t.text is not None and list(t.text) == ["start"]]
+    assert len(starts) == 1 and starts[0].y[0] == pytest.approx(math.sqrt(2.0 * 2.2))
+    assert [t.fill for t in fig.data if t.fill] == ["tonexty"]      # the ±1 std band
+    assert fig.layout.xaxis.type == "log" and fig.layout.xaxis.title.text == "eff_grad_norm"
+
+
+def test_overlay_ends_each_curve_with_its_regime():
+    fig = charts.overlay(series.with_x(long_frame(3, "train_loss", [2.0, 1.0]), "step"), ["train_loss"], {3: "#3 a"},
+                         regimes={3: "chaotic_equilibrium"})
+    [label] = [t for t in fig.data if t.mode == "text"]
+    assert list(label.text) == ["chaotic equilibrium"]
+    assert label.textfont.color == charts.REGIME_COLORS["chaotic_equilibrium"]
+    assert "chaotic equilibrium" in fig.data[0].name
+
+
+def test_run_colours_never_look_like_a_regime_and_every_regime_has_one():
+    assert not set(charts.PALETTE) & set(charts.REGIME_COLORS.values())
+    assert set(REGIMES) | {"periodic"} <= set(charts.REGIME_COLORS) and set(charts.REGIME_COLORS) == set(ui.REGIME_BADGES)
+    assert charts.regime_color("a_regime_added_later") == charts.UNKNOWN_REGIME_COLOR
 
 
 def test_non_finite_values_become_gaps():
@@ -178,20 +260,82 @@ def test_non_finite_values_become_gaps():
     assert len(fig.layout.shapes) == 1  # the spike
 
 
-def test_regime_map_puts_the_rate_on_a_log_axis_with_boundaries():
-    summary = pd.DataFrame({"run_id": [1, 2], "name": ["a", "b"], "rate": [1e-3, 1e-1],
-                            "regime": ["convergence", "divergence"], "train_loss": [0.01, 2.3],
-                            "test_acc": [0.9, 0.1], "eff_grad_norm": [1.0, 100.0]})
-    fig = charts.regime_map(summary, [1e-2], "elr")
+def test_regime_map_puts_the_rate_on_a_log_axis_with_boundary_intervals():
+    summary = pd.DataFrame({"run_id": [1, 2, 3], "name": ["a", "b", "c"], "rate": [1e-3, 1e-3, 1e-1],
+                            "regime": ["convergence", "convergence", "divergence"], "train_loss": [0.01, 0.02, 2.3],
+                            "test_acc": [0.9, 0.8, 0.1], "eff_grad_norm": [1.0, 1.2, 100.0]})
+    boundaries = series.regime_boundaries(summary["rate"], summary["regime"])
+    fig = charts.regime_map(series.per_rate(summary), summary, boundaries, "elr")
     assert fig.layout.xaxis.type == "log" and fig.layout.xaxis3.title.text == "elr"
-    assert {shape.x0 for shape in fig.layout.shapes} == {1e-2}
-    assert sorted(int(v) for t in fig.data if t.yaxis == "y" for v in t.customdata) == [1, 2]
+    assert {shape.type for shape in fig.layout.shapes} == {"rect", "line"}
+    assert [shape.x0 for shape in fig.layout.shapes if shape.type == "line"] == pytest.approx([1e-2] * 3)
+    seeds = [t for t in fig.data if t.yaxis == "y" and t.marker.size == 6]
+    assert sorted(int(v) for t in seeds for v in t.customdata) == [1, 2, 3]      # each seed, clickable
+    means = [t for t in fig.data if t.yaxis == "y" and t.marker.size == 12]
+    assert [list(t.error_y.array) for t in means if t.name == "convergence"][0] == pytest.approx([0.005 * math.sqrt(2)])
 
 
-def test_log_axis_labels_stay_readable():
-    assert charts.log_axis([1e-4, 1.0]) == {"type": "log", "dtick": 1}
-    assert charts.log_axis([0.1, 3.0]) == {"type": "log", "dtick": "D2"}
-    assert charts.log_axis([0.3, 0.5]) == {"type": "log"}
+def test_sharpness_draws_each_runs_threshold_in_its_colour():
+    long = pd.concat([long_frame(i, key, values) for i in (4, 5)
+                      for key, values in (("sharpness", [10.0, 150.0]), ("sharpness_threshold", [200.0 * i] * 2))])
+    fig = charts.sharpness(long, {4: "#4 a", 5: "#5 b"})
+    assert len(fig.data) == 4
+    for run_id in (4, 5):
+        lines = [t for t in fig.data if t.legendgroup == str(run_id)]
+        assert {t.line.color for t in lines} == {charts.run_color(run_id)}
+        assert sorted(str(t.line.dash) for t in lines) == ["None", "dash"]
+
+
+def all_log_axes(fig):
+    return [axis for name, axis in fig.layout.to_plotly_json().items()
+            if name.startswith(("xaxis", "yaxis")) and axis.get("type") == "log"]
+
+
+@pytest.mark.parametrize("low, high", [(0.3, 0.5), (0.02, 0.5), (0.01, 2.0), (1e-4, 10.0), (7.9, 7.9000001),
+                                       (150.0, 2000.0), (1e-30, 1e10)])
+def test_no_log_axis_tick_reads_as_a_bare_mantissa(low, high):
+    """Every tick on every log axis of every figure is labelled with its own value (0.02 reads
+    "0.02", never "2"), and Plotly's digit-only minor labels (dtick D1/D2) are never used."""
+    values = np.geomspace(low, high, 50)
+    long = pd.concat([long_frame(1, key, values) for key in ("train_loss", "elr", "si_norm", "eff_grad_norm",
+                                                             "sharpness", "sharpness_threshold")])
+    summary = pd.DataFrame({"run_id": [1, 2], "name": ["a", "b"], "rate": [low, high], "regime": ["convergence"] * 2,
+                            "train_loss": [low, high], "test_acc": [0.5, 0.6], "eff_grad_norm": [low, high]})
+    wide = long.pivot_table(index=["step", "epoch", "wall_time"], columns="key", values="value").reset_index()
+    figures = [charts.overlay(series.with_x(long, "eff_grad_norm"), ["train_loss", "elr"], {1: "a"},
+                              x="eff_grad_norm", log_x=True, log_keys={"train_loss", "elr"}),
+               charts.run_curves(wide, ["train_loss", "elr", "si_norm"], run_id=1),
+               charts.regime_map(series.per_rate(summary), summary, [], "elr"),
+               charts.periodic(wide, [], None), charts.sharpness(long, {1: "a"})]
+    checked = 0
+    for fig in figures:
+        for axis in all_log_axes(charts.for_export(fig)):
+            assert str(axis.get("dtick", "")) not in ("D1", "D2")
+            assert len(axis["tickvals"]) >= 2, axis
+            for value, text in zip(axis["tickvals"], axis["ticktext"]):
+                assert float(text) == pytest.approx(value, rel=1e-6), (text, value)
+            checked += 1
+    assert checked >= 8
+
+
+def test_exported_figures_get_room_for_tick_labels_and_titles():
+    fig = charts.for_export(charts.run_curves(pd.DataFrame({"step": [0, 1], "train_loss": [2.0, 1.0]}),
+                                              ["train_loss"], run_id=1))
+    assert fig.layout.margin.l >= 80 and fig.layout.margin.b >= 60 and fig.layout.width == 1200
+    assert all(axis.automargin for axis in (fig.layout.xaxis, fig.layout.yaxis))
+
+
+def test_user_text_is_plain_in_markdown_and_in_plotly():
+    evil = "[click](http://evil.example) ![x](http://evil.example/i.png) <a href=x>y</a> **b** :red[r] $x$"
+    escaped = plain.md(evil)
+    for construct in ("](", "![", "**", ":red[", "http://", "$x$"):
+        assert construct not in escaped
+    # every markup character is backslash-escaped, so none of them can start a construct
+    assert not set(re.sub(r"\\[^\w\s]", "", escaped)) & set(string.punctuation)
+    assert escaped.replace("\\", "") == evil      # nothing lost: every character still shows
+    assert plain.html("<a href=x>y</a> & <b>") == "&lt;a href=x&gt;y&lt;/a&gt; &amp; &lt;b&gt;"
+    fig = charts.overlay(series.with_x(long_frame(1, "train_loss", [1.0, 0.5]), "step"), ["train_loss"], {1: evil})
+    assert "<a" not in fig.data[0].name and "<a" not in fig.data[0].hovertemplate
 
 
 def test_a_constant_series_is_drawn_flat_not_as_float_noise():
@@ -209,3 +353,89 @@ def test_figure_export_makes_real_files_in_every_offered_format():
     for fmt in figure_formats():
         data = figure_bytes(fig, fmt)
         assert data.lstrip()[:len(magic[fmt.extension])].lower() == magic[fmt.extension].lower(), fmt
+
+
+# ---- launch form, estimates, controls -------------------------------------------------------------
+def test_form_errors_name_the_forms_fields_not_cli_flags():
+    for form in (launch.LaunchForm(model="convnet_si"), launch.LaunchForm(dataset="cifar10"),
+                 launch.LaunchForm(mode="lrwd", momentum=1.5), launch.LaunchForm(synthetic_shape="3x"),
+                 launch.LaunchForm(dataset="synthetic", synthetic_shape="3xA")):
+        with pytest.raises(ConfigError) as caught:
+            launch.configs_of(form)
+        assert "--" not in str(caught.value), str(caught.value)
+        assert "“" in str(caught.value) or "model" in str(caught.value)
+
+
+def test_the_swept_rate_replaces_the_single_one_and_every_cli_option_reaches_the_config():
+    form = launch.LaunchForm(mode="lrwd", rate=-1.0, sweep_rate=True, rate_start=0.01, rate_stop=0.1, rate_points=2,
+                             wd=1e-3, depth=2, batch_size=64, schedule="cosine", eval_every=20, probe_size=128,
+                             trace_samples=2, sharpness_every=10, checkpoint_every=0, device="cpu")
+    configs, swept = launch.configs_of(form)   # the hidden single LR (-1) plays no part
+    assert [c.lr for c in configs] == [0.01, 0.1] and swept == {"lr": [0.01, 0.1]}
+    c = configs[0]
+    assert (c.depth, c.batch_size, c.schedule, c.eval_every, c.probe_size, c.trace_samples, c.checkpoint_every,
+            c.device) == (2, 64, "cosine", 20, 128, 2, 0, "cpu")
+
+
+def test_expected_duration_grows_with_the_work_and_says_it_is_an_estimate():
+    from dashboard import estimate
+    from engine.presets import PRESETS
+    regimes = PRESETS["Three regimes on digits"].configs()
+    longer = [c.replace(epochs=c.epochs * 10) for c in regimes]
+    assert 0 < estimate.total_seconds(regimes) < estimate.total_seconds(longer)
+    assert estimate.run_seconds(regimes[0].replace(sharpness_every=10)) > estimate.run_seconds(regimes[0])
+    assert estimate.run_seconds(regimes[0].replace(model="resnet18_si", dataset="synthetic",
+                                                   synthetic_shape=(3, 32, 32))) is None
+    assert "estimate" in estimate.describe(regimes) and "no benchmark figure" in estimate.describe(
+        [regimes[0].replace(model="resnet18_si")]).lower()
+
+
+def test_live_controls_act_only_where_they_apply(store):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("live_page_for_test", "dashboard/pages/live.py")
+    source = open(spec.origin).read().split("\nui.run_page(")[0]    # the page's functions, not its run
+    page = {}
+    exec(compile(source, spec.origin, "exec"), page)
+    queued, running = store.create_runs([{"config": {}, "name": "q"}, {"config": {}, "name": "r"}])
+    store.update_run(running, status="running")
+    runs = store.list_runs(ids=[queued, running])
+    assert page["control"](store, runs, "pause") == f"pause sent to #{running}"
+    assert [c.kind for c in store.take_commands(running)] == ["pause"]
+    page["control"](store, store.list_runs(ids=[queued, running]), "stop")
+    assert store.get_run(queued).status == "cancelled" and [c.kind for c in store.take_commands(running)] == ["stop"]
+    assert "none of the selected" in page["control"](store, store.list_runs(ids=[queued]), "resume")
+
+
+def test_time_left_follows_the_pace_so_far(store):
+    run_id = store.create_run({}, name="r", total_steps=1000)
+    store.update_run(run_id, status="running", step=250, started_at=100.0)
+    assert data.remaining_s(store.get_run(run_id), now=110.0) == pytest.approx(30.0)
+    assert data.remaining_s(store.get_run(store.create_run({}, name="q")), now=110.0) is None
+
+
+def test_the_dashboard_and_the_app_command_never_import_torch():
+    """Every dashboard module and page (run through AppTest), the Streamlit entry point and engine.app,
+    in a fresh interpreter: torch must not be loaded (the Streamlit process never trains)."""
+    import subprocess
+    import sys
+    import textwrap
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    script = textwrap.dedent(f"""
+        import importlib, os, pkgutil, sys, tempfile
+        os.environ["SPHERELAB_DB"] = os.path.join(tempfile.mkdtemp(), "t.db")
+        import dashboard, engine.app, engine.cli
+        for module in pkgutil.iter_modules(dashboard.__path__):
+            if module.name != "pages":
+                importlib.import_module("dashboard." + module.name)
+        from streamlit.testing.v1 import AppTest
+        at = AppTest.from_file({str(root / 'streamlit_app.py')!r}, default_timeout=60).run()
+        for page in sorted(os.listdir({str(root / 'dashboard' / 'pages')!r})):
+            if page.endswith(".py") and not page.startswith("_"):
+                at.switch_page("dashboard/pages/" + page).run()
+                assert not at.exception, (page, [e.value for e in at.exception])
+        print("torch" in sys.modules)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "False"

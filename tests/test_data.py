@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from engine.config import ConfigError, RunConfig
+from engine.trainer import BatchStream
 from engine.data import CIFAR_MEAN, CIFAR_STD, DataError, Dataset, load_dataset
 
 CPU = torch.device("cpu")
@@ -188,18 +189,24 @@ def tiny_dataset(n=50, shape=(3, 4, 5)) -> Dataset:
     return Dataset(x, y, x[:5], y[:5], num_classes=3, input_shape=shape, name="tiny")
 
 
+def epoch_of(stream) -> list:
+    return [stream.advance() for _ in range(stream.spe)]
+
+
 def test_batches_are_full_disjoint_and_seeded():
     data = tiny_dataset(50)
     assert data.steps_per_epoch(16) == 3
-    batches = list(data.batches(16, torch.Generator().manual_seed(3)))
+    batches = epoch_of(BatchStream(data, 16, torch.Generator().manual_seed(3)))
     assert len(batches) == 3 and all(b.shape == (16,) and b.dtype == torch.int64 for b in batches)
     seen = torch.cat(batches)
     assert len(set(seen.tolist())) == 48 and seen.min() >= 0 and seen.max() < 50
-    again = list(data.batches(16, torch.Generator().manual_seed(3)))
+    again = epoch_of(BatchStream(data, 16, torch.Generator().manual_seed(3)))
     assert all(torch.equal(a, b) for a, b in zip(batches, again))
-    generator = torch.Generator().manual_seed(3)
-    first_epoch, second_epoch = list(data.batches(16, generator)), list(data.batches(16, generator))
+    stream = BatchStream(data, 16, torch.Generator().manual_seed(3))
+    first_epoch, second_epoch = epoch_of(stream), epoch_of(stream)
     assert not torch.equal(first_epoch[0], second_epoch[0])        # reshuffled every epoch
+    twin = stream.clone()
+    assert all(torch.equal(twin.advance(), stream.advance()) for _ in range(5))   # a parked member's copy
 
 
 def test_probe_indices_are_a_fixed_subset():

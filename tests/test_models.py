@@ -159,3 +159,25 @@ def test_conv_net_on_non_image_data_names_the_working_pairs(model_name):
     assert "\n" not in message and "3x32x32" in message
     for pair_part in ("cifar10", "cifar100", "synthetic", "mlp_si"):
         assert pair_part in message
+
+
+@pytest.mark.parametrize("model", ["mlp_si", "convnet_si", "resnet18_si"])
+def test_the_first_si_layer_is_the_one_that_reads_the_input(model):
+    """engine/packnet.py relies on it: only that layer may see one batch shared by all members."""
+    image = model != "mlp_si"
+    cfg = RunConfig(model=model, width=4, dataset="synthetic", synthetic_shape=(3, 32, 32) if image else (64,))
+    net = build_model(cfg, (3, 32, 32) if image else (64,), 10)
+    x = torch.randn(4, *((3, 32, 32) if image else (64,)))
+    seen = {}
+    names = si_layer_names(net)
+    def keep_input(name):
+        def hook(module, inputs, output):
+            seen[name] = inputs[0]
+        return hook
+
+    for name in names:
+        net.get_submodule(name).register_forward_hook(keep_input(name))
+    net(x)
+    first = seen[names[0]]
+    assert torch.equal(first.reshape(len(x), -1), x.reshape(len(x), -1))
+    assert not any(seen[n].shape[1:] == first.shape[1:] and torch.equal(seen[n], first) for n in names[1:])

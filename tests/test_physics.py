@@ -1,176 +1,175 @@
-"""Physics checked against math: update rules, norm identities, curvature, invariances."""
+"""Physics checked against math: update rules, norm identities, curvature, invariances.
+
+Everything goes through the network every run trains with (engine/packnet.py), here with one member.
+"""
 import math
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch.func import functional_call
 
 from engine.config import RunConfig
-from engine.hessian import flat_hvp, hutchinson_trace, lanczos_top, preserved_buffers
-from engine.metrics import angular_update
-from engine.trainer import Trainer
+from engine.hessian import hutchinson_trace, hvp_operator, lanczos_top
+from engine.packnet import _PackedBN, member_losses
+from engine.trainer import Trainer, angular_update
+from tests.helpers import single
 
 TINY = dict(width=6, depth=2, batch_size=32, probe_size=64, log_every=5, epochs=2)
 
 
-def tiny_trainer(**kw) -> Trainer:
+def tiny(**kw) -> Trainer:
     torch.set_num_threads(1)
-    return Trainer(RunConfig(**{**TINY, **kw}))
+    trainer = Trainer([RunConfig(**{**TINY, **kw})])
+    trainer.measure([])          # stacks the pack tensors, so trainer.W is the member's row
+    return trainer
 
 
-def flat_loss_fn(trainer: Trainer, x, y):
-    """loss(w_flat) through functional_call, so autograd can build the explicit Hessian."""
-    names = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
-    sizes = trainer.group.sizes
-    shapes = [p.shape for p in trainer.group.params]
-    buffers = {n: b.clone() for n, b in trainer.model.named_buffers()}
-    frozen = {n: p for n, p in trainer.model.named_parameters() if not p.requires_grad}
+def loss_and_grad(trainer: Trainer, w: torch.Tensor, x, y):
+    """Mean loss and its gradient at weights w (one member), BN on the batch's statistics."""
+    wg = w.detach()[None].requires_grad_()
+    loss, _ = member_losses(trainer.net(wg, x, mode="probe"), y)
+    g, = torch.autograd.grad(loss.sum(), wg)
+    return loss[0], g[0]
 
-    def f(w):
-        params, offset = {}, 0
-        for name, n, shape in zip(names, sizes, shapes):
-            params[name] = w[offset:offset + n].view(shape)
-            offset += n
-        out = functional_call(trainer.model, {**params, **frozen, **{k: v.clone() for k, v in buffers.items()}}, (x,))
-        return F.cross_entropy(out, y)
 
-    return f
+def next_batch(trainer: Trainer):
+    """The batch the next train_step will read (a peek at a copy of the member's stream)."""
+    idx = trainer.members[0].stream.clone().advance()
+    return trainer.data.x_train[idx], trainer.data.y_train[idx]
 
 
 def test_sphere_mode_keeps_norm_at_rho0():
-    t = tiny_trainer(mode="sphere", elr=0.5, epochs=3)
-    rho0 = float(t.group.w.norm())
-    t.run()
-    _, norms = t.recorder.series("si_norm")
+    m = single(RunConfig(**{**TINY, "elr": 0.5, "epochs": 3}))
+    _, norms = m.recorder.series("si_norm")
     assert len(norms) > 10
     for n in norms:
-        assert abs(n - rho0) / rho0 < 1e-5
+        assert abs(n - m.rho0) / m.rho0 < 1e-5
 
 
 def test_lrwd_one_step_norm_identity():
     """rho_{t+1}^2 = (1 - lr wd)^2 rho_t^2 + lr^2 |g|^2 at momentum 0, because g is tangent to the sphere."""
-    t = tiny_trainer(mode="lrwd", lr=0.3, wd=0.05)
-    idx = next(t.data.batches(32, torch.Generator().manual_seed(5)))
-    x, y = t.data.x_train[idx], t.data.y_train[idx]
-    with preserved_buffers(t.model):
-        loss = F.cross_entropy(t.model(x), y)
-        g = t.group.flat_grad(torch.autograd.grad(loss, t.group.params))
-    rho2 = float(t.group.w.norm()) ** 2
+    t = tiny(mode="lrwd", lr=0.3, wd=0.05)
+    x, y = next_batch(t)
+    _, g = loss_and_grad(t, t.W[0], x, y)
+    rho2 = float(t.W[0].norm()) ** 2
     lr, wd = 0.3, 0.05
     expected = (1 - lr * wd) ** 2 * rho2 + lr ** 2 * float(g.norm()) ** 2
-    t._train_step(idx)
-    got = float(t.group.w.norm()) ** 2
+    t.train_step()
+    got = float(t.W[0].norm()) ** 2
     # exact up to BN's eps and float32 rounding (measured 1.6e-5 relative on this tiny net)
     assert got == pytest.approx(expected, rel=1e-4)
     # and weight decay really matters: without it the prediction is clearly off
     assert abs(got - (rho2 + lr ** 2 * float(g.norm()) ** 2)) / got > 1e-3
 
 
+def test_the_step_applies_the_gradient_of_its_batch():
+    """train_step moves the weights by exactly -lr * g on the sphere before the projection."""
+    t = tiny(mode="sphere", elr=0.01)
+    x, y = next_batch(t)
+    w = t.W[0].clone()
+    _, g = loss_and_grad(t, w, x, y)
+    t.train_step()
+    lr = 0.01 * t.members[0].rho0 ** 2
+    stepped = w - lr * g
+    assert torch.allclose(t.W[0], stepped * (t.members[0].rho0 / stepped.norm()), rtol=1e-5, atol=1e-7)
+
+
 def test_gradient_is_tangent_in_training():
-    t = tiny_trainer()
-    idx = next(t.data.batches(32, torch.Generator().manual_seed(1)))
-    loss = F.cross_entropy(t.model(t.data.x_train[idx]), t.data.y_train[idx])
-    g = t.group.flat_grad(torch.autograd.grad(loss, t.group.params))
-    cos = float(torch.dot(g, t.group.w) / (g.norm() * t.group.w.norm()))
+    t = tiny()
+    x, y = next_batch(t)
+    _, g = loss_and_grad(t, t.W[0], x, y)
+    cos = float(torch.dot(g, t.W[0]) / (g.norm() * t.W[0].norm()))
     assert abs(cos) < 1e-4
 
 
 def test_hvp_matches_finite_differences():
-    t = tiny_trainer()
-    t.model.double()
-    t.group.w = t.group.w.double()
-    # re-point the params at the float64 vector
-    offset = 0
-    for p, n in zip(t.group.params, t.group.sizes):
-        p.data = t.group.w[offset:offset + n].view_as(p)
-        offset += n
+    t = tiny()
+    t.net.double()
+    w0 = t.W[0].double()
     x, y = t.data.x_train[:64].double(), t.data.y_train[:64]
     chunks = [(x[:32], y[:32]), (x[32:], y[32:])]
-    v = torch.randn(t.group.numel, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    v = torch.randn(t.numel, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
 
     def grad_at(w):
-        with torch.no_grad():
-            t.group.w.copy_(w)
-        total = torch.zeros_like(w)
-        for xc, yc in chunks:
-            loss = F.cross_entropy(t.model(xc), yc) * 0.5
-            total += t.group.flat_grad(torch.autograd.grad(loss, t.group.params))
-        return total
+        return sum(loss_and_grad(t, w, xc, yc)[1] * 0.5 for xc, yc in chunks)
 
-    with preserved_buffers(t.model):
-        w0 = t.group.w.clone()
-        hv = flat_hvp(t.model, t.group.params, chunks)(v)
-        eps = 1e-5
-        fd = (grad_at(w0 + eps * v) - grad_at(w0 - eps * v)) / (2 * eps)
-        with torch.no_grad():
-            t.group.w.copy_(w0)
+    hv = hvp_operator(t.net, w0[None], chunks, False)(v[None], torch.tensor([0]))[0]
+    eps = 1e-5
+    fd = (grad_at(w0 + eps * v) - grad_at(w0 - eps * v)) / (2 * eps)
     assert torch.allclose(hv, fd, rtol=1e-5, atol=1e-8 * float(fd.abs().max()))
 
 
 def test_lanczos_top_eigenvalue_matches_explicit_hessian():
-    t = tiny_trainer()
+    t = tiny()
     x, y = t.data.x_train[:32], t.data.y_train[:32]
-    f = flat_loss_fn(t, x, y)
-    w = t.group.w.detach().clone()
-    H = torch.autograd.functional.hessian(f, w)
+    w = t.W[0].detach().clone()
+    H = torch.autograd.functional.hessian(lambda v: loss_and_grad_free(t, v, x, y), w)
     H = 0.5 * (H + H.T)
     exact = float(torch.linalg.eigvalsh(H.double())[-1])
-    with preserved_buffers(t.model):
-        mv = flat_hvp(t.model, t.group.params, [(x, y)])
-        explicit_mv = (H @ torch.randn(t.group.numel))  # H really is the operator flat_hvp applies
-        probe = torch.randn(t.group.numel, generator=torch.Generator().manual_seed(3))
-        assert torch.allclose(mv(probe), H @ probe, rtol=1e-3, atol=1e-5)
-        lam, vec, used = lanczos_top(mv, t.group.numel, iters=60, tol=1e-6,
-                                     generator=torch.Generator().manual_seed(0))
-    assert explicit_mv.shape == probe.shape
+    matvec = hvp_operator(t.net, w[None], [(x, y)], False)
+    probe = torch.randn(t.numel, generator=torch.Generator().manual_seed(3))
+    assert torch.allclose(matvec(probe[None], torch.tensor([0]))[0], H @ probe, rtol=1e-3, atol=1e-5)
+    start = torch.randn(1, t.numel, generator=torch.Generator().manual_seed(0))
+    (lam,), vec, _ = lanczos_top(matvec, start, iters=60, tol=1e-6)
     assert lam == pytest.approx(exact, rel=1e-4)
-    # the returned vector is the eigenvector: H y = lambda y
-    assert torch.allclose(H @ vec, lam * vec, atol=1e-3 * abs(lam))
+    assert torch.allclose(H @ vec[0], lam * vec[0], atol=1e-3 * abs(lam))     # and y is its eigenvector
 
 
-def test_lanczos_on_known_matrix_and_warm_start():
+def loss_and_grad_free(trainer, w, x, y):
+    """The mean loss as a function of w alone (differentiable twice, for the explicit Hessian)."""
+    loss, _ = member_losses(trainer.net(w[None], x, mode="probe"), y)
+    return loss[0]
+
+
+def test_lanczos_on_known_matrices_batched_and_warm_started():
     torch.manual_seed(0)
     q, _ = torch.linalg.qr(torch.randn(50, 50, dtype=torch.float64))
     evals = torch.linspace(-3.0, 2.0, 50, dtype=torch.float64)
     evals[-1] = 5.0
     A = (q * evals) @ q.T
-    lam, vec, used = lanczos_top(lambda v: A @ v, 50, iters=50, tol=1e-8, dtype=torch.float64,
-                                 generator=torch.Generator().manual_seed(1))
-    assert lam == pytest.approx(5.0, rel=1e-8)
-    lam2, _, used2 = lanczos_top(lambda v: A @ v, 50, iters=50, tol=1e-8, v0=vec, dtype=torch.float64)
-    assert lam2 == pytest.approx(5.0, rel=1e-8)
-    assert used2 < used        # a warm start converges faster
     # largest *algebraic*: a more negative eigenvalue must not win
     B = (q * torch.cat([torch.tensor([-10.0], dtype=torch.float64), evals[1:]])) @ q.T
-    lam3, _, _ = lanczos_top(lambda v: B @ v, 50, iters=50, tol=1e-8, dtype=torch.float64,
-                             generator=torch.Generator().manual_seed(2))
-    assert lam3 == pytest.approx(5.0, rel=1e-6)
+    ops = torch.stack([A, B])
+
+    def matvec(V, live):
+        return torch.bmm(ops[live], V[:, :, None])[:, :, 0]
+
+    starts = torch.randn(2, 50, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    (a, b), vecs, used = lanczos_top(matvec, starts, iters=50, tol=1e-8)
+    assert a == pytest.approx(5.0, rel=1e-8) and b == pytest.approx(5.0, rel=1e-6)
+    (a2, _), _, used2 = lanczos_top(matvec, vecs, iters=50, tol=1e-8)
+    assert a2 == pytest.approx(5.0, rel=1e-8)
+    assert used2 < used        # a warm start converges faster
 
 
 def test_hutchinson_is_unbiased_on_known_matrix():
     A = torch.diag(torch.arange(1.0, 11.0))
-    est = hutchinson_trace(lambda v: A @ v, 10, 4, generator=torch.Generator().manual_seed(0))
+    [est] = hutchinson_trace(lambda V, live: V @ A, 1, 10, 4, [torch.Generator().manual_seed(0)])
     assert est == pytest.approx(55.0)   # diagonal matrix: z^T A z = trace exactly for Rademacher z
 
 
 def test_sharpness_unchanged_when_weights_rescaled():
-    t = tiny_trainer(lanczos_iters=60, lanczos_tol=1e-7)
-    before = t.sharpness.measure(t.model, t.group, 0.1, 0.0)["sharpness"]
+    t = tiny(lanczos_iters=60, lanczos_tol=1e-7)
+    before = t.measure(["sharpness"])[0]["sharpness"]
     with torch.no_grad():
-        t.group.w.mul_(3.0)
-    t.sharpness.vec = None
-    after = t.sharpness.measure(t.model, t.group, 0.1, 0.0)["sharpness"]
+        t.W.mul_(3.0)
+    t.members[0].sharp_vec = None
+    after = t.measure(["sharpness"])[0]["sharpness"]
     assert before > 0
     assert after == pytest.approx(before, rel=1e-3)
 
 
-def test_sharpness_probe_leaves_model_unchanged():
-    t = tiny_trainer()
-    state = {k: v.clone() for k, v in t.model.state_dict().items()}
-    t.sharpness.measure(t.model, t.group, 0.1, 0.0)
-    for k, v in t.model.state_dict().items():
-        assert torch.equal(v, state[k]), k
+def test_probes_leave_the_model_unchanged():
+    t = tiny(sharpness_every=5, trace_samples=2)
+    for _ in range(7):
+        t.train_step()
+    stats = [(mean.clone(), var.clone()) for mean, var in t.STATS]
+    w = t.W.clone()
+    t.measure(["sharpness", "trace", "test"])
+    t.measure(["averages"], start=True)              # the start-point loss on the probe
+    for (m0, v0), (m1, v1) in zip(stats, t.STATS):
+        assert torch.equal(m0, m1) and torch.equal(v0, v1)
+    assert torch.equal(w, t.W)
+    assert t.members[0].sharp_vec is not None     # the warm start is kept
 
 
 @pytest.mark.parametrize("alpha", [0.1, 7.0])
@@ -184,15 +183,18 @@ def test_sphere_run_depends_on_elr_not_radius(alpha):
     """
     runs = []
     for scale in (1.0, alpha):
-        t = tiny_trainer(mode="sphere", elr=0.005, epochs=1, log_every=2)
-        for m in t.model.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                m.eps = 1e-12
+        torch.set_num_threads(1)
+        t = Trainer([RunConfig(**{**TINY, "elr": 0.005, "epochs": 1, "log_every": 2})])
+        for layer in t.net.modules():
+            if isinstance(layer, _PackedBN):
+                layer.eps = 1e-12
+        m = t.members[0]
         with torch.no_grad():
-            t.group.w.mul_(scale)
-        t.update.rho0 = float(t.group.w.norm())
+            m.w.mul_(scale)
+            m.w0.mul_(scale)
+        m.rho0 = float(m.w.norm())
         t.run()
-        runs.append(t.recorder)
+        runs.append(m.recorder)
     _, la = runs[0].series("train_loss")
     _, lb = runs[1].series("train_loss")
     assert len(la) == len(lb) > 5
@@ -206,18 +208,17 @@ def test_sphere_run_depends_on_elr_not_radius(alpha):
 
 
 def test_angular_update_resolves_tiny_angles():
-    u = torch.zeros(1000)
-    u[0] = 1.0
+    u = torch.zeros(1, 1000)
+    u[0, 0] = 1.0
     for angle in (1e-6, 1e-4, 0.3, 2.0):
-        w = torch.zeros(1000)
-        w[0], w[1] = math.cos(angle) * 5, math.sin(angle) * 5
-        assert float(angular_update(u, w)) == pytest.approx(angle, rel=1e-3)
+        w = torch.zeros(1, 1000)
+        w[0, 0], w[0, 1] = math.cos(angle) * 5, math.sin(angle) * 5
+        assert float(angular_update(u, w)[0]) == pytest.approx(angle, rel=1e-3)
 
 
 def test_elr_is_lr_over_norm_squared_and_threshold():
-    t = tiny_trainer(mode="lrwd", lr=0.2, wd=0.01, momentum=0.5, sharpness_every=5)
-    t.run()
-    row = t.recorder.rows[-1][3]
+    m = single(RunConfig(**{**TINY, "mode": "lrwd", "lr": 0.2, "wd": 0.01, "momentum": 0.5, "sharpness_every": 5}))
+    row = m.recorder.rows[-1][3]
     assert row["elr"] == pytest.approx(row["lr"] / row["si_norm"] ** 2, rel=1e-9)
     assert row["sharpness_threshold"] == pytest.approx(2 * 1.5 / row["elr"], rel=1e-9)
     for name in ("fc0", "fc1"):
@@ -227,9 +228,8 @@ def test_elr_is_lr_over_norm_squared_and_threshold():
 def test_momentum_steady_state_in_lrwd():
     """At equilibrium ELR * eff_grad_norm ~ sqrt(2 lr wd / (1 + mu)) (SPEC §3); check within 35%."""
     for mu in (0.0, 0.5):
-        t = Trainer(RunConfig(mode="lrwd", lr=0.5, wd=0.05, momentum=mu, epochs=40, log_every=10,
-                              width=32, depth=2, batch_size=32))
-        t.run()
-        rows = [r[3] for r in t.recorder.rows[-30:]]
+        m = single(RunConfig(mode="lrwd", lr=0.5, wd=0.05, momentum=mu, epochs=40, log_every=10, width=32, depth=2,
+                             batch_size=32))
+        rows = [r[3] for r in m.recorder.rows[-30:]]
         prod = sum(r["elr"] * r["eff_grad_norm"] for r in rows) / len(rows)
         assert prod == pytest.approx(math.sqrt(2 * 0.5 * 0.05 / (1 + mu)), rel=0.35)

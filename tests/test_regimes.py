@@ -9,19 +9,17 @@ import numpy as np
 import pytest
 import torch
 
-from engine.analysis import analyze, memory_trace
+from engine.analysis import analyze
 from engine.config import RunConfig, parse_values
 from engine.presets import PRESETS
-from engine.trainer import Trainer, train_traces
+from engine.trainer import train_traces
 
 RANK = {"convergence": 0, "chaotic_equilibrium": 1, "divergence": 2}
 
 
 def run_memory(cfg):
     torch.set_num_threads(1)
-    t = Trainer(cfg)
-    t.run()
-    return memory_trace(t.recorder.rows)
+    return train_traces([cfg])[0]
 
 
 def cli(*args, db):

@@ -365,7 +365,9 @@ def test_claims_requeue_and_resume(store):
 
     store.heartbeat(second, 7)
     assert store.requeue_stale(60.0) == []
-    assert sorted(store.requeue_stale(0.0)) == [first, second]
+    for run in (first, second):   # both workers went silent a minute ago
+        store.update_run(run, heartbeat_at=time.time() - 61)
+    assert sorted(store.requeue_stale(60.0)) == [first, second]
     assert store.events(second)[-1].payload == {"status": "interrupted"}
     resumed = store.claim_interrupted("w4")
     assert (resumed.id, resumed.status, resumed.worker_id) == (first, "running", "w4")
@@ -386,8 +388,8 @@ def test_workers(store):
 
 # ---------------------------------------------------------------- opening databases
 
-def test_fresh_database_has_schema_version_1(sqlite_store):
-    assert sqlite_store.schema_version == 1 == migrations.current_version()
+def test_fresh_database_has_the_current_schema_version(sqlite_store):
+    assert sqlite_store.schema_version == 3 == migrations.current_version()
     journal = sqlite3.connect(sqlite_store.url.removeprefix("sqlite:///")).execute("PRAGMA journal_mode").fetchone()
     assert journal == ("wal",)
 
@@ -399,28 +401,29 @@ def test_newer_schema_is_refused(tmp_path):
         raw.execute("UPDATE meta SET value = '7' WHERE key = 'schema_version'")
     with pytest.raises(StoreError) as raised:
         Store(path)
-    assert one_line(raised) == "database schema version 7 is newer than this spherelab (1): upgrade spherelab"
+    assert one_line(raised) == f"database schema version 7 is newer than this spherelab ({migrations.current_version()}): upgrade spherelab"
 
 
-def test_migration_upgrades_a_version_1_database(tmp_path, monkeypatch):
+def test_migration_upgrades_an_older_database(tmp_path, monkeypatch):
     path = tmp_path / "old.db"
+    next_version = migrations.current_version() + 1
     with Store(path) as old:
         run = old.create_run({"elr": 1e-3}, name="before", tags=["kept"])
         old.log_metrics(run, [(1, 0.1, 1.0, {"train_loss": math.inf})])
 
-    def add_notes(conn):  # what a real version 2 could look like
+    def add_notes(conn):  # what a real next version could look like
         conn.execute(text("ALTER TABLE runs ADD COLUMN notes TEXT"))
         conn.execute(text("UPDATE runs SET notes = 'was: ' || name"))
 
-    monkeypatch.setitem(migrations.MIGRATIONS, 2, add_notes)
+    monkeypatch.setitem(migrations.MIGRATIONS, next_version, add_notes)
     with Store(path) as upgraded:
-        assert upgraded.schema_version == 2
+        assert upgraded.schema_version == next_version
         assert upgraded.get_run(run).tags == ["kept"]
         assert upgraded.latest_metrics(run) == {"train_loss": (1, math.inf)}
         with upgraded._read() as conn:
             assert conn.execute(text("SELECT notes FROM runs")).scalar() == "was: before"
-    with Store(path) as again:  # already at 2: add_notes must not run twice (it would fail)
-        assert again.schema_version == 2
+    with Store(path) as again:  # already upgraded: add_notes must not run twice (it would fail)
+        assert again.schema_version == next_version
 
 
 def test_failed_migration_changes_nothing(tmp_path, monkeypatch):
@@ -432,13 +435,14 @@ def test_failed_migration_changes_nothing(tmp_path, monkeypatch):
         conn.execute(text("ALTER TABLE runs ADD COLUMN notes TEXT"))
         conn.execute(text("UPDATE runs SET no_such_column = 1"))
 
-    monkeypatch.setitem(migrations.MIGRATIONS, 2, broken)
+    old_version = migrations.current_version()
+    monkeypatch.setitem(migrations.MIGRATIONS, old_version + 1, broken)
     with pytest.raises(StoreError) as raised:
         Store(path)
-    assert "schema version 2 failed" in one_line(raised)
-    monkeypatch.delitem(migrations.MIGRATIONS, 2)
+    assert f"schema version {old_version + 1} failed" in one_line(raised)
+    monkeypatch.delitem(migrations.MIGRATIONS, old_version + 1)
     with Store(path) as reopened:
-        assert reopened.schema_version == 1
+        assert reopened.schema_version == old_version
         assert [run.name for run in reopened.list_runs()] == ["before"]
         with reopened._read() as conn:
             assert "notes" not in {c["name"] for c in inspect(conn).get_columns("runs")}
@@ -532,11 +536,16 @@ def test_bundle_round_trip_into_another_database(store, tmp_path):
         for old, new in zip(ids, new_ids):
             pd.testing.assert_frame_equal(store.read_metrics(old), target.read_metrics(new))
             before, after = store.get_run(old), target.get_run(new)
-            assert (after.uid, after.status, after.config, after.tags) == (before.uid, before.status, before.config,
+            # a run that had not ended arrives interrupted (never claimable), its status kept as history
+            status = before.status if before.is_terminal else "interrupted"
+            assert (after.uid, after.status, after.config, after.tags) == (before.uid, status, before.config,
                                                                           before.tags)
             assert after.checkpoint_path is None and after.checkpoint_step is None and after.worker_id is None
+            assert after.imported_at is not None and before.imported_at is None
+            history = [] if status == before.status else [
+                (before.step, "status", {"status": status, "bundle_status": before.status})]
             assert [(e.step, e.kind, e.payload) for e in target.events(new)] == \
-                   [(e.step, e.kind, e.payload) for e in store.events(old)]
+                   [(e.step, e.kind, e.payload) for e in store.events(old)] + history
         assert target.get_sweep(target.get_run(new_ids[0]).sweep_id).run_ids == new_ids
 
         with pytest.raises(StoreError) as raised:

@@ -5,7 +5,7 @@ import math
 import multiprocessing
 import time
 
-from storage import Store
+from storage import MIN_STALE_AFTER_S, Store
 
 SPAWN = multiprocessing.get_context("spawn")
 LIVE_STEPS = 2_000
@@ -63,8 +63,10 @@ def claim_everything(url: str, worker_id: str, barrier, results) -> None:
             while (run := store.claim_next_run(worker_id)) is not None:
                 queued.append(run.id)
             barrier.wait(timeout=60)
-            if worker_id == "w0":
-                store.requeue_stale(0.0)
+            if worker_id == "w0":   # every claimer went silent long ago: all their runs are stale
+                for run in store.list_runs(status="running"):
+                    store.update_run(run.id, heartbeat_at=time.time() - 3600)
+                store.requeue_stale(MIN_STALE_AFTER_S)
             barrier.wait(timeout=60)
             interrupted = []
             while (run := store.claim_interrupted(worker_id)) is not None:

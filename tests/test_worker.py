@@ -10,11 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from engine.analysis import memory_trace
 from engine.config import RunConfig
-from engine.trainer import Trainer
+from engine.trainer import train_traces
 from engine.worker import Worker
-from storage import Store
+from storage import MIN_STALE_AFTER_S, Store
 from tests.processes import start_worker, wait_for
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -28,9 +27,7 @@ def engine(*args, db, **kw):
 def reference_trace(config: dict):
     """The same run trained in-process without interruption."""
     torch.set_num_threads(1)
-    trainer = Trainer(RunConfig.from_dict(config))
-    trainer.run()
-    return memory_trace(trainer.recorder.rows)
+    return train_traces([RunConfig.from_dict(config)])[0]
 
 
 def submit(db, *args) -> list[int]:
@@ -86,7 +83,7 @@ def test_kill_9_mid_run_then_resume_gives_one_exact_trajectory(tmp_path):
     db = str(tmp_path / "kill.db")
     [run_id] = submit(db, "--elr", "0.01", "--epochs", "40", "--log-every", "4")
     store = Store(db)
-    worker = start_worker(db, "--stale-after", "1.5")
+    worker = start_worker(db, "--stale-after", str(MIN_STALE_AFTER_S))
     try:
         ckpt = wait_for(lambda: (store.get_run(run_id).checkpoint_step or 0) >= 44 * 5
                         and store.get_run(run_id).checkpoint_step)
@@ -98,10 +95,10 @@ def test_kill_9_mid_run_then_resume_gives_one_exact_trajectory(tmp_path):
     assert store.get_run(run_id).status == "running"      # nobody had time to mark it yet
     rows_before = store.read_metrics(run_id, ["train_loss"])
     assert len(rows_before) > 0 and rows_before["step"].max() > ckpt   # rows up to the last flush survived
-    time.sleep(2.0)
+    time.sleep(MIN_STALE_AFTER_S + 0.5)                   # the heartbeat is stale by the next worker's start
     assert store.last_step(run_id) == killed_at           # the child died with its worker
 
-    worker = start_worker(db, "--once", "--stale-after", "1.5")
+    worker = start_worker(db, "--once", "--stale-after", str(MIN_STALE_AFTER_S))
     assert worker.wait(timeout=240) == 0
     info = store.get_run(run_id)
     assert info.status == "finished"

@@ -1,11 +1,15 @@
 """Launch: queue a preset, a run or a sweep for the worker, and see whether a worker is alive."""
 import streamlit as st
 
-from engine.submission import queue_runs
-from dashboard import launch, ui
-from engine.config import DATASETS, IMAGE_DATASETS, MODELS, ConfigError
+from dashboard import estimate, launch, ui
+from dashboard.plain import md
+from engine.config import DATASETS, DEVICES, IMAGE_DATASETS, MODELS, SCHEDULES, ConfigError
 from engine.presets import PRESETS
+from engine.submission import queue_runs
 from storage import Store
+
+# Upper bounds on the form's numbers: what a laptop-and-lecture tool can sensibly queue in one click.
+MAX_POINTS, MAX_SEEDS, MAX_EPOCHS, MAX_WIDTH, MAX_DEPTH = 64, 20, 100_000, 4096, 64
 
 
 def show_queued(store: Store, run_ids: list[int]) -> None:
@@ -26,7 +30,7 @@ def submit(store: Store, make) -> None:
         with st.spinner("Checking and queueing…"):
             run_ids = queue_runs(store, configs, swept, name)
     except ConfigError as exc:
-        st.error(f"Not queued: {exc}")
+        st.error(f"Not queued: {md(launch.form_message(exc))}")
         return
     show_queued(store, run_ids)
 
@@ -42,7 +46,9 @@ def preset_section(store: Store) -> None:
         swept = ", ".join(f"{key} ∈ {{{', '.join(f'{v:g}' for v in values)}}}" for key, values in preset.swept.items())
         st.caption(f"{len(configs) or 'several'} runs: {swept}")
     if preset.expected_regimes:
-        st.caption("Expected regimes: " + ", ".join(preset.expected_regimes))
+        st.caption("Expected regimes: " + ", ".join(r.replace("_", " ") for r in preset.expected_regimes))
+    if configs:
+        st.caption(estimate.describe(configs))
     data_dir = ""
     if preset.needs_data_dir:
         data_dir = st.text_input("Data folder (holding cifar-10-batches-py/)", key="preset_data_dir",
@@ -53,57 +59,99 @@ def preset_section(store: Store) -> None:
                                preset.swept, preset.name))
 
 
+def model_and_data(form: launch.LaunchForm) -> None:
+    st.markdown("**Model and data**")
+    form.model = st.selectbox("Model", MODELS, key="f_model")
+    form.width = st.number_input("Width (0 = the model's default)", min_value=0, max_value=MAX_WIDTH, value=0,
+                                 step=8, key="f_width")
+    if form.model == "mlp_si":
+        form.depth = st.number_input("Depth (hidden blocks)", min_value=1, max_value=MAX_DEPTH, value=3, key="f_depth")
+    form.dataset = st.selectbox("Dataset", DATASETS, key="f_dataset")
+    if form.dataset in IMAGE_DATASETS:
+        form.data_dir = st.text_input("Data folder", key="f_data_dir", placeholder="/data/cifar",
+                                      help="Holds cifar-10-batches-py/ or cifar-100-python/ "
+                                           "(python-pickle layout). Nothing is downloaded.")
+        form.augment = st.checkbox("Augment (random crop + flip)", key="f_augment")
+    if form.dataset == "synthetic":
+        form.synthetic_samples = st.number_input("Samples", min_value=2, max_value=1_000_000, value=2048,
+                                                 key="f_samples")
+        form.synthetic_shape = st.text_input("Input shape", value="64", key="f_shape", help="e.g. 64 or 3x32x32")
+        form.synthetic_classes = st.number_input("Classes", min_value=2, max_value=1000, value=10, key="f_classes")
+
+
+def optimisation(form: launch.LaunchForm) -> None:
+    st.markdown("**Optimisation**")
+    form.mode = st.radio("Mode", ("sphere", "lrwd"), key="f_mode", horizontal=True,
+                         captions=("fixed ELR on the sphere", "LR + weight decay, ELR measured"))
+    form.sweep_rate = st.toggle(f"Sweep the {form.rate_key.upper()} over a log range", key="f_sweep")
+    if form.sweep_rate:
+        start, stop, points = st.columns(3)
+        form.rate_start = start.number_input(f"{form.rate_key.upper()} from", min_value=0.0, value=1e-4,
+                                             format="%.1e", key="f_start")
+        form.rate_stop = stop.number_input("to", min_value=0.0, value=1.0, format="%.1e", key="f_stop")
+        form.rate_points = points.number_input("points", min_value=2, max_value=MAX_POINTS, value=6, key="f_points",
+                                               help="log-spaced, both ends included")
+    elif form.mode == "sphere":
+        form.rate = st.number_input("ELR", min_value=0.0, value=0.01, format="%.2e", key="f_elr")
+    else:
+        form.rate = st.number_input("LR", min_value=0.0, value=0.1, format="%.2e", key="f_lr")
+    if form.mode == "lrwd":
+        form.wd = st.number_input("Weight decay", min_value=0.0, value=1e-3, format="%.2e", key="f_wd")
+        form.momentum = st.number_input("Momentum", min_value=0.0, max_value=0.99, value=0.0, key="f_momentum")
+    form.schedule = st.selectbox("Schedule", SCHEDULES, key="f_schedule",
+                                 help="constant; cosine: half cosine to 0; step: ×0.1 at 50% and 75%")
+    epochs, batch = st.columns(2)
+    form.epochs = epochs.number_input("Epochs", min_value=1, max_value=MAX_EPOCHS, value=10, key="f_epochs")
+    form.batch_size = batch.number_input("Batch size (0 = default)", min_value=0, max_value=100_000, value=0,
+                                         key="f_batch", help="default: 32 on digits, 128 elsewhere")
+    seed, seeds = st.columns(2)
+    form.seed = seed.number_input("Seed", min_value=0, max_value=2**31 - 1, value=0, key="f_seed")
+    form.seeds = seeds.number_input("Seeds per point", min_value=1, max_value=MAX_SEEDS, value=1, key="f_seeds",
+                                    help="seed, seed+1, …: every point repeated")
+
+
+def measurement(form: launch.LaunchForm) -> None:
+    st.markdown("**Measurement (in optimizer steps)**")
+    form.log_every = st.number_input("Log every", min_value=1, value=10, key="f_log_every")
+    form.sharpness_every = st.number_input("Sharpness every (0 = off)", min_value=0, value=0,
+                                           key="f_sharpness_every")
+    form.name = st.text_input("Name (optional)", key="f_name", max_chars=200)
+    form.sweep_name = st.text_input("Sweep name (optional)", key="f_sweep_name", max_chars=200)
+    form.tags = ui.str_list(st.text_input("Tags (comma separated)", key="f_tags"))
+    with st.expander("More options"):
+        form.eval_every = st.number_input("Test every (steps, 0 = once per epoch)", min_value=0, value=0,
+                                          key="f_eval_every")
+        form.probe_size = st.number_input("Probe size (sharpness samples)", min_value=1, value=1024, key="f_probe")
+        form.lanczos_iters = st.number_input("Lanczos iterations", min_value=2, value=20, key="f_lanczos_iters")
+        form.lanczos_tol = st.number_input("Lanczos tolerance", min_value=0.0, value=1e-3, format="%.1e",
+                                           key="f_lanczos_tol")
+        form.trace_samples = st.number_input("Trace vectors (Hutchinson, 0 = off)", min_value=0, value=0,
+                                             key="f_trace")
+        form.init_scale = st.number_input("Head norm", min_value=0.0, value=10.0, key="f_init_scale")
+        form.checkpoint_every = st.number_input("Checkpoint every (epochs, 0 = off)", min_value=0, value=1,
+                                                key="f_checkpoint")
+        form.device = st.selectbox("Device", DEVICES, key="f_device")
+
+
 def custom_section(store: Store) -> None:
     form = launch.LaunchForm()
     left, middle, right = st.columns(3)
     with left:
-        st.markdown("**Model and data**")
-        form.model = st.selectbox("Model", MODELS, key="f_model")
-        form.width = st.number_input("Width (0 = the model's default)", min_value=0, value=0, step=8, key="f_width")
-        form.dataset = st.selectbox("Dataset", DATASETS, key="f_dataset")
-        if form.dataset in IMAGE_DATASETS:
-            form.data_dir = st.text_input("Data folder", key="f_data_dir", placeholder="/data/cifar",
-                                          help="Holds cifar-10-batches-py/ or cifar-100-python/ "
-                                               "(python-pickle layout). Nothing is downloaded.")
+        model_and_data(form)
     with middle:
-        st.markdown("**Optimisation**")
-        form.mode = st.radio("Mode", ("sphere", "lrwd"), key="f_mode", horizontal=True,
-                             captions=("fixed ELR on the sphere", "LR + weight decay, ELR measured"))
-        if form.mode == "sphere":
-            form.rate = st.number_input("ELR", min_value=0.0, value=0.01, format="%.2e", key="f_elr")
-        else:
-            form.rate = st.number_input("LR", min_value=0.0, value=0.1, format="%.2e", key="f_lr")
-            form.wd = st.number_input("Weight decay", min_value=0.0, value=1e-3, format="%.2e", key="f_wd")
-            form.momentum = st.number_input("Momentum", min_value=0.0, max_value=0.99, value=0.0, key="f_momentum")
-        form.epochs = st.number_input("Epochs", min_value=1, value=10, key="f_epochs")
-        form.seed = st.number_input("Seed", min_value=0, value=0, key="f_seed")
+        optimisation(form)
     with right:
-        st.markdown("**Measurement (in optimizer steps)**")
-        form.log_every = st.number_input("Log every", min_value=1, value=10, key="f_log_every")
-        form.sharpness_every = st.number_input("Sharpness every (0 = off)", min_value=0, value=0,
-                                               key="f_sharpness_every")
-        form.name = st.text_input("Name (optional)", key="f_name")
-        form.tags = ui.str_list(st.text_input("Tags (comma separated)", key="f_tags"))
-
-    st.markdown("**Sweep builder**")
-    form.sweep_rate = st.toggle(f"Sweep the {form.rate_key.upper()} over a log range", key="f_sweep")
-    if form.sweep_rate:
-        start, stop, points = st.columns(3)
-        form.rate_start = start.number_input("from", min_value=0.0, value=1e-4, format="%.1e", key="f_start")
-        form.rate_stop = stop.number_input("to", min_value=0.0, value=1.0, format="%.1e", key="f_stop")
-        form.rate_points = points.number_input("points (log-spaced, ends included)", min_value=2, value=6,
-                                               key="f_points")
-    form.seeds = st.number_input("Seeds per point (seed, seed+1, …)", min_value=1, value=1, key="f_seeds")
-
+        measurement(form)
     try:
         configs, swept = launch.configs_of(form)
     except ConfigError as exc:
-        st.error(str(exc))
+        st.error(md(exc))
         return
+    st.caption(estimate.describe(configs))
     with st.expander(f"{len(configs)} run(s) will be queued", expanded=len(configs) > 1):
         st.dataframe({"name": [c.display_name() for c in configs]}, hide_index=True, width="stretch")
     if st.button(f"Queue {len(configs)} run(s)", type="primary", key="queue_custom", icon=":material/send:"):
-        submit(store, lambda: (configs, swept, None))
+        submit(store, lambda: (configs, swept, form.sweep_name.strip() or None))
 
 
 def main(store: Store) -> None:

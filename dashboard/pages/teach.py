@@ -2,10 +2,11 @@
 behaviour, sharpness — each with its formulas and, where it has one, a one-click digits demo."""
 import streamlit as st
 
-from engine.submission import queue_runs
-from dashboard import launch, ui
+from dashboard import data, estimate, ui, views
+from dashboard.plain import md
 from engine.config import ConfigError
 from engine.presets import PRESETS
+from engine.submission import queue_runs
 from storage import Store
 
 TOPICS = {"invariance": "1 · Scale invariance", "elr": "2 · Effective learning rate",
@@ -37,7 +38,7 @@ def effective_lr() -> None:
              r"\qquad\Longrightarrow\qquad \mathrm{ELR}\cdot\|\tilde g\| \approx \sqrt{2\eta\lambda}"
              r"\ \text{at equilibrium}")
     st.markdown("Weight decay shrinks the norm, gradients grow it; where they balance, the ELR settles. "
-                "Watch `si_norm` and `elr` on the Live page while any lrwd run trains.")
+                "Watch `si_norm` and `elr` in the periodic behaviour demo (step 4).")
 
 
 def regimes() -> None:
@@ -47,8 +48,8 @@ def regimes() -> None:
                 "fluctuates; norm-free quantities (effective gradient norm, angular update) become stationary.\n"
                 "- **divergence** (large ELR): the network never learns — accuracy stays at chance.")
     st.latex(r"\text{effective gradient norm} = \|\nabla L(w)\|\cdot\rho \quad\text{(scale-free)}")
-    st.markdown("The label comes from each run's logged trace only, never from its ELR. The demo runs an MLP on "
-                "the 8×8 digits at three ELRs; then the regime map shows the boundaries.")
+    st.markdown("The label comes from each run's logged trace only, never from its ELR. The demo trains an MLP on "
+                "the 8×8 digits at three ELRs and draws them here as they learn, then their regime map.")
 
 
 def periodic() -> None:
@@ -57,8 +58,9 @@ def periodic() -> None:
                 "gradients blow ρ up, the ELR drops, and the cycle starts again.")
     st.latex(r"\rho \downarrow \;\Rightarrow\; \mathrm{ELR} = \frac{\eta}{\rho^2} \uparrow \;\Rightarrow\;"
              r"\text{instability: loss spike, } \rho \uparrow \;\Rightarrow\; \mathrm{ELR} \downarrow")
-    st.markdown("On the Periodic page the spikes in `train_loss` line up with jumps in `si_norm` and drops "
-                "in `elr`, and the period is estimated from their spacing.")
+    st.markdown("In the demo below the spikes in `train_loss` line up with jumps in `si_norm` and drops "
+                "in `elr`, and the period is estimated from their spacing. On the right, the cycle: `elr` "
+                "against the effective gradient norm goes round a loop once per period.")
 
 
 def sharpness() -> None:
@@ -67,36 +69,78 @@ def sharpness() -> None:
                 "and cannot stay above it.")
     st.latex(r"\text{sharpness} = \lambda_{\max}\!\left(\nabla^2 L\right)\rho^2 \;\lesssim\; "
              r"\frac{2(1+\mu)}{\mathrm{ELR}}")
-    st.markdown("The demo measures the sharpness during three digits runs; the Periodic page draws it "
-                "against `sharpness_threshold`.")
+    st.markdown("The demo measures the sharpness during three digits runs and draws each one against its own "
+                "stability line (dashed, same colour).")
 
 
 SECTIONS = {"invariance": invariance, "elr": effective_lr, "regimes": regimes, "periodic": periodic,
             "sharpness": sharpness}
 
 
+def regimes_view(store: Store, run_ids: list[int]) -> None:
+    """The demo's runs overlaid as they train, each curve ending in its regime, with the reading
+    guide beside them; then the regime map of the same sweep."""
+    runs = sorted(store.list_runs(ids=run_ids), key=lambda r: r.id)
+    chart, words = st.columns([3, 1])
+    with chart:
+        views.runs_overlay(store, runs, ["train_loss", "eff_grad_norm"], cols=1, row_height=300, key="teach-overlay")
+    with words:
+        st.markdown("**How to read it**")
+        st.markdown("- **convergence**: the train loss keeps falling, and so does the effective gradient norm.\n"
+                    "- **chaotic equilibrium**: the loss stops at a level above zero and jitters; the effective "
+                    "gradient norm goes flat.\n"
+                    "- **divergence**: the loss stays at its untrained level; the gradient norm is huge.")
+        for run in runs:
+            ui.regime_badge(run.regime)
+            st.caption(md(f"{data.run_label(run)}: {run.status}, {run.progress:.0%}"))
+    sweep_id = runs[0].sweep_id if runs else None
+    if sweep_id is not None:
+        st.markdown("**The regime map of this sweep**: each run's tail loss against its ELR.")
+        views.sweep_map(store, sweep_id, compact=True)
+
+
+def periodic_view(store: Store, run_ids: list[int]) -> None:
+    views.periodic_part(store, run_ids[0])
+
+
+def sharpness_view(store: Store, run_ids: list[int]) -> None:
+    views.sharpness_part(store, run_ids)
+
+
+VIEWS = {"regimes": regimes_view, "periodic": periodic_view, "sharpness": sharpness_view}
+
+
 def demo(store: Store, topic: str) -> None:
+    """The demo's button, then its runs drawn here as they train (and the links to the full pages)."""
     preset = PRESETS.get(DEMOS[topic])
     if preset is None:
         return
     st.markdown(f"**Demo — {preset.name}.** {preset.description}")
+    st.caption(estimate.describe(preset.configs()))
     queued = st.session_state.setdefault("demo_runs", {})
+    param = f"runs_{topic}"   # the demo's runs in the URL: a shared link shows them
+    ui.seed(param, queued.get(topic, []), ui.int_list)
+    if st.session_state[param]:
+        queued[topic] = st.session_state[param]
     if st.button("Run this demo", type="primary", key=f"demo-{topic}", icon=":material/play_arrow:"):
         try:
             queued[topic] = queue_runs(store, preset.configs(), preset.swept, preset.name)
         except ConfigError as exc:
-            st.error(f"Not queued: {exc}")
-    if topic in queued:
-        first = store.get_run(queued[topic][0])
-        st.success(f"Queued {len(queued[topic])} run(s). A worker trains them; watch them arrive.")
-        links = st.columns(2)
-        links[0].page_link(ui.LIVE_PAGE, label="Watch on Live", icon=":material/monitoring:")
-        if first.sweep_id:
-            links[1].page_link(ui.REGIME_PAGE, label="Regime map", icon=":material/scatter_plot:",
-                               query_params={"sweep": str(first.sweep_id)})
-        else:
-            links[1].page_link(ui.PERIODIC_PAGE, label="Periodic view", icon=":material/waves:",
-                               query_params={"run": str(first.id)})
+            st.error(f"Not queued: {md(exc)}")
+    run_ids = [i for i in queued.get(topic, []) if store.list_runs(ids=[i])]
+    ui.publish(param, run_ids)
+    if not run_ids:
+        return
+    first = store.get_run(run_ids[0])
+    st.success(f"{len(run_ids)} run(s) queued; a worker trains them and they appear below as they learn.")
+    ui.follow(VIEWS[topic], store, run_ids, run_ids)
+    links = st.columns(3)
+    links[0].page_link(ui.LIVE_PAGE, label="Controls on Live", icon=":material/monitoring:")
+    if first.sweep_id:
+        links[1].page_link(ui.REGIME_PAGE, label="Full regime map", icon=":material/scatter_plot:",
+                           query_params={"sweep": str(first.sweep_id)})
+    links[2].page_link(ui.PERIODIC_PAGE, label="Periodic page", icon=":material/waves:",
+                       query_params={"run": str(first.id)})
 
 
 def main(store: Store) -> None:

@@ -1,0 +1,72 @@
+"""Analysis jobs on kept checkpoints: an SWA average of one run's checkpoints, or the geometry between
+two solutions (engine/solutions.py). They can take minutes on a conv net, so they run in the engine
+(the CLI's process, or a worker's job process), never in the dashboard; a job's result is written
+once, when it is complete, and a job whose process died goes back to the queue (storage.jobs).
+"""
+from __future__ import annotations
+
+import threading
+import traceback
+
+import torch
+
+from storage import Store
+
+from .config import ConfigError, RunConfig
+from .runner import HEARTBEAT_EVERY_S
+from .solutions import Evaluator, average, geometry
+
+
+def checkpoint_path(store: Store, run_id: int, epoch: int) -> str:
+    kept = {c.epoch: c for c in store.checkpoints(run_id)}
+    if epoch not in kept:
+        raise ConfigError(f"run {run_id} has no kept checkpoint at epoch {epoch} (kept: "
+                          f"{', '.join(map(str, sorted(kept))) or 'none'})")
+    return kept[epoch].path
+
+
+def run_job(store: Store, job, device: str | None = None) -> dict:
+    """Compute a job's result (no store writes): {"run", "epochs", train/test loss and accuracy} for an
+    average, {"a", "b", "angle", "alphas", curves, "barrier"} for a geometry."""
+    spec = job.spec
+    cfg = RunConfig.from_dict(store.get_run(job.run_id).config)
+    if device:
+        cfg = cfg.replace(device=device)
+    evaluator = Evaluator(cfg)
+    if job.kind == "average":
+        weights = [evaluator.load(checkpoint_path(store, job.run_id, e)) for e in spec["epochs"]]
+        [values] = evaluator.evaluate(average(weights)[None])
+        return {"run": job.run_id, "epochs": spec["epochs"], **values}
+    a, b = spec["a"], spec["b"]
+    wa = evaluator.load(checkpoint_path(store, a["run"], a["epoch"]))
+    wb = evaluator.load(checkpoint_path(store, b["run"], b["epoch"]))
+    return {"a": a, "b": b, **geometry(evaluator, wa, wb, spec["points"])}
+
+
+def execute_job(store: Store, job_id: int, claim: str, device: str | None = None) -> str:
+    """Run a claimed job and store its result (or its failure); returns the final status. Never raises
+    for a failing computation. A thread heartbeats while it computes, so a job whose process is killed
+    looks stale and goes back to the queue (storage.jobs.requeue_stale_jobs)."""
+    job = store.get_job(job_id)
+    beating = threading.Event()
+
+    def beat():
+        while not beating.wait(HEARTBEAT_EVERY_S):
+            store.job_heartbeat(job_id, claim=claim)
+
+    heart = threading.Thread(target=beat, name=f"job-{job_id}-heartbeat", daemon=True)
+    heart.start()
+    try:
+        with torch.no_grad():
+            result = run_job(store, job, device)
+    except ConfigError as exc:
+        store.fail_job(job_id, str(exc), claim=claim)
+        return "failed"
+    except Exception as exc:      # a bug or an OOM fails the job, never the worker
+        store.fail_job(job_id, f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}", claim=claim)
+        return "failed"
+    finally:
+        beating.set()
+        heart.join()
+    store.finish_job(job_id, result, claim=claim)
+    return "finished"

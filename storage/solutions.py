@@ -1,0 +1,132 @@
+"""Kept checkpoints of runs (--keep-every) and the analysis jobs computed on them (SWA averages, the
+geometry between two solutions). The engine writes checkpoint files and job results; the dashboard
+queues jobs and reads results. Checkpoint files live beside an SQLite database (so a copied folder
+keeps them), else under ~/.spherelab/checkpoints.
+
+A job is claimed atomically (a conditional UPDATE) with a fresh claim token; its process heartbeats
+while it computes and writes its result once, complete, under that token. A job whose heartbeat went
+stale (a killed worker) is queued again, never left half-written.
+"""
+
+import os
+import time
+import uuid
+from pathlib import Path
+
+from sqlalchemy import insert, or_, select, update
+
+from .errors import ClaimLost, StoreError
+from .jsontext import to_json
+from .records import CheckpointInfo, JobInfo
+from .schema import JOB_KINDS, checkpoints, jobs
+from .upsert import upsert
+from .urls import sqlite_file
+
+
+class SolutionsAPI:
+    # ---- kept checkpoints
+    @property
+    def checkpoint_dir(self) -> Path:
+        db = sqlite_file(self.url)
+        if db is not None:
+            return db.parent / (db.name + ".checkpoints")
+        return Path(os.path.expanduser("~/.spherelab/checkpoints"))
+
+    def record_checkpoint(self, run_id, epoch: int, step: int, path: str, size: int) -> None:
+        with self._write() as conn:
+            run = self._require_run(conn, run_id)
+            upsert(conn, checkpoints, [dict(run_id=run.id, epoch=int(epoch), step=int(step), path=str(path),
+                                            bytes=int(size), created_at=time.time())],
+                   key=("run_id", "epoch"), replace=("step", "path", "bytes", "created_at"))
+
+    def checkpoints(self, run_id) -> list[CheckpointInfo]:
+        """A run's kept checkpoints, oldest first."""
+        with self._read() as conn:
+            run = self._require_run(conn, run_id)
+            rows = conn.execute(select(checkpoints).where(checkpoints.c.run_id == run.id)
+                                .order_by(checkpoints.c.epoch)).all()
+        return [CheckpointInfo.from_row(row) for row in rows]
+
+    # ---- jobs
+    def create_job(self, kind: str, run_id, spec: dict, *, other_run_id=None) -> int:
+        if kind not in JOB_KINDS:
+            raise StoreError(f"unknown job kind {kind!r}: use one of {', '.join(JOB_KINDS)}")
+        with self._write() as conn:
+            run = self._require_run(conn, run_id)
+            other = self._require_run(conn, other_run_id).id if other_run_id is not None else None
+            return conn.execute(insert(jobs).values(
+                kind=kind, run_id=run.id, other_run_id=other, spec=to_json(spec, "job spec"), status="queued",
+                created_at=time.time())).inserted_primary_key[0]
+
+    def get_job(self, job_id) -> JobInfo:
+        with self._read() as conn:
+            return JobInfo.from_row(self._require_job(conn, job_id))
+
+    def list_jobs(self, *, run_id=None, kind=None, status=None) -> list[JobInfo]:
+        """Jobs newest first; run_id matches either run of a geometry."""
+        query = select(jobs)
+        if run_id is not None:
+            query = query.where(or_(jobs.c.run_id == run_id, jobs.c.other_run_id == run_id))
+        if kind is not None:
+            query = query.where(jobs.c.kind == kind)
+        if status is not None:
+            query = query.where(jobs.c.status.in_([status] if isinstance(status, str) else list(status)))
+        with self._read() as conn:
+            rows = conn.execute(query.order_by(jobs.c.id.desc())).all()
+        return [JobInfo.from_row(row) for row in rows]
+
+    def claim_job(self, worker_id: str, *, job_ids=None) -> JobInfo | None:
+        """Atomically take the oldest queued job (optionally among job_ids); None if there is none."""
+        candidates = select(jobs.c.id).where(jobs.c.status == "queued")
+        if job_ids is not None:
+            candidates = candidates.where(jobs.c.id.in_(list(job_ids)))
+        candidates = candidates.order_by(jobs.c.id).limit(1)
+        while True:
+            with self._write() as conn:
+                job_id = conn.execute(candidates).scalar()
+                if job_id is None:
+                    return None
+                won = conn.execute(update(jobs).where(jobs.c.id == job_id, jobs.c.status == "queued").values(
+                    status="running", worker_id=worker_id, claim=uuid.uuid4().hex,
+                    heartbeat_at=time.time())).rowcount == 1
+                if won:
+                    return JobInfo.from_row(self._require_job(conn, job_id))
+
+    def job_heartbeat(self, job_id, *, claim: str) -> None:
+        self._held_job_update(job_id, claim, heartbeat_at=time.time())
+
+    def finish_job(self, job_id, result: dict, *, claim: str) -> None:
+        """Store a job's complete result (once, under its claim)."""
+        self._held_job_update(job_id, claim, status="finished", result=to_json(result, "job result"),
+                              finished_at=time.time())
+
+    def fail_job(self, job_id, error: str, *, claim: str) -> None:
+        self._held_job_update(job_id, claim, status="failed", error=str(error), finished_at=time.time())
+
+    def requeue_job(self, job_id, *, claim: str) -> None:
+        """A job its holder gives back unfinished (a worker stopping): queued again, to be computed whole."""
+        self._held_job_update(job_id, claim, status="queued", worker_id=None, claim=None, heartbeat_at=None)
+
+    def requeue_stale_jobs(self, stale_after_s: float) -> list[int]:
+        """Running jobs whose heartbeat is older than stale_after_s go back to the queue; their ids."""
+        stale = (jobs.c.status == "running") & (jobs.c.heartbeat_at < time.time() - stale_after_s)
+        with self._write() as conn:
+            ids = list(conn.execute(select(jobs.c.id).where(stale)).scalars())
+            if ids:
+                conn.execute(update(jobs).where(jobs.c.id.in_(ids), stale).values(
+                    status="queued", worker_id=None, claim=None, heartbeat_at=None))
+        return ids
+
+    def _held_job_update(self, job_id, claim: str, **values) -> None:
+        with self._write() as conn:
+            self._require_job(conn, job_id)
+            held = update(jobs).where(jobs.c.id == int(job_id), jobs.c.claim == claim, jobs.c.status == "running")
+            if conn.execute(held.values(**values)).rowcount != 1:
+                raise ClaimLost(f"job {job_id} is no longer held by this process (it was requeued or taken over)")
+
+    def _require_job(self, conn, job_id):
+        row = conn.execute(select(jobs).where(jobs.c.id == int(job_id))).first()
+        if row is None:
+            raise StoreError(f"no job with id {job_id} in {self._where}: list a run's jobs with "
+                             "`python -m engine checkpoints RUN`")
+        return row
