@@ -13,7 +13,7 @@ from pathlib import Path
 
 from storage import HEARTBEAT_EVERY_S, MAX_ID, MIN_STALE_AFTER_S, StoreError
 
-from . import commands
+from . import calibrate, commands
 from .config import DEVICES, ConfigError, RunConfig
 
 EXIT_BAD_INPUT = 2
@@ -254,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--json", action="store_true")
     bn.add_argument("--device", default="auto", choices=DEVICES)
     bn.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
+    calibrate.add_parser(sub)
     return p
 
 
