@@ -169,15 +169,26 @@ def sweep_summary(store: Store, sweep_id) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=columns).sort_values(["rate", "run_id"], ignore_index=True)
 
 
-def long_frame(wide: pd.DataFrame, run_id: int, keys) -> pd.DataFrame:
+LONG_DTYPES = {"run_id": "int64", "key": "object", "step": "int64", "epoch": "float64", "wall_time": "float64",
+               "value": "float64"}
+
+
+def long_frame(wide: pd.DataFrame | None, run_id: int, keys) -> pd.DataFrame:
     """A wide trace (step, epoch, wall_time, one column per key) as the long frame charts.overlay
-    draws (run_id, key, step, epoch, wall_time, value)."""
-    present = [key for key in keys if key in wide]
+    draws (run_id, key, step, epoch, wall_time, value); numeric columns even when empty."""
+    present = [key for key in keys if wide is not None and key in wide]
     if wide is None or wide.empty or not present:
-        return pd.DataFrame(columns=["run_id", "key", "step", "epoch", "wall_time", "value"])
+        return pd.DataFrame({column: pd.Series(dtype=dtype) for column, dtype in LONG_DTYPES.items()})
     long = wide.melt(id_vars=["step", "epoch", "wall_time"], value_vars=present, var_name="key",
                      value_name="value").dropna(subset=["value"])
-    return long.assign(run_id=run_id)[["run_id", "key", "step", "epoch", "wall_time", "value"]]
+    return long.assign(run_id=run_id)[list(LONG_DTYPES)]
+
+
+def overlay_frame(traces: dict[int, "LiveTrace"], keys) -> pd.DataFrame:
+    """Every run's trace as one long frame. Runs that have logged nothing yet are left out: an empty
+    piece in the concatenation would turn the numeric columns into objects, which cannot be drawn."""
+    pieces = [piece for run_id, trace in traces.items() if not (piece := long_frame(trace.frame, run_id, keys)).empty]
+    return pd.concat(pieces, ignore_index=True) if pieces else long_frame(None, 0, keys)
 
 
 def remaining_s(run: RunInfo, now: float) -> float | None:

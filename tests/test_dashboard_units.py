@@ -170,6 +170,20 @@ def test_live_trace_starts_over_after_a_resume(store):
     assert list(trace.frame["step"]) == [0, 10, 20] and trace.frame["train_loss"].iloc[-1] == 0.5
 
 
+def test_live_overlay_draws_runs_that_have_logged_beside_one_that_has_not(store):
+    """Live showed a TypeError traceback while one run of the overlay had no log point yet."""
+    logged = store.create_run({"mode": "sphere"}, name="logged")
+    store.log_metrics(logged, [(s, s / 10, s / 100, {"train_loss": 1.0 / (s + 1)}) for s in range(0, 50, 10)])
+    waiting = store.create_run({"mode": "lrwd"}, name="waiting")
+    traces = {i: data.LiveTrace(i, ("train_loss",)).refresh(store) for i in (logged, waiting)}
+    front = data.overlay_frame(traces, ("train_loss",))
+    assert set(front["run_id"]) == {logged} and front["value"].dtype == float
+    fig = charts.overlay(front.assign(x=front["step"]), ["train_loss"], {logged: "logged", waiting: "waiting"},
+                         regimes={logged: "convergence", waiting: "undetermined"})
+    assert [list(t.text) for t in fig.data if t.mode == "text"] == [["convergence"]]
+    assert data.overlay_frame({waiting: traces[waiting]}, ("train_loss",)).empty
+
+
 def test_selected_point_names_its_run():
     event = {"selection": {"points": [{"x": 0.01, "y": 1.0, "customdata": 7}], "point_indices": [0]}}
     assert ui.selected_run(event) == 7
