@@ -346,7 +346,11 @@ def test_user_text_is_plain_in_markdown_and_in_plotly():
         assert construct not in escaped
     # every markup character is backslash-escaped, so none of them can start a construct
     assert not set(re.sub(r"\\[^\w\s]", "", escaped)) & set(string.punctuation)
-    assert escaped.replace("\\", "") == evil      # nothing lost: every character still shows
+    assert escaped.replace("\\", "").replace(plain.JOINER, "") == evil   # nothing lost: every character still shows
+    # GitHub's bare-URL autolinks are found after escapes resolve: none may remain in the resolved text
+    for text in ("see http://evil.example", "HTTPS://evil.example/x", "www.evil.example", "me@evil.example"):
+        resolved = re.sub(r"\\(.)", r"\1", plain.md(text))
+        assert not re.search(r"(?i)https?://|www\.|\w@", resolved), resolved
     assert plain.html("<a href=x>y</a> & <b>") == "&lt;a href=x&gt;y&lt;/a&gt; &amp; &lt;b&gt;"
     fig = charts.overlay(series.with_x(long_frame(1, "train_loss", [1.0, 0.5]), "step"), ["train_loss"], {1: evil})
     assert "<a" not in fig.data[0].name and "<a" not in fig.data[0].hovertemplate
