@@ -17,6 +17,9 @@ from storage import RunInfo, Store
 
 CHOICES = registry.keys_for()
 ACTIONS = {"pause": ":material/pause:", "resume": ":material/play_arrow:", "stop": ":material/stop:"}
+# The overview shows every row of a 16-run sweep (and a few more) without scrolling inside itself and
+# fits one 1400x900 screen under the page's header; longer lists scroll inside the table.
+ROW_PX, MAX_ROWS = 30, 20
 
 
 def default_keys(runs: list[RunInfo]) -> list[str]:
@@ -33,6 +36,11 @@ def overview_table(runs: list[RunInfo], now: float) -> pd.DataFrame:
                      "progress": run.progress, "step": f"{run.step:,} / {run.total_steps:,}" if run.total_steps else "",
                      "time left": _duration(left) if left is not None else "—"})
     return pd.DataFrame(rows, columns=["run", "status", "regime", "progress", "step", "time left"])
+
+
+def overview_height(rows: int) -> int | str:
+    """The table's height: all its rows up to MAX_ROWS (Streamlit's "auto" stops at ten), then scroll."""
+    return "content" if rows <= MAX_ROWS else (MAX_ROWS + 1) * ROW_PX + 3
 
 
 def _duration(seconds: float) -> str:
@@ -64,8 +72,10 @@ def overview(store: Store, run_ids: list[int]) -> None:
                              subset=["regime"])
     table = st.dataframe(styled, key="overview", on_select="rerun",
                          selection_mode="multi-row", hide_index=True, width="stretch",
+                         height=overview_height(len(runs)), row_height=ROW_PX,
                          column_config={"progress": st.column_config.ProgressColumn("progress", format="percent"),
-                                        "run": st.column_config.TextColumn("run", width="large")})
+                                        # wide enough for "chaotic equilibrium", the longest label
+                                        "regime": st.column_config.TextColumn("regime", width=150)})
     chosen = [runs[i] for i in table.selection.rows if i < len(runs)]
     buttons = st.columns([1, 1, 1, 4], vertical_alignment="center")
     for column, (action, icon) in zip(buttons, ACTIONS.items()):
