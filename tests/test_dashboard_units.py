@@ -332,6 +332,15 @@ def test_no_log_axis_tick_reads_as_a_bare_mantissa(low, high):
     assert checked >= 8
 
 
+@pytest.mark.parametrize("low, high", [(0.013, 5.6), (14.0, 4705.0), (0.011, 9.9), (0.05, 8.0), (0.02, 0.5)])
+def test_log_ticks_label_both_ends_of_a_two_decade_range(low, high):
+    """The regime map's tail loss ran from 0.013 to 5.6 with ticks at 0.1 and 1 only: its lowest
+    point sat a decade under the lowest label. Now a label lies within about half a decade of each end."""
+    ticks = charts.log_ticks(low, high)
+    assert 3 <= len(ticks) <= 9, ticks
+    assert ticks[0] / low <= 10 ** 0.55 and high / ticks[-1] <= 10 ** 0.55, ticks
+
+
 def test_exported_figures_get_room_for_tick_labels_and_titles():
     fig = charts.for_export(charts.run_curves(pd.DataFrame({"step": [0, 1], "train_loss": [2.0, 1.0]}),
                                               ["train_loss"], run_id=1))
