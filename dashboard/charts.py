@@ -109,12 +109,21 @@ def scale(values, log: bool) -> dict:
     return axis
 
 
-def _grid(keys: list[str], cols: int, shared_x: bool, row_height: int, titles: bool = True):
+def _grid(keys: list[str], cols: int, shared_x: bool | str, row_height: int, titles: bool = True):
+    """A grid of panels; shared_x True (within columns) or "all" shows x ticks on the lowest row only."""
     rows = max(1, math.ceil(len(keys) / cols))
     fig = make_subplots(rows=rows, cols=cols, shared_xaxes=shared_x, subplot_titles=keys if titles else None,
                         vertical_spacing=min(0.12, 0.3 / rows), horizontal_spacing=0.08)
     fig.update_layout(height=max(320, row_height * rows), margin=MARGIN)
     return fig, [(i // cols + 1, i % cols + 1) for i in range(len(keys))]
+
+
+def _x_titles(fig: go.Figure, cells: list[tuple[int, int]], cols: int, title: str) -> None:
+    """The x title and tick labels under the lowest panel of each column (with an odd number of
+    panels, the last column's lowest panel is not on the grid's bottom row: a shared axis would hide
+    its ticks), and the title only there: elsewhere it would hit the next panel's title."""
+    for row, col in cells[-cols:]:
+        fig.update_xaxes(title_text=title, showticklabels=True, row=row, col=col)
 
 
 def _series(frame: pd.DataFrame, key: str, x: str = "step") -> tuple[np.ndarray, np.ndarray]:
@@ -172,8 +181,7 @@ def overlay(front: pd.DataFrame, keys: list[str], names: dict[int, str], *, x: s
         # room to the right of the curves for their regime labels
         low, high = float(np.nanmin(xs)), float(np.nanmax(xs))
         fig.update_xaxes(range=[low, high + 0.18 * (high - low or 1)])
-    for row, col in cells[-cols:]:
-        fig.update_xaxes(title_text=X_TITLES.get(x, x), row=row, col=col)
+    _x_titles(fig, cells, cols, X_TITLES.get(x, x))
     # a grid has panel titles where a legend on top would go: there the legend goes to the right
     legend = LEGEND if cols == 1 else dict(orientation="v", x=1.01, xanchor="left", y=1, yanchor="top")
     fig.update_layout(legend=legend, hovermode="closest", uirevision="overlay")
@@ -222,7 +230,9 @@ def run_curves(frame: pd.DataFrame, keys: list[str], *, run_id: int, spikes=(), 
                cols: int = 2) -> go.Figure:
     """One run's metrics against step, a panel per key (log scale for keys that span decades),
     with loss spikes as red dashed lines and ELR/LR changes as grey dotted ones across all panels."""
-    fig, cells = _grid(keys, cols, False, 240)
+    # one step axis for all panels: aligned, with tick labels only under the lowest (over a lower
+    # panel's title they overlapped it)
+    fig, cells = _grid(keys, cols, "all", 240)
     color = run_color(run_id)
     for (row, col), key in zip(cells, keys):
         steps, values = _series(frame, key)
@@ -230,9 +240,7 @@ def run_curves(frame: pd.DataFrame, keys: list[str], *, run_id: int, spikes=(), 
                                  name=key, line=dict(color=color, width=1.6), showlegend=False,
                                  hovertemplate=f"step %{{x}}<br>{key} %{{y:.4g}}<extra></extra>"), row=row, col=col)
         fig.update_yaxes(**scale(values, registry.is_log(key)), row=row, col=col)
-    # the axis title only under the lowest panel of each column: elsewhere it would hit the next title
-    for row, col in cells[-cols:]:
-        fig.update_xaxes(title_text="step", row=row, col=col)
+    _x_titles(fig, cells, cols, "step")
     _mark_steps(fig, spikes, rate_changes)
     # the same uirevision across refreshes keeps the user's zoom while live data arrives
     fig.update_layout(uirevision=str(run_id))

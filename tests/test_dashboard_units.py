@@ -341,6 +341,24 @@ def test_log_ticks_label_both_ends_of_a_two_decade_range(low, high):
     assert ticks[0] / low <= 10 ** 0.55 and high / ticks[-1] <= 10 ** 0.55, ticks
 
 
+@pytest.mark.parametrize("keys", [["train_loss", "test_acc", "eff_grad_norm", "angular_update"],
+                                  ["train_loss", "test_acc", "eff_grad_norm"]])
+def test_panel_grids_label_the_step_axis_under_the_lowest_panel_of_each_column_only(keys):
+    """On the Run page the upper panels' step ticks sat on the lower panels' titles; with an odd
+    number of panels the last column's lowest panel must still show its ticks."""
+    frame = pd.DataFrame({"step": [0, 10, 20], **{key: [1.0, 0.5, 0.2] for key in keys}})
+    long = pd.concat([long_frame(1, key, [1.0, 0.5, 0.2]) for key in keys])
+    for fig in (charts.run_curves(frame, keys, run_id=1),
+                charts.overlay(series.with_x(long, "step"), keys, {1: "a"}, cols=2)):
+        axes = {name: axis for name, axis in fig.layout.to_plotly_json().items() if name.startswith("xaxis")}
+        lowest = {f"xaxis{'' if i == 1 else i}" for i in range(len(keys) - 1, len(keys) + 1)}
+        for name, axis in axes.items():
+            if name in lowest:
+                assert axis.get("showticklabels") is not False and axis["title"]["text"] == "step", name
+            elif int(name[5:] or 1) <= len(keys):
+                assert axis.get("showticklabels") is False and "title" not in axis, name
+
+
 def test_exported_figures_get_room_for_tick_labels_and_titles():
     fig = charts.for_export(charts.run_curves(pd.DataFrame({"step": [0, 1], "train_loss": [2.0, 1.0]}),
                                               ["train_loss"], run_id=1))
