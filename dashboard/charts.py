@@ -20,8 +20,9 @@ from engine import registry
 from .plain import html
 
 # Run colours avoid the regime colours below (green, orange, red, purple, grey), so a curve's
-# colour is never read as its regime.
-PALETTE = ("#1f77b4", "#e377c2", "#17becf", "#8c564b", "#bcbd22", "#3949ab", "#f48fb1", "#00838f",
+# colour is never read as its regime, and stand out on white (contrast 3:1 or more: the olive and
+# pale pinks of Plotly's defaults were hard to follow on a projector).
+PALETTE = ("#1f77b4", "#c2409e", "#0097a7", "#8c564b", "#827717", "#3949ab", "#263238", "#00838f",
            "#6d4c41", "#0d47a1")
 REGIME_COLORS = {"convergence": "#1b9e4b", "chaotic_equilibrium": "#f28e00", "divergence": "#d62728",
                  "periodic": "#7b2cbf", "undetermined": "#8c8c8c"}

@@ -263,6 +263,12 @@ def test_overlay_ends_each_curve_with_its_regime():
 
 def test_run_colours_never_look_like_a_regime_and_every_regime_has_one():
     assert not set(charts.PALETTE) & set(charts.REGIME_COLORS.values())
+    assert len(set(charts.PALETTE)) == len(charts.PALETTE)
+    for color in charts.PALETTE:   # WCAG contrast against the white chart background: 3:1 for graphics
+        linear = [c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4
+                  for c in (int(color[i:i + 2], 16) / 255 for i in (1, 3, 5))]
+        luminance = 0.2126 * linear[0] + 0.7152 * linear[1] + 0.0722 * linear[2]
+        assert 1.05 / (luminance + 0.05) >= 3, color
     assert set(REGIMES) | {"periodic"} <= set(charts.REGIME_COLORS) and set(charts.REGIME_COLORS) == set(ui.REGIME_BADGES)
     assert charts.regime_color("a_regime_added_later") == charts.UNKNOWN_REGIME_COLOR
 
