@@ -298,9 +298,12 @@ def regime_map(per_rate: pd.DataFrame, runs: pd.DataFrame, boundaries: list[dict
             if lo is not None and hi is not None:
                 fig.add_vrect(x0=lo, x1=hi, row=row, col=1, fillcolor="rgba(80, 80, 80, 0.10)", line_width=0)
             if estimate is not None:
-                fig.add_vline(x=estimate, row=row, col=1, line=dict(color="#444", dash="dash", width=1.2),
-                              label=dict(text=f"≈ {tick_text(float(f'{estimate:.2g}'))}", textposition="start",
-                                         textangle=0, yanchor="bottom", font=dict(size=11)) if row == 1 else None)
+                fig.add_vline(x=estimate, row=row, col=1, line=dict(color="#444", dash="dash", width=1.2))
+        if estimate is not None:
+            # the estimate written at the top of the first panel, on white so it reads over the grid
+            fig.add_annotation(x=math.log10(estimate), xref="x", y=1, yref="y domain", yanchor="top",
+                               text=f"≈ {tick_text(float(f'{estimate:.2g}'))}", showarrow=False,
+                               bgcolor="rgba(255, 255, 255, 0.85)", borderpad=2, font=dict(size=13, color="#333"))
     fig.update_layout(height=760, margin=MARGIN, clickmode="event+select", legend=dict(LEGEND, y=1.04))
     return fig
 

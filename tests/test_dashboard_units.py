@@ -289,6 +289,10 @@ def test_regime_map_puts_the_rate_on_a_log_axis_with_boundary_intervals():
     assert fig.layout.xaxis.type == "log" and fig.layout.xaxis3.title.text == "elr"
     assert {shape.type for shape in fig.layout.shapes} == {"rect", "line"}
     assert [shape.x0 for shape in fig.layout.shapes if shape.type == "line"] == pytest.approx([1e-2] * 3)
+    # the estimate is written once, legibly, at the top of the first panel (log axis: x is log10)
+    [label] = [a for a in fig.layout.annotations if a.text.startswith("≈")]
+    assert label.text == "≈ 0.01" and label.x == pytest.approx(-2) and label.yref == "y domain"
+    assert label.font.size >= 12 and label.bgcolor
     seeds = [t for t in fig.data if t.yaxis == "y" and t.marker.size == 6]
     assert sorted(int(v) for t in seeds for v in t.customdata) == [1, 2, 3]      # each seed, clickable
     means = [t for t in fig.data if t.yaxis == "y" and t.marker.size == 12]
