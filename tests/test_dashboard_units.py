@@ -468,6 +468,17 @@ def test_time_left_follows_the_pace_so_far(store):
     assert data.remaining_s(store.get_run(store.create_run({}, name="q")), now=110.0) is None
 
 
+def test_time_left_leaves_the_run_process_start_up_out(store):
+    """A run that spent 30 s starting (spawn, imports, data) then trains 25 steps a second."""
+    run_id = store.create_run({}, name="r", total_steps=1000)
+    store.update_run(run_id, status="running", step=100, started_at=100.0)
+    seen = {}
+    assert data.remaining_s(store.get_run(run_id), now=134.0, seen=seen) is None     # first sight: no pace yet
+    store.update_run(run_id, step=350)
+    assert data.remaining_s(store.get_run(run_id), now=144.0, seen=seen) == pytest.approx(26.0)
+    assert data.remaining_s(store.get_run(run_id), now=144.0) == pytest.approx(650 * 44 / 350)   # counts start-up
+
+
 def test_the_dashboard_and_the_app_command_never_import_torch():
     """Every dashboard module and page (run through AppTest), the Streamlit entry point and engine.app,
     in a fresh interpreter: torch must not be loaded (the Streamlit process never trains)."""

@@ -28,10 +28,10 @@ def default_keys(runs: list[RunInfo]) -> list[str]:
     return list(dict.fromkeys(key for mode in modes for key in registry.default_panels(mode)))
 
 
-def overview_table(runs: list[RunInfo], now: float) -> pd.DataFrame:
+def overview_table(runs: list[RunInfo], now: float, seen: dict | None = None) -> pd.DataFrame:
     rows = []
     for run in runs:
-        left = data.remaining_s(run, now)
+        left = data.remaining_s(run, now, seen)
         rows.append({"run": data.run_label(run), "status": run.status, "regime": ui.regime_label(run.regime),
                      "progress": run.progress, "step": f"{run.step:,} / {run.total_steps:,}" if run.total_steps else "",
                      "time left": _duration(left) if left is not None else "—"})
@@ -66,7 +66,8 @@ def control(store: Store, runs: list[RunInfo], action: str) -> str:
 def overview(store: Store, run_ids: list[int]) -> None:
     runs = store.list_runs(ids=run_ids)
     runs.sort(key=lambda r: run_ids.index(r.id))
-    table = overview_table(runs, time.time())
+    # when this page first saw each run at a step: the pace since then leaves the start-up out
+    table = overview_table(runs, time.time(), st.session_state.setdefault("pace_seen", {}))
     # the regime in its colour (the same as its badge and its curve labels)
     styled = table.style.map(lambda label: f"color: {charts.regime_color(label.replace(' ', '_'))}; font-weight: 600",
                              subset=["regime"])
