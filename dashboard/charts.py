@@ -31,6 +31,11 @@ SPIKE_COLOR = "rgba(214, 39, 40, 0.55)"
 INDEX_X = ("step", "epoch", "wall_time")
 X_TITLES = {"step": "step", "epoch": "epoch", "wall_time": "wall_time (s)"}
 LEGEND = dict(orientation="h", yanchor="bottom", y=1.02, x=0, xanchor="left")
+# A grid of panels overlaying more runs than this has no legend (17 names beside it squeezed the
+# panels to a third of the page): a curve's hover names its run, and Live's table lists them.
+LEGEND_MAX_RUNS = 8
+LABEL_GAP_PX = 17      # the least vertical distance between two end-of-curve regime labels
+LABEL_ROOM = 0.25      # room to the right of the curves for their labels, as a fraction of the x range
 # room above the plot for the legend, so neither it nor a title sits under the toolbar
 MARGIN = dict(l=10, r=10, t=60, b=10)
 
@@ -110,11 +115,13 @@ def scale(values, log: bool) -> dict:
     return axis
 
 
-def _grid(keys: list[str], cols: int, shared_x: bool | str, row_height: int, titles: bool = True):
-    """A grid of panels; shared_x True (within columns) or "all" shows x ticks on the lowest row only."""
+def _grid(keys: list[str], cols: int, shared_x: bool | str, row_height: int, titles: bool = True,
+          gap: float = 0.1):
+    """A grid of panels; shared_x True (within columns) or "all" shows x ticks on the lowest row only.
+    gap: the space between columns, as a fraction of the width."""
     rows = max(1, math.ceil(len(keys) / cols))
     fig = make_subplots(rows=rows, cols=cols, shared_xaxes=shared_x, subplot_titles=keys if titles else None,
-                        vertical_spacing=min(0.12, 0.3 / rows), horizontal_spacing=0.08)
+                        vertical_spacing=min(0.12, 0.3 / rows), horizontal_spacing=gap)
     fig.update_layout(height=max(320, row_height * rows), margin=MARGIN)
     return fig, [(i // cols + 1, i % cols + 1) for i in range(len(keys))]
 
@@ -146,10 +153,14 @@ def overlay(front: pd.DataFrame, keys: list[str], names: dict[int, str], *, x: s
     and pale. x is "step", "epoch", "wall_time" or a metric key: then each panel is a phase diagram
     (the key against that metric at the same steps) with each run's start point marked. regimes
     (run id -> label) adds the regime to the legend and writes it at the end of each curve."""
-    fig, cells = _grid(keys, cols, x in INDEX_X, row_height, titles=cols > 1)
-    phase = x not in INDEX_X
     regimes = regimes or {}
+    # the first panel's regime labels run past its right edge: into a wider gap between columns,
+    # or into a wider right margin
+    fig, cells = _grid(keys, cols, x in INDEX_X, row_height, titles=cols > 1, gap=0.16 if regimes else 0.1)
+    phase = x not in INDEX_X
+    legend = cols == 1 or len(names) <= LEGEND_MAX_RUNS
     front_series, faint_series = _by_series(front), _by_series(faint)
+    ends = []   # (regime, x, y) where each labelled curve of the first panel ends
     for (row, col), key in zip(cells, keys):
         for run_id, name in names.items():
             color, first = run_color(run_id), key == keys[0]
@@ -167,26 +178,73 @@ def overlay(front: pd.DataFrame, keys: list[str], names: dict[int, str], *, x: s
             fig.add_trace(go.Scatter(
                 x=points["x"], y=_finite(points["value"]), mode="lines+markers" if phase else "lines",
                 name=label, line=dict(color=color, width=1.8), marker=dict(size=3), legendgroup=str(run_id),
-                showlegend=first, customdata=points["step"],
+                showlegend=first and legend, customdata=points["step"],
                 hovertemplate=f"{html(name)}<br>{x} %{{x:.4g}}<br>{key} %{{y:.4g}}<br>step %{{customdata}}"
                               "<extra></extra>"), row=row, col=col)
             if phase:
                 _mark_start(fig, points, color, row, col)
             if run_id in regimes and first:
-                _label_end(fig, points, regimes[run_id], row, col)
+                finite = points[np.isfinite(points["x"]) & np.isfinite(points["value"])]
+                if not finite.empty:
+                    ends.append((regimes[run_id], float(finite["x"].iloc[-1]), float(finite["value"].iloc[-1])))
         values = front.loc[front["key"] == key, "value"] if not front.empty else []
-        fig.update_yaxes(title_text=key, **scale(values, key in log_keys), row=row, col=col)
+        axis = scale(values, key in log_keys)
+        fig.update_yaxes(title_text=key, **axis, row=row, col=col)
+        if key == keys[0] and ends:
+            _label_regimes(fig, ends, axis, values, row_height - 50)
     xs = front["x"] if not front.empty else []
     fig.update_xaxes(**scale(xs, log_x))
     if regimes and not log_x and len(xs) and not phase:
         # room to the right of the curves for their regime labels
         low, high = float(np.nanmin(xs)), float(np.nanmax(xs))
-        fig.update_xaxes(range=[low, high + 0.18 * (high - low or 1)])
+        fig.update_xaxes(range=[low, high + LABEL_ROOM * (high - low or 1)])
     _x_titles(fig, cells, cols, X_TITLES.get(x, x))
     # a grid has panel titles where a legend on top would go: there the legend goes to the right
-    legend = LEGEND if cols == 1 else dict(orientation="v", x=1.01, xanchor="left", y=1, yanchor="top")
-    fig.update_layout(legend=legend, hovermode="closest", uirevision="overlay")
+    where = LEGEND if cols == 1 else dict(orientation="v", x=1.01, xanchor="left", y=1, yanchor="top")
+    fig.update_layout(legend=where, showlegend=legend, hovermode="closest", uirevision="overlay")
+    if ends and cols == 1:
+        fig.update_layout(margin=dict(MARGIN, r=40))
     return fig
+
+
+def regime_labels(ends: list[tuple[str, float, float]], *, log: bool, span: tuple[float, float],
+                  panel_px: float) -> list[tuple[str, str, float, float]]:
+    """(regime, text, x, y) of the labels written where the curves end: one per regime, at the median
+    end of its runs ("convergence (7)" for seven runs), moved apart vertically so that no label covers
+    another (a 16-run sweep stacked seven "convergence" on one spot). span: the y axis's extent in
+    axis units (log10 on a log axis); panel_px: the panel's height in pixels."""
+    groups: dict[str, list[tuple[float, float]]] = {}
+    for regime, x, y in ends:
+        if math.isfinite(x) and math.isfinite(y) and (y > 0 or not log):
+            groups.setdefault(regime, []).append((x, math.log10(y) if log else y))
+    labels = sorted(([regime, regime.replace("_", " ") + (f" ({len(points)})" if len(points) > 1 else ""),
+                      max(x for x, _ in points), float(np.median([y for _, y in points]))]
+                     for regime, points in groups.items()), key=lambda label: label[3])
+    gap = (span[1] - span[0]) * LABEL_GAP_PX / max(panel_px, 1.0)
+    for below, label in zip(labels, labels[1:]):
+        label[3] = max(label[3], below[3] + gap)
+    if labels and labels[-1][3] > span[1]:   # pushed over the top: come down from there
+        labels[-1][3] = max(span[1], labels[0][3])
+        for above, label in zip(labels[::-1], labels[-2::-1]):
+            label[3] = min(label[3], above[3] - gap)
+    return [(regime, text, x, 10 ** y if log else y) for regime, text, x, y in labels]
+
+
+def _label_regimes(fig: go.Figure, ends, axis: dict, values, panel_px: float) -> None:
+    """The regime labels of the first panel (row 1, col 1), each in its regime's colour."""
+    log = axis.get("type") == "log"
+    values = np.asarray(values, dtype=np.float64)
+    values = values[np.isfinite(values) & ((values > 0) if log else True)]
+    if "range" in axis:
+        span = tuple(axis["range"])
+    elif values.size:
+        span = (math.log10(values.min()), math.log10(values.max())) if log else (values.min(), values.max())
+    else:
+        return
+    for regime, text, x, y in regime_labels(ends, log=log, span=span, panel_px=panel_px):
+        fig.add_trace(go.Scatter(x=[x], y=[y], mode="text", text=[text], textposition="middle right",
+                                 textfont=dict(color=regime_color(regime), size=13), showlegend=False,
+                                 hoverinfo="skip", cliponaxis=False), row=1, col=1)
 
 
 def _by_series(long: pd.DataFrame | None) -> dict:
@@ -213,17 +271,6 @@ def _mark_start(fig: go.Figure, points: pd.DataFrame, color: str, row: int, col:
                              textposition="top center", textfont=dict(color=color, size=11),
                              marker=dict(symbol="circle-open", size=13, color=color, line=dict(width=2.5)),
                              showlegend=False, hoverinfo="skip"), row=row, col=col)
-
-
-def _label_end(fig: go.Figure, points: pd.DataFrame, regime: str, row: int, col: int) -> None:
-    """The regime written at the last finite point of the curve, in the regime's colour."""
-    finite = points[np.isfinite(points["x"]) & np.isfinite(points["value"])]
-    if finite.empty:
-        return
-    end = finite.iloc[-1]
-    fig.add_trace(go.Scatter(x=[end["x"]], y=[end["value"]], mode="text", text=[regime.replace("_", " ")],
-                             textposition="middle right", textfont=dict(color=regime_color(regime), size=13),
-                             showlegend=False, hoverinfo="skip", cliponaxis=False), row=row, col=col)
 
 
 # ---- one run ------------------------------------------------------------------------------------

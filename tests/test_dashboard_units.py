@@ -261,6 +261,36 @@ def test_overlay_ends_each_curve_with_its_regime():
     assert "chaotic equilibrium" in fig.data[0].name
 
 
+def test_a_sweeps_regime_labels_are_one_per_regime_and_never_cover_each_other():
+    """Live's overlay of a 16-run sweep stacked seven "convergence" and eight "divergence" labels on
+    top of each other, and "chaotic equilibrium" under the divergence pile."""
+    ends = ([("convergence", 1320.0, 10 ** -2.2 + i * 1e-4) for i in range(7)] + [("undetermined", 1320.0, 0.3)]
+            + [("chaotic_equilibrium", 1320.0, 1.6)] + [("divergence", 1320.0, 2.3 + i * 0.01) for i in range(8)])
+    labels = charts.regime_labels(ends, log=True, span=(-2.5, 0.5), panel_px=200)
+    assert [text for _, text, _, _ in labels] == ["convergence (7)", "undetermined", "chaotic equilibrium",
+                                                  "divergence (8)"]
+    heights = [math.log10(y) for _, _, _, y in labels]
+    gap = 3.0 * charts.LABEL_GAP_PX / 200
+    assert all(upper - lower >= gap - 1e-9 for lower, upper in zip(heights, heights[1:])), heights
+    assert heights[-1] <= 0.5 + 1e-9 and heights[0] == pytest.approx(-2.2, abs=0.05)   # kept inside, near its curves
+    # three runs in three regimes far apart: each label where its curve ends
+    three = charts.regime_labels([("convergence", 10.0, 0.01), ("divergence", 10.0, 2.3),
+                                  ("chaotic_equilibrium", 10.0, 0.3)], log=True, span=(-2, 0.4), panel_px=300)
+    assert [text for _, text, _, _ in three] == ["convergence", "chaotic equilibrium", "divergence"]
+    assert [y for _, _, _, y in three] == pytest.approx([0.01, 0.3, 2.3])
+
+
+def test_a_grid_of_many_runs_leaves_the_legend_out_and_keeps_the_panels_wide():
+    long = pd.concat([long_frame(i, key, [2.0, 1.0]) for i in range(1, 18) for key in ("train_loss", "test_acc")])
+    names = {i: f"#{i} run" for i in range(1, 18)}
+    assert not charts.overlay(series.with_x(long, "step"), ["train_loss", "test_acc"], names, cols=2).layout.showlegend
+    few = {i: names[i] for i in (1, 2, 3)}
+    assert charts.overlay(series.with_x(long[long["run_id"] <= 3], "step"), ["train_loss", "test_acc"], few,
+                          cols=2).layout.showlegend
+    # one column (Compare, Teach) keeps its legend above the panel whatever the number of runs
+    assert charts.overlay(series.with_x(long, "step"), ["train_loss"], names).layout.showlegend
+
+
 def test_run_colours_never_look_like_a_regime_and_every_regime_has_one():
     assert not set(charts.PALETTE) & set(charts.REGIME_COLORS.values())
     assert len(set(charts.PALETTE)) == len(charts.PALETTE)
