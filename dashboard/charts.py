@@ -46,6 +46,20 @@ def run_color(run_id: int) -> str:
     return PALETTE[int(run_id) % len(PALETTE)]
 
 
+def run_colors(run_ids) -> dict[int, str]:
+    """Each run's colour on one chart: its stable run_color, unless a run drawn before it on the
+    chart already has that one (ids ten apart, #1 and #11), then the next colour free there."""
+    colors: dict[int, str] = {}
+    for run_id in run_ids:
+        color = run_color(run_id)
+        used = set(colors.values())
+        if color in used and len(used) < len(PALETTE):
+            start = PALETTE.index(color)
+            color = next(c for c in PALETTE[start:] + PALETTE[:start] if c not in used)
+        colors[run_id] = color
+    return colors
+
+
 def regime_color(regime: str | None) -> str:
     return REGIME_COLORS.get(regime or "undetermined", UNKNOWN_REGIME_COLOR)
 
@@ -160,10 +174,12 @@ def overlay(front: pd.DataFrame, keys: list[str], names: dict[int, str], *, x: s
     phase = x not in INDEX_X
     legend = cols == 1 or len(names) <= LEGEND_MAX_RUNS
     front_series, faint_series = _by_series(front), _by_series(faint)
+    colors = run_colors(names)
     ends = []   # (regime, x, y) where each labelled curve of the first panel ends
+    started = set()   # panels whose start marker says "start"
     for (row, col), key in zip(cells, keys):
         for run_id, name in names.items():
-            color, first = run_color(run_id), key == keys[0]
+            color, first = colors[run_id], key == keys[0]
             label = html(name) + (f" · {regimes[run_id].replace('_', ' ')}" if run_id in regimes else "")
             points = faint_series.get((run_id, key))
             if points is not None:
@@ -181,8 +197,9 @@ def overlay(front: pd.DataFrame, keys: list[str], names: dict[int, str], *, x: s
                 showlegend=first and legend, customdata=points["step"],
                 hovertemplate=f"{html(name)}<br>{x} %{{x:.4g}}<br>{key} %{{y:.4g}}<br>step %{{customdata}}"
                               "<extra></extra>"), row=row, col=col)
-            if phase:
-                _mark_start(fig, points, color, row, col)
+            if phase:   # "start" written once per panel: the runs of a sweep start side by side
+                _mark_start(fig, points, color, row, col, label=(row, col) not in started)
+                started.add((row, col))
             if run_id in regimes and first:
                 finite = points[np.isfinite(points["x"]) & np.isfinite(points["value"])]
                 if not finite.empty:
@@ -262,13 +279,16 @@ def _band(fig: go.Figure, points: pd.DataFrame, color: str, run_id: int, row: in
                                  hoverinfo="skip"), row=row, col=col)
 
 
-def _mark_start(fig: go.Figure, points: pd.DataFrame, color: str, row: int, col: int) -> None:
+def _mark_start(fig: go.Figure, points: pd.DataFrame, color: str, row: int, col: int, label: bool = True) -> None:
+    """An open circle at the run's first point; the word "start" beside the first circle of a panel
+    only (a sweep's runs start side by side: one word per run piled up)."""
     finite = points[np.isfinite(points["x"]) & np.isfinite(points["value"])]
     if finite.empty:
         return
     start = finite.iloc[0]
-    fig.add_trace(go.Scatter(x=[start["x"]], y=[start["value"]], mode="markers+text", text=["start"],
-                             textposition="top center", textfont=dict(color=color, size=11),
+    fig.add_trace(go.Scatter(x=[start["x"]], y=[start["value"]], mode="markers+text" if label else "markers",
+                             text=["start"] if label else None, textposition="top center",
+                             textfont=dict(color="#444", size=12),
                              marker=dict(symbol="circle-open", size=13, color=color, line=dict(width=2.5)),
                              showlegend=False, hoverinfo="skip"), row=row, col=col)
 
@@ -379,8 +399,9 @@ def sharpness(long: pd.DataFrame, names: dict[int, str]) -> go.Figure:
     the run's colour: the sharpness rises to its line and cannot stay above it."""
     fig = go.Figure()
     series = _by_series(long)
+    colors = run_colors(names)
     for run_id, name in names.items():
-        color = run_color(run_id)
+        color = colors[run_id]
         for key, style, suffix in (("sharpness", dict(width=2), ""),
                                    ("sharpness_threshold", dict(width=1.5, dash="dash"), " · 2(1+μ)/elr")):
             points = series.get((run_id, key))

@@ -227,6 +227,18 @@ def test_run_colour_is_stable_and_differs_for_neighbours():
     assert len({charts.run_color(i) for i in range(1, 11)}) == 10
 
 
+def test_runs_on_one_chart_never_share_a_colour_while_the_palette_lasts():
+    """Compare drew run #1 and run #11 (and #4 and #14) in the same colour."""
+    colors = charts.run_colors([1, 5, 8, 11])
+    assert len(set(colors.values())) == 4
+    assert [colors[i] for i in (1, 5, 8)] == [charts.run_color(i) for i in (1, 5, 8)]   # stable where free
+    assert charts.run_colors(range(1, 11)) == {i: charts.run_color(i) for i in range(1, 11)}
+    assert len(set(charts.run_colors(range(1, 18)).values())) == len(charts.PALETTE)
+    long = pd.concat([long_frame(i, "train_loss", [2.0, 1.0]) for i in (4, 14)])
+    fig = charts.overlay(series.with_x(long, "step"), ["train_loss"], {4: "#4", 14: "#14"})
+    assert len({t.line.color for t in fig.data}) == 2
+
+
 def test_overlay_draws_raw_faintly_behind_the_smoothed_curve_on_per_panel_log_axes():
     raw = pd.concat([long_frame(i, key, np.linspace(3, 0.01 * i, 100)) for i in (1, 2)
                      for key in ("train_loss", "test_acc")])
@@ -248,6 +260,11 @@ def test_a_phase_diagram_marks_each_runs_start_and_bands_show_seed_spread():
                          log_x=True, log_keys={"train_loss"})
     starts = [t for t in fig.data if t.text is not None and list(t.text) == ["start"]]
     assert len(starts) == 1 and starts[0].y[0] == pytest.approx(math.sqrt(2.0 * 2.2))
+    # several runs: a circle at each start, the word once (side by side, the words piled up)
+    both = charts.overlay(series.with_x(long, "eff_grad_norm").query("key == 'train_loss'"), ["train_loss"],
+                          {1: "a", 2: "b"}, x="eff_grad_norm", log_x=True)
+    circles = [t for t in both.data if t.marker.symbol == "circle-open"]
+    assert len(circles) == 2 and sum(t.text is not None for t in circles) == 1
     assert [t.fill for t in fig.data if t.fill] == ["tonexty"]      # the ±1 std band
     assert fig.layout.xaxis.type == "log" and fig.layout.xaxis.title.text == "eff_grad_norm"
 
