@@ -198,6 +198,8 @@ def test_teach_demo_queues_its_preset(empty_db, monkeypatch):
     queued = Store(empty_db).list_runs(status="queued")
     assert len(queued) == 3 and len({run.sweep_id for run in queued}) == 1
     assert "3 run(s) queued" in texts(at)
+    # the worker panel is drawn after the click: it counts the demo's runs waiting (it said nothing of them)
+    assert any("3 run(s) queued." in w.value for w in at.warning), [w.value for w in at.warning]
     assert at.query_params["runs_regimes"] == ",".join(str(r.id) for r in sorted(queued, key=lambda r: r.id))
 
 
@@ -425,3 +427,4 @@ def test_teach_draws_the_demo_runs_on_the_same_page(runs_db, monkeypatch):
     assert all(f"#{i} " in overlay.proto.spec for i in sweep.run_ids)       # every run of the demo, labelled
     assert "tail mean train_loss" in regime_map.proto.spec
     assert len(regime_badges(at)) == len(sweep.run_ids)
+    assert f"The demo's {len(sweep.run_ids)} run(s) have ended: {len(sweep.run_ids)} finished." in texts(at)
