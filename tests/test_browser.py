@@ -243,10 +243,13 @@ def test_launch_watch_live_and_screenshot_every_page(served):
         _wait_for_curve(page, f"#{run.id} {run.name}", 90)
         _no_traceback(page, "live")
 
-        # Live's overview: once the worker has taken the sweep, all 17 runs in one 1400x900 screen
+        # Live's overview: once the worker has taken the sweep and it is under way, all 17 runs in one
+        # 1400x900 screen, with their progress and time left
         deadline = time.monotonic() + 90
-        while sum(r.status != "queued" for r in store.list_runs()) < 17 and time.monotonic() < deadline:
+        while time.monotonic() < deadline and not all(
+                r.is_terminal or (r.status != "queued" and r.progress >= 0.05) for r in store.list_runs()):
             time.sleep(0.5)
+        page.wait_for_timeout(1500)   # the overview's next refresh
         box = _overview_box(page, 17)
         assert box["y"] + box["height"] <= 900 and not box["scrolls"], box
         _no_traceback(page, "live")
