@@ -20,8 +20,9 @@ from engine import registry
 from .plain import html
 
 # Run colours avoid the regime colours below (green, orange, red, purple, grey), so a curve's
-# colour is never read as its regime.
-PALETTE = ("#1f77b4", "#e377c2", "#17becf", "#8c564b", "#bcbd22", "#3949ab", "#f48fb1", "#00838f",
+# colour is never read as its regime, and stand out on white (contrast 3:1 or more: the olive and
+# pale pinks of Plotly's defaults were hard to follow on a projector).
+PALETTE = ("#1f77b4", "#c2409e", "#0097a7", "#8c564b", "#827717", "#3949ab", "#263238", "#00838f",
            "#6d4c41", "#0d47a1")
 REGIME_COLORS = {"convergence": "#1b9e4b", "chaotic_equilibrium": "#f28e00", "divergence": "#d62728",
                  "periodic": "#7b2cbf", "undetermined": "#8c8c8c"}
@@ -30,6 +31,11 @@ SPIKE_COLOR = "rgba(214, 39, 40, 0.55)"
 INDEX_X = ("step", "epoch", "wall_time")
 X_TITLES = {"step": "step", "epoch": "epoch", "wall_time": "wall_time (s)"}
 LEGEND = dict(orientation="h", yanchor="bottom", y=1.02, x=0, xanchor="left")
+# A grid of panels overlaying more runs than this has no legend (17 names beside it squeezed the
+# panels to a third of the page): a curve's hover names its run, and Live's table lists them.
+LEGEND_MAX_RUNS = 8
+LABEL_GAP_PX = 17      # the least vertical distance between two end-of-curve regime labels
+LABEL_ROOM = 0.25      # room to the right of the curves for their labels, as a fraction of the x range
 # room above the plot for the legend, so neither it nor a title sits under the toolbar
 MARGIN = dict(l=10, r=10, t=60, b=10)
 
@@ -38,6 +44,20 @@ def run_color(run_id: int) -> str:
     """Stable colour per run: the run id hashed into the palette, so run 7 has the same colour on
     every page and in every session (consecutive ids, e.g. one sweep, get different colours)."""
     return PALETTE[int(run_id) % len(PALETTE)]
+
+
+def run_colors(run_ids) -> dict[int, str]:
+    """Each run's colour on one chart: its stable run_color, unless a run drawn before it on the
+    chart already has that one (ids ten apart, #1 and #11), then the next colour free there."""
+    colors: dict[int, str] = {}
+    for run_id in run_ids:
+        color = run_color(run_id)
+        used = set(colors.values())
+        if color in used and len(used) < len(PALETTE):
+            start = PALETTE.index(color)
+            color = next(c for c in PALETTE[start:] + PALETTE[:start] if c not in used)
+        colors[run_id] = color
+    return colors
 
 
 def regime_color(regime: str | None) -> str:
@@ -57,14 +77,19 @@ def tick_text(value: float) -> str:
     return re.sub(r"e\+?(-?)0*(\d)", r"e\1\2", text)
 
 
+# (mantissas, the fewest ticks that label the range well enough), tried in order
+LOG_TICK_LADDER = (((1,), 3), ((1, 3), 4), ((1, 2, 5), 3), (tuple(range(1, 10)), 2))
+
+
 def log_ticks(lo: float, hi: float, most: int = 8) -> list[float]:
-    """Tick values for a log axis over [lo, hi]: decades when there are three or more, else 1-2-5,
-    else every mantissa, else (a range narrower than one mantissa step) evenly spaced values."""
+    """Tick values for a log axis over [lo, hi]: decades when there are three or more, else 1-3
+    (0.03, 0.1, 0.3, …) when that gives four or more, else 1-2-5, else every mantissa, else (a range
+    narrower than one mantissa step) evenly spaced values. Two decades alone would leave up to a
+    decade of data at either end without a label (a tail loss of 0.013 under a lowest tick of 0.1)."""
     k0, k1 = math.floor(math.log10(lo)), math.ceil(math.log10(hi))
-    for mantissas in ((1,), (1, 2, 5), tuple(range(1, 10))):
+    for mantissas, enough in LOG_TICK_LADDER:
         values = [float(f"{m * 10.0 ** k:.12g}") for k in range(k0, k1 + 1) for m in mantissas]
         values = [v for v in values if lo * (1 - 1e-9) <= v <= hi * (1 + 1e-9)]
-        enough = 2 if len(mantissas) == 9 or (mantissas == (1,) and math.log10(hi / lo) >= 2) else 3
         if len(values) >= enough:
             every = math.ceil(len(values) / most) if mantissas == (1,) else 1
             return values[::every]
@@ -104,12 +129,23 @@ def scale(values, log: bool) -> dict:
     return axis
 
 
-def _grid(keys: list[str], cols: int, shared_x: bool, row_height: int, titles: bool = True):
+def _grid(keys: list[str], cols: int, shared_x: bool | str, row_height: int, titles: bool = True,
+          gap: float = 0.1):
+    """A grid of panels; shared_x True (within columns) or "all" shows x ticks on the lowest row only.
+    gap: the space between columns, as a fraction of the width."""
     rows = max(1, math.ceil(len(keys) / cols))
     fig = make_subplots(rows=rows, cols=cols, shared_xaxes=shared_x, subplot_titles=keys if titles else None,
-                        vertical_spacing=min(0.12, 0.3 / rows), horizontal_spacing=0.08)
+                        vertical_spacing=min(0.12, 0.3 / rows), horizontal_spacing=gap)
     fig.update_layout(height=max(320, row_height * rows), margin=MARGIN)
     return fig, [(i // cols + 1, i % cols + 1) for i in range(len(keys))]
+
+
+def _x_titles(fig: go.Figure, cells: list[tuple[int, int]], cols: int, title: str) -> None:
+    """The x title and tick labels under the lowest panel of each column (with an odd number of
+    panels, the last column's lowest panel is not on the grid's bottom row: a shared axis would hide
+    its ticks), and the title only there: elsewhere it would hit the next panel's title."""
+    for row, col in cells[-cols:]:
+        fig.update_xaxes(title_text=title, showticklabels=True, row=row, col=col)
 
 
 def _series(frame: pd.DataFrame, key: str, x: str = "step") -> tuple[np.ndarray, np.ndarray]:
@@ -131,13 +167,19 @@ def overlay(front: pd.DataFrame, keys: list[str], names: dict[int, str], *, x: s
     and pale. x is "step", "epoch", "wall_time" or a metric key: then each panel is a phase diagram
     (the key against that metric at the same steps) with each run's start point marked. regimes
     (run id -> label) adds the regime to the legend and writes it at the end of each curve."""
-    fig, cells = _grid(keys, cols, x in INDEX_X, row_height, titles=cols > 1)
-    phase = x not in INDEX_X
     regimes = regimes or {}
+    # the first panel's regime labels run past its right edge: into a wider gap between columns,
+    # or into a wider right margin
+    fig, cells = _grid(keys, cols, x in INDEX_X, row_height, titles=cols > 1, gap=0.16 if regimes else 0.1)
+    phase = x not in INDEX_X
+    legend = cols == 1 or len(names) <= LEGEND_MAX_RUNS
     front_series, faint_series = _by_series(front), _by_series(faint)
+    colors = run_colors(names)
+    ends = []   # (regime, x, y) where each labelled curve of the first panel ends
+    started = set()   # panels whose start marker says "start"
     for (row, col), key in zip(cells, keys):
         for run_id, name in names.items():
-            color, first = run_color(run_id), key == keys[0]
+            color, first = colors[run_id], key == keys[0]
             label = html(name) + (f" · {regimes[run_id].replace('_', ' ')}" if run_id in regimes else "")
             points = faint_series.get((run_id, key))
             if points is not None:
@@ -152,27 +194,74 @@ def overlay(front: pd.DataFrame, keys: list[str], names: dict[int, str], *, x: s
             fig.add_trace(go.Scatter(
                 x=points["x"], y=_finite(points["value"]), mode="lines+markers" if phase else "lines",
                 name=label, line=dict(color=color, width=1.8), marker=dict(size=3), legendgroup=str(run_id),
-                showlegend=first, customdata=points["step"],
+                showlegend=first and legend, customdata=points["step"],
                 hovertemplate=f"{html(name)}<br>{x} %{{x:.4g}}<br>{key} %{{y:.4g}}<br>step %{{customdata}}"
                               "<extra></extra>"), row=row, col=col)
-            if phase:
-                _mark_start(fig, points, color, row, col)
+            if phase:   # "start" written once per panel: the runs of a sweep start side by side
+                _mark_start(fig, points, color, row, col, label=(row, col) not in started)
+                started.add((row, col))
             if run_id in regimes and first:
-                _label_end(fig, points, regimes[run_id], row, col)
+                finite = points[np.isfinite(points["x"]) & np.isfinite(points["value"])]
+                if not finite.empty:
+                    ends.append((regimes[run_id], float(finite["x"].iloc[-1]), float(finite["value"].iloc[-1])))
         values = front.loc[front["key"] == key, "value"] if not front.empty else []
-        fig.update_yaxes(title_text=key, **scale(values, key in log_keys), row=row, col=col)
+        axis = scale(values, key in log_keys)
+        fig.update_yaxes(title_text=key, **axis, row=row, col=col)
+        if key == keys[0] and ends:
+            _label_regimes(fig, ends, axis, values, row_height - 50)
     xs = front["x"] if not front.empty else []
     fig.update_xaxes(**scale(xs, log_x))
     if regimes and not log_x and len(xs) and not phase:
         # room to the right of the curves for their regime labels
         low, high = float(np.nanmin(xs)), float(np.nanmax(xs))
-        fig.update_xaxes(range=[low, high + 0.18 * (high - low or 1)])
-    for row, col in cells[-cols:]:
-        fig.update_xaxes(title_text=X_TITLES.get(x, x), row=row, col=col)
+        fig.update_xaxes(range=[low, high + LABEL_ROOM * (high - low or 1)])
+    _x_titles(fig, cells, cols, X_TITLES.get(x, x))
     # a grid has panel titles where a legend on top would go: there the legend goes to the right
-    legend = LEGEND if cols == 1 else dict(orientation="v", x=1.01, xanchor="left", y=1, yanchor="top")
-    fig.update_layout(legend=legend, hovermode="closest", uirevision="overlay")
+    where = LEGEND if cols == 1 else dict(orientation="v", x=1.01, xanchor="left", y=1, yanchor="top")
+    fig.update_layout(legend=where, showlegend=legend, hovermode="closest", uirevision="overlay")
+    if ends and cols == 1:
+        fig.update_layout(margin=dict(MARGIN, r=40))
     return fig
+
+
+def regime_labels(ends: list[tuple[str, float, float]], *, log: bool, span: tuple[float, float],
+                  panel_px: float) -> list[tuple[str, str, float, float]]:
+    """(regime, text, x, y) of the labels written where the curves end: one per regime, at the median
+    end of its runs ("convergence (7)" for seven runs), moved apart vertically so that no label covers
+    another (a 16-run sweep stacked seven "convergence" on one spot). span: the y axis's extent in
+    axis units (log10 on a log axis); panel_px: the panel's height in pixels."""
+    groups: dict[str, list[tuple[float, float]]] = {}
+    for regime, x, y in ends:
+        if math.isfinite(x) and math.isfinite(y) and (y > 0 or not log):
+            groups.setdefault(regime, []).append((x, math.log10(y) if log else y))
+    labels = sorted(([regime, regime.replace("_", " ") + (f" ({len(points)})" if len(points) > 1 else ""),
+                      max(x for x, _ in points), float(np.median([y for _, y in points]))]
+                     for regime, points in groups.items()), key=lambda label: label[3])
+    gap = (span[1] - span[0]) * LABEL_GAP_PX / max(panel_px, 1.0)
+    for below, label in zip(labels, labels[1:]):
+        label[3] = max(label[3], below[3] + gap)
+    if labels and labels[-1][3] > span[1]:   # pushed over the top: come down from there
+        labels[-1][3] = max(span[1], labels[0][3])
+        for above, label in zip(labels[::-1], labels[-2::-1]):
+            label[3] = min(label[3], above[3] - gap)
+    return [(regime, text, x, 10 ** y if log else y) for regime, text, x, y in labels]
+
+
+def _label_regimes(fig: go.Figure, ends, axis: dict, values, panel_px: float) -> None:
+    """The regime labels of the first panel (row 1, col 1), each in its regime's colour."""
+    log = axis.get("type") == "log"
+    values = np.asarray(values, dtype=np.float64)
+    values = values[np.isfinite(values) & ((values > 0) if log else True)]
+    if "range" in axis:
+        span = tuple(axis["range"])
+    elif values.size:
+        span = (math.log10(values.min()), math.log10(values.max())) if log else (values.min(), values.max())
+    else:
+        return
+    for regime, text, x, y in regime_labels(ends, log=log, span=span, panel_px=panel_px):
+        fig.add_trace(go.Scatter(x=[x], y=[y], mode="text", text=[text], textposition="middle right",
+                                 textfont=dict(color=regime_color(regime), size=13), showlegend=False,
+                                 hoverinfo="skip", cliponaxis=False), row=1, col=1)
 
 
 def _by_series(long: pd.DataFrame | None) -> dict:
@@ -190,26 +279,18 @@ def _band(fig: go.Figure, points: pd.DataFrame, color: str, run_id: int, row: in
                                  hoverinfo="skip"), row=row, col=col)
 
 
-def _mark_start(fig: go.Figure, points: pd.DataFrame, color: str, row: int, col: int) -> None:
+def _mark_start(fig: go.Figure, points: pd.DataFrame, color: str, row: int, col: int, label: bool = True) -> None:
+    """An open circle at the run's first point; the word "start" beside the first circle of a panel
+    only (a sweep's runs start side by side: one word per run piled up)."""
     finite = points[np.isfinite(points["x"]) & np.isfinite(points["value"])]
     if finite.empty:
         return
     start = finite.iloc[0]
-    fig.add_trace(go.Scatter(x=[start["x"]], y=[start["value"]], mode="markers+text", text=["start"],
-                             textposition="top center", textfont=dict(color=color, size=11),
+    fig.add_trace(go.Scatter(x=[start["x"]], y=[start["value"]], mode="markers+text" if label else "markers",
+                             text=["start"] if label else None, textposition="top center",
+                             textfont=dict(color="#444", size=12),
                              marker=dict(symbol="circle-open", size=13, color=color, line=dict(width=2.5)),
                              showlegend=False, hoverinfo="skip"), row=row, col=col)
-
-
-def _label_end(fig: go.Figure, points: pd.DataFrame, regime: str, row: int, col: int) -> None:
-    """The regime written at the last finite point of the curve, in the regime's colour."""
-    finite = points[np.isfinite(points["x"]) & np.isfinite(points["value"])]
-    if finite.empty:
-        return
-    end = finite.iloc[-1]
-    fig.add_trace(go.Scatter(x=[end["x"]], y=[end["value"]], mode="text", text=[regime.replace("_", " ")],
-                             textposition="middle right", textfont=dict(color=regime_color(regime), size=13),
-                             showlegend=False, hoverinfo="skip", cliponaxis=False), row=row, col=col)
 
 
 # ---- one run ------------------------------------------------------------------------------------
@@ -217,7 +298,9 @@ def run_curves(frame: pd.DataFrame, keys: list[str], *, run_id: int, spikes=(), 
                cols: int = 2) -> go.Figure:
     """One run's metrics against step, a panel per key (log scale for keys that span decades),
     with loss spikes as red dashed lines and ELR/LR changes as grey dotted ones across all panels."""
-    fig, cells = _grid(keys, cols, False, 240)
+    # one step axis for all panels: aligned, with tick labels only under the lowest (over a lower
+    # panel's title they overlapped it)
+    fig, cells = _grid(keys, cols, "all", 240)
     color = run_color(run_id)
     for (row, col), key in zip(cells, keys):
         steps, values = _series(frame, key)
@@ -225,9 +308,7 @@ def run_curves(frame: pd.DataFrame, keys: list[str], *, run_id: int, spikes=(), 
                                  name=key, line=dict(color=color, width=1.6), showlegend=False,
                                  hovertemplate=f"step %{{x}}<br>{key} %{{y:.4g}}<extra></extra>"), row=row, col=col)
         fig.update_yaxes(**scale(values, registry.is_log(key)), row=row, col=col)
-    # the axis title only under the lowest panel of each column: elsewhere it would hit the next title
-    for row, col in cells[-cols:]:
-        fig.update_xaxes(title_text="step", row=row, col=col)
+    _x_titles(fig, cells, cols, "step")
     _mark_steps(fig, spikes, rate_changes)
     # the same uirevision across refreshes keeps the user's zoom while live data arrives
     fig.update_layout(uirevision=str(run_id))
@@ -284,9 +365,12 @@ def regime_map(per_rate: pd.DataFrame, runs: pd.DataFrame, boundaries: list[dict
             if lo is not None and hi is not None:
                 fig.add_vrect(x0=lo, x1=hi, row=row, col=1, fillcolor="rgba(80, 80, 80, 0.10)", line_width=0)
             if estimate is not None:
-                fig.add_vline(x=estimate, row=row, col=1, line=dict(color="#444", dash="dash", width=1.2),
-                              label=dict(text=f"≈ {tick_text(float(f'{estimate:.2g}'))}", textposition="start",
-                                         textangle=0, yanchor="bottom", font=dict(size=11)) if row == 1 else None)
+                fig.add_vline(x=estimate, row=row, col=1, line=dict(color="#444", dash="dash", width=1.2))
+        if estimate is not None:
+            # the estimate written at the top of the first panel, on white so it reads over the grid
+            fig.add_annotation(x=math.log10(estimate), xref="x", y=1, yref="y domain", yanchor="top",
+                               text=f"≈ {tick_text(float(f'{estimate:.2g}'))}", showarrow=False,
+                               bgcolor="rgba(255, 255, 255, 0.85)", borderpad=2, font=dict(size=13, color="#333"))
     fig.update_layout(height=760, margin=MARGIN, clickmode="event+select", legend=dict(LEGEND, y=1.04))
     return fig
 
@@ -315,8 +399,9 @@ def sharpness(long: pd.DataFrame, names: dict[int, str]) -> go.Figure:
     the run's colour: the sharpness rises to its line and cannot stay above it."""
     fig = go.Figure()
     series = _by_series(long)
+    colors = run_colors(names)
     for run_id, name in names.items():
-        color = run_color(run_id)
+        color = colors[run_id]
         for key, style, suffix in (("sharpness", dict(width=2), ""),
                                    ("sharpness_threshold", dict(width=1.5, dash="dash"), " · 2(1+μ)/elr")):
             points = series.get((run_id, key))

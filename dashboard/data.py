@@ -169,21 +169,40 @@ def sweep_summary(store: Store, sweep_id) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=columns).sort_values(["rate", "run_id"], ignore_index=True)
 
 
-def long_frame(wide: pd.DataFrame, run_id: int, keys) -> pd.DataFrame:
+LONG_DTYPES = {"run_id": "int64", "key": "object", "step": "int64", "epoch": "float64", "wall_time": "float64",
+               "value": "float64"}
+
+
+def long_frame(wide: pd.DataFrame | None, run_id: int, keys) -> pd.DataFrame:
     """A wide trace (step, epoch, wall_time, one column per key) as the long frame charts.overlay
-    draws (run_id, key, step, epoch, wall_time, value)."""
-    present = [key for key in keys if key in wide]
+    draws (run_id, key, step, epoch, wall_time, value); numeric columns even when empty."""
+    present = [key for key in keys if wide is not None and key in wide]
     if wide is None or wide.empty or not present:
-        return pd.DataFrame(columns=["run_id", "key", "step", "epoch", "wall_time", "value"])
+        return pd.DataFrame({column: pd.Series(dtype=dtype) for column, dtype in LONG_DTYPES.items()})
     long = wide.melt(id_vars=["step", "epoch", "wall_time"], value_vars=present, var_name="key",
                      value_name="value").dropna(subset=["value"])
-    return long.assign(run_id=run_id)[["run_id", "key", "step", "epoch", "wall_time", "value"]]
+    return long.assign(run_id=run_id)[list(LONG_DTYPES)]
 
 
-def remaining_s(run: RunInfo, now: float) -> float | None:
-    """Seconds left at the pace the run has kept since it started (None before its first steps)."""
+def overlay_frame(traces: dict[int, "LiveTrace"], keys) -> pd.DataFrame:
+    """Every run's trace as one long frame. Runs that have logged nothing yet are left out: an empty
+    piece in the concatenation would turn the numeric columns into objects, which cannot be drawn."""
+    pieces = [piece for run_id, trace in traces.items() if not (piece := long_frame(trace.frame, run_id, keys)).empty]
+    return pd.concat(pieces, ignore_index=True) if pieces else long_frame(None, 0, keys)
+
+
+def remaining_s(run: RunInfo, now: float, seen: dict | None = None) -> float | None:
+    """Seconds left at the pace the run keeps. With `seen` (run id -> (time, step) when a page first
+    saw the run at a step, filled in here): the pace since then, None until it has moved on. Without:
+    the pace since it started, which counts the run process's start-up (spawn, imports, data) as
+    training: it put 14 minutes on a digits run about to end 30 s later."""
     if run.status != "running" or not run.total_steps or not run.step or run.started_at is None:
         return None
+    if seen is not None:
+        since, first_step = seen.setdefault(run.id, (now, run.step))
+        if run.step <= first_step or now <= since:
+            return None
+        return max(0.0, (run.total_steps - run.step) * (now - since) / (run.step - first_step))
     elapsed = now - run.started_at
     return max(0.0, (run.total_steps - run.step) * elapsed / run.step) if elapsed > 0 else None
 

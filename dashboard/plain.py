@@ -10,16 +10,23 @@ cells, st.text, st.code) need neither.
 from __future__ import annotations
 
 import html as _html
+import re
 import string
 
 # CommonMark lets any ASCII punctuation be backslash-escaped: escaping all of it leaves no link,
-# image, emphasis, directive (:red[...]), math ($), HTML or bare-URL autolink (http\://) to form.
+# image, emphasis, directive (:red[...]), math ($) or HTML to form.
 _MARKDOWN = str.maketrans({c: "\\" + c for c in string.punctuation})
+# GitHub's bare-URL autolinks (http://…, www.…, name@host) are found in the text after escapes are
+# resolved, so escaping cannot stop them (Chromium showed `http\://evil.example` as a live link).
+# An invisible WORD JOINER (U+2060) inside "://", after "www" and before "@" breaks the pattern
+# without changing what the reader sees.
+JOINER = "\u2060"
+_AUTOLINK = re.compile(r"(?i)(?<=:)(?=//)|(?<=www)(?=\.)|(?=@)")
 
 
 def md(text) -> str:
     """`text` for a Streamlit markdown context, shown literally."""
-    return str(text).translate(_MARKDOWN).replace("\n", " ")
+    return _AUTOLINK.sub(JOINER, str(text)).translate(_MARKDOWN).replace("\n", " ")
 
 
 def html(text) -> str:

@@ -1,6 +1,5 @@
 """Page pieces more than one page draws (Teach shows the demos' runs with the same views the
 Live, Regime map and Periodic pages use): each takes the store and ids and draws with Streamlit."""
-import pandas as pd
 import streamlit as st
 
 from engine import registry
@@ -75,8 +74,7 @@ def runs_overlay(store: Store, runs: list[RunInfo], keys, *, cols: int = 2, row_
                  key: str = "overlay") -> None:
     """Every run's curves, one panel per metric, read incrementally; each curve ends in its regime."""
     held = traces(store, runs, tuple(keys))
-    front = pd.concat([data.long_frame(trace.frame, run_id, keys) for run_id, trace in held.items()],
-                      ignore_index=True)
+    front = data.overlay_frame(held, keys)
     if front.empty:
         st.caption("Waiting for the first log points…")
         return

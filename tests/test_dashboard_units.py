@@ -170,6 +170,20 @@ def test_live_trace_starts_over_after_a_resume(store):
     assert list(trace.frame["step"]) == [0, 10, 20] and trace.frame["train_loss"].iloc[-1] == 0.5
 
 
+def test_live_overlay_draws_runs_that_have_logged_beside_one_that_has_not(store):
+    """Live showed a TypeError traceback while one run of the overlay had no log point yet."""
+    logged = store.create_run({"mode": "sphere"}, name="logged")
+    store.log_metrics(logged, [(s, s / 10, s / 100, {"train_loss": 1.0 / (s + 1)}) for s in range(0, 50, 10)])
+    waiting = store.create_run({"mode": "lrwd"}, name="waiting")
+    traces = {i: data.LiveTrace(i, ("train_loss",)).refresh(store) for i in (logged, waiting)}
+    front = data.overlay_frame(traces, ("train_loss",))
+    assert set(front["run_id"]) == {logged} and front["value"].dtype == float
+    fig = charts.overlay(front.assign(x=front["step"]), ["train_loss"], {logged: "logged", waiting: "waiting"},
+                         regimes={logged: "convergence", waiting: "undetermined"})
+    assert [list(t.text) for t in fig.data if t.mode == "text"] == [["convergence"]]
+    assert data.overlay_frame({waiting: traces[waiting]}, ("train_loss",)).empty
+
+
 def test_selected_point_names_its_run():
     event = {"selection": {"points": [{"x": 0.01, "y": 1.0, "customdata": 7}], "point_indices": [0]}}
     assert ui.selected_run(event) == 7
@@ -213,6 +227,18 @@ def test_run_colour_is_stable_and_differs_for_neighbours():
     assert len({charts.run_color(i) for i in range(1, 11)}) == 10
 
 
+def test_runs_on_one_chart_never_share_a_colour_while_the_palette_lasts():
+    """Compare drew run #1 and run #11 (and #4 and #14) in the same colour."""
+    colors = charts.run_colors([1, 5, 8, 11])
+    assert len(set(colors.values())) == 4
+    assert [colors[i] for i in (1, 5, 8)] == [charts.run_color(i) for i in (1, 5, 8)]   # stable where free
+    assert charts.run_colors(range(1, 11)) == {i: charts.run_color(i) for i in range(1, 11)}
+    assert len(set(charts.run_colors(range(1, 18)).values())) == len(charts.PALETTE)
+    long = pd.concat([long_frame(i, "train_loss", [2.0, 1.0]) for i in (4, 14)])
+    fig = charts.overlay(series.with_x(long, "step"), ["train_loss"], {4: "#4", 14: "#14"})
+    assert len({t.line.color for t in fig.data}) == 2
+
+
 def test_overlay_draws_raw_faintly_behind_the_smoothed_curve_on_per_panel_log_axes():
     raw = pd.concat([long_frame(i, key, np.linspace(3, 0.01 * i, 100)) for i in (1, 2)
                      for key in ("train_loss", "test_acc")])
@@ -234,6 +260,11 @@ def test_a_phase_diagram_marks_each_runs_start_and_bands_show_seed_spread():
                          log_x=True, log_keys={"train_loss"})
     starts = [t for t in fig.data if t.text is not None and list(t.text) == ["start"]]
     assert len(starts) == 1 and starts[0].y[0] == pytest.approx(math.sqrt(2.0 * 2.2))
+    # several runs: a circle at each start, the word once (side by side, the words piled up)
+    both = charts.overlay(series.with_x(long, "eff_grad_norm").query("key == 'train_loss'"), ["train_loss"],
+                          {1: "a", 2: "b"}, x="eff_grad_norm", log_x=True)
+    circles = [t for t in both.data if t.marker.symbol == "circle-open"]
+    assert len(circles) == 2 and sum(t.text is not None for t in circles) == 1
     assert [t.fill for t in fig.data if t.fill] == ["tonexty"]      # the ±1 std band
     assert fig.layout.xaxis.type == "log" and fig.layout.xaxis.title.text == "eff_grad_norm"
 
@@ -247,8 +278,44 @@ def test_overlay_ends_each_curve_with_its_regime():
     assert "chaotic equilibrium" in fig.data[0].name
 
 
+def test_a_sweeps_regime_labels_are_one_per_regime_and_never_cover_each_other():
+    """Live's overlay of a 16-run sweep stacked seven "convergence" and eight "divergence" labels on
+    top of each other, and "chaotic equilibrium" under the divergence pile."""
+    ends = ([("convergence", 1320.0, 10 ** -2.2 + i * 1e-4) for i in range(7)] + [("undetermined", 1320.0, 0.3)]
+            + [("chaotic_equilibrium", 1320.0, 1.6)] + [("divergence", 1320.0, 2.3 + i * 0.01) for i in range(8)])
+    labels = charts.regime_labels(ends, log=True, span=(-2.5, 0.5), panel_px=200)
+    assert [text for _, text, _, _ in labels] == ["convergence (7)", "undetermined", "chaotic equilibrium",
+                                                  "divergence (8)"]
+    heights = [math.log10(y) for _, _, _, y in labels]
+    gap = 3.0 * charts.LABEL_GAP_PX / 200
+    assert all(upper - lower >= gap - 1e-9 for lower, upper in zip(heights, heights[1:])), heights
+    assert heights[-1] <= 0.5 + 1e-9 and heights[0] == pytest.approx(-2.2, abs=0.05)   # kept inside, near its curves
+    # three runs in three regimes far apart: each label where its curve ends
+    three = charts.regime_labels([("convergence", 10.0, 0.01), ("divergence", 10.0, 2.3),
+                                  ("chaotic_equilibrium", 10.0, 0.3)], log=True, span=(-2, 0.4), panel_px=300)
+    assert [text for _, text, _, _ in three] == ["convergence", "chaotic equilibrium", "divergence"]
+    assert [y for _, _, _, y in three] == pytest.approx([0.01, 0.3, 2.3])
+
+
+def test_a_grid_of_many_runs_leaves_the_legend_out_and_keeps_the_panels_wide():
+    long = pd.concat([long_frame(i, key, [2.0, 1.0]) for i in range(1, 18) for key in ("train_loss", "test_acc")])
+    names = {i: f"#{i} run" for i in range(1, 18)}
+    assert not charts.overlay(series.with_x(long, "step"), ["train_loss", "test_acc"], names, cols=2).layout.showlegend
+    few = {i: names[i] for i in (1, 2, 3)}
+    assert charts.overlay(series.with_x(long[long["run_id"] <= 3], "step"), ["train_loss", "test_acc"], few,
+                          cols=2).layout.showlegend
+    # one column (Compare, Teach) keeps its legend above the panel whatever the number of runs
+    assert charts.overlay(series.with_x(long, "step"), ["train_loss"], names).layout.showlegend
+
+
 def test_run_colours_never_look_like_a_regime_and_every_regime_has_one():
     assert not set(charts.PALETTE) & set(charts.REGIME_COLORS.values())
+    assert len(set(charts.PALETTE)) == len(charts.PALETTE)
+    for color in charts.PALETTE:   # WCAG contrast against the white chart background: 3:1 for graphics
+        linear = [c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4
+                  for c in (int(color[i:i + 2], 16) / 255 for i in (1, 3, 5))]
+        luminance = 0.2126 * linear[0] + 0.7152 * linear[1] + 0.0722 * linear[2]
+        assert 1.05 / (luminance + 0.05) >= 3, color
     assert set(REGIMES) | {"periodic"} <= set(charts.REGIME_COLORS) and set(charts.REGIME_COLORS) == set(ui.REGIME_BADGES)
     assert charts.regime_color("a_regime_added_later") == charts.UNKNOWN_REGIME_COLOR
 
@@ -269,6 +336,10 @@ def test_regime_map_puts_the_rate_on_a_log_axis_with_boundary_intervals():
     assert fig.layout.xaxis.type == "log" and fig.layout.xaxis3.title.text == "elr"
     assert {shape.type for shape in fig.layout.shapes} == {"rect", "line"}
     assert [shape.x0 for shape in fig.layout.shapes if shape.type == "line"] == pytest.approx([1e-2] * 3)
+    # the estimate is written once, legibly, at the top of the first panel (log axis: x is log10)
+    [label] = [a for a in fig.layout.annotations if a.text.startswith("≈")]
+    assert label.text == "≈ 0.01" and label.x == pytest.approx(-2) and label.yref == "y domain"
+    assert label.font.size >= 12 and label.bgcolor
     seeds = [t for t in fig.data if t.yaxis == "y" and t.marker.size == 6]
     assert sorted(int(v) for t in seeds for v in t.customdata) == [1, 2, 3]      # each seed, clickable
     means = [t for t in fig.data if t.yaxis == "y" and t.marker.size == 12]
@@ -318,6 +389,33 @@ def test_no_log_axis_tick_reads_as_a_bare_mantissa(low, high):
     assert checked >= 8
 
 
+@pytest.mark.parametrize("low, high", [(0.013, 5.6), (14.0, 4705.0), (0.011, 9.9), (0.05, 8.0), (0.02, 0.5)])
+def test_log_ticks_label_both_ends_of_a_two_decade_range(low, high):
+    """The regime map's tail loss ran from 0.013 to 5.6 with ticks at 0.1 and 1 only: its lowest
+    point sat a decade under the lowest label. Now a label lies within about half a decade of each end."""
+    ticks = charts.log_ticks(low, high)
+    assert 3 <= len(ticks) <= 9, ticks
+    assert ticks[0] / low <= 10 ** 0.55 and high / ticks[-1] <= 10 ** 0.55, ticks
+
+
+@pytest.mark.parametrize("keys", [["train_loss", "test_acc", "eff_grad_norm", "angular_update"],
+                                  ["train_loss", "test_acc", "eff_grad_norm"]])
+def test_panel_grids_label_the_step_axis_under_the_lowest_panel_of_each_column_only(keys):
+    """On the Run page the upper panels' step ticks sat on the lower panels' titles; with an odd
+    number of panels the last column's lowest panel must still show its ticks."""
+    frame = pd.DataFrame({"step": [0, 10, 20], **{key: [1.0, 0.5, 0.2] for key in keys}})
+    long = pd.concat([long_frame(1, key, [1.0, 0.5, 0.2]) for key in keys])
+    for fig in (charts.run_curves(frame, keys, run_id=1),
+                charts.overlay(series.with_x(long, "step"), keys, {1: "a"}, cols=2)):
+        axes = {name: axis for name, axis in fig.layout.to_plotly_json().items() if name.startswith("xaxis")}
+        lowest = {f"xaxis{'' if i == 1 else i}" for i in range(len(keys) - 1, len(keys) + 1)}
+        for name, axis in axes.items():
+            if name in lowest:
+                assert axis.get("showticklabels") is not False and axis["title"]["text"] == "step", name
+            elif int(name[5:] or 1) <= len(keys):
+                assert axis.get("showticklabels") is False and "title" not in axis, name
+
+
 def test_exported_figures_get_room_for_tick_labels_and_titles():
     fig = charts.for_export(charts.run_curves(pd.DataFrame({"step": [0, 1], "train_loss": [2.0, 1.0]}),
                                               ["train_loss"], run_id=1))
@@ -332,7 +430,11 @@ def test_user_text_is_plain_in_markdown_and_in_plotly():
         assert construct not in escaped
     # every markup character is backslash-escaped, so none of them can start a construct
     assert not set(re.sub(r"\\[^\w\s]", "", escaped)) & set(string.punctuation)
-    assert escaped.replace("\\", "") == evil      # nothing lost: every character still shows
+    assert escaped.replace("\\", "").replace(plain.JOINER, "") == evil   # nothing lost: every character still shows
+    # GitHub's bare-URL autolinks are found after escapes resolve: none may remain in the resolved text
+    for text in ("see http://evil.example", "HTTPS://evil.example/x", "www.evil.example", "me@evil.example"):
+        resolved = re.sub(r"\\(.)", r"\1", plain.md(text))
+        assert not re.search(r"(?i)https?://|www\.|\w@", resolved), resolved
     assert plain.html("<a href=x>y</a> & <b>") == "&lt;a href=x&gt;y&lt;/a&gt; &amp; &lt;b&gt;"
     fig = charts.overlay(series.with_x(long_frame(1, "train_loss", [1.0, 0.5]), "step"), ["train_loss"], {1: evil})
     assert "<a" not in fig.data[0].name and "<a" not in fig.data[0].hovertemplate
@@ -411,6 +513,17 @@ def test_time_left_follows_the_pace_so_far(store):
     store.update_run(run_id, status="running", step=250, started_at=100.0)
     assert data.remaining_s(store.get_run(run_id), now=110.0) == pytest.approx(30.0)
     assert data.remaining_s(store.get_run(store.create_run({}, name="q")), now=110.0) is None
+
+
+def test_time_left_leaves_the_run_process_start_up_out(store):
+    """A run that spent 30 s starting (spawn, imports, data) then trains 25 steps a second."""
+    run_id = store.create_run({}, name="r", total_steps=1000)
+    store.update_run(run_id, status="running", step=100, started_at=100.0)
+    seen = {}
+    assert data.remaining_s(store.get_run(run_id), now=134.0, seen=seen) is None     # first sight: no pace yet
+    store.update_run(run_id, step=350)
+    assert data.remaining_s(store.get_run(run_id), now=144.0, seen=seen) == pytest.approx(26.0)
+    assert data.remaining_s(store.get_run(run_id), now=144.0) == pytest.approx(650 * 44 / 350)   # counts start-up
 
 
 def test_the_dashboard_and_the_app_command_never_import_torch():

@@ -126,7 +126,9 @@ def draw(store: Store, run_ids: list[int], keys: list[str], x: str, smoothing: f
                  for head, m in groups.items() if head in by_id}
     else:
         names = {r.id: data.run_label(r) for r in sorted(runs, key=lambda r: r.id)}
-    fig = charts.overlay(front, keys, names, x=x, log_x="x" in logs, log_keys=set(log_keys), faint=faint)
+    # a phase diagram reads better near square than as a 280 px strip
+    fig = charts.overlay(front, keys, names, x=x, log_x="x" in logs, log_keys=set(log_keys), faint=faint,
+                         row_height=280 if x in X_CHOICES else 480)
     ui.chart(fig, key="compare")
     ui.downloads("Data as CSV (all points)", lambda: data.compare_csv(store, runs, keys), "spherelab-compare", fig)
 

@@ -100,7 +100,7 @@ def optimisation(form: launch.LaunchForm) -> None:
         form.momentum = st.number_input("Momentum", min_value=0.0, max_value=0.99, value=0.0, key="f_momentum")
     form.schedule = st.selectbox("Schedule", SCHEDULES, key="f_schedule",
                                  help="constant; cosine: half cosine to 0; step: ×0.1 at 50% and 75%")
-    epochs, batch = st.columns(2)
+    epochs, batch = st.columns(2, vertical_alignment="bottom")   # the batch label takes two lines
     form.epochs = epochs.number_input("Epochs", min_value=1, max_value=MAX_EPOCHS, value=10, key="f_epochs")
     form.batch_size = batch.number_input("Batch size (0 = default)", min_value=0, max_value=100_000, value=0,
                                          key="f_batch", help="default: 32 on digits, 128 elsewhere")

@@ -17,6 +17,9 @@ from storage import RunInfo, Store
 
 CHOICES = registry.keys_for()
 ACTIONS = {"pause": ":material/pause:", "resume": ":material/play_arrow:", "stop": ":material/stop:"}
+# The overview shows every row of a 16-run sweep (and a few more) without scrolling inside itself and
+# fits one 1400x900 screen under the page's header; longer lists scroll inside the table.
+ROW_PX, MAX_ROWS = 30, 20
 
 
 def default_keys(runs: list[RunInfo]) -> list[str]:
@@ -25,14 +28,19 @@ def default_keys(runs: list[RunInfo]) -> list[str]:
     return list(dict.fromkeys(key for mode in modes for key in registry.default_panels(mode)))
 
 
-def overview_table(runs: list[RunInfo], now: float) -> pd.DataFrame:
+def overview_table(runs: list[RunInfo], now: float, seen: dict | None = None) -> pd.DataFrame:
     rows = []
     for run in runs:
-        left = data.remaining_s(run, now)
+        left = data.remaining_s(run, now, seen)
         rows.append({"run": data.run_label(run), "status": run.status, "regime": ui.regime_label(run.regime),
                      "progress": run.progress, "step": f"{run.step:,} / {run.total_steps:,}" if run.total_steps else "",
                      "time left": _duration(left) if left is not None else "—"})
     return pd.DataFrame(rows, columns=["run", "status", "regime", "progress", "step", "time left"])
+
+
+def overview_height(rows: int) -> int | str:
+    """The table's height: all its rows up to MAX_ROWS (Streamlit's "auto" stops at ten), then scroll."""
+    return "content" if rows <= MAX_ROWS else (MAX_ROWS + 1) * ROW_PX + 3
 
 
 def _duration(seconds: float) -> str:
@@ -58,14 +66,17 @@ def control(store: Store, runs: list[RunInfo], action: str) -> str:
 def overview(store: Store, run_ids: list[int]) -> None:
     runs = store.list_runs(ids=run_ids)
     runs.sort(key=lambda r: run_ids.index(r.id))
-    table = overview_table(runs, time.time())
+    # when this page first saw each run at a step: the pace since then leaves the start-up out
+    table = overview_table(runs, time.time(), st.session_state.setdefault("pace_seen", {}))
     # the regime in its colour (the same as its badge and its curve labels)
     styled = table.style.map(lambda label: f"color: {charts.regime_color(label.replace(' ', '_'))}; font-weight: 600",
                              subset=["regime"])
     table = st.dataframe(styled, key="overview", on_select="rerun",
                          selection_mode="multi-row", hide_index=True, width="stretch",
+                         height=overview_height(len(runs)), row_height=ROW_PX,
                          column_config={"progress": st.column_config.ProgressColumn("progress", format="percent"),
-                                        "run": st.column_config.TextColumn("run", width="large")})
+                                        # wide enough for "chaotic equilibrium", the longest label
+                                        "regime": st.column_config.TextColumn("regime", width=150)})
     chosen = [runs[i] for i in table.selection.rows if i < len(runs)]
     buttons = st.columns([1, 1, 1, 4], vertical_alignment="center")
     for column, (action, icon) in zip(buttons, ACTIONS.items()):

@@ -1,5 +1,7 @@
 """Teach: a guided walkthrough — scale invariance, ELR = lr/ρ², the three regimes, periodic
 behaviour, sharpness — each with its formulas and, where it has one, a one-click digits demo."""
+from collections import Counter
+
 import streamlit as st
 
 from dashboard import data, estimate, ui, views
@@ -110,11 +112,12 @@ def sharpness_view(store: Store, run_ids: list[int]) -> None:
 VIEWS = {"regimes": regimes_view, "periodic": periodic_view, "sharpness": sharpness_view}
 
 
-def demo(store: Store, topic: str) -> None:
-    """The demo's button, then its runs drawn here as they train (and the links to the full pages)."""
+def demo(store: Store, topic: str) -> list[int]:
+    """The demo's button, then its runs drawn here as they train (and the links to the full pages);
+    returns the demo's run ids."""
     preset = PRESETS.get(DEMOS[topic])
     if preset is None:
-        return
+        return []
     st.markdown(f"**Demo — {preset.name}.** {preset.description}")
     st.caption(estimate.describe(preset.configs()))
     queued = st.session_state.setdefault("demo_runs", {})
@@ -130,9 +133,9 @@ def demo(store: Store, topic: str) -> None:
     run_ids = [i for i in queued.get(topic, []) if store.list_runs(ids=[i])]
     ui.publish(param, run_ids)
     if not run_ids:
-        return
+        return []
     first = store.get_run(run_ids[0])
-    st.success(f"{len(run_ids)} run(s) queued; a worker trains them and they appear below as they learn.")
+    st.success(demo_status(store.list_runs(ids=run_ids)))
     ui.follow(VIEWS[topic], store, run_ids, run_ids)
     links = st.columns(3)
     links[0].page_link(ui.LIVE_PAGE, label="Controls on Live", icon=":material/monitoring:")
@@ -141,6 +144,15 @@ def demo(store: Store, topic: str) -> None:
                            query_params={"sweep": str(first.sweep_id)})
     links[2].page_link(ui.PERIODIC_PAGE, label="Periodic page", icon=":material/waves:",
                        query_params={"run": str(first.id)})
+    return run_ids
+
+
+def demo_status(runs) -> str:
+    """What the demo's runs are doing, for the line above them (redrawn when they all end)."""
+    if all(r.is_terminal for r in runs):
+        ended = Counter(r.status for r in runs)
+        return f"The demo's {len(runs)} run(s) have ended: " + ", ".join(f"{n} {status}" for status, n in ended.items()) + "."
+    return f"{len(runs)} run(s) queued; a worker trains them and they appear below as they learn."
 
 
 def main(store: Store) -> None:
@@ -151,8 +163,10 @@ def main(store: Store) -> None:
     SECTIONS[topic]()
     if topic in DEMOS:
         st.divider()
-        ui.worker_panel(store)
-        demo(store, topic)
+        panel = st.container()
+        run_ids = demo(store, topic)
+        with panel:   # drawn after the button queued the demo, and kept current while it trains
+            ui.follow(ui.worker_panel, store, run_ids)
     order = list(TOPICS)
     if topic != order[-1]:
         upcoming = order[order.index(topic) + 1]
