@@ -243,6 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     a = cmd("analyze", "regime, evidence, loss spikes and period of a run, as JSON")
     a.add_argument("run", type=_id)
     b = cmd("bundle", "write a portable file with a run (or a whole sweep) and its metrics")
+    b.add_argument("--with-checkpoints", action="store_true",
+                   help="carry the kept checkpoints too, so a colleague can fork, average and compare")
     b.add_argument("run", type=_id, nargs="?")
     b.add_argument("--sweep", type=_id, default=None)
     b.add_argument("--out", type=_out_file, required=True)

@@ -17,6 +17,9 @@ from .config import ConfigError, RunConfig, configs_from_flags
 from .submission import queue_average, queue_fork, queue_geometry, queue_runs
 
 
+OUT_FIX = "choose a writable --out path"
+
+
 def print_json(obj) -> None:
     print(json.dumps(obj, indent=2, allow_nan=False, default=str))
 
@@ -238,7 +241,7 @@ def cmd_export(args) -> int:
                 for row in frame.to_dict("records")]
         text = json.dumps(rows, allow_nan=False) + "\n"
     if args.out:
-        write_atomically(args.out, lambda tmp: tmp.write_text(text), what="the export")
+        write_atomically(args.out, lambda tmp: tmp.write_text(text), what="the export", fix=OUT_FIX)
     else:
         sys.stdout.write(text)
     return 0
@@ -259,7 +262,7 @@ def cmd_bundle(args) -> int:
         ids = store.get_sweep(args.sweep).run_ids
     else:
         ids = [store.get_run(args.run).id]
-    store.export_bundle(ids, args.out, sweep_id=args.sweep)
+    store.export_bundle(ids, args.out, sweep_id=args.sweep, with_checkpoints=args.with_checkpoints)
     print(args.out)
     return 0
 

@@ -1,12 +1,14 @@
-"""Bundles: saved runs as one portable zip file (manifest.json + metrics.parquet), to share a run or a
-sweep with a colleague. Checkpoints are not included.
+"""Bundles: saved runs as one portable zip file (manifest.json + metrics.parquet, and with
+--with-checkpoints the runs' kept checkpoints), to share a run or a sweep with a colleague, who can
+then branch from it, average it or measure its geometry.
 
 A bundle is someone else's file, so an import reads it as data within stated limits: every field is
 checked (types, finite numbers, integers within 64 bits, JSON nesting), and the whole import is one
 transaction, so a bad or oversized bundle is one line of StoreError and nothing is written. Imported
 runs are never queued, running or claimable here: they carry imported_at (claims skip them), and a
 run the bundle says had not ended (queued, running, paused, interrupted) is stored as `interrupted`,
-with the bundle's status kept in a status event; it cannot resume here (checkpoints do not travel).
+with the bundle's status kept in a status event; it cannot resume here (only kept checkpoints
+travel, never a run's resume point). Checkpoint files are only ever loaded with torch's safe loader.
 """
 
 import io
@@ -28,7 +30,7 @@ from sqlalchemy.exc import IntegrityError
 from .errors import StoreError
 from .files import write_atomically
 from .jsontext import to_json
-from .schema import EVENT_KINDS, STATUSES, TERMINAL_STATUSES, events, metrics, runs, sweeps
+from .schema import EVENT_KINDS, STATUSES, TERMINAL_STATUSES, checkpoints, events, metrics, runs, sweeps
 
 FORMAT = "spherelab-bundle"
 FORMAT_VERSION = 1
@@ -51,6 +53,8 @@ MAX_METRICS_BYTES = 256 << 20         # metrics.parquet, as stored in the zip
 MAX_METRICS_DECODED_BYTES = 512 << 20  # metrics.parquet's columns decoded, as its footer declares
 MAX_RUNS = 10_000                     # runs in one bundle
 MAX_METRIC_ROWS = 2_000_000           # metric rows in one bundle
+MAX_CHECKPOINT_BYTES = 1 << 30        # one kept checkpoint (a ResNet18SI-32 with momentum is ~35 MB)
+MAX_CHECKPOINTS_BYTES = 8 << 30       # all kept checkpoints of a bundle (copied to disk, never held in memory)
 MAX_JSON_DEPTH = 32                   # nesting of a config, sweep spec or event payload
 MAX_INT = 2**63 - 1                   # steps and counts are 64-bit integers in the database
 MAX_KEY_CHARS = 128                   # metrics.key is VARCHAR(128)
@@ -97,6 +101,11 @@ _RUN_FIELDS = {
     "total_steps": (_maybe(_count), f"null or {_COUNT}"),
     "events": (lambda v: type(v) is list, "a list"),
 }
+_CHECKPOINT_FIELDS = {
+    "epoch": (lambda v: _count(v) and v >= 1, "a whole number from 1"),
+    "step": (_count, _COUNT),
+    "bytes": (lambda v: _count(v) and v <= MAX_CHECKPOINT_BYTES, f"at most MAX_CHECKPOINT_BYTES"),
+}
 _EVENT_FIELDS = {
     "step": (_count, _COUNT),
     "kind": (lambda v: type(v) is str and v in EVENT_KINDS, f"one of {', '.join(EVENT_KINDS)}"),
@@ -116,9 +125,9 @@ class TooLarge(ValueError):
 
 
 class BundleAPI:
-    def export_bundle(self, run_ids: list[int], path, *, sweep_id=None) -> None:
-        """Write the runs (or, with sweep_id and no run_ids, all runs of that sweep) to a bundle file.
-        The file appears complete or not at all."""
+    def export_bundle(self, run_ids: list[int], path, *, sweep_id=None, with_checkpoints: bool = False) -> None:
+        """Write the runs (or, with sweep_id and no run_ids, all runs of that sweep) to a bundle file,
+        with their kept checkpoints if asked. The file appears complete or not at all."""
         with self._read() as conn:
             sweep = None
             if sweep_id is not None:
@@ -140,8 +149,20 @@ class BundleAPI:
                 .where(metrics.c.run_id.in_(list(uid_of)))
                 .order_by(metrics.c.run_id, metrics.c.key, metrics.c.step)).all()
         entries = [_manifest_run(row, [e for e in event_rows if e.run_id == row.id]) for row in run_rows]
+        files = {}
+        if with_checkpoints:
+            for row, entry in zip(run_rows, entries):
+                entry["checkpoints"] = []
+                for kept in self.checkpoints(row.id):
+                    member = f"checkpoints/{row.uid}/e{kept.epoch}.pt"
+                    if not Path(kept.path).is_file():
+                        raise StoreError(f"run {row.id}'s kept checkpoint {kept.path} is missing: bundle without "
+                                         "--with-checkpoints")
+                    files[member] = kept.path
+                    entry["checkpoints"].append({"epoch": kept.epoch, "step": kept.step,
+                                                 "bytes": Path(kept.path).stat().st_size})
         manifest = {"format": FORMAT, "version": FORMAT_VERSION, "sweep": sweep, "runs": entries}
-        write_bundle(path, manifest, _metrics_table(metric_rows, uid_of))
+        write_bundle(path, manifest, _metrics_table(metric_rows, uid_of), files)
 
     def import_bundle(self, path) -> list[int]:
         """Add a bundle's runs under new ids (uids kept) in one transaction; returns the new ids.
@@ -149,6 +170,15 @@ class BundleAPI:
         ended becomes `interrupted`. Checkpoint fields are cleared (checkpoints do not travel)."""
         manifest, parquet = read_bundle(path)
         now = time.time()
+        written: list[Path] = []
+        try:
+            return self._import(path, manifest, parquet, now, written)
+        except BaseException:
+            for file in written:      # nothing half-imported: the transaction rolled back, files go too
+                file.unlink(missing_ok=True)
+            raise
+
+    def _import(self, path, manifest: dict, parquet, now: float, written: list[Path]) -> list[int]:
         with self._write() as conn:
             for entry in manifest["runs"]:
                 existing = conn.execute(select(runs.c.id).where(runs.c.uid == entry["uid"])).scalar()
@@ -172,19 +202,50 @@ class BundleAPI:
                 raise _not_a_bundle(path, exc) from None
             except IntegrityError:
                 raise _not_a_bundle(path, ValueError(f"{METRICS_NAME} has a (run, key, step) twice")) from None
+            for entry in manifest["runs"]:
+                _import_checkpoints(conn, path, entry, new_ids[entry["uid"]], self.checkpoint_dir, written, now)
         return list(new_ids.values())
 
 
-def write_bundle(path, manifest: dict, table: pa.Table) -> None:
-    """Write the bundle file; it appears complete or not at all (write_atomically)."""
+def write_bundle(path, manifest: dict, table: pa.Table, files: dict[str, str] | None = None) -> None:
+    """Write the bundle file (with `files`: zip member name -> file to store); it appears complete or
+    not at all (write_atomically)."""
     def write(temporary: Path) -> None:
         parquet = io.BytesIO()
         pq.write_table(table, parquet)
-        with zipfile.ZipFile(temporary, "x") as archive:
+        with zipfile.ZipFile(temporary, "x", allowZip64=True) as archive:
             archive.writestr(MANIFEST_NAME, json.dumps(manifest, indent=1), compress_type=zipfile.ZIP_DEFLATED)
             archive.writestr(METRICS_NAME, parquet.getvalue())  # parquet is compressed already
+            for member, source in (files or {}).items():
+                archive.write(source, member)                    # torch files are zip archives already
 
-    write_atomically(path, write, what="the bundle")
+    write_atomically(path, write, what="the bundle", fix="choose a writable --out path")
+
+
+def _import_checkpoints(conn, path, entry: dict, run_id: int, folder: Path, written: list[Path], now: float) -> None:
+    """Copy the entry's kept checkpoints out of the bundle (streamed, each within its declared size) and
+    record them for the new run."""
+    kept = entry.get("checkpoints") or []
+    if not kept:
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(path) as archive:
+        for item in kept:
+            target = folder / f"run-{run_id}-imported.e{item['epoch']}.pt"
+            info = archive.getinfo(f"checkpoints/{entry['uid']}/e{item['epoch']}.pt")
+            if info.file_size != item["bytes"]:
+                raise _not_a_bundle(path, ValueError(f"a checkpoint of run {entry['uid']} is not the size its "
+                                                     "manifest says"))
+            written.append(target)
+            with archive.open(info) as source, open(target, "wb") as sink:
+                copied = 0
+                while chunk := source.read(1 << 20):
+                    copied += len(chunk)
+                    if copied > item["bytes"]:
+                        raise _not_a_bundle(path, ValueError("a checkpoint is larger than its manifest says"))
+                    sink.write(chunk)
+            conn.execute(insert(checkpoints).values(run_id=run_id, epoch=item["epoch"], step=item["step"],
+                                                    path=str(target), bytes=item["bytes"], created_at=now))
 
 
 def read_bundle(path) -> tuple[dict, pq.ParquetFile]:
@@ -194,7 +255,8 @@ def read_bundle(path) -> tuple[dict, pq.ParquetFile]:
     if not path.is_file():
         raise StoreError(f"{path} is not a file: give the path of a bundle made with `python -m engine bundle`")
     try:
-        _limit(path.stat().st_size, MAX_BUNDLE_BYTES, "the bundle file", "MAX_BUNDLE_BYTES")
+        _limit(path.stat().st_size, MAX_BUNDLE_BYTES + MAX_CHECKPOINTS_BYTES, "the bundle file",
+               "MAX_BUNDLE_BYTES + MAX_CHECKPOINTS_BYTES")
         with zipfile.ZipFile(path) as archive:
             manifest = json.loads(_member(archive, MANIFEST_NAME, MAX_MANIFEST_BYTES, "MAX_MANIFEST_BYTES"))
             _check_manifest(manifest, path)
@@ -265,11 +327,23 @@ def _check_manifest(manifest, path: Path) -> None:
         raise ValueError(f"{MANIFEST_NAME} has no list of runs")
     if len(manifest["runs"]) > MAX_RUNS:
         raise TooLarge(f"{len(manifest['runs']):,} runs, more than the {MAX_RUNS:,} allowed by MAX_RUNS")
+    total = 0
     for index, entry in enumerate(manifest["runs"]):
         what = f"run #{index}"
         _check_fields(entry, _RUN_FIELDS, what)
         for event in entry["events"]:
             _check_fields(event, _EVENT_FIELDS, f"an event of {what}")
+        kept = entry.get("checkpoints", [])
+        if not isinstance(kept, list):
+            raise ValueError(f"{what} has checkpoints that are not a list")
+        for item in kept:
+            _check_fields(item, _CHECKPOINT_FIELDS, f"a checkpoint of {what}")
+            total += item["bytes"]
+        if len({item["epoch"] for item in kept}) != len(kept):
+            raise ValueError(f"{what} has two checkpoints of one epoch")
+    if total > MAX_CHECKPOINTS_BYTES:
+        raise TooLarge(f"checkpoints of {_size(total)}, more than the {_size(MAX_CHECKPOINTS_BYTES)} allowed by "
+                       "MAX_CHECKPOINTS_BYTES")
     uids = [entry["uid"] for entry in manifest["runs"]]
     if len(set(uids)) != len(uids):
         raise ValueError("a run uid appears twice")

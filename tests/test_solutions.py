@@ -290,3 +290,27 @@ def test_the_worker_computes_queued_jobs_and_requeues_one_whose_worker_died(trai
     assert done[first].status == "finished" and done[first].result["epochs"] == [8, 10]
     assert done[second].status == "finished" and done[second].worker_id != "a-worker-that-died"
     assert done[second].result["barrier"] and len(done[second].result["alphas"]) == 3
+
+
+def test_a_bundle_with_checkpoints_lets_a_colleague_branch_from_the_run(trained, tmp_path):
+    import json
+    db, run, _ = trained
+    bundle = str(tmp_path / "run.zip")
+    engine("bundle", str(run), "--out", bundle, "--with-checkpoints", db=db)
+    plain = str(tmp_path / "plain.zip")
+    engine("bundle", str(run), "--out", plain, db=db)
+    theirs = str(tmp_path / "colleague.db")
+    [imported] = [int(x) for x in engine("import", bundle, db=theirs).stdout.split()]
+    kept = json.loads(engine("checkpoints", str(imported), "--json", db=theirs).stdout)
+    assert [c["epoch"] for c in kept] == [2, 4, 6, 8, 10]
+    child = int(engine("fork", str(imported), "--at", "8", "--elr", "0.002", "--epochs", "2", db=theirs)
+                .stdout.split()[-1])
+    store = Store(theirs)
+    assert store.get_run(child).status == "finished" and store.get_run(child).parent_id == imported
+    # the colleague's checkpoints are the very bytes of the original run's
+    mine = {c.epoch: open(c.path, "rb").read() for c in Store(db).checkpoints(run)}
+    assert {c.epoch: open(c.path, "rb").read() for c in store.checkpoints(imported)} == mine
+    assert store.read_metrics(child, ["train_loss"])["step"].iloc[0] == 352
+    other = str(tmp_path / "other.db")
+    [bare] = [int(x) for x in engine("import", plain, db=other).stdout.split()]
+    assert json.loads(engine("checkpoints", str(bare), "--json", db=other).stdout) == []

@@ -1,0 +1,277 @@
+"""The learning-rate study (SPEC §10, the large-LR paper's protocol) as one object in the store:
+pre-train a sweep of ELRs (PLR) on the sphere, fine-tune every end point at small ELRs (FLR), average
+its last K kept checkpoints (SWA), and measure the geometry between its solutions; then report test
+accuracy and geometry against the regime each PLR fell in. Torch-free: the study creates runs and
+jobs; the engine (this CLI process or the workers) trains and computes them.
+
+Every run and job of a study has a role (pretrain:ELR:SEED, finetune:PARENT:FLR, average:PARENT,
+geometry:PARENT:A:B), unique within the study, so `advance` can be called any number of times, by any
+number of processes, and each piece is created once: an interrupted study resumes where it stopped.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+
+from storage import TERMINAL_STATUSES, Store
+
+from .analysis import analyze_stored
+from .config import ConfigError, RunConfig
+from .submission import check_data, default_sweep_name
+
+# Sub-regime 2A/2B: a chaotic-equilibrium PLR whose solutions (each fine-tuned point and the average)
+# lie in one basin has a near-zero error barrier between them. One test point is 1/2000 = 0.05% on the
+# ticks toy and 0.01% on CIFAR; barriers between solutions of one basin measured 0-0.5%, between
+# separate basins 30-80% (the paper, ResNet18SI): 2% sits well above the noise and far below a wall.
+BASIN_BARRIER = 0.02
+GEOMETRY_POINTS = 21
+
+
+def create_study(store: Store, base: RunConfig, *, pretrain_elrs: list[float], pretrain_epochs: int,
+                 finetune_elrs: list[float], finetune_epochs: int, average: int, seeds: list[int],
+                 name: str | None = None, reserve_for: str | None = None) -> int:
+    """Validate everything, then create the study and its pre-training sweep (one transaction each);
+    returns the study id. ConfigError (one line) on bad input, before anything is written."""
+    if not pretrain_elrs or not all(e > 0 and math.isfinite(e) for e in pretrain_elrs):
+        raise ConfigError("--pretrain-elr needs one or more positive ELRs, e.g. 1e-4:1:13")
+    if not finetune_elrs or not all(e > 0 and math.isfinite(e) for e in finetune_elrs):
+        raise ConfigError("--finetune-elr needs one or more positive ELRs, e.g. 1e-4 1e-3")
+    if base.mode != "sphere":
+        raise ConfigError("a study pre-trains and fine-tunes on the sphere at fixed ELRs: drop --mode lrwd")
+    if pretrain_epochs < 1 or finetune_epochs < 1:
+        raise ConfigError("--pretrain-epochs and --finetune-epochs must each be at least 1")
+    if not 1 <= average <= pretrain_epochs:
+        raise ConfigError(f"--average K must be between 1 and --pretrain-epochs ({pretrain_epochs}): the "
+                          f"pre-training keeps one checkpoint per epoch for its last K epochs, got {average}")
+    # the last K epochs kept (their average) and the last one (where the forks start)
+    base = base.replace(epochs=pretrain_epochs, keep_every=0, keep_last=average, name=None)
+    configs = [base.replace(elr=elr, seed=seed).validate() for elr in pretrain_elrs for seed in seeds]
+    for flr in finetune_elrs:
+        base.replace(elr=flr, epochs=pretrain_epochs + finetune_epochs).validate()
+    check_data(configs[:1])
+    spec = {"base": base.to_dict(), "pretrain_elrs": list(pretrain_elrs), "seeds": list(seeds),
+            "pretrain_epochs": pretrain_epochs, "finetune_elrs": list(finetune_elrs),
+            "finetune_epochs": finetune_epochs, "average": average}
+    swept = {"elr": list(pretrain_elrs), **({"seed": list(seeds)} if len(seeds) > 1 else {})}
+    name = name or f"study {default_sweep_name(base, swept)}"
+    items = [{"config": c.to_dict(), "name": c.display_name(), "tags": list(c.tags), "reserved_for": reserve_for,
+              "study_role": f"pretrain:{c.elr:g}:{c.seed}"} for c in configs]
+    return store.create_study(name, spec, items, owner=reserve_for)
+
+
+def advance(store: Store, study_id: int, reserve_for: str | None = None) -> bool:
+    """Create whatever the finished pieces now allow (forks and averages of finished pre-training runs,
+    geometries of finished forks); mark the study finished when nothing is left. Returns True when
+    the study has ended. Safe to call again and from several processes."""
+    study = store.get_study(study_id)
+    if study.status != "running":
+        return True
+    spec = study.spec
+    runs = {r.study_role: r for r in store.list_runs(study_id=study_id)}
+    jobs = {j.study_role: j for j in store.list_jobs(study_id=study_id)}
+    pending = False
+    for role, pre in runs.items():
+        if not role.startswith("pretrain:"):
+            continue
+        if pre.status not in TERMINAL_STATUSES:
+            pending = True
+            continue
+        kept = [c.epoch for c in store.checkpoints(pre.id)]
+        if pre.status != "finished" or not kept:
+            continue                      # failed, cancelled or non-finite: no solution to branch from
+        last = kept[-1]
+        forks = {}
+        for flr in spec["finetune_elrs"]:
+            key = f"finetune:{pre.id}:{flr:g}"
+            if key not in runs:
+                _fork(store, study_id, pre, last, flr, spec, key, reserve_for)
+                pending = True
+            else:
+                forks[flr] = runs[key]
+                pending |= runs[key].status not in TERMINAL_STATUSES
+        average_key = f"average:{pre.id}"
+        if average_key not in jobs:
+            store.create_job("average", pre.id, {"epochs": kept[-spec["average"]:]}, reserved_for=reserve_for,
+                             study_id=study_id, study_role=average_key)
+            pending = True
+            continue
+        pending |= jobs[average_key].status not in ("finished", "failed")
+        finished = {flr: run for flr, run in forks.items() if run.status == "finished"}
+        if len(forks) < len(spec["finetune_elrs"]) or any(r.status not in TERMINAL_STATUSES for r in forks.values()):
+            continue
+        solution = {flr: {"run": run.id, "epoch": spec["pretrain_epochs"] + spec["finetune_epochs"]}
+                    for flr, run in finished.items()}
+        swa = {"run": pre.id, "epochs": kept[-spec["average"]:]}
+        pairs = [(f"finetune@{flr:g}", "average", solution[flr], swa) for flr in sorted(solution)]
+        if len(solution) >= 2:
+            low, high = min(solution), max(solution)
+            pairs.append((f"finetune@{low:g}", f"finetune@{high:g}", solution[low], solution[high]))
+        for a_name, b_name, a, b in pairs:
+            key = f"geometry:{pre.id}:{a_name}:{b_name}"
+            if key not in jobs:
+                store.create_job("geometry", pre.id, {"a": a, "b": b, "points": GEOMETRY_POINTS,
+                                                      "names": [a_name, b_name]},
+                                 other_run_id=b["run"], reserved_for=reserve_for, study_id=study_id, study_role=key)
+                pending = True
+            else:
+                pending |= jobs[key].status not in ("finished", "failed")
+    if not pending:
+        store.set_study_status(study_id, "finished")
+    return not pending
+
+
+def _fork(store: Store, study_id: int, pre, epoch: int, flr: float, spec: dict, role: str,
+          reserve_for: str | None) -> None:
+    cfg = RunConfig.from_dict(pre.config).replace(elr=flr, epochs=epoch + spec["finetune_epochs"], keep_last=1,
+                                                  name=None).validate()
+    store.create_runs([{"config": cfg.to_dict(), "name": f"#{pre.id}@{epoch} FLR {flr:g}",
+                        "tags": list(cfg.tags), "parent_id": pre.id, "fork_epoch": epoch,
+                        "reserved_for": reserve_for, "study_id": study_id, "study_role": role}])
+
+
+# ---- the report ------------------------------------------------------------------------------------------
+
+def _stats(values: list[float]) -> dict | None:
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return None
+    return {"mean": statistics.fmean(values), "std": statistics.pstdev(values) if len(values) > 1 else 0.0,
+            "n": len(values)}
+
+
+def _final(store: Store, run, key: str = "test_acc") -> float | None:
+    if run is None or run.status != "finished":
+        return None
+    latest = store.latest_metrics(run.id).get(key)
+    return latest[1] if latest else None
+
+
+def report(store: Store, study_id: int) -> dict:
+    """The study's table (SPEC §10): per PLR, aggregated over seeds (mean, std, n): the regime of the
+    pre-training trace, the sub-regime 2A/2B of chaotic rows from their barriers, test accuracy of the
+    pre-trained, fine-tuned (per FLR) and averaged models, feature accuracies, the geometry; the
+    estimated regime boundaries; and where the best model came from."""
+    study = store.get_study(study_id)
+    spec = study.spec
+    runs = {r.study_role: r for r in store.list_runs(study_id=study_id)}
+    jobs = {j.study_role: j for j in store.list_jobs(study_id=study_id)}
+    per_seed = []
+    for elr in spec["pretrain_elrs"]:
+        for seed in spec["seeds"]:
+            pre = runs.get(f"pretrain:{elr:g}:{seed}")
+            if pre is None:
+                continue
+            entry = {"pretrain_elr": elr, "seed": seed, "run": pre.id, "status": pre.status,
+                     "regime": analyze_stored(store, pre.id)["regime"] if pre.step else None,
+                     "pretrain_test_acc": _final(store, pre),
+                     "pretrain_feature_acc": _features(store, pre),
+                     "finetune_test_acc": {}, "finetune_runs": {}, "finetune_feature_acc": {}}
+            for flr in spec["finetune_elrs"]:
+                fork = runs.get(f"finetune:{pre.id}:{flr:g}")
+                entry["finetune_test_acc"][f"{flr:g}"] = _final(store, fork)
+                entry["finetune_runs"][f"{flr:g}"] = fork.id if fork else None
+                entry["finetune_feature_acc"][f"{flr:g}"] = _features(store, fork)
+            swa = jobs.get(f"average:{pre.id}")
+            result = swa.result if swa is not None and swa.status == "finished" else None
+            entry["average_test_acc"] = result["test_acc"] if result else None
+            entry["average_feature_acc"] = ([result[f"feature_acc/{k}"] for k in range(16)]
+                                            if result and "feature_acc/0" in result else None)
+            entry["geometry"] = [{"pair": list(j.spec.get("names", [])), "angle": j.result["angle"],
+                                  "barrier_test_err": j.result["barrier"]["test_err"],
+                                  "barrier_train_loss": j.result["barrier"]["train_loss"]}
+                                 for role, j in sorted(jobs.items())
+                                 if role.startswith(f"geometry:{pre.id}:") and j.status == "finished"]
+            entry["subregime"] = _subregime(entry)
+            per_seed.append(entry)
+    rows = [_aggregate(elr, [e for e in per_seed if e["pretrain_elr"] == elr], spec) for elr in spec["pretrain_elrs"]]
+    boundaries = _boundaries(rows)
+    return {"study": study_id, "name": study.name, "status": study.status, "spec": spec, "rows": rows,
+            "runs": per_seed, "boundaries": boundaries, "best": _best(rows, boundaries)}
+
+
+def _features(store: Store, run) -> list[float] | None:
+    if run is None or run.status != "finished":
+        return None
+    latest = store.latest_metrics(run.id)
+    if "feature_acc/0" not in latest:
+        return None
+    return [latest[f"feature_acc/{k}"][1] for k in range(16)]
+
+
+def _subregime(entry: dict) -> str | None:
+    """2A: the row's solutions share one basin (every test-error barrier below BASIN_BARRIER); 2B: not."""
+    if entry["regime"] != "chaotic_equilibrium" or not entry["geometry"]:
+        return None
+    return "2A" if all(g["barrier_test_err"] <= BASIN_BARRIER for g in entry["geometry"]) else "2B"
+
+
+def _majority(labels: list) -> str | None:
+    labels = [x for x in labels if x]
+    return max(set(labels), key=labels.count) if labels else None
+
+
+def _aggregate(elr: float, entries: list[dict], spec: dict) -> dict:
+    pairs = {}
+    for e in entries:
+        for g in e["geometry"]:
+            pairs.setdefault(" vs ".join(g["pair"]), []).append(g)
+    return {
+        "pretrain_elr": elr, "seed": [e["seed"] for e in entries], "runs": [e["run"] for e in entries],
+        "regime": _majority([e["regime"] for e in entries]),
+        "regime_agreement": (sum(e["regime"] == _majority([x["regime"] for x in entries]) for e in entries),
+                             len(entries)),
+        "subregime": _majority([e["subregime"] for e in entries]),
+        "pretrain_test_acc": _stats([e["pretrain_test_acc"] for e in entries]),
+        "finetune_test_acc": {f"{flr:g}": _stats([e["finetune_test_acc"][f"{flr:g}"] for e in entries])
+                              for flr in spec["finetune_elrs"]},
+        "average_test_acc": _stats([e["average_test_acc"] for e in entries]),
+        "feature_acc": {kind: _mean_vectors([e[key] for e in entries]) for kind, key in
+                        (("pretrain", "pretrain_feature_acc"), ("average", "average_feature_acc"))}
+        | {f"finetune@{flr:g}": _mean_vectors([e["finetune_feature_acc"][f"{flr:g}"] for e in entries])
+           for flr in spec["finetune_elrs"]},
+        "geometry": [{"pair": name.split(" vs "), "angle": _stats([g["angle"] for g in gs]),
+                      "barrier_test_err": _stats([g["barrier_test_err"] for g in gs]),
+                      "barrier_train_loss": _stats([g["barrier_train_loss"] for g in gs])}
+                     for name, gs in pairs.items()],
+    }
+
+
+def _mean_vectors(vectors: list) -> list[float] | None:
+    vectors = [v for v in vectors if v]
+    return [statistics.fmean(column) for column in zip(*vectors)] if vectors else None
+
+
+REGIME_ORDER = {"convergence": 0, "chaotic_equilibrium": 1, "divergence": 2}
+
+
+def _boundaries(rows: list[dict]) -> dict:
+    """Geometric means of neighbouring PLRs whose (majority) labels differ: convergence/chaotic
+    (1->2), 2A/2B, chaotic/divergence (2->3); None where the grid shows no such change."""
+    labelled = [(r["pretrain_elr"], r["regime"], r["subregime"]) for r in sorted(rows, key=lambda r: r["pretrain_elr"])
+                if r["regime"] in REGIME_ORDER]
+
+    def between(left, right):
+        for (e1, r1, s1), (e2, r2, s2) in zip(labelled, labelled[1:]):
+            if left(r1, s1) and right(r2, s2):
+                return math.sqrt(e1 * e2)
+        return None
+
+    return {"convergence_chaotic": between(lambda r, s: r == "convergence", lambda r, s: r != "convergence"),
+            "2A_2B": between(lambda r, s: s == "2A", lambda r, s: s == "2B" or r == "divergence"),
+            "chaotic_divergence": between(lambda r, s: r != "divergence", lambda r, s: r == "divergence")}
+
+
+def _best(rows: list[dict], boundaries: dict) -> dict | None:
+    """The highest mean test accuracy over pre-trained, fine-tuned and averaged models, with its spread
+    and its PLR's ratio to the convergence threshold."""
+    candidates = []
+    for r in rows:
+        options = [("pretrain", r["pretrain_test_acc"]), ("average", r["average_test_acc"])]
+        options += [(f"finetune@{flr}", acc) for flr, acc in r["finetune_test_acc"].items()]
+        candidates += [(acc["mean"], r["pretrain_elr"], kind, acc) for kind, acc in options if acc]
+    if not candidates:
+        return None
+    _, elr, kind, acc = max(candidates, key=lambda c: c[0])
+    threshold = boundaries["convergence_chaotic"]
+    return {"pretrain_elr": elr, "kind": kind, "test_acc": acc,
+            "ratio_to_convergence_threshold": elr / threshold if threshold else None}
