@@ -112,7 +112,8 @@ def _stale_after(text: str) -> float:
     return value
 
 
-def add_training_flags(p: argparse.ArgumentParser, sweep: bool) -> None:
+def add_training_flags(p: argparse.ArgumentParser, sweep: bool, study: bool = False) -> None:
+    """The training flags of train/sweep/submit; a study sets the rates, epochs and kept checkpoints itself."""
     many = dict(nargs="+")   # train accepts one value; several get a clear "use sweep" error
     vals = "one or more values, or a log range START:STOP:N" if sweep else "one value"
     g = p.add_argument_group("model and data")
@@ -121,24 +122,29 @@ def add_training_flags(p: argparse.ArgumentParser, sweep: bool) -> None:
                    help=f"channels (conv nets, default 32) or hidden units (mlp_si, default 64); {vals}")
     g.add_argument("--depth", type=int, default=D.depth, help="hidden blocks of mlp_si")
     g.add_argument("--init-scale", type=float, default=D.init_scale, help="Frobenius norm of the frozen head")
-    g.add_argument("--dataset", default=D.dataset, help="digits | synthetic | cifar10 | cifar100")
+    g.add_argument("--norm", default=D.norm, help="batch | layer: the normalisation after each mlp_si layer")
+    g.add_argument("--dataset", default=D.dataset, help="digits | synthetic | ticks | cifar10 | cifar100")
     g.add_argument("--data-dir", default=None, help="folder with cifar-10-batches-py/ or cifar-100-python/")
     g.add_argument("--synthetic-samples", type=int, default=D.synthetic_samples, help="synthetic train samples")
     g.add_argument("--synthetic-shape", type=_shape, default=D.synthetic_shape,
                    help="input shape of synthetic samples, e.g. 64 or 3x32x32 (default 64)")
     g.add_argument("--synthetic-classes", type=int, default=D.synthetic_classes, help="synthetic classes")
     g.add_argument("--augment", action="store_true", help="random crop (pad 4) + horizontal flip, images only")
+    g.add_argument("--data-seed", type=int, default=D.data_seed, help="the ticks data's seed")
     g = p.add_argument_group("optimisation")
     g.add_argument("--mode", default=D.mode, help="sphere (fixed ELR on the sphere) | lrwd (LR + weight decay)")
-    g.add_argument("--elr", default=None, **many, help=f"effective learning rate, sphere mode (default 0.01); {vals}")
-    g.add_argument("--lr", default=None, **many, help=f"learning rate, lrwd mode (default 0.1); {vals}")
-    g.add_argument("--wd", default=None, **many, help=f"weight decay, lrwd mode (default 0); {vals}")
+    if not study:
+        g.add_argument("--elr", default=None, **many, help=f"effective learning rate, sphere mode (default 0.01); {vals}")
+        g.add_argument("--lr", default=None, **many, help=f"learning rate, lrwd mode (default 0.1); {vals}")
+        g.add_argument("--wd", default=None, **many, help=f"weight decay, lrwd mode (default 0); {vals}")
     g.add_argument("--momentum", default=None, **many, help=f"heavy-ball momentum (default 0); {vals}")
     g.add_argument("--schedule", default=D.schedule,
                    help="constant | cosine (half cosine to 0) | step (x0.1 at 50%% and 75%% of training)")
-    g.add_argument("--epochs", type=int, default=D.epochs, help="passes over the training set")
+    if not study:
+        g.add_argument("--epochs", type=int, default=D.epochs, help="passes over the training set")
     g.add_argument("--batch-size", default=None, **many, help=f"mini-batch size (default 32 on digits, 128 elsewhere); {vals}")
-    g.add_argument("--seed", default=None, **many, help=f"seed for init and batch order (default {D.seed}); {vals}")
+    g.add_argument("--seed", default=None, **many, type=int if study else None,
+                   help=f"seed for init and batch order (default {D.seed}); {vals}")
     g = p.add_argument_group("measurement (frequencies in optimizer steps; 0 = off)")
     g.add_argument("--log-every", type=int, default=D.log_every, help="steps between log points")
     g.add_argument("--eval-every", type=int, default=None,
@@ -152,8 +158,11 @@ def add_training_flags(p: argparse.ArgumentParser, sweep: bool) -> None:
                    help="Hutchinson vectors for hessian_trace at sharpness steps (0 = off)")
     g.add_argument("--checkpoint-every", type=int, default=D.checkpoint_every,
                    help="epochs between the checkpoints a run resumes from")
-    g.add_argument("--keep-every", type=int, default=D.keep_every,
-                   help="epochs between kept checkpoints (forks, averages), and the last one; 0 keeps only the latest")
+    if not study:
+        g.add_argument("--keep-every", type=int, default=D.keep_every,
+                       help="epochs between kept checkpoints (forks, averages), and the last one; 0 keeps only the latest")
+        g.add_argument("--keep-last", type=int, default=D.keep_last,
+                       help="also keep a checkpoint at each of the last K epochs (what an SWA average of K needs)")
     g = p.add_argument_group("where")
     g.add_argument("--device", default=D.device, help="auto | cpu | cuda")
     g.add_argument("--name", default=None, help="run name (default built from the config)")
@@ -213,6 +222,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--points", type=int, default=21, help="alphas on the path, ends included")
     g.add_argument("--json", action="store_true")
     g.add_argument("--submit", action="store_true", help="queue it for the worker and print the job id")
+
+    st = cmd("study", "the learning-rate study (SPEC §10): pre-train an ELR sweep on the sphere, fine-tune every end "
+                      "point, average its last checkpoints, measure the geometry; prints the study id last")
+    st.add_argument("--pretrain-elr", nargs="+", default=["1e-4:1:9"], help="PLR grid: values or START:STOP:N")
+    st.add_argument("--pretrain-epochs", type=int, default=D.epochs, help="pre-training epochs")
+    st.add_argument("--finetune-elr", nargs="+", default=["1e-4"], help="one or more FLRs")
+    st.add_argument("--finetune-epochs", type=int, default=D.epochs, help="fine-tuning epochs after the fork")
+    st.add_argument("--average", type=int, default=5, help="SWA of the last K per-epoch checkpoints of pre-training")
+    st.add_argument("--points", type=int, default=21, help="alphas on each geometry path")
+    st.add_argument("--resume", type=_id, default=None, help="take up an interrupted study again (other flags unused)")
+    st.add_argument("--submit", action="store_true", help="leave the study to the workers and print its id")
+    add_training_flags(st, sweep=True, study=True)
+    rp = cmd("report", "a study's table: PLR, regime, sub-regime, accuracies (mean ± std over seeds), geometry")
+    rp.add_argument("study", type=_id)
+    rp.add_argument("--json", action="store_true")
 
     w = cmd("worker", "run queued runs in background processes")
     w.add_argument("--max-parallel", type=int, default=1, help="runs trained at the same time")

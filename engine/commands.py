@@ -13,7 +13,7 @@ import uuid
 from storage import LIVE_STATUSES, Store, write_atomically
 
 from . import registry
-from .config import ConfigError, RunConfig, configs_from_flags
+from .config import ConfigError, RunConfig, configs_from_flags, parse_values
 from .submission import queue_average, queue_fork, queue_geometry, queue_runs
 
 
@@ -68,38 +68,46 @@ def _claimer() -> str:
 
 
 def _run_here(store: Store, ids: list[int], claimer: str) -> int:
-    """Train runs reserved for this process, here: compatible runs as packs where packing pays on this
-    device (as the worker does), the others one after another. Whatever it never started (Ctrl-C, an
-    error) is cancelled, not left for a worker."""
+    """Train runs reserved for this process, here, and print their ids; whatever it never started
+    (Ctrl-C, an error) is cancelled, not left for a worker."""
+    try:
+        statuses = _train_here(store, ids, claimer, report=True)
+    finally:
+        store.cancel_reserved(claimer, "the command that created it stopped before training it")
+    return 1 if "failed" in statuses.values() else 0
+
+
+def _train_here(store: Store, ids: list[int], claimer: str, report: bool = False) -> dict[int, str]:
+    """Train the runs (queued ones reserved for claimer, or interrupted ones to resume) in this process:
+    compatible runs as packs where packing pays on this device (as the worker does), the others one after
+    another; returns their final statuses. With report, each run's end goes to stderr and its id to stdout."""
     from .packing import pack_groups
     from .runner import execute
     from .runtime import configure_process, resolve_device
     configs = [RunConfig.from_dict(store.get_run(run_id).config) for run_id in ids]
-    failed = 0
-    try:
-        for group in pack_groups(configs):
-            claimed = [info for info in (store.claim_next_run(claimer, run_ids=[ids[i]]) for i in group) if info]
-            if not claimed:
-                continue
-            cfg = configs[group[0]]
-            configure_process(resolve_device(cfg.device), cfg.model)
-            label = claimed[0].name + (f" (+{len(claimed) - 1} packed)" if len(claimed) > 1 else "")
-            try:
-                with _progress(label) as bar:
-                    statuses = execute(store, {info.id: info.claim for info in claimed}, progress=bar)
-            except KeyboardInterrupt:      # also before training began: resumable, not left "running"
-                for info in claimed:
-                    if store.get_run(info.id).status in LIVE_STATUSES:
-                        store.set_status(info.id, "interrupted")
-                raise
+    statuses: dict[int, str] = {}
+    for group in pack_groups(configs):
+        claimed = [info for info in (store.claim_next_run(claimer, run_ids=[ids[i]]) or
+                                     store.claim_interrupted(claimer, run_ids=[ids[i]]) for i in group) if info]
+        if not claimed:
+            continue
+        cfg = configs[group[0]]
+        configure_process(resolve_device(cfg.device), cfg.model)
+        label = claimed[0].name + (f" (+{len(claimed) - 1} packed)" if len(claimed) > 1 else "")
+        try:
+            with _progress(label) as bar:
+                statuses.update(execute(store, {info.id: info.claim for info in claimed}, progress=bar))
+        except KeyboardInterrupt:      # also before training began: resumable, not left "running"
+            for info in claimed:
+                if store.get_run(info.id).status in LIVE_STATUSES:
+                    store.set_status(info.id, "interrupted")
+            raise
+        if report:
             for info in claimed:
                 final = store.get_run(info.id)
                 print(f"run {info.id} {final.name}: {final.status}, regime {final.regime}", file=sys.stderr)
-                failed += statuses.get(info.id) == "failed"
                 print(info.id)
-    finally:
-        store.cancel_reserved(claimer, "the command that created it stopped before training it")
-    return 1 if failed else 0
+    return statuses
 
 
 def cmd_submit(args) -> int:
@@ -179,6 +187,79 @@ def _print_job(job) -> None:
     for i, alpha in enumerate(r["alphas"]):
         print(f"  {alpha:6.3f} {r['train_loss'][i]:11.4g} {r['train_err'][i]:10.4f} {r['test_loss'][i]:10.4g} "
               f"{r['test_err'][i]:9.4f}")
+
+
+def cmd_study(args) -> int:
+    """Create (or, with --resume, take up again) a learning-rate study and run it here, or leave it to
+    the workers (--submit); prints the study id last."""
+    from . import study
+    store = Store(args.db)
+    claimer = None if args.submit else _claimer()
+    if args.resume is not None:
+        study_id = store.get_study(args.resume).id
+        store.hand_over_study(study_id, claimer)
+    else:
+        flags = {**vars(args), "elr": None, "seed": None, "epochs": args.pretrain_epochs}
+        [base], _ = configs_from_flags(flags, single=True)
+        pretrain = [v for text in args.pretrain_elr for v in parse_values(text)]
+        finetune = [v for text in args.finetune_elr for v in parse_values(text)]
+        study_id = study.create_study(store, base, pretrain_elrs=pretrain, pretrain_epochs=args.pretrain_epochs,
+                                      finetune_elrs=finetune, finetune_epochs=args.finetune_epochs,
+                                      average=args.average, seeds=args.seed or [0], points=args.points,
+                                      name=args.name, reserve_for=claimer)
+    if not args.submit:
+        _study_here(store, study_id, claimer)
+    print(study_id)
+    return 0
+
+
+def _study_here(store: Store, study_id: int, claimer: str) -> None:
+    """Advance the study and do its work in this process until it ends: its runs (packed where packing
+    pays), then the averages and geometries they allow. Ctrl-C leaves it resumable (--resume)."""
+    import time
+    from . import study
+    from .jobs import execute_job
+    while not study.advance(store, study_id, reserve_for=claimer):
+        waiting = [r.id for r in store.list_runs(study_id=study_id, status=["queued", "interrupted"])]
+        _train_here(store, sorted(waiting), claimer)
+        job = store.claim_job(claimer, job_ids=[j.id for j in store.list_jobs(study_id=study_id, status="queued")])
+        if job is not None:
+            execute_job(store, job.id, job.claim)
+        elif not waiting:
+            time.sleep(0.5)        # what is left is held by another process (a worker resuming a run)
+
+
+def cmd_report(args) -> int:
+    from .study import report
+    result = report(Store(args.db), args.study)
+    if args.json:
+        print_json(result)
+        return 0
+    _print_report(result)
+    return 0
+
+
+def _print_report(r: dict) -> None:
+    spec = r["spec"]
+    fmt = lambda s: "-" if not s else f"{s['mean']:.3f}" + (f"±{s['std']:.3f}" if s["n"] > 1 else "")  # noqa: E731
+    print(f"study {r['study']} {r['name']} ({r['status']}): seeds {', '.join(map(str, spec['seeds']))}")
+    flrs = [f"{f:g}" for f in spec["finetune_elrs"]]
+    print(f"{'PLR':>9} {'regime':<20} {'sub':<4} {'pretrain':>12} " + " ".join(f"{'FLR ' + f:>12}" for f in flrs)
+          + f" {'average':>12} {'angle':>7} {'barrier':>8}")
+    for row in r["rows"]:
+        geometry = row["geometry"][0] if row["geometry"] else None
+        print(f"{row['pretrain_elr']:>9.3g} {row['regime'] or '-':<20} {row['subregime'] or '-':<4} "
+              f"{fmt(row['pretrain_test_acc']):>12} "
+              + " ".join(f"{fmt(row['finetune_test_acc'][f]):>12}" for f in flrs)
+              + f" {fmt(row['average_test_acc']):>12} "
+              + (f"{geometry['angle']['mean']:7.3f} {geometry['barrier_test_err']['mean']:8.3f}" if geometry else ""))
+    b = r["boundaries"]
+    print("boundaries: " + ", ".join(f"{k} {v:.3g}" if v else f"{k} -" for k, v in b.items()))
+    if r["best"]:
+        best = r["best"]
+        ratio = best["ratio_to_convergence_threshold"]
+        print(f"best: {best['kind']} from PLR {best['pretrain_elr']:g}: test accuracy {fmt(best['test_acc'])}"
+              + (f" ({ratio:.2g}x the convergence threshold)" if ratio else ""))
 
 
 def cmd_worker(args) -> int:

@@ -12,7 +12,8 @@ import math
 from dataclasses import dataclass, field
 
 MODELS = ("mlp_si", "convnet_si", "resnet18_si")
-DATASETS = ("digits", "synthetic", "cifar10", "cifar100")
+DATASETS = ("digits", "synthetic", "ticks", "cifar10", "cifar100")
+NORMS = ("batch", "layer")
 MODES = ("sphere", "lrwd")
 SCHEDULES = ("constant", "cosine", "step")
 DEVICES = ("auto", "cpu", "cuda")
@@ -25,7 +26,8 @@ DEFAULT_WIDTH = {"mlp_si": 64, "convnet_si": 32, "resnet18_si": 32}
 # Training-set sizes known before any data is read: digits' fixed stratified 80% split of 1,797
 # images; synthetic data has --synthetic-samples. A CIFAR folder's size is checked once it is read.
 DIGITS_TRAIN_SIZE = 1437
-INPUT_FEATURES = {"digits": 64, "cifar10": 3 * 32 * 32, "cifar100": 3 * 32 * 32}
+TICKS_TRAIN_SIZE = 512
+INPUT_FEATURES = {"digits": 64, "ticks": 32, "cifar10": 3 * 32 * 32, "cifar100": 3 * 32 * 32}
 
 # BatchNorm in train mode normalises by the variance over the batch. mlp_si's BatchNorm1d has one
 # value per sample and unit, so one sample has no variance: it needs batches of 2 or more (the conv
@@ -52,7 +54,7 @@ MAX_GRID_RUNS = 10_000           # runs one sweep or submit may create
 
 def num_classes(config: dict) -> int | None:
     """Classes of a stored config's dataset (chance level for the analysis); torch-free."""
-    known = {"digits": 10, "cifar10": 10, "cifar100": 100}
+    known = {"digits": 10, "ticks": 2, "cifar10": 10, "cifar100": 100}
     return known.get(config.get("dataset", "digits"), config.get("synthetic_classes"))
 
 
@@ -67,6 +69,7 @@ class RunConfig:
     width: int | None = None          # None: the model's default (mlp 64, conv nets 32)
     depth: int = 3                    # mlp_si hidden blocks
     init_scale: float = 10.0          # Frobenius norm of the frozen head
+    norm: str = "batch"               # mlp_si: BatchNorm (batch) or LayerNorm (layer) after each linear layer
     # data
     dataset: str = "digits"
     data_dir: str | None = None       # CIFAR: folder holding cifar-10-batches-py/ or cifar-100-python/
@@ -74,6 +77,7 @@ class RunConfig:
     synthetic_shape: tuple[int, ...] = (64,)
     synthetic_classes: int = 10
     augment: bool = False
+    data_seed: int = 0                # ticks: the seed of the data (the run seed fixes init and batch order)
     # optimisation
     mode: str = "sphere"
     elr: float | None = None          # sphere: effective learning rate (default 0.01)
@@ -95,6 +99,7 @@ class RunConfig:
     trace_samples: int = 0            # Hutchinson vectors for hessian_trace at sharpness steps
     checkpoint_every: int = 1         # epochs between checkpoints (worker runs); 0 = off
     keep_every: int = 0               # epochs between kept checkpoints (forks, averages); 0 = only the latest
+    keep_last: int = 0                # also keep a checkpoint at each of the last K epochs (SWA)
     device: str = "auto"
     # bookkeeping
     name: str | None = None
@@ -113,13 +118,15 @@ class RunConfig:
 
     @property
     def min_batch(self) -> int:
-        """Smallest batch (or probe chunk) the model's BatchNorm can train on (see BN_MIN_BATCH)."""
-        return BN_MIN_BATCH if self.model == "mlp_si" else 1
+        """Smallest batch (or probe chunk) the model's BatchNorm can train on (see BN_MIN_BATCH); LayerNorm
+        normalises each sample on its own."""
+        return BN_MIN_BATCH if self.model == "mlp_si" and self.norm == "batch" else 1
 
     @property
     def train_size(self) -> int | None:
         """Training samples, where known without reading data (None for a CIFAR folder)."""
-        return {"digits": DIGITS_TRAIN_SIZE, "synthetic": self.synthetic_samples}.get(self.dataset)
+        return {"digits": DIGITS_TRAIN_SIZE, "ticks": TICKS_TRAIN_SIZE, "synthetic": self.synthetic_samples}.get(
+            self.dataset)
 
     @property
     def parameter_count(self) -> int:
@@ -173,6 +180,12 @@ class RunConfig:
                 bad(f"model {self.model} needs 3x32x32 images but dataset {self.dataset} "
                     f"has shape {self._input_shape_text()}: use {self.model} with cifar10, cifar100 "
                     f"or synthetic --synthetic-shape 3x32x32, or mlp_si with any dataset")
+        if self.norm not in NORMS:
+            bad(f"unknown --norm {self.norm!r}: choose batch (BatchNorm) or layer (LayerNorm, mlp_si only)")
+        if self.norm == "layer" and self.model != "mlp_si":
+            bad(f"--norm layer is an mlp_si option: {self.model} normalises with BatchNorm; drop --norm")
+        if not 0 <= self.data_seed <= MAX_SEED:
+            bad(f"--data-seed must be a whole number from 0 to 2**63-1, got {self.data_seed}")
         if self.width is not None and self.width < 1:
             bad(f"--width must be a positive integer, got {self.width}")
         if self.depth < 1:
@@ -213,6 +226,7 @@ class RunConfig:
         for flag, value, unit in (("--sharpness-every", self.sharpness_every, "steps"),
                                   ("--checkpoint-every", self.checkpoint_every, "epochs"),
                                   ("--keep-every", self.keep_every, "epochs"),
+                                  ("--keep-last", self.keep_last, "epochs"),
                                   ("--trace-samples", self.trace_samples, "Hutchinson vectors")):
             if value < 0:
                 bad(f"{flag} must be 0 (off) or a positive number of {unit}, got {value}")
@@ -279,6 +293,8 @@ class RunConfig:
     def _input_shape_text(self) -> str:
         if self.dataset == "digits":
             return "64 (8x8 images)"
+        if self.dataset == "ticks":
+            return "32 (16 two-dimensional features)"
         if self.dataset == "synthetic":
             return "x".join(map(str, self.synthetic_shape))
         return "3x32x32"

@@ -32,6 +32,9 @@ class Dataset:
     num_classes: int
     input_shape: tuple
     name: str
+    # ticks: per-feature probe sets, [F, N, ...] inputs and [F, N] labels (only feature k informative)
+    feature_x: torch.Tensor | None = None
+    feature_y: torch.Tensor | None = None
 
     @property
     def train_size(self) -> int:
@@ -75,7 +78,7 @@ class Dataset:
 # ---- loaders ---------------------------------------------------------------------------------
 
 def load_dataset(cfg: RunConfig, device: torch.device | str) -> Dataset:
-    loaders = {"digits": _load_digits, "synthetic": _load_synthetic,
+    loaders = {"digits": _load_digits, "synthetic": _load_synthetic, "ticks": _load_ticks,
                "cifar10": _load_cifar, "cifar100": _load_cifar}
     if cfg.dataset not in loaders:
         raise ConfigError(f"unknown dataset {cfg.dataset!r}: choose one of {', '.join(loaders)}")
@@ -105,6 +108,15 @@ def _load_digits(cfg: RunConfig, device: torch.device) -> Dataset:
     return Dataset(tensor(x_train, torch.float32), tensor(y_train, torch.int64),
                    tensor(x_test, torch.float32), tensor(y_test, torch.int64),
                    num_classes=10, input_shape=(64,), name="digits")
+
+
+def _load_ticks(cfg: RunConfig, device: torch.device) -> Dataset:
+    """The large-LR paper's toy (engine/ticks.py): 16 two-dimensional features, binary labels, and a
+    probe set per feature; the data seed fixes it all."""
+    from .ticks import make
+    x_train, y_train, x_test, y_test, x_probe, y_probe = (torch.from_numpy(a).to(device) for a in make(cfg.data_seed))
+    return Dataset(x_train, y_train, x_test, y_test, num_classes=2, input_shape=(32,), name="ticks",
+                   feature_x=x_probe, feature_y=y_probe)
 
 
 def _load_synthetic(cfg: RunConfig, device: torch.device) -> Dataset:

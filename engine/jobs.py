@@ -38,9 +38,16 @@ def run_job(store: Store, job, device: str | None = None) -> dict:
         [values] = evaluator.evaluate(average(weights)[None])
         return {"run": job.run_id, "epochs": spec["epochs"], **values}
     a, b = spec["a"], spec["b"]
-    wa = evaluator.load(checkpoint_path(store, a["run"], a["epoch"]))
-    wb = evaluator.load(checkpoint_path(store, b["run"], b["epoch"]))
-    return {"a": a, "b": b, **geometry(evaluator, wa, wb, spec["points"])}
+    return {"a": a, "b": b, **geometry(evaluator, solution(store, evaluator, a), solution(store, evaluator, b),
+                                       spec["points"])}
+
+
+def solution(store: Store, evaluator: Evaluator, end: dict) -> torch.Tensor:
+    """The weights an end of a geometry names: {"run", "epoch"} a kept checkpoint, {"run", "epochs"} the
+    SWA average of several."""
+    if "epochs" in end:
+        return average([evaluator.load(checkpoint_path(store, end["run"], e)) for e in end["epochs"]])
+    return evaluator.load(checkpoint_path(store, end["run"], end["epoch"]))
 
 
 def execute_job(store: Store, job_id: int, claim: str, device: str | None = None) -> str:

@@ -58,13 +58,17 @@ def _frozen_head(in_features: int, num_classes: int, init_scale: float, head_see
 # ---- models ----------------------------------------------------------------------------------
 
 def mlp_si(in_features: int, num_classes: int, width: int = 64, depth: int = 3,
-           init_scale: float = 10.0, head_seed: int = HEAD_SEED) -> nn.Sequential:
-    """flatten, depth x [Linear(no bias) - BN1d(affine=False) - ReLU], frozen Linear head (no bias)."""
+           init_scale: float = 10.0, head_seed: int = HEAD_SEED, norm: str = "batch") -> nn.Sequential:
+    """flatten, depth x [Linear(no bias) - BN1d(affine=False) - ReLU], frozen Linear head (no bias).
+
+    norm="layer": LayerNorm (no affine, per sample) instead of BatchNorm — each layer's weights stay SI,
+    there are no running statistics, and it is what the large-LR paper's ticks toy uses."""
     layers: OrderedDict[str, nn.Module] = OrderedDict(flatten=nn.Flatten())
     features = in_features
     for i in range(depth):
         layers[f"fc{i}"] = nn.Linear(features, width, bias=False)
-        layers[f"bn{i}"] = _bn(1, width)
+        layers[f"bn{i}" if norm == "batch" else f"ln{i}"] = (
+            _bn(1, width) if norm == "batch" else nn.LayerNorm(width, elementwise_affine=False))
         layers[f"relu{i}"] = nn.ReLU()
         features = width
     layers["head"] = _frozen_head(width, num_classes, init_scale, head_seed, bias=False)
@@ -182,6 +186,8 @@ def _check_scale_invariant(model: nn.Module) -> None:
     for name, m in model.named_modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine:
             raise RuntimeError(f"BatchNorm {name} is affine: model is not SI")
+        if isinstance(m, nn.LayerNorm) and m.elementwise_affine:
+            raise RuntimeError(f"LayerNorm {name} is affine: model is not SI")
 
 
 def build_model(cfg: RunConfig, input_shape: tuple, num_classes: int, seed: int | None = None) -> nn.Module:
@@ -194,7 +200,7 @@ def build_model(cfg: RunConfig, input_shape: tuple, num_classes: int, seed: int 
     input_shape = tuple(input_shape)
     width = cfg.model_width
     if cfg.model == "mlp_si":
-        model = mlp_si(math.prod(input_shape), num_classes, width, cfg.depth, cfg.init_scale)
+        model = mlp_si(math.prod(input_shape), num_classes, width, cfg.depth, cfg.init_scale, norm=cfg.norm)
     elif cfg.model in ("convnet_si", "resnet18_si"):
         if input_shape != IMAGE_SHAPE:
             shape_text = "x".join(map(str, input_shape))

@@ -7,7 +7,8 @@ A single run is a pack of one: every run trains through this network (engine/tra
   K*C_out filters and groups=K, a linear layer one batched matmul. With K = 1, or in the input layer
   when all members read one shared batch, the layer is a plain dense conv / GEMM.
 - Activations are [B, K*C, ...]: every BatchNorm becomes one F.batch_norm over K*C channels, the very
-  same per-channel computation, with running statistics stored as [K, C] rows and updated in place.
+  same per-channel computation, with running statistics stored as [K, C] rows and updated in place; a
+  LayerNorm (mlp_si's option) normalises each member's C features of each sample.
 - The frozen head is shared: [B, K, F] @ W_head^T gives logits [B, K, classes]. Per-member losses
   are summed, and one backward gives every member its own gradient as the rows of a [K, P] tensor
   (the members' graphs are disjoint, so d(sum)/dW_k = dL_k/dW_k).
@@ -95,6 +96,20 @@ class _PackedBN(nn.Module):
         return F.batch_norm(x, mean, var, None, None, True, momentum, self.eps)
 
 
+class _PackedLN(nn.Module):
+    """LayerNorm (no affine) per sample and per member: [B, K*C] normalised over each member's C."""
+
+    def __init__(self, ln: nn.LayerNorm, call: _Call):
+        super().__init__()
+        if ln.elementwise_affine or len(ln.normalized_shape) != 1:
+            raise ValueError("packing needs affine-free LayerNorm over the last dimension")
+        self.width, self.eps, self.call = ln.normalized_shape[0], ln.eps, call
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = x.shape[0]
+        return F.layer_norm(x.view(b, -1, self.width), (self.width,), None, None, self.eps).view(b, -1)
+
+
 class _PackedHead(nn.Module):
     """The frozen head, shared by all members: [B, K*F] -> [B, K, classes]."""
 
@@ -131,6 +146,8 @@ class PackedNet(nn.Module):
                     new.channels_last = channels_last and new.conv
                 elif isinstance(child, BN_TYPES):
                     new = _PackedBN(child, self.bn_names.index(path), self.call)
+                elif isinstance(child, nn.LayerNorm):
+                    new = _PackedLN(child, self.call)
                 elif isinstance(child, nn.Linear) and not child.weight.requires_grad:
                     new = _PackedHead(child)
                 elif isinstance(child, (nn.Conv2d, nn.Linear)):

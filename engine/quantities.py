@@ -133,6 +133,35 @@ class TestEval(Quantity):
             values.update(test_loss=loss, test_acc=acc)
 
 
+class FeatureAccuracy(Quantity):
+    """feature_acc/<k>: accuracy on the probe set where only feature k carries the label (the ticks
+    toy): how much the network relies on each feature. At the test evaluations."""
+    name = "features"
+    keys = ("feature_acc/<k>",)
+
+    def every(self, member: "Member") -> int:
+        return TestEval().every(member) if member.cfg.dataset == "ticks" else 0
+
+    def measure(self, point: LogPoint) -> None:
+        trainer = point.trainer
+        table = feature_accuracy(trainer.net, trainer.W[point.rows], trainer._stats(point.rows),
+                                 trainer.data.feature_x, trainer.data.feature_y).tolist()
+        for values, row in zip(point.values, table):
+            values.update({f"feature_acc/{k}": acc for k, acc in enumerate(row)})
+
+
+@torch.no_grad()
+def feature_accuracy(net, W: torch.Tensor, stats, x: torch.Tensor, y: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    """[K, F]: each member's accuracy on each feature's probe set (x [F, N, ...], y [F, N]), BN in eval mode."""
+    features, n = y.shape
+    flat_x, flat_y = x.reshape(features * n, *x.shape[2:]), y.reshape(-1)
+    correct = []
+    for i in range(0, len(flat_y), chunk):
+        logits = net(W, flat_x[i:i + chunk], mode="eval", stats=stats)           # [b, K, C]
+        correct.append(logits.argmax(-1) == flat_y[i:i + chunk, None])
+    return torch.cat(correct).T.reshape(len(W), features, n).double().mean(2)
+
+
 class Sharpness(Quantity):
     """Top Hessian eigenvalue on the member's fixed probe, reported at unit norm (lambda_max * rho^2),
     and the stability line 2(1+mu)/elr. Lanczos is warm-started from the member's previous top
@@ -184,7 +213,7 @@ class HessianTrace(Quantity):
             values["hessian_trace"] = trace * r2 / trainer.numel
 
 
-QUANTITIES: tuple[Quantity, ...] = (StepAverages(), Norms(), TestEval(), Sharpness(), HessianTrace())
+QUANTITIES: tuple[Quantity, ...] = (StepAverages(), Norms(), TestEval(), FeatureAccuracy(), Sharpness(), HessianTrace())
 
 
 def check_quantities(quantities) -> None:

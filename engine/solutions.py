@@ -21,6 +21,7 @@ from .config import RunConfig
 from .data import Dataset, load_dataset
 from .models import build_model, si_layer_names
 from .packnet import BN_TYPES, PackedNet, member_losses
+from .quantities import feature_accuracy
 from .runtime import resolve_device
 
 METRICS = ("train_loss", "train_acc", "test_loss", "test_acc")
@@ -72,7 +73,7 @@ class Evaluator:
     @torch.no_grad()
     def evaluate(self, W: torch.Tensor) -> list[dict]:
         """Per row of W: train_loss, train_acc (BN on batch statistics), test_loss, test_acc (BN in eval
-        mode on statistics recomputed on the training set)."""
+        mode on statistics recomputed on the training set), and on the ticks toy feature_acc/<k>."""
         out = []
         for start in range(0, len(W), self.group):
             out += self._evaluate(W[start:start + self.group])
@@ -93,7 +94,12 @@ class Evaluator:
                                           y_test[i:i + 1024], "sum")
             test += torch.stack([loss, correct], 1).double()
         table = torch.cat([train / seen, test / len(y_test)], 1).tolist()
-        return [dict(zip(METRICS, row)) for row in table]
+        rows = [dict(zip(METRICS, row)) for row in table]
+        if self.data.feature_x is not None:      # the ticks toy: which features the solution relies on
+            features = feature_accuracy(self.net, W, stats, self.data.feature_x, self.data.feature_y).tolist()
+            for row, accs in zip(rows, features):
+                row.update({f"feature_acc/{k}": acc for k, acc in enumerate(accs)})
+        return rows
 
 
 def average(weights: list[torch.Tensor]) -> torch.Tensor:

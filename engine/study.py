@@ -29,7 +29,7 @@ GEOMETRY_POINTS = 21
 
 def create_study(store: Store, base: RunConfig, *, pretrain_elrs: list[float], pretrain_epochs: int,
                  finetune_elrs: list[float], finetune_epochs: int, average: int, seeds: list[int],
-                 name: str | None = None, reserve_for: str | None = None) -> int:
+                 points: int = GEOMETRY_POINTS, name: str | None = None, reserve_for: str | None = None) -> int:
     """Validate everything, then create the study and its pre-training sweep (one transaction each);
     returns the study id. ConfigError (one line) on bad input, before anything is written."""
     if not pretrain_elrs or not all(e > 0 and math.isfinite(e) for e in pretrain_elrs):
@@ -40,6 +40,10 @@ def create_study(store: Store, base: RunConfig, *, pretrain_elrs: list[float], p
         raise ConfigError("a study pre-trains and fine-tunes on the sphere at fixed ELRs: drop --mode lrwd")
     if pretrain_epochs < 1 or finetune_epochs < 1:
         raise ConfigError("--pretrain-epochs and --finetune-epochs must each be at least 1")
+    if not 2 <= points <= 201:
+        raise ConfigError(f"--points must be between 2 and 201, got {points}")
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seed lists a seed twice: {seeds}")
     if not 1 <= average <= pretrain_epochs:
         raise ConfigError(f"--average K must be between 1 and --pretrain-epochs ({pretrain_epochs}): the "
                           f"pre-training keeps one checkpoint per epoch for its last K epochs, got {average}")
@@ -51,7 +55,7 @@ def create_study(store: Store, base: RunConfig, *, pretrain_elrs: list[float], p
     check_data(configs[:1])
     spec = {"base": base.to_dict(), "pretrain_elrs": list(pretrain_elrs), "seeds": list(seeds),
             "pretrain_epochs": pretrain_epochs, "finetune_elrs": list(finetune_elrs),
-            "finetune_epochs": finetune_epochs, "average": average}
+            "finetune_epochs": finetune_epochs, "average": average, "points": points}
     swept = {"elr": list(pretrain_elrs), **({"seed": list(seeds)} if len(seeds) > 1 else {})}
     name = name or f"study {default_sweep_name(base, swept)}"
     items = [{"config": c.to_dict(), "name": c.display_name(), "tags": list(c.tags), "reserved_for": reserve_for,
@@ -109,7 +113,7 @@ def advance(store: Store, study_id: int, reserve_for: str | None = None) -> bool
         for a_name, b_name, a, b in pairs:
             key = f"geometry:{pre.id}:{a_name}:{b_name}"
             if key not in jobs:
-                store.create_job("geometry", pre.id, {"a": a, "b": b, "points": GEOMETRY_POINTS,
+                store.create_job("geometry", pre.id, {"a": a, "b": b, "points": spec.get("points", GEOMETRY_POINTS),
                                                       "names": [a_name, b_name]},
                                  other_run_id=b["run"], reserved_for=reserve_for, study_id=study_id, study_role=key)
                 pending = True
@@ -257,7 +261,7 @@ def _boundaries(rows: list[dict]) -> dict:
         return None
 
     return {"convergence_chaotic": between(lambda r, s: r == "convergence", lambda r, s: r != "convergence"),
-            "2A_2B": between(lambda r, s: s == "2A", lambda r, s: s == "2B" or r == "divergence"),
+            "2A_2B": between(lambda r, s: s == "2A", lambda r, s: s == "2B"),
             "chaotic_divergence": between(lambda r, s: r != "divergence", lambda r, s: r == "divergence")}
 
 

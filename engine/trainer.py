@@ -288,7 +288,8 @@ class Trainer:
         forked = [start and m.start_step > 0 for m in members]
         for q in QUANTITIES:
             due = [i for i, m in enumerate(members)
-                   if (q.at_fork_start if forked[i] else m.schedules[q.name].due(m.step, final[i]))]
+                   if ((q.at_fork_start and m.schedules[q.name].every > 0) if forked[i]
+                       else m.schedules[q.name].due(m.step, final[i]))]
             if due:
                 q.measure(point.subset(due))
                 for i in due:
@@ -306,11 +307,13 @@ class Trainer:
 
     def _checkpoint(self, m: Member) -> None:
         """At an epoch end: the resume checkpoint every --checkpoint-every epochs, and a kept one (for
-        forks and averages) every --keep-every epochs and at the last epoch."""
+        forks and averages) every --keep-every epochs and at the last epoch, and at each of the last
+        --keep-last epochs."""
         if m.checkpoint is None:
             return
         epoch, cfg = m.step // m.steps_per_epoch, m.cfg
-        keep = bool(cfg.keep_every) and (epoch % cfg.keep_every == 0 or m.step >= m.total_steps)
+        keep = (bool(cfg.keep_every) and (epoch % cfg.keep_every == 0 or m.step >= m.total_steps)) \
+            or epoch > cfg.epochs - cfg.keep_last
         if keep or (cfg.checkpoint_every and epoch % cfg.checkpoint_every == 0):
             m.checkpoint(m, keep)
 

@@ -118,6 +118,7 @@ class Worker:
             for job_id in store.requeue_stale_jobs(self.stale_after_s):
                 print(f"job {job_id}: heartbeat stale, queued again", file=sys.stderr, flush=True)
             self.next_stale_check = time.monotonic() + STALE_CHECK_EVERY_S
+        self._advance_studies(store)
         while self._processes() < self.max_parallel:
             info, source = store.claim_interrupted(self.id), "interrupted"
             if info is None:
@@ -129,6 +130,14 @@ class Worker:
             if job is None:
                 break
             self._start_job(ctx, job)
+
+    @staticmethod
+    def _advance_studies(store: Store) -> None:
+        """Studies left to the workers (no owning CLI process): create what their finished pieces allow."""
+        from .study import advance
+        for study in store.list_studies(status="running"):
+            if study.owner is None and advance(store, study.id):
+                print(f"study {study.id}: finished", file=sys.stderr, flush=True)
 
     def _idle(self, store: Store) -> bool:
         return (not self.children and not self.jobs and not store.list_runs(status="queued")

@@ -8,7 +8,8 @@ Each function takes a database at version N-1 to version N (its key), and a test
 written by version N-1 (tests/test_hardening.py keeps version 1 as the SQL SQLite wrote).
 
 History: 1 the first schema; 2 runs.imported_at and runs.claim (imported runs are inert, claims are fenced);
-3 runs.parent_id and runs.fork_epoch, the checkpoints and jobs tables (forks, kept checkpoints, analysis jobs).
+3 runs.parent_id and runs.fork_epoch, the checkpoints and jobs tables (forks, kept checkpoints, analysis jobs);
+4 the studies table, runs' and jobs' study_id and study_role (learning-rate studies).
 """
 
 from collections.abc import Callable
@@ -17,7 +18,7 @@ from sqlalchemy import inspect, select, text, update
 from sqlalchemy.engine import Connection
 
 from .errors import StoreError
-from .schema import checkpoints, jobs, meta, metadata
+from .schema import checkpoints, jobs, meta, metadata, studies
 
 BASE_VERSION = 1
 
@@ -37,7 +38,17 @@ def _to_v3(conn: Connection) -> None:
     jobs.create(conn)
 
 
-MIGRATIONS: dict[int, Callable[[Connection], None]] = {2: _to_v2, 3: _to_v3}
+def _to_v4(conn: Connection) -> None:
+    """Learning-rate studies: the studies table, and each run's and job's study and role (unique per
+    study: an index, since SQLite cannot add a constraint to an existing table)."""
+    studies.create(conn)
+    for table in ("runs", "jobs"):
+        conn.execute(text(f"ALTER TABLE {table} ADD COLUMN study_id INTEGER REFERENCES studies(id) ON DELETE SET NULL"))
+        conn.execute(text(f"ALTER TABLE {table} ADD COLUMN study_role VARCHAR(128)"))
+        conn.execute(text(f"CREATE UNIQUE INDEX uq_{table}_study_role ON {table} (study_id, study_role)"))
+
+
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {2: _to_v2, 3: _to_v3, 4: _to_v4}
 
 # Any constant: serialises schema creation between PostgreSQL clients opening a fresh database together.
 _PG_LOCK_KEY = 0x5350484C

@@ -31,6 +31,8 @@ class RunInfo:
     claim: str | None = None           # token of the latest claim (see Store.hold)
     parent_id: int | None = None      # a fork: the run it branched from
     fork_epoch: int | None = None     # and the epoch of the kept checkpoint it started at
+    study_id: int | None = None       # the learning-rate study it belongs to
+    study_role: str | None = None     # and its role there (engine.study)
 
     @property
     def progress(self) -> float:
@@ -53,7 +55,8 @@ class RunInfo:
                    sweep_id=m["sweep_id"], worker_id=m["worker_id"], step=m["step"],
                    total_steps=m["total_steps"], checkpoint_path=m["checkpoint_path"],
                    checkpoint_step=m["checkpoint_step"], imported_at=m["imported_at"], claim=m["claim"],
-                   parent_id=m["parent_id"], fork_epoch=m["fork_epoch"])
+                   parent_id=m["parent_id"], fork_epoch=m["fork_epoch"], study_id=m["study_id"],
+                   study_role=m["study_role"])
 
 
 @dataclass
@@ -136,6 +139,8 @@ class JobInfo:
     heartbeat_at: float | None
     created_at: float
     finished_at: float | None
+    study_id: int | None = None
+    study_role: str | None = None
 
     @classmethod
     def from_row(cls, row) -> "JobInfo":
@@ -143,4 +148,26 @@ class JobInfo:
         return cls(id=m["id"], kind=m["kind"], run_id=m["run_id"], other_run_id=m["other_run_id"],
                    spec=from_json(m["spec"]) or {}, status=m["status"], result=from_json(m["result"]),
                    error=m["error"], worker_id=m["worker_id"], claim=m["claim"], heartbeat_at=m["heartbeat_at"],
-                   created_at=m["created_at"], finished_at=m["finished_at"])
+                   created_at=m["created_at"], finished_at=m["finished_at"], study_id=m["study_id"],
+                   study_role=m["study_role"])
+
+
+@dataclass
+class StudyInfo:
+    """A learning-rate study (engine.study): what it is, its pre-training sweep, whether it has ended."""
+    id: int
+    uid: str
+    name: str
+    spec: dict
+    status: str
+    owner: str | None
+    sweep_id: int | None
+    created_at: float
+    finished_at: float | None
+
+    @classmethod
+    def from_row(cls, row) -> "StudyInfo":
+        m = row._mapping
+        return cls(id=m["id"], uid=m["uid"], name=m["name"], spec=from_json(m["spec"]) or {}, status=m["status"],
+                   owner=m["owner"], sweep_id=m["sweep_id"], created_at=m["created_at"],
+                   finished_at=m["finished_at"])

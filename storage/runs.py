@@ -21,7 +21,8 @@ from .schema import (LIVE_STATUSES, STATUSES, TERMINAL_STATUSES, checkpoints, co
 HEARTBEAT_EVERY_S = 1.0
 MIN_STALE_AFTER_S = 3 * HEARTBEAT_EVERY_S
 
-RUN_FIELDS = ("config", "name", "tags", "sweep_id", "status", "total_steps", "parent_id", "fork_epoch", "reserved_for")
+RUN_FIELDS = ("config", "name", "tags", "sweep_id", "status", "total_steps", "parent_id", "fork_epoch", "reserved_for",
+              "study_id", "study_role")
 UPDATABLE_FIELDS = ("status", "regime", "device", "error", "step", "total_steps", "started_at", "finished_at",
                     "checkpoint_path", "checkpoint_step", "worker_id", "heartbeat_at", "name")
 
@@ -93,15 +94,21 @@ class RunsAPI:
                                       status=status, total_steps=total_steps)])[0]
 
     def create_runs(self, items: list[dict]) -> list[int]:
-        """Create many runs in one transaction: all of them exist afterwards, or none."""
+        """Create many runs in one transaction: all of them exist afterwards, or none. A run with a
+        study role that its study already has is not created again: its existing id is returned
+        (engine.study advances studies idempotently, from any number of processes)."""
         now = time.time()
         rows = [_new_run_row(item, now) for item in items]
         with self._write() as conn:
             sweep_ids = {given: self._require_sweep(conn, given).id for given in {row["sweep_id"] for row in rows}
                          if given is not None}
+            ids = []
             for row in rows:
                 row["sweep_id"] = sweep_ids.get(row["sweep_id"])
-            return [conn.execute(insert(runs).values(row)).inserted_primary_key[0] for row in rows]
+                existing = _study_duplicate(conn, runs, row)
+                ids.append(existing if existing is not None else
+                           conn.execute(insert(runs).values(row)).inserted_primary_key[0])
+            return ids
 
     def create_sweep_runs(self, name: str, spec: dict, items: list[dict]) -> tuple[int, list[int]]:
         """A new sweep and its runs in one transaction: (sweep id, run ids), or nothing at all."""
@@ -120,9 +127,12 @@ class RunsAPI:
         with self._read() as conn:
             return RunInfo.from_row(self._require_run(conn, run_id))
 
-    def list_runs(self, *, status=None, sweep_id=None, tag=None, name_contains=None, ids=None) -> list[RunInfo]:
+    def list_runs(self, *, status=None, sweep_id=None, tag=None, name_contains=None, ids=None,
+                  study_id=None) -> list[RunInfo]:
         """Runs matching every filter given, newest first. `status` is one status or a list."""
         query = select(runs)
+        if study_id is not None:
+            query = query.where(runs.c.study_id == as_id(study_id))
         if status is not None:
             wanted = [status] if isinstance(status, str) else list(status)
             for one in wanted:
@@ -301,6 +311,16 @@ class RunsAPI:
                                            payload=to_json(payload, "event payload"), created_at=time.time()))
 
 
+def _study_duplicate(conn, table, row: dict) -> int | None:
+    """The id of the row of `table` with the same study and role, if there is one. Writers are
+    serialised (BEGIN IMMEDIATE on SQLite; on PostgreSQL the unique index refuses a concurrent twin, and
+    the caller's next advance finds it), so one role is created once."""
+    if row.get("study_id") is None or row.get("study_role") is None:
+        return None
+    return conn.execute(select(table.c.id).where(table.c.study_id == row["study_id"],
+                                                 table.c.study_role == row["study_role"])).scalar()
+
+
 def run_files(conn, run_ids: list[int]) -> list[str]:
     """The checkpoint files of runs (latest and kept), read before the runs' rows go."""
     latest = conn.execute(select(runs.c.checkpoint_path).where(runs.c.id.in_(run_ids))).scalars()
@@ -334,7 +354,8 @@ def _new_run_row(item: dict, now: float) -> dict:
                total_steps=None if total_steps is None else int(total_steps),
                parent_id=as_id(item.get("parent_id")), fork_epoch=item.get("fork_epoch"),
                # a queued run reserved for one claimer (claim_next_run by that worker id only)
-               worker_id=item.get("reserved_for"))
+               worker_id=item.get("reserved_for"), study_id=as_id(item.get("study_id")),
+               study_role=item.get("study_role"))
     row.update(status_fields(status, None, None, now))
     return row
 

@@ -2,7 +2,7 @@
 older databases reach it through storage.migrations."""
 
 from sqlalchemy import (Column, Float, ForeignKey, Index, Integer, MetaData, PrimaryKeyConstraint,
-                        SmallInteger, String, Table, Text)
+                        SmallInteger, String, Table, Text, UniqueConstraint)
 
 STATUSES = ("queued", "running", "paused", "finished", "failed", "cancelled", "interrupted", "nonfinite")
 TERMINAL_STATUSES = ("finished", "failed", "cancelled", "nonfinite")
@@ -28,6 +28,21 @@ sweeps = Table(
     Column("name", Text, nullable=False),
     Column("spec", Text, nullable=False),  # JSON
     Column("created_at", Float, nullable=False),
+    sqlite_autoincrement=True,
+)
+
+# version 4: a learning-rate study (engine.study): its spec, its pre-training sweep, whose process owns it
+studies = Table(
+    "studies", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("uid", String(32), nullable=False, unique=True),
+    Column("name", Text, nullable=False),
+    Column("spec", Text, nullable=False),                      # JSON
+    Column("status", String(16), nullable=False),              # running | finished | cancelled
+    Column("owner", Text),                                     # the claimer advancing it (a CLI), else workers
+    Column("sweep_id", Integer, ForeignKey("sweeps.id", ondelete="SET NULL")),
+    Column("created_at", Float, nullable=False),
+    Column("finished_at", Float),
     sqlite_autoincrement=True,
 )
 
@@ -59,6 +74,10 @@ runs = Table(
     # version 3: a fork records the run it branched from and the epoch of the checkpoint it started at
     Column("parent_id", Integer, ForeignKey("runs.id", ondelete="SET NULL")),
     Column("fork_epoch", Integer),
+    # version 4: the study a run belongs to and its role there (unique in the study: engine.study)
+    Column("study_id", Integer, ForeignKey("studies.id", ondelete="SET NULL")),
+    Column("study_role", String(128)),
+    UniqueConstraint("study_id", "study_role", name="uq_runs_study_role"),
     Index("ix_runs_status", "status"),
     Index("ix_runs_sweep", "sweep_id"),
     sqlite_autoincrement=True,
@@ -129,6 +148,10 @@ jobs = Table(
     Column("heartbeat_at", Float),
     Column("created_at", Float, nullable=False),
     Column("finished_at", Float),
+    # version 4: the study a job belongs to and its role there
+    Column("study_id", Integer, ForeignKey("studies.id", ondelete="SET NULL")),
+    Column("study_role", String(128)),
+    UniqueConstraint("study_id", "study_role", name="uq_jobs_study_role"),
     Index("ix_jobs_status", "status"),
     Index("ix_jobs_run", "run_id"),
     sqlite_autoincrement=True,

@@ -17,8 +17,9 @@ from sqlalchemy import insert, or_, select, update
 
 from .errors import ClaimLost, StoreError
 from .jsontext import to_json
-from .records import CheckpointInfo, JobInfo
-from .schema import JOB_KINDS, checkpoints, jobs
+from .records import CheckpointInfo, JobInfo, StudyInfo
+from .runs import _new_run_row, _study_duplicate, new_uid
+from .schema import JOB_KINDS, checkpoints, jobs, runs, studies, sweeps
 from .upsert import upsert
 from .urls import sqlite_file
 
@@ -54,24 +55,29 @@ class SolutionsAPI:
         return [CheckpointInfo.from_row(row) for row in rows]
 
     # ---- jobs
-    def create_job(self, kind: str, run_id, spec: dict, *, other_run_id=None, reserved_for: str | None = None) -> int:
-        """Queue a job; reserved_for: the one claimer that may take it (a CLI computing it itself)."""
+    def create_job(self, kind: str, run_id, spec: dict, *, other_run_id=None, reserved_for: str | None = None,
+                   study_id=None, study_role: str | None = None) -> int:
+        """Queue a job; reserved_for: the one claimer that may take it (a CLI computing it itself). A job
+        with a study role its study already has is not created again (its id is returned)."""
         if kind not in JOB_KINDS:
             raise StoreError(f"unknown job kind {kind!r}: use one of {', '.join(JOB_KINDS)}")
         with self._write() as conn:
             run = self._require_run(conn, run_id)
             other = self._require_run(conn, other_run_id).id if other_run_id is not None else None
-            return conn.execute(insert(jobs).values(
-                kind=kind, run_id=run.id, other_run_id=other, spec=to_json(spec, "job spec"), status="queued",
-                worker_id=reserved_for, created_at=time.time())).inserted_primary_key[0]
+            row = dict(kind=kind, run_id=run.id, other_run_id=other, spec=to_json(spec, "job spec"), status="queued",
+                       worker_id=reserved_for, created_at=time.time(), study_id=study_id, study_role=study_role)
+            existing = _study_duplicate(conn, jobs, row)
+            return existing if existing is not None else conn.execute(insert(jobs).values(row)).inserted_primary_key[0]
 
     def get_job(self, job_id) -> JobInfo:
         with self._read() as conn:
             return JobInfo.from_row(self._require_job(conn, job_id))
 
-    def list_jobs(self, *, run_id=None, kind=None, status=None) -> list[JobInfo]:
+    def list_jobs(self, *, run_id=None, kind=None, status=None, study_id=None) -> list[JobInfo]:
         """Jobs newest first; run_id matches either run of a geometry."""
         query = select(jobs)
+        if study_id is not None:
+            query = query.where(jobs.c.study_id == int(study_id))
         if run_id is not None:
             query = query.where(or_(jobs.c.run_id == run_id, jobs.c.other_run_id == run_id))
         if kind is not None:
@@ -137,4 +143,73 @@ class SolutionsAPI:
         if row is None:
             raise StoreError(f"no job with id {job_id} in {self._where}: list a run's jobs with "
                              "`python -m engine checkpoints RUN`")
+        return row
+
+
+class StudiesAPI:
+    """Learning-rate studies (engine.study): a study, its pre-training sweep and its runs in one transaction."""
+
+    def create_study(self, name: str, spec: dict, items: list[dict], *, owner: str | None = None) -> int:
+        """A new study, its pre-training sweep and the sweep's runs (items as for create_runs, each with a
+        study_role), all or nothing; returns the study id. owner: the claimer advancing it (a CLI
+        process), else any worker advances it."""
+        now = time.time()
+        rows = [_new_run_row(item, now) for item in items]
+        with self._write() as conn:
+            sweep_id = conn.execute(insert(sweeps).values(uid=new_uid(), name=str(name),
+                                                          spec=to_json({"study": name, **spec}, "sweep spec"),
+                                                          created_at=now)).inserted_primary_key[0]
+            study_id = conn.execute(insert(studies).values(uid=new_uid(), name=str(name), spec=to_json(spec, "study spec"),
+                                                           status="running", owner=owner, sweep_id=sweep_id,
+                                                           created_at=now)).inserted_primary_key[0]
+            for row in rows:
+                row.update(sweep_id=sweep_id, study_id=study_id)
+                conn.execute(insert(runs).values(row))
+        return study_id
+
+    def get_study(self, study_id) -> StudyInfo:
+        with self._read() as conn:
+            return StudyInfo.from_row(self._require_study(conn, study_id))
+
+    def list_studies(self, *, status=None) -> list[StudyInfo]:
+        """Newest first."""
+        query = select(studies)
+        if status is not None:
+            query = query.where(studies.c.status == status)
+        with self._read() as conn:
+            rows = conn.execute(query.order_by(studies.c.id.desc())).all()
+        return [StudyInfo.from_row(row) for row in rows]
+
+    def set_study_status(self, study_id, status: str, *, owner=...) -> None:
+        """running | finished | cancelled; owner (when given) passes the study to another claimer, or to
+        the workers (None)."""
+        if status not in ("running", "finished", "cancelled"):
+            raise StoreError(f"unknown study status {status!r}: use running, finished or cancelled")
+        values = {"status": status, "finished_at": time.time() if status != "running" else None}
+        if owner is not ...:
+            values["owner"] = owner
+        with self._write() as conn:
+            row = self._require_study(conn, study_id)
+            conn.execute(update(studies).where(studies.c.id == row.id).values(values))
+
+    def hand_over_study(self, study_id, owner: str | None) -> None:
+        """Give a study (and its queued runs and jobs) to another owner: a CLI process resuming it, or
+        None, the workers. Its interrupted runs are anyone's to resume already."""
+        with self._write() as conn:
+            row = self._require_study(conn, study_id)
+            conn.execute(update(studies).where(studies.c.id == row.id).values(owner=owner, status="running",
+                                                                            finished_at=None))
+            conn.execute(update(runs).where(runs.c.study_id == row.id, runs.c.status == "queued")
+                         .values(worker_id=owner))
+            conn.execute(update(jobs).where(jobs.c.study_id == row.id, jobs.c.status == "queued")
+                         .values(worker_id=owner))
+
+    def _require_study(self, conn, study_id):
+        try:
+            number = int(study_id)
+        except (TypeError, ValueError):
+            number = None
+        row = None if number is None else conn.execute(select(studies).where(studies.c.id == number)).first()
+        if row is None:
+            raise StoreError(f"no study with id {study_id} in {self._where}: list studies with `python -m engine report`")
         return row

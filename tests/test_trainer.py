@@ -134,8 +134,11 @@ def test_conv_nets_train_with_every_metric(model, width):
 
 
 def test_every_logged_key_is_in_the_registry():
-    m = single(RunConfig(mode="lrwd", lr=0.1, wd=0.01, sharpness_every=7, trace_samples=1, **FAST))
-    logged = {k for _, _, _, values in m.recorder.rows for k in values}
+    digits = single(RunConfig(mode="lrwd", lr=0.1, wd=0.01, sharpness_every=7, trace_samples=1, **FAST))
+    ticks = single(RunConfig(dataset="ticks", norm="layer", width=8, depth=2, batch_size=16, epochs=1,
+                             log_every=16))
+    logged = {k for m in (digits, ticks) for _, _, _, values in m.recorder.rows for k in values}
+    assert {f"feature_acc/{k}" for k in range(16)} <= logged
     assert all(registry.is_known(k) for k in logged), [k for k in logged if not registry.is_known(k)]
     declared = {k for q in QUANTITIES for k in q.keys}
     assert {registry.spec(k).key for k in logged} == declared
