@@ -14,11 +14,12 @@ History: 1 the first schema; 2 runs.imported_at and runs.claim (imported runs ar
 
 from collections.abc import Callable
 
-from sqlalchemy import inspect, select, text, update
+from sqlalchemy import (Column, Float, ForeignKey, Index, Integer, MetaData, PrimaryKeyConstraint, String, Table,
+                        Text, inspect, select, text, update)
 from sqlalchemy.engine import Connection
 
 from .errors import StoreError
-from .schema import checkpoints, jobs, meta, metadata, studies
+from .schema import meta, metadata, studies
 
 BASE_VERSION = 1
 
@@ -30,12 +31,50 @@ def _to_v2(conn: Connection) -> None:
     conn.execute(text("ALTER TABLE runs ADD COLUMN claim VARCHAR(32)"))
 
 
+def _v3_tables() -> tuple[Table, Table]:
+    """The checkpoints and jobs tables as version 3 made them. Frozen here: storage.schema holds the
+    current shape, and later versions add to these tables with their own steps (jobs gained study_id
+    in version 4), so creating them from storage.schema would run those steps twice."""
+    v3 = MetaData()
+    Table("runs", v3, Column("id", Integer, primary_key=True))  # the target of the foreign keys only
+    kept = Table(
+        "checkpoints", v3,
+        Column("run_id", Integer, ForeignKey("runs.id", ondelete="CASCADE"), nullable=False),
+        Column("epoch", Integer, nullable=False),
+        Column("step", Integer, nullable=False),
+        Column("path", Text, nullable=False),
+        Column("bytes", Integer, nullable=False),
+        Column("created_at", Float, nullable=False),
+        PrimaryKeyConstraint("run_id", "epoch", name="pk_checkpoints"),
+    )
+    analysis_jobs = Table(
+        "jobs", v3,
+        Column("id", Integer, primary_key=True, autoincrement=True),
+        Column("kind", String(16), nullable=False),
+        Column("run_id", Integer, ForeignKey("runs.id", ondelete="CASCADE"), nullable=False),
+        Column("other_run_id", Integer, ForeignKey("runs.id", ondelete="CASCADE")),
+        Column("spec", Text, nullable=False),
+        Column("status", String(16), nullable=False),
+        Column("result", Text),
+        Column("error", Text),
+        Column("worker_id", Text),
+        Column("claim", String(32)),
+        Column("heartbeat_at", Float),
+        Column("created_at", Float, nullable=False),
+        Column("finished_at", Float),
+        Index("ix_jobs_status", "status"),
+        Index("ix_jobs_run", "run_id"),
+        sqlite_autoincrement=True,
+    )
+    return kept, analysis_jobs
+
+
 def _to_v3(conn: Connection) -> None:
     """Forks (runs.parent_id, runs.fork_epoch), kept checkpoints and analysis jobs."""
     conn.execute(text("ALTER TABLE runs ADD COLUMN parent_id INTEGER REFERENCES runs(id) ON DELETE SET NULL"))
     conn.execute(text("ALTER TABLE runs ADD COLUMN fork_epoch INTEGER"))
-    checkpoints.create(conn)
-    jobs.create(conn)
+    for table in _v3_tables():
+        table.create(conn)
 
 
 def _to_v4(conn: Connection) -> None:
