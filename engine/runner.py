@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from storage import HEARTBEAT_EVERY_S, ClaimLost, Store, StoreError, write_atomically
+from storage import HEARTBEAT_EVERY_S, ClaimLost, RunNotFound, Store, StoreError, write_atomically
 
 from . import shutdown
 from .analysis import analyze_stored
@@ -25,6 +25,7 @@ from .trainer import Member, Trainer
 
 POLL_EVERY_S = 0.5        # how often the store is asked for commands
 ANALYZE_EVERY_S = 5.0     # how often the live regime label and spikes are refreshed
+ANALYSIS_SHARE_S = 0.5    # in a large pack each member's analysis comes round every this many seconds per member
 EX_TEMPFAIL = 75          # a run process's exit code when the store stayed locked and its runs' end went unrecorded
 
 
@@ -60,45 +61,88 @@ class StoreRecorder:
         """write(...), or mark the run lost if it was taken from this process."""
         try:
             return write(*args, **kwargs)
-        except ClaimLost as exc:
-            self.lost = str(exc)
-            self.writer.discard()
+        except (ClaimLost, RunNotFound) as exc:
+            self.lose(exc)
             return None
+
+    def lose(self, error: Exception) -> None:
+        self.lost = str(error)
+        self.writer.discard()
+
+
+class PackPoller:
+    """The store calls of all members trained in one process, made together whatever the pack's size:
+    one heartbeat transaction a second, one look at the commands table every POLL_EVERY_S, and the
+    members' live analyses spread out (each every ANALYZE_EVERY_S, or every ANALYSIS_SHARE_S per member
+    in a large pack, one at a time)."""
+
+    def __init__(self, store: Store):
+        self.store = store
+        self.controls: dict[int, "StoreControl"] = {}
+        self.next_beat = self.next_poll = self.next_analysis = 0.0
+
+    def live(self) -> dict[int, "StoreControl"]:
+        return {rid: c for rid, c in self.controls.items()
+                if c.member is not None and not c.recorder.lost and c.stop_reason is None and not c.ended}
+
+    def work(self) -> None:
+        now = time.monotonic()
+        live = self.live()
+        if now >= self.next_beat and live:
+            for run_id, error in self.store.heartbeats({rid: c.member.step for rid, c in live.items()}).items():
+                live[run_id].recorder.lose(error)
+            self.next_beat = now + HEARTBEAT_EVERY_S
+        if now >= self.next_poll and live:
+            taken, lost = self.store.take_commands_for(list(live))
+            for run_id, error in lost.items():
+                live[run_id].recorder.lose(error)
+            for run_id, cmds in taken.items():
+                live[run_id].inbox.extend(cmds)
+            self.next_poll = now + POLL_EVERY_S
+
+    def analysis_turn(self, control: "StoreControl") -> bool:
+        """Whether `control` may refresh its analysis now: it is due, and no other member did just now."""
+        now = time.monotonic()
+        if now < control.next_analysis or now < self.next_analysis:
+            return False
+        period = max(ANALYZE_EVERY_S, ANALYSIS_SHARE_S * len(self.controls))
+        control.next_analysis = now + period
+        self.next_analysis = now + period / max(1, len(self.controls))
+        return True
 
 
 class StoreControl:
     """A member's control (trainer.Control): heartbeats, the live regime label, and the commands table —
-    pause parks the member, resume brings it back, stop ends it, set_elr/set_lr change its rate.
-    After a SIGTERM of the process (engine.shutdown) the member stops as `interrupted`, resumable;
-    a member whose run was taken from this process (recorder.lost) stops and writes nothing more."""
+    pause parks the member, resume brings it back, stop ends it, set_elr/set_lr change its rate — through
+    the pack's PackPoller. After a SIGTERM of the process (engine.shutdown) the member stops as
+    `interrupted`, resumable; a member whose run was taken from this process (recorder.lost) stops and
+    writes nothing more."""
 
-    def __init__(self, store: Store, run_id: int, recorder: StoreRecorder):
-        self.store, self.run_id, self.recorder = store, run_id, recorder
-        self.next_poll = self.next_beat = self.next_analysis = 0.0
+    def __init__(self, store: Store, run_id: int, recorder: StoreRecorder, poller: PackPoller):
+        self.store, self.run_id, self.recorder, self.poller = store, run_id, recorder, poller
+        poller.controls[run_id] = self
+        self.member: Member | None = None
+        self.inbox: list = []
+        self.next_analysis = 0.0
         self.stop_reason: str | None = None
-        self.paused = False
+        self.paused = self.ended = False
         self.regime: str | None = None
         self.spikes: set[int] = set()
 
     def poll(self, member: Member) -> str | None:
         if shutdown.requested():
             return self._stop("interrupted")
+        self.member = member
         action = self.recorder.guard(self._poll, member)
         return self._stop("lost") if self.recorder.lost else action
 
     def _poll(self, member: Member) -> str | None:
-        now = time.monotonic()
-        if now >= self.next_beat:
-            self.store.heartbeat(self.run_id, member.step)
-            self.next_beat = now + HEARTBEAT_EVERY_S
-        if now >= self.next_analysis and not self.paused:
+        self.poller.work()
+        if not self.paused and self.poller.analysis_turn(self):
             self.refresh_analysis(member)
-            self.next_analysis = now + ANALYZE_EVERY_S
-        if now < self.next_poll:
-            return None
-        self.next_poll = now + POLL_EVERY_S
         action = None
-        for cmd in self.store.take_commands(self.run_id):
+        commands, self.inbox = self.inbox, []
+        for cmd in commands:
             if cmd.kind == "stop":
                 return self._stop(cmd.payload.get("status", "cancelled"))
             if cmd.kind in ("set_elr", "set_lr"):
@@ -202,7 +246,10 @@ def execute(store: Store, claims: dict[int, str], *, device: str | None = None, 
             statuses[info.id] = _end_run(store, info.id, "failed", str(exc))
         return statuses
 
+    poller = PackPoller(store)
+
     def finish(m: Member) -> None:
+        m.control.ended = True
         status = m.result.status if m.result.status != "stopped" else m.control.stop_reason or "cancelled"
         if status != "lost":
             m.recorder.flush()
@@ -211,7 +258,7 @@ def execute(store: Store, claims: dict[int, str], *, device: str | None = None, 
         statuses[m.run_id] = _end_run(store, m.run_id, status, recorder=m.recorder)
 
     for info, m in zip(infos, trainer.members):
-        _attach(store, info, m, claims[info.id], finish)
+        _attach(store, info, m, claims[info.id], finish, poller)
         if len(infos) > 1:
             others = ", ".join(str(i.id) for i in infos if i.id != info.id)
             m.recorder.event(m.step, "note", {"text": f"packed with run(s) {others} on {trainer.device}"})
@@ -280,14 +327,14 @@ def _load(path: str, device: torch.device, what: str) -> dict:
                           "it is damaged or not a spherelab checkpoint") from None
 
 
-def _attach(store: Store, info, m: Member, claim: str, finish) -> None:
+def _attach(store: Store, info, m: Member, claim: str, finish, poller: PackPoller) -> None:
     """Connect a member to its stored run: recorder, control, checkpoints, the trace cut back to where
     it resumes (the stored trace is exactly one trajectory), status running."""
     m.run_id, m.claim = info.id, claim
     resumed_from = m.step if not m.needs_start_point else None
     store.truncate_after(info.id, m.step if resumed_from is not None else -1)
     m.recorder = StoreRecorder(store, info.id)
-    m.control = StoreControl(store, info.id, m.recorder)
+    m.control = StoreControl(store, info.id, m.recorder, poller)
     if resumed_from is not None:   # what was already announced before the checkpoint stays announced
         m.control.regime = info.regime
         m.control.spikes = {e.step for e in store.events(info.id, ["spike"])}

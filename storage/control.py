@@ -5,6 +5,7 @@ import time
 
 from sqlalchemy import delete, insert, select, update
 
+from .database import as_id
 from .errors import StoreError
 from .jsontext import to_json
 from .records import Command, Event
@@ -52,21 +53,39 @@ class ControlAPI:
                 created_at=time.time())).inserted_primary_key[0]
 
     def take_commands(self, run_id) -> list[Command]:
-        """Unconsumed commands, oldest first, marked consumed: each is returned exactly once."""
-        pending = select(commands).where(commands.c.consumed_at.is_(None))
-        with self._read() as conn:  # the common case, nothing pending, needs no write lock
-            run = self._require_run(conn, run_id)
-            pending = pending.where(commands.c.run_id == run.id).order_by(commands.c.id)
-            if conn.execute(pending.limit(1)).first() is None:
-                return []
-        taken = []
+        """Unconsumed commands, oldest first, marked consumed: each is returned exactly once. ClaimLost
+        for a run this Store holds that was taken from it (it must not take its successor's commands)."""
+        with self._read() as conn:
+            self._require_run(conn, run_id)
+        taken, lost = self.take_commands_for([run_id])
+        for error in lost.values():
+            raise error
+        return taken.get(as_id(run_id), [])
+
+    def take_commands_for(self, run_ids) -> tuple[dict[int, list[Command]], dict[int, StoreError]]:
+        """take_commands for several runs (a pack's members) at once: ({run id: commands}, {run id lost to
+        this process: why}). One read when nothing is pending, the common case."""
+        ids = [as_id(run_id) for run_id in run_ids]
+        pending = (select(commands).where(commands.c.consumed_at.is_(None), commands.c.run_id.in_(ids))
+                   .order_by(commands.c.id))
+        with self._read() as conn:   # nothing pending needs no write lock
+            waiting = {row.run_id for row in conn.execute(pending).all()}
+        taken: dict[int, list[Command]] = {}
+        lost: dict[int, StoreError] = {}
+        if not waiting:
+            return taken, lost
         with self._write() as conn:
-            self._run_for_write(conn, run_id)   # a process that lost the run must not take its commands
-            for row in conn.execute(pending).all():
-                claim = update(commands).where(commands.c.id == row.id, commands.c.consumed_at.is_(None))
-                if conn.execute(claim.values(consumed_at=time.time())).rowcount == 1:
-                    taken.append(Command.from_row(row))
-        return taken
+            for run_id in sorted(waiting):
+                try:
+                    self._run_for_write(conn, run_id)
+                except StoreError as exc:   # ClaimLost or RunNotFound
+                    lost[run_id] = exc
+                    continue
+                for row in conn.execute(pending.where(commands.c.run_id == run_id)).all():
+                    claim = update(commands).where(commands.c.id == row.id, commands.c.consumed_at.is_(None))
+                    if conn.execute(claim.values(consumed_at=time.time())).rowcount == 1:
+                        taken.setdefault(run_id, []).append(Command.from_row(row))
+        return taken, lost
 
     # ---- workers
     def worker_heartbeat(self, worker_id: str, *, host: str, pid: int, device: str, max_parallel: int) -> None:

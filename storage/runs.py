@@ -183,9 +183,23 @@ class RunsAPI:
     def heartbeat(self, run_id, step: int) -> None:
         """The run's process is alive and has reached `step` (requeue_stale looks at this). Raises
         ClaimLost for a run this Store holds (see hold) that was taken from it."""
+        for error in self.heartbeats({run_id: step}).values():
+            raise error
+
+    def heartbeats(self, steps: dict) -> dict[int, StoreError]:
+        """heartbeat for several runs (a pack's members) in one transaction; returns those lost to this
+        process (run id -> the ClaimLost or RunNotFound saying why), whose heartbeats were not written."""
+        lost: dict[int, StoreError] = {}
+        now = time.time()
         with self._write() as conn:
-            row = self._run_for_write(conn, run_id)
-            conn.execute(update(runs).where(runs.c.id == row.id).values(heartbeat_at=time.time(), step=int(step)))
+            for run_id, step in steps.items():
+                try:
+                    row = self._run_for_write(conn, run_id)
+                except StoreError as exc:   # ClaimLost or RunNotFound: not this process's any more
+                    lost[run_id] = exc
+                    continue
+                conn.execute(update(runs).where(runs.c.id == row.id).values(heartbeat_at=now, step=int(step)))
+        return lost
 
     # ---- workers taking runs
     def claim_next_run(self, worker_id: str, *, run_ids=None) -> RunInfo | None:
