@@ -51,3 +51,54 @@ PRESETS = {p.name: p for p in (
            RunConfig(model="convnet_si", dataset="cifar10", mode="sphere", elr=1e-3, epochs=200, log_every=50,
                      sharpness_every=390, tags=("preset",)), needs_data_dir=True),
 )}
+
+
+@dataclass(frozen=True)
+class StudyPreset:
+    """A learning-rate study (engine.study) with its protocol fixed: one click pre-trains the PLR grid,
+    fine-tunes and averages every end point and measures the geometry. Verified by
+    tests/test_presets.py on a reduced version (fewer PLRs and seeds, same toy and schedule)."""
+    name: str
+    description: str
+    base: RunConfig
+    pretrain_elrs: tuple[float, ...]
+    pretrain_epochs: int
+    finetune_elrs: tuple[float, ...]
+    finetune_epochs: int
+    average: int
+    seeds: tuple[int, ...]
+
+    def create(self, store, reserve_for: str | None = None, **changes) -> int:
+        """Create the study in `store` (its pre-training sweep queued); returns the study id.
+        `changes` replace protocol fields (pretrain_elrs=…, seeds=…) or base config fields."""
+        from .study import create_study   # the study needs the store; presets are read without one
+        protocol = {f: changes.pop(f, getattr(self, f)) for f in
+                    ("pretrain_elrs", "pretrain_epochs", "finetune_elrs", "finetune_epochs", "average", "seeds")}
+        return create_study(store, self.base.replace(**changes), name=self.name, reserve_for=reserve_for,
+                            **{k: list(v) if isinstance(v, tuple) else v for k, v in protocol.items()})
+
+
+def _log_grid(low: float, high: float, count: int) -> tuple[float, ...]:
+    return tuple(float(f"{low * (high / low) ** (i / (count - 1)):.3g}") for i in range(count))
+
+
+# The toy of SPEC §5: 512 training points, batch 16 = 32 steps per epoch; 625 epochs = 20k iterations.
+TICKS_STUDY = RunConfig(model="mlp_si", dataset="ticks", norm="layer", width=32, depth=2, batch_size=16,
+                        mode="sphere", log_every=100, eval_every=2000, tags=("preset", "study"))
+
+STUDY_PRESETS = {p.name: p for p in (
+    StudyPreset("Where do large learning rates lead us? (ticks)",
+                "The large-LR paper's protocol on the ticks toy (SPEC §10): pre-train 9 ELRs from 1e-3 to 0.1 "
+                "(20k iterations, 3 seeds), fine-tune every end point at ELR 1e-4 and 1e-3 and average its last "
+                "5 checkpoints, then compare. The PLRs fall into the three regimes, and the best model comes "
+                "from a PLR in chaotic equilibrium just above the convergence boundary, after averaging or "
+                "fine-tuning. About 5 minutes on 2 CPU cores.",
+                TICKS_STUDY, _log_grid(1e-3, 0.1, 9), 625, (1e-4, 1e-3), 312, 5, (0, 1, 2)),
+    StudyPreset("Where do large learning rates lead us? (digits)",
+                "The same protocol on scikit-learn's digits with mlp_si: pre-train 7 ELRs from 1e-3 to 0.1 for 40 "
+                "epochs (2 seeds), fine-tune at ELR 1e-4 for 20 epochs and average the last 5 checkpoints. "
+                "The PLRs fall into the three regimes; the page shows which PLR gave the best model. About 3 "
+                "minutes on 2 CPU cores.",
+                DIGITS_SPHERE.replace(tags=("preset", "study"), eval_every=44), _log_grid(1e-3, 0.1, 7), 40,
+                (1e-4,), 20, 5, (0, 1)),
+)}
