@@ -503,7 +503,9 @@ SPLIT_COLORS = {"train": "#1f77b4", "test": "#c2409e"}
 def straight_line(alphas, values) -> np.ndarray:
     """The straight line between a path's two ends, at each α: (1−α)·value(0) + α·value(1)."""
     a, v = np.asarray(alphas, dtype=np.float64), np.asarray(values, dtype=np.float64)
-    return v[0] + (a - a[0]) / ((a[-1] - a[0]) or 1.0) * (v[-1] - v[0])
+    line = v[0] + (a - a[0]) / ((a[-1] - a[0]) or 1.0) * (v[-1] - v[0])
+    line[[0, -1]] = v[[0, -1]]   # the ends exactly, not up to rounding
+    return line
 
 
 def barrier_point(alphas, values) -> tuple[float, float, float, float]:
@@ -514,7 +516,8 @@ def barrier_point(alphas, values) -> tuple[float, float, float, float]:
     line = straight_line(a, v)
     excess = np.where(np.isfinite(v), v - line, -np.inf)
     i = int(np.argmax(excess))
-    return float(a[i]), float(v[i]), float(line[i]), max(float(excess[i]), 0.0)
+    noise = 1e-9 * float(np.nanmax(np.abs(v))) if np.isfinite(v).any() else 0.0   # rounding, not a bump
+    return float(a[i]), float(v[i]), float(line[i]), float(excess[i]) if excess[i] > noise else 0.0
 
 
 def barrier_text(key: str, value: float) -> str:

@@ -94,6 +94,14 @@ def lineage(store: Store, run: RunInfo) -> list[tuple[int, int]]:
     return chain
 
 
+def family_jobs(store: Store, run: RunInfo, branches: list[RunInfo]) -> list[JobInfo]:
+    """The run's averages and geometries, and the geometries of its branches (newest first)."""
+    jobs = {j.id: j for j in store.list_jobs(run_id=run.id)}
+    for child in branches:
+        jobs.update({j.id: j for j in store.list_jobs(run_id=child.id, kind="geometry")})
+    return sorted(jobs.values(), key=lambda j: -j.id)
+
+
 def solution_text(end: dict) -> str:
     """{"run": 3, "epoch": 12} -> "#3 at epoch 12"."""
     return f"#{end['run']} at epoch {end['epoch']}"

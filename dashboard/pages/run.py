@@ -95,9 +95,11 @@ def branch_form(store: Store, run: RunInfo, kept: list[int]) -> None:
     at = at_col.selectbox("Branch at epoch", kept, index=len(kept) - 1, key=f"b-at-{run.id}")
     new_rate = rate_col.number_input(label, min_value=0.0, value=float(f"{rate / 10:.3g}"), format="%.3g",
                                      key=f"b-rate-{run.id}", help=f"this run's {rate_key}: {rate:.3g}")
-    remaining = int(run.config.get("epochs", 0)) - kept[-1]
+    # default: the parent's remaining epochs after its last kept one, else as many as it trained itself
+    total = int(run.config.get("epochs", 10))
+    remaining = total - kept[-1]
     epochs = epochs_col.number_input("Epochs after the branch", min_value=0, max_value=100_000,
-                                     value=remaining if remaining > 0 else int(run.config.get("epochs", 10)),
+                                     value=remaining if remaining > 0 else max(1, total - (run.fork_epoch or 0)),
                                      key=f"b-epochs-{run.id}")
     if st.button("Branch: queue the child run", key=f"b-go-{run.id}", icon=":material/call_split:", type="primary"):
         try:
@@ -151,15 +153,18 @@ def family_and_jobs(store: Store, run_id: int) -> None:
     """The run's branches and its averages and geometries, with their status (followed while they move)."""
     run = store.get_run(run_id)
     branches = solutions.children(store, run.id)
-    jobs = store.list_jobs(run_id=run.id)
+    jobs = solutions.family_jobs(store, run, branches)
     averages = [j for j in jobs if j.kind == "average" and j.run_id == run.id]
     geometries = [j for j in jobs if j.kind == "geometry"]
     if branches:
         st.markdown(f"**Branches of this run** ({len(branches)})")
         for child in branches:
             rate_key, rate = data.rate_of(child.config)
+            state = child.status if child.is_terminal else f"{child.status} ({child.progress:.0%})"
+            accuracy = views.last_value(store, child.id, "test_acc")
+            reached = f", last test_acc {accuracy:.1%}" if accuracy is not None else ""
             st.page_link(ui.RUN_PAGE, label=md(f"{data.run_label(child)}: from epoch {child.fork_epoch}, "
-                                               f"{rate_key} {rate:.3g}, {child.status} ({child.progress:.0%})"),
+                                               f"{rate_key} {rate:.3g}, {state}{reached}"),
                          icon=":material/call_split:", query_params={"run": str(child.id)})
         links = st.columns(2)
         links[0].page_link(ui.COMPARE_PAGE, label="Compare the branches, each continuing this run",
@@ -173,7 +178,7 @@ def family_and_jobs(store: Store, run_id: int) -> None:
         st.markdown("**Averages (SWA)**")
         views.averages_table(store, run, averages)
     if geometries:
-        st.markdown("**Geometries with this run**")
+        st.markdown("**Geometries with this run or its branches**")
         for job in geometries:
             st.page_link(ui.SOLUTIONS_PAGE, label=md(views.geometry_line(job)), icon=":material/straighten:",
                          query_params={"job": str(job.id)})
@@ -208,7 +213,7 @@ def main(store: Store) -> None:
     ui.follow(live_part, store, [run.id], run.id, keys)
     branch_and_average(store, run)
     branches = solutions.children(store, run.id)
-    pending = [j.id for j in store.list_jobs(run_id=run.id) if j.status in ui.JOB_PENDING]
+    pending = [j.id for j in solutions.family_jobs(store, run, branches) if j.status in ui.JOB_PENDING]
     ui.follow(family_and_jobs, store, [c.id for c in branches], run.id, job_ids=pending)
     with st.expander("Manage this run: rename, tags, notes, bundle, delete", icon=":material/edit:"):
         manage.run_section(store, run)
