@@ -17,6 +17,7 @@ PAGES = {
         st.Page("dashboard/pages/compare.py", title="Compare", icon=":material/stacked_line_chart:"),
         st.Page("dashboard/pages/regime_map.py", title="Regime map", icon=":material/scatter_plot:"),
         st.Page("dashboard/pages/periodic.py", title="Periodic behaviour", icon=":material/waves:"),
+        st.Page("dashboard/pages/solutions.py", title="Solutions", icon=":material/straighten:"),
     ],
     "Learn": [
         st.Page("dashboard/pages/teach.py", title="Teach", icon=":material/school:"),

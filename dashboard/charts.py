@@ -159,15 +159,19 @@ def _series(frame: pd.DataFrame, key: str, x: str = "step") -> tuple[np.ndarray,
 # ---- overlays of runs ---------------------------------------------------------------------------
 def overlay(front: pd.DataFrame, keys: list[str], names: dict[int, str], *, x: str = "step",
             log_x: bool = False, log_keys=(), faint: pd.DataFrame | None = None,
-            regimes: dict[int, str] | None = None, row_height: int = 280, cols: int = 1) -> go.Figure:
+            regimes: dict[int, str] | None = None, row_height: int = 280, cols: int = 1,
+            forks: dict[int, str] | None = None) -> go.Figure:
     """One panel per metric key, one colour per run (or per seed group).
 
     front, faint: long frames (run_id, key, step, x, value; optionally lo and hi for a mean ± std
     band) as series.with_x makes them. `faint` (the raw curves behind smoothed ones) is drawn thin
     and pale. x is "step", "epoch", "wall_time" or a metric key: then each panel is a phase diagram
     (the key against that metric at the same steps) with each run's start point marked. regimes
-    (run id -> label) adds the regime to the legend and writes it at the end of each curve."""
-    regimes = regimes or {}
+    (run id -> label) adds the regime to the legend and writes it at the end of each curve.
+    A fork drawn with its ancestors (front rows with `lead` true, `source` the ancestor's id, as
+    data.compare_frames makes them) continues a dotted, paler line in its own colour up to where it
+    branched, marked with a diamond; forks (run id -> "branched from #P at epoch E") says so on hover."""
+    regimes, forks = regimes or {}, forks or {}
     # the first panel's regime labels run past its right edge: into a wider gap between columns,
     # or into a wider right margin
     fig, cells = _grid(keys, cols, x in INDEX_X, row_height, titles=cols > 1, gap=0.16 if regimes else 0.1)
@@ -189,6 +193,15 @@ def overlay(front: pd.DataFrame, keys: list[str], names: dict[int, str], *, x: s
             points = front_series.get((run_id, key))
             if points is None:
                 continue
+            whole = points
+            if "lead" in points and points["lead"].any():
+                lead = points["lead"].to_numpy(dtype=bool)
+                points = points[~lead]
+                _lead(fig, whole[lead], points, color, run_id, name, key, x, row, col)
+            if points.empty:
+                continue
+            if run_id in forks:
+                _mark_fork(fig, points, color, forks[run_id], row, col)
             if "lo" in points:
                 _band(fig, points, color, run_id, row, col)
             fig.add_trace(go.Scatter(
@@ -198,7 +211,7 @@ def overlay(front: pd.DataFrame, keys: list[str], names: dict[int, str], *, x: s
                 hovertemplate=f"{html(name)}<br>{x} %{{x:.4g}}<br>{key} %{{y:.4g}}<br>step %{{customdata}}"
                               "<extra></extra>"), row=row, col=col)
             if phase:   # "start" written once per panel: the runs of a sweep start side by side
-                _mark_start(fig, points, color, row, col, label=(row, col) not in started)
+                _mark_start(fig, whole, color, row, col, label=(row, col) not in started)
                 started.add((row, col))
             if run_id in regimes and first:
                 finite = points[np.isfinite(points["x"]) & np.isfinite(points["value"])]
@@ -279,6 +292,34 @@ def _band(fig: go.Figure, points: pd.DataFrame, color: str, run_id: int, row: in
                                  hoverinfo="skip"), row=row, col=col)
 
 
+LEAD_LINE = dict(width=1.6, dash="dot")
+
+
+def _lead(fig: go.Figure, lead: pd.DataFrame, own: pd.DataFrame, color: str, run_id: int, name: str, key: str,
+          x: str, row: int, col: int) -> None:
+    """A fork's ancestors up to where it branched: dotted and paler, in the fork's colour, joined to
+    its own first point so the two read as one curve."""
+    joined = pd.concat([lead, own.iloc[:1]]) if not own.empty else lead
+    source = joined["source"].fillna(-1).astype(int).to_numpy() if "source" in joined else np.full(len(joined), -1)
+    fig.add_trace(go.Scatter(
+        x=joined["x"], y=_finite(joined["value"]), mode="lines", line=dict(color=color, **LEAD_LINE), opacity=0.6,
+        legendgroup=str(run_id), showlegend=False, customdata=np.stack([joined["step"].to_numpy(), source], axis=-1),
+        hovertemplate=f"{html(name)}, before it branched: run #%{{customdata[1]}}<br>{x} %{{x:.4g}}<br>"
+                      f"{key} %{{y:.4g}}<br>step %{{customdata[0]}}<extra></extra>"), row=row, col=col)
+
+
+def _mark_fork(fig: go.Figure, own: pd.DataFrame, color: str, text: str, row: int, col: int) -> None:
+    """A filled diamond where a fork starts (its first point), saying where it branched from on hover."""
+    finite = own[np.isfinite(own["x"]) & np.isfinite(own["value"])]
+    if finite.empty:
+        return
+    first = finite.iloc[0]
+    fig.add_trace(go.Scatter(x=[first["x"]], y=[first["value"]], mode="markers", showlegend=False,
+                             marker=dict(symbol="diamond", size=11, color=color, line=dict(color="white", width=1)),
+                             hovertemplate=f"{html(text)}<br>step {int(first['step'])}<extra></extra>"),
+                  row=row, col=col)
+
+
 def _mark_start(fig: go.Figure, points: pd.DataFrame, color: str, row: int, col: int, label: bool = True) -> None:
     """An open circle at the run's first point; the word "start" beside the first circle of a panel
     only (a sweep's runs start side by side: one word per run piled up)."""
@@ -295,9 +336,11 @@ def _mark_start(fig: go.Figure, points: pd.DataFrame, color: str, row: int, col:
 
 # ---- one run ------------------------------------------------------------------------------------
 def run_curves(frame: pd.DataFrame, keys: list[str], *, run_id: int, spikes=(), rate_changes=(),
-               cols: int = 2) -> go.Figure:
+               cols: int = 2, kept=()) -> go.Figure:
     """One run's metrics against step, a panel per key (log scale for keys that span decades),
-    with loss spikes as red dashed lines and ELR/LR changes as grey dotted ones across all panels."""
+    with loss spikes as red dashed lines and ELR/LR changes as grey dotted ones across all panels.
+    kept: (step, epoch) of each kept checkpoint, marked on every curve (a run can be branched or
+    averaged there)."""
     # one step axis for all panels: aligned, with tick labels only under the lowest (over a lower
     # panel's title they overlapped it)
     fig, cells = _grid(keys, cols, "all", 240)
@@ -307,12 +350,45 @@ def run_curves(frame: pd.DataFrame, keys: list[str], *, run_id: int, spikes=(), 
         fig.add_trace(go.Scatter(x=steps, y=values, mode="lines",
                                  name=key, line=dict(color=color, width=1.6), showlegend=False,
                                  hovertemplate=f"step %{{x}}<br>{key} %{{y:.4g}}<extra></extra>"), row=row, col=col)
+        _mark_kept(fig, steps, values, kept, registry.is_log(key), row, col, legend=(row, col) == cells[0])
         fig.update_yaxes(**scale(values, registry.is_log(key)), row=row, col=col)
     _x_titles(fig, cells, cols, "step")
     _mark_steps(fig, spikes, rate_changes)
+    if kept:
+        fig.update_layout(legend=dict(LEGEND, y=1.06), showlegend=True)
     # the same uirevision across refreshes keeps the user's zoom while live data arrives
     fig.update_layout(uirevision=str(run_id))
     return fig
+
+
+KEPT_MARKER = dict(symbol="diamond-open", size=8, color="#37474f", line=dict(width=1.5))
+
+
+def kept_points(steps, values, kept, log: bool) -> tuple[list[int], list[int], np.ndarray]:
+    """(steps, epochs, values) where the curve passes each kept checkpoint's step: the logged points
+    joined as drawn (straight on the axis's scale), so a marker sits on the line. Kept steps outside
+    the logged range (not logged yet) are left out."""
+    steps, values = np.asarray(steps, dtype=np.float64), np.asarray(values, dtype=np.float64)
+    finite = np.isfinite(values) & ((values > 0) if log else True)
+    steps, values = steps[finite], values[finite]
+    inside = [(s, e) for s, e in kept if steps.size and steps[0] <= s <= steps[-1]]
+    if not inside:
+        return [], [], np.array([])
+    at = np.array([s for s, _ in inside], dtype=np.float64)
+    drawn = np.log10(values) if log else values
+    ys = np.interp(at, steps, drawn)
+    return [s for s, _ in inside], [e for _, e in inside], 10 ** ys if log else ys
+
+
+def _mark_kept(fig: go.Figure, steps, values, kept, log: bool, row: int, col: int, legend: bool) -> None:
+    xs, epochs, ys = kept_points(steps, values, kept, log)
+    if not xs:
+        return
+    fig.add_trace(go.Scatter(x=xs, y=ys, mode="markers", marker=KEPT_MARKER, customdata=epochs,
+                             name="kept checkpoint (branch or average from here)", legendgroup="kept",
+                             showlegend=legend,
+                             hovertemplate="kept checkpoint<br>epoch %{customdata}<br>step %{x}<extra></extra>"),
+                  row=row, col=col)
 
 
 def _mark_steps(fig: go.Figure, spikes, rate_changes) -> None:
@@ -415,6 +491,86 @@ def sharpness(long: pd.DataFrame, names: dict[int, str]) -> go.Figure:
     fig.update_yaxes(title_text="sharpness  (dashed: 2(1+μ)/elr)", **log_axis(long["value"] if not long.empty else []))
     fig.update_xaxes(title_text="step")
     fig.update_layout(height=420, margin=MARGIN, legend=LEGEND, uirevision="sharpness")
+    return fig
+
+
+# ---- solutions: the path between two of them ------------------------------------------------------
+GEOMETRY_PANELS = (("loss along the path", ("train_loss", "test_loss")),
+                   ("error (1 − accuracy) along the path", ("train_err", "test_err")))
+SPLIT_COLORS = {"train": "#1f77b4", "test": "#c2409e"}
+
+
+def straight_line(alphas, values) -> np.ndarray:
+    """The straight line between a path's two ends, at each α: (1−α)·value(0) + α·value(1)."""
+    a, v = np.asarray(alphas, dtype=np.float64), np.asarray(values, dtype=np.float64)
+    line = v[0] + (a - a[0]) / ((a[-1] - a[0]) or 1.0) * (v[-1] - v[0])
+    line[[0, -1]] = v[[0, -1]]   # the ends exactly, not up to rounding
+    return line
+
+
+def barrier_point(alphas, values) -> tuple[float, float, float, float]:
+    """(α, value, the straight line's value there, excess) where the path rises furthest above the
+    straight line between its ends: the barrier is the excess (0 when it never rises above it: then
+    α is an end)."""
+    a, v = np.asarray(alphas, dtype=np.float64), np.asarray(values, dtype=np.float64)
+    line = straight_line(a, v)
+    excess = np.where(np.isfinite(v), v - line, -np.inf)
+    i = int(np.argmax(excess))
+    noise = 1e-9 * float(np.nanmax(np.abs(v))) if np.isfinite(v).any() else 0.0   # rounding, not a bump
+    return float(a[i]), float(v[i]), float(line[i]), float(excess[i]) if excess[i] > noise else 0.0
+
+
+def barrier_text(key: str, value: float) -> str:
+    """A barrier as the page writes it: errors in percentage points, losses as numbers, none as 0."""
+    if value == 0:
+        return "0"
+    return f"{value:.2%}" if key.endswith("_err") else f"{value:.3g}"
+
+
+def geometry(result: dict, label_a: str, label_b: str) -> go.Figure:
+    """The linear path between two solutions (a geometry job's result): loss and error, train and
+    test, against α (0 = A, 1 = B); each curve's straight line between its ends dashed in its colour;
+    where a curve rises above that line the most (its barrier) a bar from the line up to the curve
+    and an arrow with the barrier's value. label_a, label_b: what A and B are (plain text)."""
+    alphas = np.asarray(result["alphas"], dtype=np.float64)
+    # a curve that never rises above its straight line has no barrier to point at: its panel's title says so
+    flat = {key: barrier_point(alphas, _finite(result[key]))[3] == 0 for _, keys in GEOMETRY_PANELS for key in keys}
+    titles = [title + (f" · no barrier: {', '.join(k for k in keys if flat[k])}" if any(flat[k] for k in keys) else "")
+              for title, keys in GEOMETRY_PANELS]
+    fig = make_subplots(rows=1, cols=2, subplot_titles=titles, horizontal_spacing=0.09)
+    for col, (_, keys) in enumerate(GEOMETRY_PANELS, start=1):
+        raised = 0   # barrier labels drawn in this panel: the next one goes higher
+        for key in keys:
+            color = SPLIT_COLORS[key.split("_")[0]]
+            values = _finite(result[key])
+            percent = key.endswith("_err")
+            shown = "%{y:.2%}" if percent else "%{y:.4g}"
+            fig.add_trace(go.Scatter(x=alphas, y=values, mode="lines+markers", name=key, legendgroup=key,
+                                     line=dict(color=color, width=2), marker=dict(size=5, color=color),
+                                     hovertemplate=f"α %{{x:.2f}}<br>{key} {shown}<extra></extra>"), row=1, col=col)
+            line = straight_line(alphas, values)
+            fig.add_trace(go.Scatter(x=[alphas[0], alphas[-1]], y=[line[0], line[-1]], mode="lines",
+                                     line=dict(color=color, width=1.3, dash="dash"), legendgroup=key,
+                                     showlegend=False, hoverinfo="skip", name=f"{key} straight line"),
+                          row=1, col=col)
+            at, top, base, excess = barrier_point(alphas, values)
+            if excess == 0:
+                continue
+            text = f"{key} barrier {barrier_text(key, excess)}"
+            fig.add_trace(go.Scatter(x=[at, at], y=[base, top], mode="lines", line=dict(color=color, width=3),
+                                     legendgroup=key, showlegend=False, name=f"{key} barrier",
+                                     hovertemplate=f"{text}<br>at α {at:.2f}<extra></extra>"), row=1, col=col)
+            fig.add_annotation(x=at, y=top, xref=f"x{col if col > 1 else ''}", yref=f"y{col if col > 1 else ''}",
+                               text=text, showarrow=True, arrowhead=2, arrowcolor=color, ax=0, ay=-34 - 22 * raised,
+                               font=dict(color=color, size=12), bgcolor="rgba(255, 255, 255, 0.85)")
+            raised += 1
+        fig.update_yaxes(title_text="loss" if col == 1 else "error", tickformat=".1%" if col == 2 else None,
+                         row=1, col=col)
+    fig.update_xaxes(title_text="α along the straight path from A to B", range=[-0.03, 1.03],
+                     tickvals=[0, 0.25, 0.5, 0.75, 1], ticktext=["0 · A", "0.25", "0.5", "0.75", "1 · B"])
+    fig.update_layout(height=440, margin=dict(MARGIN, t=110), legend=dict(LEGEND, y=1.16), hovermode="closest",
+                      title=dict(text=f"A = {html(label_a)}<br>B = {html(label_b)}", font=dict(size=13),
+                                 x=0, xanchor="left", y=0.98, yanchor="top"))
     return fig
 
 

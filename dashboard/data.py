@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from engine import registry
@@ -106,14 +107,20 @@ def metric_keys(store: Store, run_ids) -> list[str]:
 
 
 def compare_frames(store: Store, run_ids, keys, *, x: str = "step", max_points: int, smoothing: float = 0.0,
-                   groups: dict[int, list[int]] | None = None, log_keys=()):
+                   groups: dict[int, list[int]] | None = None, log_keys=(),
+                   lineage: dict[int, list[tuple[int, int]]] | None = None):
     """(front, faint or None): long frames with an x column, ready for charts.overlay. The EMA, the
     seed-group means and the pairing with an x metric all run on the full-resolution data
     (thinned points would change them); only then are the frames thinned for drawing. faint is
-    the raw curve behind a smoothed one."""
+    the raw curve behind a smoothed one. lineage (run id -> its ancestors as solutions.lineage gives
+    them) puts each fork's ancestors' traces, up to where it branched, before its own under its id,
+    as rows with `lead` true and `source` the ancestor's id: one curve, smoothed as one (not with
+    seed groups)."""
     wanted = list(dict.fromkeys([*keys, *([] if x in registry.INDEX_COLUMNS else [x])]))
     full = smoothing > 0 or bool(groups) or x not in registry.INDEX_COLUMNS
     raw = store.read_metrics_many(run_ids, wanted, max_points=None if full else max_points)
+    if lineage and not groups:
+        raw = with_ancestors(store, raw, lineage, wanted, max_points=None if full else max_points)
     front = smooth_long(raw, smoothing) if smoothing > 0 else raw
     faint = raw if smoothing > 0 and not groups else None
     if groups:
@@ -123,6 +130,25 @@ def compare_frames(store: Store, run_ids, keys, *, x: str = "step", max_points: 
         long = with_x(long, x)
         return thin(long[long["key"].isin(list(keys))], max_points)
     return ready(front), None if faint is None else ready(faint)
+
+
+def with_ancestors(store: Store, long: pd.DataFrame, lineage: dict[int, list[tuple[int, int]]], keys,
+                   max_points: int | None = None) -> pd.DataFrame:
+    """The long frame with, before each fork's own rows, its ancestors' rows up to where it branched
+    (each ancestor's points before the step its descendant in the chain starts at), under the fork's
+    run id; `lead` marks those rows and `source` names their run."""
+    ancestors = sorted({ancestor for chain in lineage.values() for ancestor, _ in chain})
+    theirs = store.read_metrics_many(ancestors, keys, max_points=max_points) if ancestors else long.iloc[0:0]
+    pieces = [long.assign(lead=False, source=np.nan)]
+    for run_id, chain in lineage.items():
+        if run_id not in set(long["run_id"]):
+            continue
+        for ancestor, upto in chain:
+            rows = theirs[(theirs["run_id"] == ancestor) & (theirs["step"] < upto)]
+            pieces.append(rows.assign(run_id=run_id, lead=True, source=float(ancestor)))
+    joined = pd.concat([p for p in pieces if not p.empty] or pieces[:1], ignore_index=True)
+    joined["lead"] = joined["lead"].astype(bool)
+    return joined.sort_values(["run_id", "key", "step"], kind="stable", ignore_index=True)
 
 
 def compare_csv(store: Store, runs: list[RunInfo], keys=None) -> bytes:

@@ -24,14 +24,17 @@ FIELDS = {"--model": "Model", "--width": "Width", "--depth": "Depth", "--init-sc
           "--log-every": "Log every", "--eval-every": "Test every", "--sharpness-every": "Sharpness every",
           "--probe-size": "Probe size", "--lanczos-iters": "Lanczos iterations",
           "--lanczos-tol": "Lanczos tolerance", "--trace-samples": "Trace vectors",
-          "--checkpoint-every": "Checkpoint every", "--device": "Device", "--name": "Name", "--tags": "Tags",
+          "--checkpoint-every": "Checkpoint every", "--keep-every": "Keep checkpoints every", "--device": "Device",
+          "--name": "Name", "--tags": "Tags",
           "--sweep-name": "Sweep name"}
 _FLAG = re.compile(r"--[a-z][a-z-]*( [A-Z]{2,}\b)?")
 
 
-def form_message(message: str) -> str:
-    """A validation message with the CLI's flags replaced by the form's field names."""
-    return _FLAG.sub(lambda m: f"“{FIELDS.get(m.group(0).split()[0], m.group(0))}”", str(message))
+def form_message(message: str, fields: dict[str, str] | None = None) -> str:
+    """A validation message with the CLI's flags replaced by the form's field names (`fields`: flag ->
+    label, default the Launch form's)."""
+    fields = FIELDS if fields is None else fields
+    return _FLAG.sub(lambda m: f"“{fields.get(m.group(0).split()[0], m.group(0))}”", str(message))
 
 
 @dataclass
@@ -67,6 +70,7 @@ class LaunchForm:
     lanczos_tol: float = 1e-3
     trace_samples: int = 0
     checkpoint_every: int = 1
+    keep_every: int = 0
     device: str = "auto"
     sweep_rate: bool = False
     rate_start: float = 1e-4
@@ -97,7 +101,8 @@ class LaunchForm:
                          sharpness_every=self.sharpness_every, probe_size=self.probe_size,
                          lanczos_iters=self.lanczos_iters, lanczos_tol=self.lanczos_tol,
                          trace_samples=self.trace_samples, checkpoint_every=self.checkpoint_every,
-                         device=self.device, name=self.name.strip() or None, tags=tuple(self.tags), **rates)
+                         keep_every=self.keep_every, device=self.device, name=self.name.strip() or None,
+                         tags=tuple(self.tags), **rates)
 
     def swept(self) -> dict[str, list]:
         swept = {}

@@ -22,11 +22,13 @@ COMPARE_PAGE = "dashboard/pages/compare.py"
 REGIME_PAGE = "dashboard/pages/regime_map.py"
 PERIODIC_PAGE = "dashboard/pages/periodic.py"
 TEACH_PAGE = "dashboard/pages/teach.py"
+SOLUTIONS_PAGE = "dashboard/pages/solutions.py"
 # Regime badge colours (Streamlit's names), matching charts.REGIME_COLORS. A regime the analysis
 # learns later reads grey until it gets its own.
 REGIME_BADGES = {"convergence": "green", "chaotic_equilibrium": "orange", "divergence": "red", "periodic": "violet",
                  "undetermined": "gray"}
 REFRESH_S = 1.0   # how often pages that follow training redraw
+JOB_PENDING = ["queued", "running"]   # job statuses a page keeps following
 PLOT_CONFIG = {"displaylogo": False, "modeBarButtonsToRemove": ["select2d", "lasso2d", "autoScale2d"]}
 DB_FIX = ("**How to fix:** point the dashboard at a spherelab database with the environment variable "
           "`SPHERELAB_DB` (a file path or a SQLAlchemy URL, e.g. `SPHERELAB_DB=~/runs.db streamlit run "
@@ -114,6 +116,15 @@ def publish(key: str, value: Any, default: Any = None) -> None:
     seen[key] = text
 
 
+def choose(key: str, value: Any) -> None:
+    """Give widget `key` (not drawn yet in this run) this value and write it to the URL, as if the user
+    had picked it there."""
+    text = str(value)
+    st.session_state[key] = value
+    st.query_params[key] = text
+    st.session_state.setdefault(_SEEN, {})[key] = text
+
+
 def _keep_allowed(value, allowed):
     if allowed is None or value is None:
         return value
@@ -144,12 +155,15 @@ def pick(label: str, options: dict[int, str], key: str, noun: str, default: int 
     return chosen
 
 
-def follow(body: Callable[..., None], store: Store, run_ids, *args) -> None:
+def follow(body: Callable[..., None], store: Store, run_ids, *args, job_ids=()) -> None:
     """body(store, *args) in a fragment that redraws every REFRESH_S seconds while any of run_ids
-    is queued, training or interrupted, and stops once all of them have ended (one last whole-page
-    rerun draws the final state, static)."""
+    is queued, training or interrupted, or any of job_ids (averages, geometries) is queued or being
+    computed, and stops once all of them have ended (one last whole-page rerun draws the final
+    state, static)."""
     def active() -> bool:
-        return bool(run_ids) and any(not r.is_terminal for r in store.list_runs(ids=list(run_ids)))
+        if run_ids and any(not r.is_terminal for r in store.list_runs(ids=list(run_ids))):
+            return True
+        return bool(job_ids) and bool({j.id for j in store.list_jobs(status=JOB_PENDING)} & set(job_ids))
     live = active()
 
     def tick(*inner) -> None:

@@ -1,12 +1,16 @@
 """Page pieces more than one page draws (Teach shows the demos' runs with the same views the
 Live, Regime map and Periodic pages use): each takes the store and ids and draws with Streamlit."""
+import math
+
+import pandas as pd
 import streamlit as st
 
 from engine import registry
 from engine.analysis import analyze_stored
-from storage import RunInfo, Store, TERMINAL_STATUSES
+from storage import RunInfo, RunNotFound, Store, TERMINAL_STATUSES
 
-from . import charts, data, series, ui
+from . import charts, data, series, solutions, ui
+from .plain import md
 
 MAX_POINTS = 3000
 PERIODIC_KEYS = ["train_loss", "train_acc", "si_norm", "elr", "eff_grad_norm"]
@@ -143,3 +147,101 @@ def _steps_per_epoch(frame) -> float | None:
     return float(last["step"] / last["epoch"]) if last["epoch"] > 0 else None
 
 
+
+
+# ---- solutions: branches, averages and geometries ----------------------------------------------------------
+FAMILY_KEYS = ["train_loss", "test_acc"]
+
+
+def family_overlay(store: Store, runs: list[RunInfo], key: str) -> None:
+    """A run and its branches on one chart: each branch starts where it left its parent (a diamond)."""
+    front, _ = data.compare_frames(store, [r.id for r in runs], FAMILY_KEYS, max_points=MAX_POINTS)
+    if front.empty:
+        st.caption("Waiting for the first log points…")
+        return
+    forks = {r.id: f"{data.run_label(r)} branched from #{r.parent_id} at epoch {r.fork_epoch}"
+             for r in runs if r.parent_id is not None}
+    fig = charts.overlay(front, FAMILY_KEYS, {r.id: data.run_label(r) for r in runs}, log_keys={"train_loss"},
+                         cols=2, row_height=340, forks=forks)
+    ui.chart(fig, key=key)
+
+
+def last_value(store: Store, run_id: int, key: str) -> float | None:
+    frame = store.read_metrics(run_id, [key])
+    values = frame[key].dropna() if key in frame else []
+    return float(values.iloc[-1]) if len(values) else None
+
+
+def averages_table(store: Store, run: RunInfo, jobs) -> None:
+    """The run's SWA averages: which epochs, status, and the four numbers of each; and the run's own
+    last test accuracy to compare them with."""
+    rows = []
+    for job in jobs:
+        result = job.result or {}
+        status = job.status
+        if job.status == "failed" and job.error:
+            status = f"failed: {job.error.splitlines()[0]}"
+        rows.append({"job": job.id, "epochs averaged": ", ".join(map(str, job.spec.get("epochs", []))),
+                     "status": status, **{key: result.get(key) for key in ("train_loss", "train_acc", "test_loss", "test_acc")}})
+    st.dataframe(rows, hide_index=True, width="stretch",
+                 column_config={key: st.column_config.NumberColumn(format="%.4f")
+                                for key in ("train_loss", "train_acc", "test_loss", "test_acc")})
+    own = last_value(store, run.id, "test_acc")
+    if own is not None:
+        st.caption(f"For comparison: this run's own last test_acc is {own:.4f}. The average's weights are the mean "
+                   "of those checkpoints' weights (not projected back to the sphere), with BatchNorm statistics "
+                   "recomputed on the training set.")
+
+
+def geometry_line(job) -> str:
+    """One line about a geometry job: its pair and, when finished, the angle and test error barrier."""
+    what = f"Geometry #{job.id}: {solutions.job_text(job)}"
+    if job.status == "finished" and job.result:
+        return (f"{what} — angle {job.result['angle']:.3g} rad, test_err barrier "
+                f"{charts.barrier_text('test_err', job.result['barrier']['test_err'])}")
+    return f"{what} ({job.status})"
+
+
+def geometry_result(store: Store, job_id: int) -> None:
+    """A geometry job as the Solutions page and Teach show it: while queued or computed, what it
+    waits for; when finished, the angle, the four barriers and the path's curves."""
+    job = store.get_job(job_id)
+    if job.status in ("queued", "running"):
+        doing = "waiting for a worker" if job.status == "queued" else "being computed by a worker"
+        st.info(f"Geometry #{job.id} ({md(solutions.job_text(job))}) is {doing}; this page shows it when it "
+                f"is done.", icon=":material/hourglass_top:")
+        if job.status == "queued":
+            ui.worker_panel(store)
+        return
+    if job.status == "failed":
+        st.error(f"Geometry #{job.id} failed: {md((job.error or 'no reason recorded').splitlines()[0])}")
+        return
+    result = job.result
+    labels = [_solution_label(store, result[end]) for end in ("a", "b")]
+    cols = st.columns(5)
+    angle = float(result["angle"])
+    cols[0].metric(f"angle A–B ({math.degrees(angle):.1f}°)", f"{angle:.3g} rad",
+                   help="arccos of the cosine between the two weight vectors (SI weights)")
+    for col, key in zip(cols[1:], ("train_loss", "test_loss", "train_err", "test_err")):
+        col.metric(f"{key} barrier", charts.barrier_text(key, float(result["barrier"][key])),
+                   help="The most the path rises above the straight line between its ends' values.")
+    fig = charts.geometry(result, *labels)
+    ui.chart(fig, key=f"geometry-{job.id}")
+    st.caption("Dashed: the straight line between the two ends' values. Where a curve rises above it the most, a "
+               "bar and an arrow give the barrier. Barriers near 0 and a small angle: A and B lie in one basin; "
+               "a large barrier: a ridge separates them. Every point of the path is projected to the sphere and "
+               "has its BatchNorm statistics recomputed on the training set.")
+    ui.downloads("Path as CSV", lambda: _path_csv(result), f"spherelab-geometry-{job.id}", fig)
+
+
+def _solution_label(store: Store, end: dict) -> str:
+    try:
+        run = store.get_run(end["run"])
+    except RunNotFound:
+        return f"{solutions.solution_text(end)} (deleted)"
+    return f"{data.run_label(run)} at epoch {end['epoch']}"
+
+
+def _path_csv(result: dict) -> str:
+    keys = ("train_loss", "test_loss", "train_err", "test_err")
+    return pd.DataFrame({"alpha": result["alphas"], **{k: result[k] for k in keys}}).to_csv(index=False)

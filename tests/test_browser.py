@@ -398,6 +398,165 @@ def test_teacher_runs_every_demo_on_the_teach_page(served):
     print("demo timings through the dashboard (s, click to the last run finished):", timings)
 
 
+# ---- branch, average, compare solutions (issue 9's done-when, from the dashboard) --------------------
+def _fill(page, label: str, value) -> None:
+    """Type into a number or text field and commit it (Enter), then let the page rerun."""
+    field = page.get_by_label(label, exact=True)
+    field.fill(str(value))
+    field.press("Enter")
+    _settle(page)
+
+
+def _choose(page, label: str, option: str) -> None:
+    """Pick an option of a select box (opened again if a rerun of the page closed it)."""
+    for attempt in range(3):
+        page.get_by_test_id("stSelectbox").filter(has_text=label).click()
+        try:
+            page.get_by_role("option", name=option, exact=True).click(timeout=5_000)
+            break
+        except Exception:
+            if attempt == 2:
+                raise
+            _settle(page)
+    _settle(page)
+
+
+def _metric(page, label: str) -> str:
+    """The value a st.metric shows under this label."""
+    box = page.get_by_test_id("stMetric").filter(has=page.get_by_test_id("stMetricLabel").get_by_text(label, exact=True))
+    return box.get_by_test_id("stMetricValue").inner_text().strip()
+
+
+def _wait_for_jobs(store: Store, job_ids, timeout_s: float) -> list:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and any(store.get_job(j).status in ("queued", "running") for j in job_ids):
+        time.sleep(0.5)
+    jobs = [store.get_job(j) for j in job_ids]
+    assert all(j.status == "finished" for j in jobs), [(j.id, j.status, j.error) for j in jobs]
+    return jobs
+
+
+def test_branch_twice_average_and_measure_the_geometry_from_the_dashboard(served):
+    """On digits: a run trained with kept checkpoints (Launch), branched twice at different ELRs and
+    its last five checkpoints averaged (Run page), the geometry between the two branches measured
+    (Solutions page); each view screenshotted, the figures written to artifacts/branch_session.json."""
+    base, store = served
+    with _browser_page() as page:
+        _open(page, base)
+        page.get_by_text("Worker alive").wait_for(timeout=30_000)
+        page.get_by_role("tab", name="Custom run or sweep").click()
+        _fill(page, "ELR", 0.02)
+        _fill(page, "Epochs", 12)
+        _fill(page, "Keep checkpoints every (epochs, 0 = only the latest)", 2)
+        page.get_by_role("button", name="Queue 1 run(s)").click()
+        page.get_by_text("Queued 1 run(s)").wait_for(timeout=30_000)
+        [parent] = store.list_runs()
+        assert (parent.config["elr"], parent.config["epochs"], parent.config["keep_every"]) == (0.02, 12, 2)
+        [parent] = _wait_until_ended(store, [parent.id], 120)
+        assert [c.epoch for c in store.checkpoints(parent.id)] == [2, 4, 6, 8, 10, 12]
+        assert parent.regime == "chaotic_equilibrium"     # as Teach's demo of the same run says
+
+        # the Run page: kept checkpoints on the curves, then two branches from epoch 8 and an average
+        _open(page, f"{base}/run?run={parent.id}")
+        page.wait_for_function("""() => { const plot = document.querySelector('.js-plotly-plot');
+            const kept = plot ? (plot._fullData || []).filter(t => String(t.name).startsWith('kept checkpoint')) : [];
+            return kept.length === 4 && kept.every(t => t._length === 6); }""", timeout=30_000)  # on its 4 panels
+        _screenshot(page, "branch_run_form")
+        _choose(page, "Branch at epoch", "8")
+        _fill(page, "Epochs after the branch", 4)
+        for elr in ("0.002", "0.0005"):
+            _fill(page, "New ELR", elr)
+            page.get_by_role("button", name="Branch: queue the child run").click()
+            page.get_by_text(f"with elr {elr} for 4 epoch(s)").wait_for(timeout=30_000)
+        page.get_by_role("button", name="Average epochs 4–12").click()
+        page.get_by_text("Queued average #").wait_for(timeout=30_000)
+        forks = sorted((r for r in store.list_runs() if r.parent_id == parent.id), key=lambda r: r.id)
+        assert [(f.fork_epoch, f.config["elr"], f.config["epochs"]) for f in forks] == [(8, 0.002, 12), (8, 0.0005, 12)]
+        [average] = store.list_jobs(run_id=parent.id, kind="average")
+        assert average.spec["epochs"] == [4, 6, 8, 10, 12]
+        page.goto("about:blank")   # leave the CPU to the worker
+        forks = sorted(_wait_until_ended(store, [f.id for f in forks], 180), key=lambda r: r.id)
+        [average] = _wait_for_jobs(store, [average.id], 120)
+        tail = store.read_metrics(parent.id, ["train_loss"])["train_loss"].iloc[-10:].mean()
+        assert all(_last(store, f.id, "train_loss") < tail for f in forks)   # a smaller ELR descends
+
+        _open(page, f"{base}/run?run={parent.id}")
+        page.get_by_text("Averages (SWA)").wait_for(timeout=30_000)
+        for fork in forks:
+            page.get_by_text(f"from epoch 8, elr {fork.config['elr']:.3g}, finished").first.wait_for(timeout=30_000)
+        _screenshot(page, "branch_parent")
+        _open(page, f"{base}/run?run={forks[0].id}")
+        page.get_by_text(f"at epoch 8").first.wait_for()
+        _screenshot(page, "branch_child")
+        _open(page, f"{base}/compare?runs={forks[0].id},{forks[1].id}&ancestors=1&metric=train_loss,test_acc")
+        dotted = page.evaluate("""() => (document.querySelector('.js-plotly-plot')._fullData || [])
+            .filter(t => t.line && t.line.dash === 'dot').length""")
+        assert dotted == 4, dotted   # each branch's parent part, on both panels
+        _screenshot(page, "branch_compare")
+
+        # the Solutions page: the two branches' last checkpoints, measured at 11 points
+        _open(page, f"{base}/solutions")
+        _fill(page, "Points on the path", 11)
+        page.get_by_role("button", name="Measure the geometry").click()
+        page.get_by_text("Queued geometry #").wait_for(timeout=30_000)
+        [geometry] = store.list_jobs(kind="geometry")
+        assert geometry.spec == {"a": {"run": forks[0].id, "epoch": 12}, "b": {"run": forks[1].id, "epoch": 12},
+                                 "points": 11}
+        # the page follows the measurement until it is done, then draws it: each curve with its straight line
+        page.wait_for_function("""() => { const plot = document.querySelector('.js-plotly-plot');
+            return plot && (plot._fullData || []).filter(t => String(t.name).endsWith('straight line')).length === 4; }""",
+                               timeout=240_000)
+        page.wait_for_timeout(2500)   # the fragment's last refresh, then the static redraw
+        _settle(page)
+        _no_traceback(page, "solutions")
+        [geometry] = _wait_for_jobs(store, [geometry.id], 10)
+        shown = {"angle": _metric(page, next(t for t in page.get_by_test_id("stMetricLabel").all_inner_texts()
+                                             if t.startswith("angle"))),
+                 **{f"{key} barrier": _metric(page, f"{key} barrier")
+                    for key in ("train_loss", "test_loss", "train_err", "test_err")}}
+        assert shown["angle"] == f"{geometry.result['angle']:.3g} rad", shown
+        _screenshot(page, "branch_solutions")
+
+    figures = {"parent": {"run": parent.id, "test_acc": _last(store, parent.id, "test_acc")},
+               "branches": [{"run": f.id, "elr": f.config["elr"], "test_acc": _last(store, f.id, "test_acc"),
+                             "train_loss": _last(store, f.id, "train_loss")} for f in forks],
+               "average": {key: average.result[key] for key in ("epochs", "train_acc", "test_acc")},
+               "geometry as the page showed it": shown}
+    (ROOT / "artifacts" / "branch_session.json").write_text(json.dumps(figures, indent=2))
+    print("branch, average, compare from the dashboard:", json.dumps(figures))
+
+
+@pytest.mark.skipif(not FULL_DEMOS, reason="SPHERELAB_DEMO_TIMINGS=1 runs it (about a minute and a half here); "
+                    "its steps are checked without a worker in test_dashboard_solutions.py")
+def test_the_branch_demo_runs_its_steps_on_the_teach_page(served):
+    """Teach's sixth step: one click, then the page queues the branches, the average and the geometry as
+    each step before ends, and draws them; timed into artifacts/demo_timings.json."""
+    base, store = served
+    with _browser_page() as page:
+        _open(page, base)
+        page.get_by_text("Worker alive").wait_for(timeout=30_000)
+        _open(page, f"{base}/teach?topic=solutions")
+        page.get_by_role("button", name="Run this demo").click()
+        clicked = time.time()
+        page.get_by_text("Done: the two branches").wait_for(timeout=400_000)
+        took = time.time() - clicked
+        page.wait_for_timeout(2500)
+        _settle(page)
+        _no_traceback(page, "teach solutions")
+        assert len(store.list_runs()) == 3 and [j.status for j in store.list_jobs()] == ["finished", "finished"]
+        assert page.evaluate("() => document.querySelectorAll('.js-plotly-plot').length") == 2
+        _screenshot(page, "teach_solutions")
+    path = ROOT / "artifacts" / "demo_timings.json"
+    timings = json.loads(path.read_text()) if path.exists() else {}
+    timings["Branch, average, compare"] = round(took, 1)
+    path.write_text(json.dumps(timings, indent=2))
+    print("branch demo through the dashboard (s, click to the geometry drawn):", round(took, 1))
+
+
+def _last(store: Store, run_id: int, key: str) -> float:
+    return float(store.read_metrics(run_id, [key])[key].dropna().iloc[-1])
+
+
 def test_user_text_stays_text_in_the_browser(served_without_worker):
     base, store = served_without_worker
     sweep_id, [run_id] = store.create_sweep_runs(EVIL, {}, [{"config": {"mode": "lrwd"}, "name": EVIL, "tags": [EVIL]}])

@@ -17,7 +17,7 @@ from storage import Store
 
 ROOT = Path(__file__).resolve().parent.parent
 APP = str(ROOT / "streamlit_app.py")
-PAGES = ["launch", "live", "run", "compare", "regime_map", "periodic", "teach"]
+PAGES = ["launch", "live", "run", "compare", "regime_map", "periodic", "solutions", "teach"]
 SWEEP_ELRS = ["1e-3", "1e-2", "0.2"]
 
 
@@ -75,7 +75,7 @@ def empty_db(tmp_path):
 def test_every_page_renders_an_empty_store(empty_db, monkeypatch, page):
     at = open_app(empty_db, monkeypatch, page)
     shown = texts(at)
-    if page in ("run", "compare", "periodic"):
+    if page in ("run", "compare", "periodic", "solutions"):
         assert "No runs in this database yet" in shown
     elif page == "regime_map":
         assert "No sweeps in this database yet" in shown
@@ -97,7 +97,8 @@ def test_every_page_handles_runs_that_have_not_started(empty_db, monkeypatch, pa
     shown = texts(at)
     expected = {"live": "3 run(s) queued", "run": "Nothing logged yet", "compare": "have not logged anything yet",
                 "regime_map": "still queued or training", "periodic": "Nothing logged yet",
-                "launch": "3 run(s) queued", "teach": "Scale-invariant networks in five short steps"}
+                "launch": "3 run(s) queued", "solutions": "No run has kept checkpoints yet",
+                "teach": "Scale-invariant networks in six short steps"}
     assert set(expected) == set(PAGES) and expected[page] in shown
 
 
@@ -184,11 +185,11 @@ def test_sharpness_defaults_to_runs_that_measure_it(runs_db, monkeypatch):
     assert "on the sphere" in texts(at)
 
 
-@pytest.mark.parametrize("topic", ["invariance", "elr", "regimes", "periodic", "sharpness"])
+@pytest.mark.parametrize("topic", ["invariance", "elr", "regimes", "periodic", "sharpness", "solutions"])
 def test_teach_topics_render_from_the_url(runs_db, monkeypatch, topic):
     at = open_app(runs_db, monkeypatch, "teach", topic=topic)
     assert at.latex and at.segmented_control(key="topic").value == topic
-    if topic in ("regimes", "periodic", "sharpness"):
+    if topic in ("regimes", "periodic", "sharpness", "solutions"):
         assert at.button(key=f"demo-{topic}").label == "Run this demo"
 
 

@@ -1,7 +1,7 @@
 """Compare: overlay saved runs picked by name, tag, sweep or config; smoothing, log axes, exports."""
 import streamlit as st
 
-from dashboard import charts, data, series, ui
+from dashboard import charts, data, series, solutions, ui
 from dashboard.plain import md
 from engine import registry
 from storage import RunInfo, Store
@@ -12,11 +12,13 @@ X_CHOICES = ["step", "epoch", "wall_time"]
 
 @st.cache_data(max_entries=16, show_spinner="Reading the runs…")
 def read_frames(_store: Store, url: str, versions: tuple, keys: tuple, x: str, smoothing: float, groups: tuple,
-                log_keys: tuple):
+                log_keys: tuple, lineage: tuple = ()):
     """Cached per database, run versions (id, status, step) and choices: a redraw that changes
-    nothing here reads nothing again, while a run that moved on is read afresh."""
+    nothing here reads nothing again, while a run that moved on is read afresh. lineage: each fork's
+    ancestors (an ancestor's trace is read only up to where its descendant branched: it cannot change)."""
     return data.compare_frames(_store, [run_id for run_id, _, _ in versions], list(keys), x=x, max_points=MAX_POINTS,
-                               smoothing=smoothing, groups=dict(groups) or None, log_keys=log_keys)
+                               smoothing=smoothing, groups=dict(groups) or None, log_keys=log_keys,
+                               lineage={run_id: list(chain) for run_id, chain in lineage} or None)
 
 
 def pick_runs(store: Store) -> list[RunInfo]:
@@ -98,13 +100,22 @@ def main(store: Store) -> None:
     phase_cols = st.columns([2, 2, 3])
     for col, (name, (label, _, _)) in zip(phase_cols, PHASES.items()):
         col.button(label, key=f"show-{name}", on_click=show_phase, args=(name,), icon=":material/timeline:")
+    ancestors = False
+    if any(r.parent_id is not None for r in runs):
+        ui.seed("ancestors", False, lambda v: v == "1")
+        ancestors = phase_cols[2].toggle(
+            "With ancestors", key="ancestors", disabled=group,
+            help="Each branched run continues its parent's curve (dotted, in the branched run's colour) from the "
+                 "start up to where it branched (a diamond): one curve per branch. Not with seed means.")
     for key, value, default in (("metric", keys, ["train_loss"]), ("x", x, "step"), ("smooth", smoothing, 0.0),
-                                ("log", logs, log_defaults(keys, x)), ("seeds", "1" if group else None, None)):
+                                ("log", logs, log_defaults(keys, x)), ("seeds", "1" if group else None, None),
+                                ("ancestors", "1" if ancestors else None, None)):
         ui.publish(key, value, default)
     if not keys:
         return
     groups = series.seed_groups(runs) if group else {}
-    ui.follow(draw, store, [r.id for r in runs], [r.id for r in runs], keys, x, smoothing, groups, logs)
+    ui.follow(draw, store, [r.id for r in runs], [r.id for r in runs], keys, x, smoothing, groups, logs,
+              ancestors and not group)
 
     if len(runs) > 1:
         st.markdown("**Config differences**")
@@ -115,11 +126,14 @@ def main(store: Store) -> None:
             st.dataframe(diff.reset_index(), hide_index=True, width="stretch")
 
 
-def draw(store: Store, run_ids: list[int], keys: list[str], x: str, smoothing: float, groups: dict, logs: list[str]):
+def draw(store: Store, run_ids: list[int], keys: list[str], x: str, smoothing: float, groups: dict, logs: list[str],
+         ancestors: bool = False):
     runs = store.list_runs(ids=run_ids)
     log_keys = tuple(k for k in keys if k in logs)
+    lineage = tuple((r.id, tuple(solutions.lineage(store, r))) for r in runs if ancestors and r.parent_id)
     front, faint = read_frames(store, store.url, tuple((r.id, r.status, r.step) for r in runs), tuple(keys), x,
-                               smoothing, tuple((head, tuple(m)) for head, m in groups.items()), log_keys)
+                               smoothing, tuple((head, tuple(m)) for head, m in groups.items()), log_keys,
+                               tuple((run_id, chain) for run_id, chain in lineage if chain))
     by_id = {r.id: r for r in runs}
     if groups:
         names = {head: data.run_label(by_id[head]) + (f" · mean of {len(m)} seeds" if len(m) > 1 else "")
@@ -127,9 +141,13 @@ def draw(store: Store, run_ids: list[int], keys: list[str], x: str, smoothing: f
     else:
         names = {r.id: data.run_label(r) for r in sorted(runs, key=lambda r: r.id)}
     # a phase diagram reads better near square than as a 280 px strip
+    forks = {r.id: f"{data.run_label(r)} branched from #{r.parent_id} at epoch {r.fork_epoch}"
+             for r in runs if r.parent_id is not None}
     fig = charts.overlay(front, keys, names, x=x, log_x="x" in logs, log_keys=set(log_keys), faint=faint,
-                         row_height=280 if x in X_CHOICES else 480)
+                         row_height=280 if x in X_CHOICES else 480, forks=forks)
     ui.chart(fig, key="compare")
+    if lineage:
+        st.caption("Dotted: each branched run's ancestors up to where it branched (a diamond), in its colour.")
     ui.downloads("Data as CSV (all points)", lambda: data.compare_csv(store, runs, keys), "spherelab-compare", fig)
 
 

@@ -108,6 +108,11 @@ def optimisation(form: launch.LaunchForm) -> None:
     form.seed = seed.number_input("Seed", min_value=0, max_value=2**31 - 1, value=0, key="f_seed")
     form.seeds = seeds.number_input("Seeds per point", min_value=1, max_value=MAX_SEEDS, value=1, key="f_seeds",
                                     help="seed, seed+1, …: every point repeated")
+    form.keep_every = st.number_input("Keep checkpoints every (epochs, 0 = only the latest)", min_value=0,
+                                      max_value=MAX_EPOCHS, value=0, key="f_keep_every",
+                                      help="Kept checkpoints let you branch the run from that epoch with another "
+                                           "rate, average its late checkpoints and measure the geometry between "
+                                           "solutions (Run and Solutions pages); the last epoch is kept too.")
 
 
 def measurement(form: launch.LaunchForm) -> None:

@@ -4,7 +4,7 @@ from collections import Counter
 
 import streamlit as st
 
-from dashboard import data, estimate, ui, views
+from dashboard import data, estimate, solutions, ui, views
 from dashboard.plain import md
 from engine.config import ConfigError
 from engine.presets import PRESETS
@@ -12,7 +12,8 @@ from engine.submission import queue_runs
 from storage import Store
 
 TOPICS = {"invariance": "1 · Scale invariance", "elr": "2 · Effective learning rate",
-          "regimes": "3 · Three regimes", "periodic": "4 · Periodic behaviour", "sharpness": "5 · Sharpness"}
+          "regimes": "3 · Three regimes", "periodic": "4 · Periodic behaviour", "sharpness": "5 · Sharpness",
+          "solutions": "6 · Branch, average, compare solutions"}
 DEMOS = {"regimes": "Three regimes on digits", "periodic": "Periodic behaviour", "sharpness": "Sharpness vs 2/ELR"}
 
 
@@ -75,8 +76,29 @@ def sharpness() -> None:
                 "stability line (dashed, same colour).")
 
 
+def branching() -> None:
+    st.markdown("Where does a large learning rate lead? Train at a fixed ELR, keep checkpoints along the way, "
+                "and then ask three questions of the point the run reached:")
+    st.markdown("- **Branch (fine-tune).** Continue from a kept checkpoint at a *smaller* ELR. In a chaotic "
+                "equilibrium the large ELR keeps the weights bouncing around a region; the small one descends "
+                "into whatever basin that region holds.\n"
+                "- **Average (SWA).** Take the mean of the weights of the last K checkpoints, recompute the "
+                "BatchNorm statistics, evaluate. The bouncing iterates sit around a basin; their mean can sit "
+                "closer to its bottom than any of them.\n"
+                "- **Compare solutions.** The angle between two weight vectors, and the loss along the straight "
+                "path from one to the other (each point projected to the sphere). The **barrier** is how far the "
+                "path rises above the straight line between its ends' values:")
+    st.latex(r"\text{barrier} = \max_{\alpha\in[0,1]}\Big[L\big(w(\alpha)\big) - (1-\alpha)\,L(a) - \alpha\,L(b)\Big],"
+             r"\qquad w(\alpha) = (1-\alpha)\,a + \alpha\,b")
+    st.markdown("A barrier near 0 means A and B lie in one basin; a large one, that a ridge separates them. The "
+                "paper behind this (Sadrtdinov et al., *Where do large learning rates lead us?*) finds that only "
+                "pre-training ELRs slightly above the convergence threshold lead to the best fine-tuned and "
+                "averaged models: too small an ELR ends in an unstable minimum, too large a one never finds a good "
+                "basin.")
+
+
 SECTIONS = {"invariance": invariance, "elr": effective_lr, "regimes": regimes, "periodic": periodic,
-            "sharpness": sharpness}
+            "sharpness": sharpness, "solutions": branching}
 
 
 def regimes_view(store: Store, run_ids: list[int]) -> None:
@@ -147,6 +169,69 @@ def demo(store: Store, topic: str) -> list[int]:
     return run_ids
 
 
+def solutions_demo(store: Store) -> list[int]:
+    """The branch/average/geometry demo: one click queues the parent; this page queues each next step
+    as the previous one ends (solutions.advance_demo) and draws them; returns the demo's run ids."""
+    fork_elrs = " and ".join(f"{e:g}" for e in solutions.DEMO_FORK_ELRS)
+    st.markdown(f"**Demo — branch, average, compare.** An MLP on digits trains {solutions.DEMO_PARENT.epochs} epochs "
+                f"at ELR {solutions.DEMO_PARENT.elr:g} (a chaotic equilibrium), keeping a checkpoint every "
+                f"{solutions.DEMO_PARENT.keep_every} epochs. At epoch {solutions.DEMO_AT} it branches twice, at ELR "
+                f"{fork_elrs}, for {solutions.DEMO_FORK_EPOCHS} epochs each; its last {solutions.DEMO_LAST} "
+                f"checkpoints are averaged; then the angle and the path between the two branches are measured "
+                f"({solutions.DEMO_POINTS} points). This page queues each step when the one before ends: keep it "
+                "open.")
+    st.caption(estimate.describe([solutions.DEMO_PARENT]) + " Then the branches, the average and the geometry: "
+               "about a minute in all on two CPU cores.")
+    param = "runs_solutions"   # the demo's parent in the URL: a shared link shows it
+    ui.seed(param, st.session_state.get("demo_runs", {}).get("solutions", []), ui.int_list)
+    if st.button("Run this demo", type="primary", key="demo-solutions", icon=":material/play_arrow:"):
+        st.session_state[param] = [solutions.start_demo(store)]
+    parent = [i for i in st.session_state[param][:1] if store.list_runs(ids=[i])]
+    st.session_state.setdefault("demo_runs", {})["solutions"] = parent
+    ui.publish(param, parent)
+    if not parent:
+        return []
+    state = solutions.advance_demo(store, parent[0])
+    st.success(state.stage)
+    ids = [state.parent.id, *(f.id for f in state.forks)]
+    jobs = [j.id for j in (state.average, state.geometry) if j is not None]
+    ui.follow(solutions_view, store, ids, parent[0], tuple(ids), tuple(jobs), job_ids=jobs)
+    links = st.columns(3)
+    links[0].page_link(ui.RUN_PAGE, label="The parent's Run page", icon=":material/insights:",
+                       query_params={"run": str(state.parent.id)})
+    if state.forks:
+        links[1].page_link(ui.COMPARE_PAGE, label="Compare the branches", icon=":material/stacked_line_chart:",
+                           query_params={"runs": ",".join(str(f.id) for f in state.forks), "ancestors": "1",
+                                         "metric": "train_loss,test_acc"})
+    if state.geometry is not None:
+        links[2].page_link(ui.SOLUTIONS_PAGE, label="The geometry on the Solutions page", icon=":material/straighten:",
+                           query_params={"job": str(state.geometry.id)})
+    return ids
+
+
+def solutions_view(store: Store, parent_id: int, ids: tuple, jobs: tuple) -> None:
+    """The demo as it goes: the parent with its branches continuing it, test accuracies, the geometry."""
+    state = solutions.advance_demo(store, parent_id)
+    now_ids = (state.parent.id, *(f.id for f in state.forks))
+    now_jobs = tuple(j.id for j in (state.average, state.geometry) if j is not None)
+    if now_ids != ids or now_jobs != jobs:
+        st.rerun(scope="app")   # a step was queued: follow its runs and jobs too
+    runs = [state.parent, *state.forks]
+    views.family_overlay(store, runs, key="teach-branches")
+    cols = st.columns(4)
+    cols[0].metric("parent, last test_acc", _acc(views.last_value(store, state.parent.id, "test_acc")))
+    for col, fork in zip(cols[1:3], state.forks):
+        col.metric(f"branch ELR {fork.config.get('elr'):g}, last test_acc", _acc(views.last_value(store, fork.id, "test_acc")))
+    average = state.average.result if state.average is not None and state.average.status == "finished" else None
+    cols[3].metric(f"average of the last {solutions.DEMO_LAST}, test_acc", _acc(average and average["test_acc"]))
+    if state.geometry is not None:
+        views.geometry_result(store, state.geometry.id)
+
+
+def _acc(value) -> str:
+    return "…" if value is None else f"{value:.1%}"
+
+
 def demo_status(runs) -> str:
     """What the demo's runs are doing, for the line above them (redrawn when they all end)."""
     if all(r.is_terminal for r in runs):
@@ -161,10 +246,10 @@ def main(store: Store) -> None:
     ui.publish("topic", topic, "invariance")
     st.divider()
     SECTIONS[topic]()
-    if topic in DEMOS:
+    if topic in DEMOS or topic == "solutions":
         st.divider()
         panel = st.container()
-        run_ids = demo(store, topic)
+        run_ids = demo(store, topic) if topic in DEMOS else solutions_demo(store)
         with panel:   # drawn after the button queued the demo, and kept current while it trains
             ui.follow(ui.worker_panel, store, run_ids)
     order = list(TOPICS)
@@ -174,5 +259,5 @@ def main(store: Store) -> None:
                   on_click=lambda: st.session_state.update(topic=upcoming))
 
 
-ui.run_page("Teach", main, "Scale-invariant networks in five short steps. Each demo trains a small MLP on "
+ui.run_page("Teach", main, "Scale-invariant networks in six short steps. Each demo trains a small MLP on "
             "the 8×8 digits on this machine's CPU.")
