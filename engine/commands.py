@@ -245,21 +245,25 @@ def _print_report(r: dict) -> None:
     print(f"study {r['study']} {r['name']} ({r['status']}): seeds {', '.join(map(str, spec['seeds']))}")
     flrs = [f"{f:g}" for f in spec["finetune_elrs"]]
     print(f"{'PLR':>9} {'regime':<20} {'sub':<4} {'pretrain':>12} " + " ".join(f"{'FLR ' + f:>12}" for f in flrs)
-          + f" {'average':>12} {'angle':>7} {'barrier':>8}")
+          + f" {'average':>12} {'angle':>6} {'err bar':>7} {'loss bar':>8}")
     for row in r["rows"]:
-        geometry = row["geometry"][0] if row["geometry"] else None
-        print(f"{row['pretrain_elr']:>9.3g} {row['regime'] or '-':<20} {row['subregime'] or '-':<4} "
+        # the largest seed-mean angle and barriers over the row's pairs: what decides 2A/2B
+        largest = lambda key: max((g[key]["mean"] for g in row["geometry"] if g[key]), default=None)  # noqa: E731
+        angle, err, loss = largest("angle"), largest("barrier_test_err"), largest("barrier_train_loss")
+        agree, n = row["regime_agreement"]
+        regime = row["regime"] or (f"seeds split {agree}/{n}" if agree else "-")
+        print(f"{row['pretrain_elr']:>9.3g} {regime:<20} {row['subregime'] or '-':<4} "
               f"{fmt(row['pretrain_test_acc']):>12} "
               + " ".join(f"{fmt(row['finetune_test_acc'][f]):>12}" for f in flrs)
               + f" {fmt(row['average_test_acc']):>12} "
-              + (f"{geometry['angle']['mean']:7.3f} {geometry['barrier_test_err']['mean']:8.3f}" if geometry else ""))
+              + (f"{angle:6.3f} {err:7.4f} {loss:8.4f}" if angle is not None else ""))
     b = r["boundaries"]
     print("boundaries: " + ", ".join(f"{k} {v:.3g}" if v else f"{k} -" for k, v in b.items()))
-    if r["best"]:
-        best = r["best"]
-        ratio = best["ratio_to_convergence_threshold"]
-        print(f"best: {best['kind']} from PLR {best['pretrain_elr']:g}: test accuracy {fmt(best['test_acc'])}"
-              + (f" ({ratio:.2g}x the convergence threshold)" if ratio else ""))
+    for label, best in (("best", r["best"]), ("best of the converged PLRs", r["best_converged"])):
+        if best:
+            ratio = best["ratio_to_convergence_threshold"]
+            print(f"{label}: {best['kind']} from PLR {best['pretrain_elr']:g}: test accuracy {fmt(best['test_acc'])}"
+                  + (f" ({ratio:.2g}x the convergence threshold)" if ratio else ""))
 
 
 def cmd_worker(args) -> int:

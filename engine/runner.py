@@ -26,6 +26,10 @@ from .trainer import Member, Trainer
 POLL_EVERY_S = 0.5        # how often the store is asked for commands
 ANALYZE_EVERY_S = 5.0     # how often the live regime label and spikes are refreshed
 ANALYSIS_SHARE_S = 0.5    # in a large pack each member's analysis comes round every this many seconds per member
+# Resume checkpoints of a stored run at most this often: epochs of small data last milliseconds, and a
+# file per member per epoch cost more than the training (measured 3x on a 27-run ticks pack). A kill
+# then costs at most this much recomputation; kept checkpoints (forks, averages) are always written.
+CHECKPOINT_MIN_S = 5.0
 EX_TEMPFAIL = 75          # a run process's exit code when the store stayed locked and its runs' end went unrecorded
 
 
@@ -209,20 +213,6 @@ def save_checkpoint(store: Store, member: Member, keep: bool = False) -> None:
         store.record_checkpoint(member.run_id, epoch, member.step, str(kept), kept.stat().st_size)
 
 
-def start_state(store: Store, info, device: torch.device) -> tuple[dict | None, bool]:
-    """(checkpoint, is_fork) a stored run starts from: its own latest checkpoint (a resume), else, for a
-    fork, its parent's kept checkpoint at the fork epoch, else nothing (a fresh run)."""
-    if info.checkpoint_path and Path(info.checkpoint_path).exists():
-        return torch.load(info.checkpoint_path, map_location=device, weights_only=True), False
-    if info.parent_id is None:
-        return None, False
-    kept = {c.epoch: c.path for c in store.checkpoints(info.parent_id)}
-    if info.fork_epoch not in kept or not Path(kept[info.fork_epoch]).exists():
-        raise ConfigError(f"run {info.id} branches from run {info.parent_id} at epoch {info.fork_epoch}, "
-                          "whose kept checkpoint is gone")
-    return torch.load(kept[info.fork_epoch], map_location=device, weights_only=True), True
-
-
 def execute(store: Store, claims: dict[int, str], *, device: str | None = None, progress=None) -> dict[int, str]:
     """Train the claimed runs ({run id: claim token}) to their end in this process, as one pack (one
     run: a pack of one), each resumed from its checkpoint (or, for a fork, started from its parent's)
@@ -338,7 +328,14 @@ def _attach(store: Store, info, m: Member, claim: str, finish, poller: PackPolle
     if resumed_from is not None:   # what was already announced before the checkpoint stays announced
         m.control.regime = info.regime
         m.control.spikes = {e.step for e in store.events(info.id, ["spike"])}
-    m.checkpoint = lambda member, keep: member.recorder.guard(save_checkpoint, store, member, keep)
+    written_at = -CHECKPOINT_MIN_S
+
+    def checkpoint(member: Member, keep: bool) -> None:
+        nonlocal written_at
+        if keep or time.monotonic() - written_at >= CHECKPOINT_MIN_S:
+            written_at = time.monotonic()
+            member.recorder.guard(save_checkpoint, store, member, keep)
+    m.checkpoint = checkpoint
     m.on_end = finish
     store.update_run(info.id, device=str(m.trainer.device), total_steps=m.total_steps, step=m.step)
     store.set_status(info.id, "running")

@@ -1,4 +1,6 @@
 """Every preset runs and shows what its text promises (engine/presets.py)."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -6,8 +8,10 @@ import torch
 from engine.analysis import analyze
 from engine.config import ConfigError
 from engine.models import si_parameters
-from engine.presets import PRESETS
+from engine.presets import PRESETS, STUDY_PRESETS
 from engine.trainer import Trainer, train_traces
+from storage import Store
+from tests.processes import engine
 from tests.test_data import write_cifar10
 
 
@@ -65,3 +69,49 @@ def test_cifar_preset_needs_the_folder_and_is_convnet_si_32_on_the_sphere(tmp_pa
     trainer.train_step()
     assert torch.isfinite(trainer.W).all()
     torch.set_num_threads(1)
+
+
+# ---- study presets -------------------------------------------------------------------------------------
+
+def test_every_study_preset_is_verified_here():
+    assert set(STUDY_PRESETS) == {"Where do large learning rates lead us? (ticks)",
+                                  "Where do large learning rates lead us? (digits)"}
+
+
+def run_study(preset, db, **changes) -> dict:
+    """Create the preset's study (with `changes`), run it to its end in a CLI process, return its report."""
+    study_id = preset.create(Store(db), **changes)
+    engine("study", "--resume", str(study_id), db=db, check=True, timeout=900)
+    return json.loads(engine("report", str(study_id), "--json", db=db, check=True).stdout)
+
+
+def test_ticks_study_preset_finds_the_best_model_just_above_the_convergence_boundary(tmp_path):
+    """The preset's protocol (toy, 20k + 10k iterations, both FLRs, SWA of 5) on three of its nine PLRs
+    and one seed: the last converged one, the first chaotic one, the largest. Measured with all nine
+    and three seeds (README): best = average from PLR 1e-2, 0.833 ± 0.010, against 0.753 ± 0.003 for
+    the best converged PLR (5.6e-3)."""
+    preset = STUDY_PRESETS["Where do large learning rates lead us? (ticks)"]
+    assert preset.pretrain_elrs[3:5] == (0.00562, 0.01) and preset.pretrain_elrs[-1] == 0.1
+    r = run_study(preset, str(tmp_path / "ticks.db"), pretrain_elrs=(0.00562, 0.01, 0.1), seeds=(0,))
+    rows = {row["pretrain_elr"]: row for row in r["rows"]}
+    assert [rows[e]["regime"] for e in (0.00562, 0.01, 0.1)] == ["convergence", "chaotic_equilibrium", "divergence"]
+    assert r["best"]["pretrain_elr"] == 0.01 and r["best"]["kind"] in ("average", "finetune@0.0001", "finetune@0.001")
+    assert r["best"]["test_acc"]["mean"] > r["best_converged"]["test_acc"]["mean"]
+    # a few features strongly (the best model) against all of them weakly (converged)
+    best_features = rows[0.01]["feature_acc"][r["best"]["kind"]]
+    converged_features = rows[0.00562]["feature_acc"]["pretrain"]
+    assert max(best_features) > 0.6 and max(converged_features) < 0.6, (best_features, converged_features)
+    assert sorted(best_features)[len(best_features) // 2] < 0.55            # most features stay weak
+
+
+def test_digits_study_preset_splits_the_chaotic_band_and_finds_its_best_model_converged(tmp_path):
+    """The whole preset. Measured (README): boundaries 4.6e-3 (the seeds split at 4.64e-3), 1.5e-2
+    (2A/2B), 3.2e-2; best = fine-tuned from PLR 1e-3, 0.985 ± 0.001."""
+    r = run_study(STUDY_PRESETS["Where do large learning rates lead us? (digits)"], str(tmp_path / "digits.db"))
+    regimes = [row["regime"] for row in r["rows"] if row["regime"]]         # None: the two seeds split
+    order = {"convergence": 0, "chaotic_equilibrium": 1, "divergence": 2}
+    assert [order[x] for x in regimes] == sorted(order[x] for x in regimes) and set(regimes) == set(order), regimes
+    assert [row["subregime"] for row in r["rows"] if row["regime"] == "chaotic_equilibrium"][:2] == ["2A", "2B"]
+    assert all(r["boundaries"].values()), r["boundaries"]
+    best_row = next(row for row in r["rows"] if row["pretrain_elr"] == r["best"]["pretrain_elr"])
+    assert best_row["regime"] == "convergence" and r["best"] == r["best_converged"]

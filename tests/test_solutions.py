@@ -16,7 +16,7 @@ from engine.solutions import Evaluator, angle, average, barrier, checkpoint_weig
 from engine.trainer import Trainer
 from storage import Store, StoreError
 from tests.helpers import assert_bitwise_rows, single
-from tests.processes import start_worker, wait_for
+from tests.processes import engine as run_engine, start_worker, wait_for
 
 SMALL = dict(width=16, depth=2, epochs=6, log_every=5, device="cpu")
 
@@ -152,11 +152,7 @@ def test_barrier_formula():
 # ---- the CLI, the store and the worker ------------------------------------------------------------
 
 def engine(*args, db, check=True):
-    out = subprocess.run([sys.executable, "-m", "engine", *args, "--db", db], capture_output=True, text=True,
-                         timeout=600, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    if check:
-        assert out.returncode == 0, out.stderr[-3000:]
-    return out
+    return run_engine(*args, db=db, check=check)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import pytest
 
 from engine import study
 from storage import Store
-from tests.processes import start_worker, wait_for
+from tests.processes import engine as run_engine, start_worker, wait_for
 
 TOY = ["--dataset", "ticks", "--norm", "layer", "--width", "16", "--depth", "2", "--batch-size", "16",
        "--log-every", "32", "--eval-every", "320"]
@@ -19,12 +19,8 @@ SMALL = [*TOY, "--pretrain-elr", "1e-3", "3e-2", "1", "--pretrain-epochs", "30",
          "--finetune-epochs", "10", "--average", "3", "--points", "5"]
 
 
-def engine(*args, db, check=True, timeout=900):
-    out = subprocess.run([sys.executable, "-m", "engine", *args, "--db", db], capture_output=True, text=True,
-                         timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    if check:
-        assert out.returncode == 0, out.stderr[-3000:]
-    return out
+def engine(*args, db, check=True):
+    return run_engine(*args, db=db, check=check, timeout=900)
 
 
 @pytest.fixture(scope="module")
@@ -82,11 +78,14 @@ def test_the_report_aggregates_seeds_and_places_the_regimes(finished):
 
 
 def test_sub_regimes_and_boundaries_from_made_up_rows():
-    entry = {"regime": "chaotic_equilibrium", "geometry": [{"barrier_test_err": 0.005}, {"barrier_test_err": 0.01}]}
-    assert study._subregime(entry) == "2A"
-    entry["geometry"].append({"barrier_test_err": study.BASIN_BARRIER + 0.01})
-    assert study._subregime(entry) == "2B"
-    assert study._subregime({"regime": "convergence", "geometry": entry["geometry"]}) is None
+    barriers = [(0.005, 0.002), (study.BASIN_BARRIER, study.BASIN_LOSS_BARRIER)]     # (test error, train loss)
+    assert study._subregime("chaotic_equilibrium", barriers) == "2A"
+    assert study._subregime("chaotic_equilibrium", [*barriers, (study.BASIN_BARRIER + 0.001, 0.0)]) == "2B"
+    assert study._subregime("chaotic_equilibrium", [*barriers, (0.0, study.BASIN_LOSS_BARRIER + 0.001)]) == "2B"
+    assert study._subregime("convergence", barriers) is None and study._subregime("chaotic_equilibrium", []) is None
+    # seeds that split evenly give no regime (it was once a hash-order coin toss), a majority does
+    assert study._majority(["convergence", "chaotic_equilibrium"]) is None
+    assert study._majority(["chaotic_equilibrium", "convergence", "chaotic_equilibrium", None]) == "chaotic_equilibrium"
     rows = [{"pretrain_elr": e, "regime": r, "subregime": s} for e, r, s in
             [(1e-3, "convergence", None), (4e-3, "chaotic_equilibrium", "2A"), (1.6e-2, "chaotic_equilibrium", "2B"),
              (6.4e-2, "divergence", None)]]

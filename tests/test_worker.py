@@ -85,7 +85,7 @@ def test_kill_9_mid_run_then_resume_gives_one_exact_trajectory(tmp_path):
     store = Store(db)
     worker = start_worker(db, "--stale-after", str(MIN_STALE_AFTER_S))
     try:
-        # the first resume checkpoint (epoch 1; later ones come at most every CHECKPOINT_MIN_S)
+        # the first resume checkpoint (epoch 1; later ones come at most every runner.CHECKPOINT_MIN_S)
         ckpt = wait_for(lambda: store.get_run(run_id).checkpoint_step)
         wait_for(lambda: store.last_step(run_id) and store.last_step(run_id) > ckpt + 8)
     finally:
