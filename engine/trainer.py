@@ -33,10 +33,6 @@ from .hessian import hvp_operator
 from .runtime import resolve_device
 
 PARKED_SLEEP_S = 0.1      # how often an all-paused pack looks at its controls
-# Resume checkpoints at most this often: epochs of small data last milliseconds, and writing a
-# checkpoint per member per epoch would cost more than the training (measured 3x on a 27-run ticks
-# pack); a kill then costs at most this much recomputation (plus --checkpoint-every epochs).
-CHECKPOINT_MIN_S = 5.0
 
 
 class Recorder(Protocol):
@@ -124,7 +120,6 @@ class Member:
         self.schedules = {q.name: Schedule(q.every(self)) for q in QUANTITIES}
         self.sharp_vec: torch.Tensor | None = None
         self.count = 0                               # steps summed since the last log point
-        self.checkpointed_at = -math.inf             # time.monotonic() of its last checkpoint
         self.rho0 = 0.0
         # set by the Trainer: weights, initial weights, momentum buffer, step sums, BN statistics
         self.w = self.w0 = self.buf = self.sums = None
@@ -311,18 +306,16 @@ class Trainer:
         return values
 
     def _checkpoint(self, m: Member) -> None:
-        """At an epoch end: the resume checkpoint every --checkpoint-every epochs (but not within
-        CHECKPOINT_MIN_S of the last one), and a kept one (for forks and averages) every --keep-every
-        epochs and at the last epoch, and at each of the last --keep-last epochs."""
+        """At an epoch end: the resume checkpoint every --checkpoint-every epochs, and a kept one (for
+        forks and averages) every --keep-every epochs and at the last epoch, and at each of the last
+        --keep-last epochs."""
         if m.checkpoint is None:
             return
-        epoch, cfg, now = m.step // m.steps_per_epoch, m.cfg, time.monotonic()
+        epoch, cfg = m.step // m.steps_per_epoch, m.cfg
         keep = (bool(cfg.keep_every) and (epoch % cfg.keep_every == 0 or m.step >= m.total_steps)) \
             or epoch > cfg.epochs - cfg.keep_last
-        resume = cfg.checkpoint_every and epoch % cfg.checkpoint_every == 0 and now - m.checkpointed_at >= CHECKPOINT_MIN_S
-        if keep or resume:
+        if keep or (cfg.checkpoint_every and epoch % cfg.checkpoint_every == 0):
             m.checkpoint(m, keep)
-            m.checkpointed_at = now
 
     # ---- pack bookkeeping ------------------------------------------------------------------------
     def _poll(self) -> None:
