@@ -98,7 +98,7 @@ def test_every_page_handles_runs_that_have_not_started(empty_db, monkeypatch, pa
     expected = {"live": "3 run(s) queued", "run": "Nothing logged yet", "compare": "have not logged anything yet",
                 "regime_map": "still queued or training", "periodic": "Nothing logged yet",
                 "launch": "3 run(s) queued", "solutions": "No run has kept checkpoints yet",
-                "teach": "Scale-invariant networks in six short steps"}
+                "teach": "Scale-invariant networks in seven short steps"}
     assert set(expected) == set(PAGES) and expected[page] in shown
 
 
