@@ -112,6 +112,10 @@ def large_lr() -> None:
                 "3. **Average** the last K checkpoints of each pre-training (SWA), BatchNorm recomputed.\n"
                 "4. **Compare**: test accuracy of the pre-trained, fine-tuned and averaged models against the PLR, "
                 "and the angle and barriers between each PLR's solutions.")
+    st.markdown("The **convergence threshold** is estimated between the largest PLR that converged and the "
+                "smallest that did not; a PLR is then read as a multiple of it (the paper's best PLR is ≈ 3× it):")
+    st.latex(r"\mathrm{PLR}^{*} \approx \sqrt{\mathrm{PLR}_{\text{last converging}}\cdot"
+             r"\mathrm{PLR}_{\text{first non-converging}}},\qquad \text{ratio} = \frac{\mathrm{PLR}}{\mathrm{PLR}^{*}}")
     st.markdown("**Sub-regimes 2A and 2B.** Inside the chaotic equilibrium, the geometry splits the PLRs: in **2A** "
                 "the fine-tuned models and the average of one pre-training lie in one basin (every test-error "
                 "barrier between them below 1%); in **2B** a barrier separates them — the large PLR keeps the "
