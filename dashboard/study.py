@@ -95,9 +95,18 @@ def regime_text(regime: str | None) -> str:
     return (regime or "—").replace("_", " ")
 
 
+def column_name(kind: str, rep: dict) -> str:
+    """A short column title per model: 'pre-trained', 'FLR 0.001', 'average of 5'."""
+    if kind.startswith("finetune@"):
+        return f"FLR {kind.split('@', 1)[1]}"
+    if kind == "average":
+        return f"average of {rep.get('spec', {}).get('average', 'K')}"
+    return "pre-trained"
+
+
 def table(rep: dict) -> pd.DataFrame:
     """One row per PLR: regime (with how many seeds agree), sub-regime, test accuracy of each model
-    (mean ± std (seeds)); plain text cells."""
+    (mean ± std (seeds)): pre-trained, fine-tuned at each FLR, averaged; plain text cells."""
     rows = []
     for row in sorted(rep["rows"], key=lambda r: r["pretrain_elr"]):
         agree, n = row.get("regime_agreement") or (0, 0)
@@ -105,7 +114,7 @@ def table(rep: dict) -> pd.DataFrame:
                 "regime": regime_text(row["regime"]) + (f" ({agree}/{n})" if n > 1 and row["regime"] else ""),
                 "sub-regime": row.get("subregime") or "—"}
         for kind, label, _ in series(rep):
-            line[f"test_acc {label}"] = acc_text(accuracy_of(row, kind))
+            line[column_name(kind, rep)] = acc_text(accuracy_of(row, kind))
         rows.append(line)
     return pd.DataFrame(rows)
 

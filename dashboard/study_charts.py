@@ -138,7 +138,7 @@ def regime_legend(fig: go.Figure, report: dict) -> None:
     for regime in seen:
         fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name=f"band: {regime.replace('_', ' ')}",
                                  marker=dict(symbol="square", size=12, color=_rgba(charts.regime_color(regime), 0.35)),
-                                 hoverinfo="skip", legendgroup="bands"))
+                                 hoverinfo="skip"))
 
 
 def accuracy(report: dict) -> go.Figure:
@@ -172,19 +172,17 @@ def accuracy(report: dict) -> go.Figure:
         fig.add_trace(go.Scatter(x=[best["pretrain_elr"]], y=[mean], mode="markers", name="best model",
                                  marker=dict(symbol="star", size=20, color=BEST_COLOR, line=dict(color="#333", width=1.2)),
                                  hovertemplate=text.replace("<br>", " · ") + "<extra></extra>"))
-        first, last = plrs(report)[0], plrs(report)[-1]
-        span = math.log10(last / first) or 1.0
-        place = (math.log10(best["pretrain_elr"] / first)) / span
+        # above the star: the best point is the highest, so the space above it is free of curves
         fig.add_annotation(x=math.log10(best["pretrain_elr"]), y=mean, text=text, showarrow=True, arrowhead=2,
-                           ax=-60 if place > 0.6 else 60, ay=40, xanchor="right" if place > 0.6 else "left",
-                           align="left", bgcolor="rgba(255, 255, 255, 0.9)", bordercolor="#999", borderpad=3,
-                           font=dict(size=12, color="#222"))
+                           ax=0, ay=-48, align="center", bgcolor="rgba(255, 255, 255, 0.9)", bordercolor="#999",
+                           borderpad=3, font=dict(size=12, color="#222"))
     add_regime_context(fig, report)
     regime_legend(fig, report)
     fig.update_xaxes(**x_axis(report))
-    lo = min(values) if values else 0.0
+    lo, hi = (min(values), max(values)) if values else (0.0, 1.0)
+    # room above the highest point for the best model's label and the boundaries' labels
     fig.update_yaxes(title_text="test_acc (mean ± std over seeds)", tickformat=".0%",
-                     range=[max(0.0, lo - 0.08), 1.02] if values else [0, 1])
+                     range=[max(0.0, lo - 0.06), min(1.05, hi + 0.06 + 0.35 * (hi - lo + 0.05))])
     fig.update_layout(height=520, margin=MARGIN, legend=dict(charts.LEGEND, y=1.03), hovermode="closest",
                       uirevision="study-accuracy")
     return fig

@@ -275,11 +275,12 @@ def study_result(store: Store, study_id: int, key: str = "study") -> None:
     if heat is not None:
         st.markdown("**Per-feature test accuracy** (ticks: each of the 16 features alone informative)")
         ui.chart(heat, key=f"{key}-features")
-        st.caption("Bright: the model uses that feature; 50% is chance. Compare a few bright cells with many "
-                   "dim ones across the rows.")
+        st.caption("Each cell: accuracy on a probe set where only that feature is informative (mean over seeds). "
+                   "Bright: the model relies on that feature; dark (50%) is chance, the colour scale stops there. "
+                   "Compare a few bright cells with many dim ones, row by row.")
     elif rep["spec"].get("base", {}).get("dataset") == "ticks":
         st.caption("Per-feature accuracies appear when the first models finish.")
-    st.markdown("**The report**")
+    st.markdown("**The report**: test accuracy of each model, mean ± std (seeds)")
     st.dataframe(study.table(rep), hide_index=True, width="stretch")
     geometry = study.geometry_table(rep)
     if not geometry.empty:

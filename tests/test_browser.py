@@ -578,3 +578,27 @@ def test_user_text_stays_text_in_the_browser(served_without_worker):
             assert '<a href="http://evil.example' not in html and '<img src="http://evil.example' not in html, path
         _open(page, f"{base}/run?run={run_id}")
         _screenshot(page, "plain_text_names")
+
+
+# ---- a learning-rate study (issue 13) ---------------------------------------------------------------
+def test_the_study_page_draws_a_finished_study(served_without_worker):
+    """A small ticks study trained by the CLI (as tests/test_dashboard_study.py trains it), then its Study
+    page: the accuracy chart with its series, bands and best star, the geometry and the feature
+    heatmaps drawn with data, log ticks that read as their values; screenshot study.png."""
+    from tests.test_dashboard_study import train_small_study
+    base, store = served_without_worker
+    study_id = train_small_study(store.url)
+    with _browser_page() as page:
+        _open(page, f"{base}/study?study={study_id}")
+        page.get_by_text("The best model comes from PLR").wait_for(timeout=30_000)
+        drawn = page.evaluate("""() => Array.from(document.querySelectorAll('.js-plotly-plot')).map(plot =>
+            (plot._fullData || []).filter(t => t._length > 0 || t.type === 'heatmap').map(t => t.type === 'heatmap' ? 'heatmap' : String(t.name)))""")
+        accuracy, geometry, features = drawn
+        assert {"pre-trained", "fine-tuned at FLR 0.0001", "fine-tuned at FLR 0.001", "best model"} <= set(accuracy), accuracy
+        assert len(geometry) == 3 * 3 and features.count("heatmap") == 4, (geometry, features)
+        bands = page.evaluate("""() => (document.querySelector('.js-plotly-plot')._fullLayout.shapes || [])
+            .filter(s => s.type === 'rect').length""")
+        assert bands == 3, bands   # one regime band per PLR
+        assert _check_log_ticks(page) > 0
+        _no_traceback(page, "study")
+        _screenshot(page, "study")

@@ -145,7 +145,8 @@ def test_the_table_and_geometry_table_read_the_rows():
     assert list(table["regime"]) == ["convergence (3/3)", "chaotic equilibrium (3/3)", "chaotic equilibrium (3/3)",
                                      "divergence (3/3)"]
     assert list(table["sub-regime"]) == ["—", "2A", "2B", "—"]
-    assert table["test_acc average (SWA of last 5)"][1] == "90.0% ± 1.0% (3)"
+    assert list(table.columns[3:]) == ["pre-trained", "FLR 0.0001", "FLR 0.001", "average of 5"]
+    assert table["average of 5"][1] == "90.0% ± 1.0% (3)"
     geometry = study.geometry_table(REPORT)
     assert len(geometry) == 8 and geometry["test_err barrier"][0] == "0.20% ± 1.00%"
 
