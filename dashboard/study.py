@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from engine.config import ConfigError, RunConfig, parse_values
-from engine.study import GEOMETRY_POINTS, create_study, report  # noqa: F401  (report: for the pages)
+from engine.study import GEOMETRY_POINTS, create_study, report
 from storage import TERMINAL_STATUSES, Store
 
 from . import charts
@@ -51,12 +51,11 @@ def planned(spec: dict) -> tuple[int, int]:
     return pre * (1 + flrs), pre * (1 + flrs + (1 if flrs >= 2 else 0))
 
 
-def progress(store: Store, study_id: int) -> Progress:
+def progress(store: Store, study_id: int, snapshot=None) -> Progress:
     """How far the study has come. A pre-training run that failed makes no forks, average or
-    geometry: the totals then count only what the study will still make."""
-    info = store.get_study(study_id)
-    runs = store.list_runs(study_id=study_id)
-    jobs = store.list_jobs(study_id=study_id)
+    geometry: the totals then count only what the study will still make. snapshot: (info, runs,
+    jobs) already read."""
+    info, runs, jobs = snapshot or _snapshot(store, study_id)
     runs_total, jobs_total = planned(info.spec)
     flrs = len(info.spec.get("finetune_elrs", []))
     dead = sum(1 for r in runs if (r.study_role or "").startswith("pretrain:") and r.is_terminal
@@ -68,6 +67,27 @@ def progress(store: Store, study_id: int) -> Progress:
     return Progress(runs_done=sum(r.status in TERMINAL_STATUSES for r in runs), runs_total=max(runs_total, len(runs)),
                     jobs_done=sum(j.status in JOB_DONE for j in jobs), jobs_total=max(jobs_total, len(jobs)),
                     status=info.status, running=sum(r.status == "running" for r in runs))
+
+
+def _snapshot(store: Store, study_id: int):
+    return store.get_study(study_id), store.list_runs(study_id=study_id), store.list_jobs(study_id=study_id)
+
+
+_REPORTS: dict[tuple, tuple] = {}   # (url, study id) -> (version, report): made again only when a piece moved
+
+
+def state(store: Store, study_id: int) -> tuple[Progress, dict]:
+    """(progress, report) of a study. The report (engine.study.report: a regime analysis per
+    pre-training run) is remade only when the study, one of its runs (status, step) or one of its
+    jobs (status) has changed since the last call, so a page that follows a study every second reads
+    three small lists while nothing moves."""
+    snapshot = _snapshot(store, study_id)
+    info, runs, jobs = snapshot
+    version = (info.status, tuple((r.id, r.status, r.step) for r in runs), tuple((j.id, j.status) for j in jobs))
+    cached = _REPORTS.get((store.url, study_id))
+    if cached is None or cached[0] != version:
+        cached = _REPORTS[(store.url, study_id)] = (version, report(store, study_id))
+    return progress(store, study_id, snapshot), cached[1]
 
 
 def study_label(info) -> str:

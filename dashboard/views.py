@@ -253,9 +253,8 @@ def study_result(store: Store, study_id: int, key: str = "study") -> None:
     against the PLR, the geometry, the per-feature accuracies and the tables; `key` keeps chart ids
     apart when two pages' views could meet in one session."""
     from . import study, study_charts   # noqa: PLC0415  (kept out of the pages that never show a study)
-    prog = study.progress(store, study_id)
+    prog, rep = study.state(store, study_id)
     st.progress(prog.fraction, text=prog.text())
-    rep = study.report(store, study_id)
     st.markdown(md(study.summary(rep, prog)))
     st.markdown("**Test accuracy against the PLR**")
     ui.chart(study_charts.accuracy(rep), key=f"{key}-accuracy")

@@ -301,3 +301,19 @@ def test_teach_draws_a_finished_study_with_the_study_page_charts(finished_study,
     db, study_id = finished_study
     at = open_app(db, monkeypatch, "teach", topic="study", study_demo=study_id)
     assert len(charts(at)) == 3 and "The best model comes from PLR" in shown(at)
+
+
+def test_the_report_is_made_again_only_when_a_piece_of_the_study_moved(tmp_path, monkeypatch):
+    store = Store(tmp_path / "cache.db")
+    study_id = create_study(store, RunConfig(dataset="digits"), pretrain_elrs=[1e-3, 1e-2], pretrain_epochs=2,
+                            finetune_elrs=[1e-4], finetune_epochs=1, average=1, seeds=[0])
+    made = []
+    monkeypatch.setattr(study, "report", lambda s, i: made.append(i) or {"rows": [], "status": "running"})
+    first = study.state(store, study_id)[1]
+    assert study.state(store, study_id)[1] is first and made == [study_id]       # nothing moved: not made again
+    run = store.list_runs(study_id=study_id)[0]
+    store.update_run(run.id, status="failed")
+    prog, _ = study.state(store, study_id)
+    assert made == [study_id, study_id]
+    # a failed pre-training run makes no fork, average or geometry: the totals shrink
+    assert (prog.runs_done, prog.runs_total, prog.jobs_total) == (1, 3, 2)
