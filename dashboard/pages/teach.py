@@ -1,5 +1,6 @@
 """Teach: a guided walkthrough — scale invariance, ELR = lr/ρ², the three regimes, periodic
 behaviour, sharpness — each with its formulas and, where it has one, a one-click digits demo."""
+import re
 from collections import Counter
 
 import streamlit as st
@@ -109,7 +110,8 @@ def large_lr() -> None:
                 "equilibrium (2) or divergence (3).\n"
                 "2. **Fine-tune** every end point at small ELRs — the *FLR* — so that the weights descend into "
                 "whatever basin the pre-training reached.\n"
-                "3. **Average** the last K checkpoints of each pre-training (SWA), BatchNorm recomputed.\n"
+                "3. **Average** the last K checkpoints of each pre-training (SWA; BatchNorm statistics, where the model "
+                "has them, recomputed).\n"
                 "4. **Compare**: test accuracy of the pre-trained, fine-tuned and averaged models against the PLR, "
                 "and the angle and barriers between each PLR's solutions.")
     st.markdown("The **convergence threshold** is estimated between the largest PLR that converged and the "
@@ -263,11 +265,25 @@ def solutions_view(store: Store, parent_id: int, ids: tuple, jobs: tuple) -> Non
         views.geometry_result(store, state.geometry.id)
 
 
+def protocol_text(preset) -> str:
+    """What the study preset does, from its fields (its description also says what it should find:
+    here the page describes, and the data speak), with the preset's own time estimate."""
+    plrs, flrs = preset.pretrain_elrs, preset.finetune_elrs
+    steps = preset.base.train_size // preset.base.batch_size if preset.base.train_size and preset.base.batch_size else None
+    iterations = f" ({preset.pretrain_epochs * steps:,} iterations)" if steps else ""
+    took = re.search(r"About [^.]*\.", preset.description)
+    return (f"{preset.base.model} on {preset.base.dataset}: pre-train {len(plrs)} PLRs from {min(plrs):g} to "
+            f"{max(plrs):g} for {preset.pretrain_epochs} epochs{iterations}, {len(preset.seeds)} seeds each; fine-tune "
+            f"every end point at FLR {' and '.join(f'{f:g}' for f in flrs)} for {preset.finetune_epochs} epochs; "
+            f"average its last {preset.average} checkpoints; measure the geometry between the solutions."
+            + (f" {took.group(0)}" if took else ""))
+
+
 def study_demo(store: Store) -> list[int]:
     """The study demo: one click creates the ticks study for the workers; the page draws the Study
     page's charts as it fills in; returns the study's run ids."""
     preset = STUDY_PRESETS[STUDY_DEMO]
-    st.markdown(f"**Demo — {md(preset.name)}.** {md(preset.description)}")
+    st.markdown(f"**Demo — {md(preset.name)}.** {md(protocol_text(preset))}")
     spec = {"pretrain_elrs": preset.pretrain_elrs, "seeds": preset.seeds, "finetune_elrs": preset.finetune_elrs}
     st.caption(studies.pieces(spec) + ". The workers train it; this page follows it (so does the Study page).")
     param = "study_demo"   # the demo's study in the URL: a shared link shows it
