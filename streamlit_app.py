@@ -18,6 +18,7 @@ PAGES = {
         st.Page("dashboard/pages/regime_map.py", title="Regime map", icon=":material/scatter_plot:"),
         st.Page("dashboard/pages/periodic.py", title="Periodic behaviour", icon=":material/waves:"),
         st.Page("dashboard/pages/solutions.py", title="Solutions", icon=":material/straighten:"),
+        st.Page("dashboard/pages/study.py", title="Study", icon=":material/science:"),
     ],
     "Learn": [
         st.Page("dashboard/pages/teach.py", title="Teach", icon=":material/school:"),

@@ -23,6 +23,7 @@ REGIME_PAGE = "dashboard/pages/regime_map.py"
 PERIODIC_PAGE = "dashboard/pages/periodic.py"
 TEACH_PAGE = "dashboard/pages/teach.py"
 SOLUTIONS_PAGE = "dashboard/pages/solutions.py"
+STUDY_PAGE = "dashboard/pages/study.py"
 # Regime badge colours (Streamlit's names), matching charts.REGIME_COLORS. A regime the analysis
 # learns later reads grey until it gets its own.
 REGIME_BADGES = {"convergence": "green", "chaotic_equilibrium": "orange", "divergence": "red", "periodic": "violet",
@@ -155,12 +156,15 @@ def pick(label: str, options: dict[int, str], key: str, noun: str, default: int 
     return chosen
 
 
-def follow(body: Callable[..., None], store: Store, run_ids, *args, job_ids=()) -> None:
+def follow(body: Callable[..., None], store: Store, run_ids, *args, job_ids=(),
+           going: Callable[[], bool] | None = None) -> None:
     """body(store, *args) in a fragment that redraws every REFRESH_S seconds while any of run_ids
     is queued, training or interrupted, or any of job_ids (averages, geometries) is queued or being
-    computed, and stops once all of them have ended (one last whole-page rerun draws the final
-    state, static)."""
+    computed, or going() says so (a study that makes new runs as old ones end), and stops once all of
+    them have ended (one last whole-page rerun draws the final state, static)."""
     def active() -> bool:
+        if going is not None and going():
+            return True
         if run_ids and any(not r.is_terminal for r in store.list_runs(ids=list(run_ids))):
             return True
         return bool(job_ids) and bool({j.id for j in store.list_jobs(status=JOB_PENDING)} & set(job_ids))

@@ -245,3 +245,43 @@ def _solution_label(store: Store, end: dict) -> str:
 def _path_csv(result: dict) -> str:
     keys = ("train_loss", "test_loss", "train_err", "test_err")
     return pd.DataFrame({"alpha": result["alphas"], **{k: result[k] for k in keys}}).to_csv(index=False)
+
+
+# ---- learning-rate studies ------------------------------------------------------------------------------
+def study_result(store: Store, study_id: int, key: str = "study") -> None:
+    """A study as the Study page and Teach show it: progress, the summary in words, test accuracy
+    against the PLR, the geometry, the per-feature accuracies and the tables; `key` keeps chart ids
+    apart when two pages' views could meet in one session."""
+    from . import study, study_charts   # noqa: PLC0415  (kept out of the pages that never show a study)
+    prog, rep = study.state(store, study_id)
+    st.progress(prog.fraction, text=prog.text())
+    st.markdown(md(study.summary(rep, prog)))
+    st.markdown("**Test accuracy against the PLR**")
+    ui.chart(study_charts.accuracy(rep), key=f"{key}-accuracy")
+    st.caption("Each point: the mean over seeds, bars ±1 std. Background: the regime each PLR's pre-training "
+               "fell in (green convergence, orange chaotic equilibrium, red divergence; 2A/2B written in chaotic "
+               "bands once the geometry says which). Dashed lines: the estimated boundaries (1 | 2 is the "
+               "convergence threshold), dotted: 2A | 2B. The star: the best model.")
+    if study_charts.geometry_pairs(rep):
+        st.markdown("**Angle and barriers between each PLR's solutions**")
+        ui.chart(study_charts.geometry(rep), key=f"{key}-geometry")
+        st.caption("A barrier near 0 (and a small angle): the two solutions lie in one basin; 2A means every "
+                   "barrier of a chaotic PLR is below 1% test error.")
+    else:
+        st.caption("Angle and barriers appear when the first geometries are measured (after a PLR's fine-tuning "
+                   "and average are done).")
+    heat = study_charts.features(rep)
+    if heat is not None:
+        st.markdown("**Per-feature test accuracy** (ticks: each of the 16 features alone informative)")
+        ui.chart(heat, key=f"{key}-features")
+        st.caption("Each cell: accuracy on a probe set where only that feature is informative (mean over seeds). "
+                   "Bright: the model relies on that feature; dark (50%) is chance, the colour scale stops there. "
+                   "Compare a few bright cells with many dim ones, row by row.")
+    elif rep["spec"].get("base", {}).get("dataset") == "ticks":
+        st.caption("Per-feature accuracies appear when the first models finish.")
+    st.markdown("**The report**: test accuracy of each model, mean ± std (seeds)")
+    st.dataframe(study.table(rep), hide_index=True, width="stretch")
+    geometry = study.geometry_table(rep)
+    if not geometry.empty:
+        with st.expander(f"Geometry: {len(geometry)} measurement(s), mean ± std over seeds"):
+            st.dataframe(geometry, hide_index=True, width="stretch")

@@ -578,3 +578,53 @@ def test_user_text_stays_text_in_the_browser(served_without_worker):
             assert '<a href="http://evil.example' not in html and '<img src="http://evil.example' not in html, path
         _open(page, f"{base}/run?run={run_id}")
         _screenshot(page, "plain_text_names")
+
+
+# ---- a learning-rate study (issue 13) ---------------------------------------------------------------
+def _progress_text(page) -> str:
+    return page.get_by_test_id("stProgress").first.inner_text()
+
+
+def test_the_study_page_follows_a_study_and_draws_a_finished_one(served_without_worker):
+    """A queued study's page follows it without a reload (its pieces are moved in the store here, as a
+    worker would), stopping when it ends; then a small ticks study trained by the CLI (as
+    tests/test_dashboard_study.py trains it) drawn on its Study page: the accuracy chart with its series,
+    bands and best star, the geometry and the feature heatmaps, log ticks that read as their values;
+    and on Teach's study step. Screenshots study.png and teach_study.png."""
+    from engine.config import RunConfig
+    from engine.study import create_study
+    from tests.test_dashboard_study import train_small_study
+    base, store = served_without_worker
+    queued = create_study(store, RunConfig(dataset="digits"), pretrain_elrs=[1e-3, 1e-2], pretrain_epochs=2,
+                          finetune_elrs=[1e-4], finetune_epochs=1, average=1, seeds=[0], name="followed")
+    with _browser_page() as page:
+        _open(page, f"{base}/study?study={queued}")
+        assert _progress_text(page).startswith("Running: 0 of 4 runs ended"), _progress_text(page)
+        first, second = store.list_runs(study_id=queued)
+        store.update_run(first.id, status="failed")             # no forks, average or geometry from it
+        page.get_by_text("Running: 1 of 3 runs ended").wait_for(timeout=15_000)
+        store.update_run(second.id, status="failed")
+        store.set_study_status(queued, "finished")
+        page.get_by_text("Finished: 2 of 2 runs ended").wait_for(timeout=15_000)
+        _no_traceback(page, "study (followed)")
+
+        study_id = train_small_study(store.url)
+        _open(page, f"{base}/study?study={study_id}")
+        page.get_by_text("The best model comes from PLR").wait_for(timeout=30_000)
+        drawn = page.evaluate("""() => Array.from(document.querySelectorAll('.js-plotly-plot')).map(plot =>
+            (plot._fullData || []).filter(t => t._length > 0 || t.type === 'heatmap')
+                .map(t => t.type === 'heatmap' ? 'heatmap' : String(t.name)))""")
+        accuracy, geometry, features = drawn
+        assert {"pre-trained", "fine-tuned at FLR 0.0001", "fine-tuned at FLR 0.001", "best model"} <= set(accuracy), accuracy
+        assert len(geometry) == 3 * 3 and features.count("heatmap") == 4, (geometry, features)
+        bands = page.evaluate("""() => (document.querySelector('.js-plotly-plot')._fullLayout.shapes || [])
+            .filter(s => s.type === 'rect').length""")
+        assert bands == 3, bands   # one regime band per PLR
+        assert _check_log_ticks(page) > 0
+        _no_traceback(page, "study")
+        _screenshot(page, "study")
+
+        _open(page, f"{base}/teach?topic=study&study_demo={study_id}")
+        page.get_by_text("The best model comes from PLR").wait_for(timeout=30_000)
+        assert page.evaluate("() => document.querySelectorAll('.js-plotly-plot').length") == 3
+        _screenshot(page, "teach_study")

@@ -17,7 +17,7 @@ from storage import Store
 
 ROOT = Path(__file__).resolve().parent.parent
 APP = str(ROOT / "streamlit_app.py")
-PAGES = ["launch", "live", "run", "compare", "regime_map", "periodic", "solutions", "teach"]
+PAGES = ["launch", "live", "run", "compare", "regime_map", "periodic", "solutions", "study", "teach"]
 SWEEP_ELRS = ["1e-3", "1e-2", "0.2"]
 
 
@@ -79,6 +79,8 @@ def test_every_page_renders_an_empty_store(empty_db, monkeypatch, page):
         assert "No runs in this database yet" in shown
     elif page == "regime_map":
         assert "No sweeps in this database yet" in shown
+    elif page == "study":
+        assert "No study in this database yet" in shown
     elif page == "live":
         assert "No runs in this database yet" in shown and "No worker is running" in shown
     elif page == "launch":
@@ -98,7 +100,8 @@ def test_every_page_handles_runs_that_have_not_started(empty_db, monkeypatch, pa
     expected = {"live": "3 run(s) queued", "run": "Nothing logged yet", "compare": "have not logged anything yet",
                 "regime_map": "still queued or training", "periodic": "Nothing logged yet",
                 "launch": "3 run(s) queued", "solutions": "No run has kept checkpoints yet",
-                "teach": "Scale-invariant networks in six short steps"}
+                "study": "No study in this database yet",
+                "teach": "Scale-invariant networks in seven short steps"}
     assert set(expected) == set(PAGES) and expected[page] in shown
 
 
@@ -114,9 +117,13 @@ def test_live_overview_lists_runs_that_just_ended_and_overlays_them(runs_db, mon
     [overlay] = charts(at)
     cards = [e.label for e in at.expander]
     assert all(any(c.startswith(plain.md(f"#{run.id} {run.name}")) for c in cards) for run in runs)
-    # sphere runs open with the norm-free panels, lrwd ones with the norm and the ELR
-    assert at.multiselect(key="metric").value == ["train_loss", "test_acc", "eff_grad_norm", "angular_update",
-                                                  "si_norm", "elr"]
+    # sphere runs open with the norm-free panels, lrwd ones with the norm and the ELR, in the order of the
+    # newest run's mode (the fixture's sweep and lrwd run are created concurrently: either may be newer)
+    panels = {"sphere": ["train_loss", "test_acc", "eff_grad_norm", "angular_update"],
+              "lrwd": ["train_loss", "si_norm", "elr", "test_acc"]}
+    first = runs[0].config.get("mode", "sphere")
+    expected = list(dict.fromkeys(panels[first] + panels["lrwd" if first == "sphere" else "sphere"]))
+    assert at.multiselect(key="metric").value == expected
 
 
 def test_run_page_shows_regime_curves_config_and_events(runs_db, monkeypatch):
@@ -185,11 +192,11 @@ def test_sharpness_defaults_to_runs_that_measure_it(runs_db, monkeypatch):
     assert "on the sphere" in texts(at)
 
 
-@pytest.mark.parametrize("topic", ["invariance", "elr", "regimes", "periodic", "sharpness", "solutions"])
+@pytest.mark.parametrize("topic", ["invariance", "elr", "regimes", "periodic", "sharpness", "solutions", "study"])
 def test_teach_topics_render_from_the_url(runs_db, monkeypatch, topic):
     at = open_app(runs_db, monkeypatch, "teach", topic=topic)
     assert at.latex and at.segmented_control(key="topic").value == topic
-    if topic in ("regimes", "periodic", "sharpness", "solutions"):
+    if topic in ("regimes", "periodic", "sharpness", "solutions", "study"):
         assert at.button(key=f"demo-{topic}").label == "Run this demo"
 
 

@@ -2,9 +2,10 @@
 import streamlit as st
 
 from dashboard import estimate, launch, ui
+from dashboard import study as studies
 from dashboard.plain import md
-from engine.config import DATASETS, DEVICES, IMAGE_DATASETS, MODELS, SCHEDULES, ConfigError
-from engine.presets import PRESETS
+from engine.config import DATASETS, DEVICES, IMAGE_DATASETS, MODELS, NORMS, SCHEDULES, ConfigError
+from engine.presets import PRESETS, STUDY_PRESETS
 from engine.submission import queue_runs
 from storage import Store
 
@@ -159,13 +160,94 @@ def custom_section(store: Store) -> None:
         submit(store, lambda: (configs, swept, form.sweep_name.strip() or None))
 
 
+def show_study(store: Store, study_id: int) -> None:
+    info = store.get_study(study_id)
+    st.success(f"Study #{info.id} created: {md(studies.pieces(info.spec))}. Its pre-training sweep is queued; the "
+               "workers fine-tune, average and measure as each run ends.")
+    st.page_link(ui.STUDY_PAGE, label="Follow it on the Study page", icon=":material/science:",
+                 query_params={"study": str(info.id)})
+
+
+def launch_study(store: Store, make) -> None:
+    """Create a study; bad input is one line naming the form's field, nothing written."""
+    try:
+        with st.spinner("Checking and queueing…"):
+            study_id = make()
+    except ConfigError as exc:
+        st.error(f"Not queued: {md(exc)}")
+        return
+    show_study(store, study_id)
+
+
+def study_presets(store: Store) -> None:
+    st.markdown("**Study presets** — one click each")
+    for i, preset in enumerate(STUDY_PRESETS.values()):
+        with st.container(border=True):
+            st.markdown(f"**{md(preset.name)}**")
+            st.write(preset.description)
+            spec = {"pretrain_elrs": preset.pretrain_elrs, "seeds": preset.seeds, "finetune_elrs": preset.finetune_elrs}
+            st.caption(f"{studies.pieces(spec)}; PLRs {', '.join(f'{e:g}' for e in preset.pretrain_elrs)}")
+            if st.button(f"Start “{preset.name}”", key=f"study_preset_{i}", icon=":material/science:"):
+                launch_study(store, lambda preset=preset: studies.launch_preset(store, preset))
+
+
+def study_form(store: Store) -> None:
+    """The flags of `python -m engine study`, as fields."""
+    st.markdown("**Custom study** — the fields of `python -m engine study`")
+    form = studies.StudyForm()
+    left, middle, right = st.columns(3)
+    with left:
+        st.markdown("*Pre-training*")
+        form.pretrain_elrs = st.text_input("Pre-training ELRs (PLR)", value=form.pretrain_elrs, key="s_plr",
+                                           help="values separated by spaces, or a log range START:STOP:N")
+        form.pretrain_epochs = st.number_input("Pre-training epochs", min_value=1, max_value=MAX_EPOCHS,
+                                               value=form.pretrain_epochs, key="s_pre_epochs")
+        form.seeds = st.text_input("Seeds", value=form.seeds, key="s_seeds", help="e.g. 0 1 2: every PLR once per seed")
+    with middle:
+        st.markdown("*Fine-tuning and averaging*")
+        form.finetune_elrs = st.text_input("Fine-tuning ELRs (FLR)", value=form.finetune_elrs, key="s_flr",
+                                           help="one or more small ELRs, each fine-tunes every pre-training end point")
+        form.finetune_epochs = st.number_input("Fine-tuning epochs", min_value=1, max_value=MAX_EPOCHS,
+                                               value=form.finetune_epochs, key="s_ft_epochs")
+        form.average = st.number_input("Average the last K", min_value=1, max_value=MAX_EPOCHS, value=form.average,
+                                       key="s_average", help="SWA of the last K per-epoch checkpoints of pre-training")
+        form.points = st.number_input("Points on each path", min_value=2, max_value=201, value=form.points,
+                                      key="s_points", help="geometry: α from 0 to 1 between two solutions")
+    with right:
+        st.markdown("*Model and data*")
+        form.model = st.selectbox("Model", MODELS, key="s_model")
+        form.dataset = st.selectbox("Dataset", DATASETS, key="s_dataset")
+        if form.dataset in IMAGE_DATASETS:
+            form.data_dir = st.text_input("Data folder", key="s_data_dir", placeholder="/data/cifar")
+        form.norm = st.selectbox("Normalisation", NORMS, key="s_norm", help="mlp_si: batch or layer norm per layer")
+        width, depth, batch = st.columns(3, vertical_alignment="bottom")
+        form.width = width.number_input("Width (0 = default)", min_value=0, max_value=MAX_WIDTH, value=0, key="s_width")
+        form.depth = depth.number_input("Depth", min_value=1, max_value=MAX_DEPTH, value=3, key="s_depth")
+        form.batch_size = batch.number_input("Batch size (0 = default)", min_value=0, max_value=100_000, value=0,
+                                             key="s_batch")
+        form.log_every = st.number_input("Log every (steps)", min_value=1, value=10, key="s_log_every")
+        form.name = st.text_input("Study name (optional)", key="s_name", max_chars=200)
+    if st.button("Start the study", type="primary", key="start_study", icon=":material/science:"):
+        launch_study(store, lambda: studies.launch(store, form))
+
+
+def study_section(store: Store) -> None:
+    st.write("A learning-rate study (the large-LR paper's protocol): pre-train over a grid of ELRs, fine-tune every "
+             "end point at small ELRs, average its last checkpoints, and measure the geometry between the "
+             "solutions. The workers do every step; the Study page follows it.")
+    study_presets(store)
+    study_form(store)
+
+
 def main(store: Store) -> None:
     ui.worker_panel(store)
-    presets, custom = st.tabs(["Presets", "Custom run or sweep"])
+    presets, custom, study = st.tabs(["Presets", "Custom run or sweep", "Study"])
     with presets:
         preset_section(store)
     with custom:
         custom_section(store)
+    with study:
+        study_section(store)
 
 
 ui.run_page("Launch", main, "Runs are queued in the database; a worker process trains them. "

@@ -1,19 +1,21 @@
 """Teach: a guided walkthrough — scale invariance, ELR = lr/ρ², the three regimes, periodic
 behaviour, sharpness — each with its formulas and, where it has one, a one-click digits demo."""
+import re
 from collections import Counter
 
 import streamlit as st
 
 from dashboard import data, estimate, solutions, ui, views
+from dashboard import study as studies
 from dashboard.plain import md
 from engine.config import ConfigError
-from engine.presets import PRESETS
+from engine.presets import PRESETS, STUDY_PRESETS
 from engine.submission import queue_runs
 from storage import Store
 
 TOPICS = {"invariance": "1 · Scale invariance", "elr": "2 · Effective learning rate",
           "regimes": "3 · Three regimes", "periodic": "4 · Periodic behaviour", "sharpness": "5 · Sharpness",
-          "solutions": "6 · Branch, average, compare solutions"}
+          "solutions": "6 · Branch, average, compare solutions", "study": "7 · Where do large learning rates lead us?"}
 DEMOS = {"regimes": "Three regimes on digits", "periodic": "Periodic behaviour", "sharpness": "Sharpness vs 2/ELR"}
 
 
@@ -97,8 +99,43 @@ def branching() -> None:
                 "basin.")
 
 
+STUDY_DEMO = "Where do large learning rates lead us? (ticks)"
+
+
+def large_lr() -> None:
+    st.markdown("Step 6 asked the question for one run. The paper's protocol (Sadrtdinov et al.) asks it for a whole "
+                "grid of learning rates, each with several seeds, and compares:")
+    st.markdown("1. **Pre-train** on the sphere at each ELR of a log grid — the *PLR* — for a fixed number of "
+                "iterations. Each PLR lands in a regime, read from its own trace: convergence (1), chaotic "
+                "equilibrium (2) or divergence (3).\n"
+                "2. **Fine-tune** every end point at small ELRs — the *FLR* — so that the weights descend into "
+                "whatever basin the pre-training reached.\n"
+                "3. **Average** the last K checkpoints of each pre-training (SWA; BatchNorm statistics, where the model "
+                "has them, recomputed).\n"
+                "4. **Compare**: test accuracy of the pre-trained, fine-tuned and averaged models against the PLR, "
+                "and the angle and barriers between each PLR's solutions.")
+    st.markdown("The **convergence threshold** is estimated between the largest PLR that converged and the "
+                "smallest that did not; a PLR is then read as a multiple of it (the paper's best PLR is ≈ 3× it):")
+    st.latex(r"\mathrm{PLR}^{*} \approx \sqrt{\mathrm{PLR}_{\text{last converging}}\cdot"
+             r"\mathrm{PLR}_{\text{first non-converging}}},\qquad \text{ratio} = \frac{\mathrm{PLR}}{\mathrm{PLR}^{*}}")
+    st.markdown("**Sub-regimes 2A and 2B.** Inside the chaotic equilibrium, the geometry splits the PLRs: in **2A** "
+                "the fine-tuned models and the average of one pre-training lie in one basin (every test-error "
+                "barrier between them below 1%); in **2B** a barrier separates them — the large PLR keeps the "
+                "weights moving between basins.")
+    st.markdown("**Features.** The toy data (*ticks*) has 16 independent features, each alone enough to classify. "
+                "A probe set per feature keeps only that feature informative; the accuracy on it says how much the "
+                "model relies on it — strongly on a few features, or weakly on many.")
+    st.markdown("**What to look for** in the charts below, as the study fills them in: which regime the best "
+                "model's PLR is in, and how far above the convergence threshold (the star's label says); whether "
+                "fine-tuning and averaging help more at some PLRs than at others; whether the barriers stay near 0 "
+                "just above the threshold and grow further up; and whether the feature rows change from one regime "
+                "to the next. The paper reports that the best models come from PLRs slightly above the convergence "
+                "threshold (2A); this toy, with its seeds, may or may not show the same — the summary says what "
+                "the numbers here show, with their spread.")
+
+
 SECTIONS = {"invariance": invariance, "elr": effective_lr, "regimes": regimes, "periodic": periodic,
-            "sharpness": sharpness, "solutions": branching}
+            "sharpness": sharpness, "solutions": branching, "study": large_lr}
 
 
 def regimes_view(store: Store, run_ids: list[int]) -> None:
@@ -228,6 +265,48 @@ def solutions_view(store: Store, parent_id: int, ids: tuple, jobs: tuple) -> Non
         views.geometry_result(store, state.geometry.id)
 
 
+def protocol_text(preset) -> str:
+    """What the study preset does, from its fields (its description also says what it should find:
+    here the page describes, and the data speak), with the preset's own time estimate."""
+    plrs, flrs = preset.pretrain_elrs, preset.finetune_elrs
+    steps = preset.base.train_size // preset.base.batch_size if preset.base.train_size and preset.base.batch_size else None
+    iterations = f" ({preset.pretrain_epochs * steps:,} iterations)" if steps else ""
+    took = re.search(r"About [^.]*\.", preset.description)
+    return (f"{preset.base.model} on {preset.base.dataset}: pre-train {len(plrs)} PLRs from {min(plrs):g} to "
+            f"{max(plrs):g} for {preset.pretrain_epochs} epochs{iterations}, {len(preset.seeds)} seeds each; fine-tune "
+            f"every end point at FLR {' and '.join(f'{f:g}' for f in flrs)} for {preset.finetune_epochs} epochs; "
+            f"average its last {preset.average} checkpoints; measure the geometry between the solutions."
+            + (f" {took.group(0)}" if took else ""))
+
+
+def study_demo(store: Store) -> list[int]:
+    """The study demo: one click creates the ticks study for the workers; the page draws the Study
+    page's charts as it fills in; returns the study's run ids."""
+    preset = STUDY_PRESETS[STUDY_DEMO]
+    st.markdown(f"**Demo — {md(preset.name)}.** {md(protocol_text(preset))}")
+    spec = {"pretrain_elrs": preset.pretrain_elrs, "seeds": preset.seeds, "finetune_elrs": preset.finetune_elrs}
+    st.caption(studies.pieces(spec) + ". The workers train it; this page follows it (so does the Study page).")
+    param = "study_demo"   # the demo's study in the URL: a shared link shows it
+    ui.seed(param, st.session_state.get("demo_study"), int)
+    if st.button("Run this demo", type="primary", key="demo-study", icon=":material/play_arrow:"):
+        try:
+            st.session_state[param] = studies.launch_preset(store, preset)
+        except ConfigError as exc:
+            st.error(f"Not queued: {md(exc)}")
+    study_id = st.session_state.get(param)
+    if study_id is not None and not any(s.id == study_id for s in store.list_studies()):
+        study_id = None
+    st.session_state["demo_study"] = study_id
+    ui.publish(param, study_id)
+    if study_id is None:
+        return []
+    ui.follow(lambda s, i: views.study_result(s, i, key="teach-study"), store, [], study_id,
+              going=lambda: store.get_study(study_id).status == "running")
+    st.page_link(ui.STUDY_PAGE, label="The same study on the Study page", icon=":material/science:",
+                 query_params={"study": str(study_id)})
+    return [r.id for r in store.list_runs(study_id=study_id)]
+
+
 def _acc(value) -> str:
     return "…" if value is None else f"{value:.1%}"
 
@@ -246,10 +325,11 @@ def main(store: Store) -> None:
     ui.publish("topic", topic, "invariance")
     st.divider()
     SECTIONS[topic]()
-    if topic in DEMOS or topic == "solutions":
+    if topic in DEMOS or topic in ("solutions", "study"):
         st.divider()
         panel = st.container()
-        run_ids = demo(store, topic) if topic in DEMOS else solutions_demo(store)
+        run_ids = demo(store, topic) if topic in DEMOS else solutions_demo(store) if topic == "solutions" \
+            else study_demo(store)
         with panel:   # drawn after the button queued the demo, and kept current while it trains
             ui.follow(ui.worker_panel, store, run_ids)
     order = list(TOPICS)
@@ -259,5 +339,5 @@ def main(store: Store) -> None:
                   on_click=lambda: st.session_state.update(topic=upcoming))
 
 
-ui.run_page("Teach", main, "Scale-invariant networks in six short steps. Each demo trains a small MLP on "
-            "the 8×8 digits on this machine's CPU.")
+ui.run_page("Teach", main, "Scale-invariant networks in seven short steps. Each demo trains small MLPs on "
+            "this machine's CPU: on the 8×8 digits, and on the ticks toy for the study.")
