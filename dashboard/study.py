@@ -131,7 +131,8 @@ def table(rep: dict) -> pd.DataFrame:
     for row in sorted(rep["rows"], key=lambda r: r["pretrain_elr"]):
         agree, n = row.get("regime_agreement") or (0, 0)
         line = {"PLR": charts.tick_text(row["pretrain_elr"]),
-                "regime": regime_text(row["regime"]) + (f" ({agree}/{n})" if n > 1 and row["regime"] else ""),
+                "regime": (regime_text(row["regime"]) + (f" ({agree}/{n})" if n > 1 else "")) if row["regime"]
+                else (f"seeds split ({agree}/{n} agree)" if agree else "—"),
                 "sub-regime": row.get("subregime") or "—"}
         for kind, label, _ in series(rep):
             line[column_name(kind, rep)] = acc_text(accuracy_of(row, kind))

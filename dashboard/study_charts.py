@@ -238,7 +238,8 @@ def feature_kinds(report: dict) -> list[str]:
 
 def features(report: dict) -> go.Figure | None:
     """Per-feature test accuracy (ticks only): one heatmap per model kind, PLR (rows, smallest at the
-    bottom) by feature 0…15, one colour scale from 0.5 (chance on two classes) to 1. None when the
+    bottom) by feature 0…15, one colour scale from 0.5 (chance on two classes) to the largest value
+    seen (at least 0.75, at most 1). None when the
     study has no feature accuracies (its dataset is not ticks, or nothing has finished)."""
     kinds = feature_kinds(report)
     if not kinds:
@@ -247,13 +248,18 @@ def features(report: dict) -> go.Figure | None:
     fig = make_subplots(rows=1, cols=len(kinds), shared_yaxes=True, horizontal_spacing=0.03,
                         subplot_titles=[html(kind_label(k, report)) for k in kinds])
     labels = [charts.tick_text(row["pretrain_elr"]) for row in rows]
+    grids = {kind: [row["feature_acc"].get(kind) or [None] * 16 for row in rows] for kind in kinds}
+    seen = [v for z in grids.values() for line in z for v in line if v is not None]
+    # the top of the scale follows the data (a toy's features reach ~0.75): a few bright cells must stand out
+    top = min(1.0, max(0.75, math.ceil(max(seen, default=0.75) * 20) / 20))
     for col, kind in enumerate(kinds, start=1):
-        z = [row["feature_acc"].get(kind) or [None] * 16 for row in rows]
-        fig.add_trace(go.Heatmap(z=z, x=list(range(16)), y=labels, zmin=0.5, zmax=1.0, colorscale="Viridis",
+        z = grids[kind]
+        fig.add_trace(go.Heatmap(z=z, x=list(range(16)), y=labels, zmin=0.5, zmax=top, colorscale="Viridis",
                                  showscale=col == len(kinds), colorbar=dict(title="accuracy", tickformat=".0%"),
                                  hovertemplate=f"{html(kind_label(kind, report))}<br>PLR %{{y}}<br>feature %{{x}}<br>"
                                                "accuracy %{z:.1%}<extra></extra>"), row=1, col=col)
         fig.update_xaxes(title_text="feature", tickvals=[0, 5, 10, 15], row=1, col=col)
-    fig.update_yaxes(title_text="PLR", type="category", row=1, col=1)
+    fig.update_yaxes(type="category")          # every panel: numeric-looking labels would make a linear axis
+    fig.update_yaxes(title_text="PLR", row=1, col=1)
     fig.update_layout(height=max(320, 60 + 34 * len(rows)), margin=dict(MARGIN, t=50))
     return fig

@@ -7,6 +7,7 @@ import streamlit as st
 
 from engine import registry
 from engine.analysis import analyze_stored
+from engine.study import BASIN_BARRIER, BASIN_LOSS_BARRIER
 from storage import RunInfo, RunNotFound, Store, TERMINAL_STATUSES
 
 from . import charts, data, series, solutions, ui
@@ -266,7 +267,8 @@ def study_result(store: Store, study_id: int, key: str = "study") -> None:
         st.markdown("**Angle and barriers between each PLR's solutions**")
         ui.chart(study_charts.geometry(rep), key=f"{key}-geometry")
         st.caption("A barrier near 0 (and a small angle): the two solutions lie in one basin; 2A means every "
-                   "barrier of a chaotic PLR is below 1% test error.")
+                   f"barrier of a chaotic PLR, averaged over seeds, is at most {BASIN_BARRIER:.0%} test error and "
+                   f"{BASIN_LOSS_BARRIER:g} train loss.")
     else:
         st.caption("Angle and barriers appear when the first geometries are measured (after a PLR's fine-tuning "
                    "and average are done).")
@@ -275,8 +277,8 @@ def study_result(store: Store, study_id: int, key: str = "study") -> None:
         st.markdown("**Per-feature test accuracy** (ticks: each of the 16 features alone informative)")
         ui.chart(heat, key=f"{key}-features")
         st.caption("Each cell: accuracy on a probe set where only that feature is informative (mean over seeds). "
-                   "Bright: the model relies on that feature; dark (50%) is chance, the colour scale stops there. "
-                   "Compare a few bright cells with many dim ones, row by row.")
+                   "Bright: the model relies on that feature; dark (50%) is chance; the scale tops out at the "
+                   "largest accuracy seen. Compare a few bright cells with many dim ones, row by row.")
     elif rep["spec"].get("base", {}).get("dataset") == "ticks":
         st.caption("Per-feature accuracies appear when the first models finish.")
     st.markdown("**The report**: test accuracy of each model, mean ± std (seeds)")

@@ -10,6 +10,7 @@ from dashboard import study as studies
 from dashboard.plain import md
 from engine.config import ConfigError
 from engine.presets import PRESETS, STUDY_PRESETS
+from engine.study import BASIN_BARRIER, BASIN_LOSS_BARRIER
 from engine.submission import queue_runs
 from storage import Store
 
@@ -119,9 +120,9 @@ def large_lr() -> None:
     st.latex(r"\mathrm{PLR}^{*} \approx \sqrt{\mathrm{PLR}_{\text{last converging}}\cdot"
              r"\mathrm{PLR}_{\text{first non-converging}}},\qquad \text{ratio} = \frac{\mathrm{PLR}}{\mathrm{PLR}^{*}}")
     st.markdown("**Sub-regimes 2A and 2B.** Inside the chaotic equilibrium, the geometry splits the PLRs: in **2A** "
-                "the fine-tuned models and the average of one pre-training lie in one basin (every test-error "
-                "barrier between them below 1%); in **2B** a barrier separates them — the large PLR keeps the "
-                "weights moving between basins.")
+                "the fine-tuned models and the average of one pre-training lie in one basin (every barrier between "
+                f"them, averaged over seeds, at most {BASIN_BARRIER:.0%} test error and {BASIN_LOSS_BARRIER:g} train "
+                "loss); in **2B** a barrier separates them — the large PLR keeps the weights moving between basins.")
     st.markdown("**Features.** The toy data (*ticks*) has 16 independent features, each alone enough to classify. "
                 "A probe set per feature keeps only that feature informative; the accuracy on it says how much the "
                 "model relies on it — strongly on a few features, or weakly on many.")
