@@ -7,9 +7,19 @@ import streamlit as st
 
 st.set_page_config(page_title="spherelab", page_icon=":material/public:", layout="wide")
 
+LAUNCH = st.Page("dashboard/pages/launch.py", title="Launch", icon=":material/rocket_launch:")
+
+
+def _home() -> None:
+    # The root opens Launch. Launch itself is not the default page: Streamlit serves the default page at
+    # "/" only, so a bookmarked /launch would answer "Page not found".
+    st.switch_page(LAUNCH, query_params=st.query_params.to_dict())   # shared links (?preset=…) still work
+
+
 PAGES = {
+    "": [st.Page(_home, title="spherelab", url_path="home", default=True, visibility="hidden")],
     "Run": [
-        st.Page("dashboard/pages/launch.py", title="Launch", icon=":material/rocket_launch:", default=True),
+        LAUNCH,
         st.Page("dashboard/pages/live.py", title="Live", icon=":material/monitoring:"),
         st.Page("dashboard/pages/run.py", title="Run", icon=":material/insights:"),
     ],

@@ -231,6 +231,11 @@ def test_launch_watch_live_and_screenshot_every_page(served):
         assert run.config["epochs"] == 3 and run.config["dataset"] == "digits"
         _screenshot(page, "launch")
 
+        # a bookmarked /launch opens Launch itself, not a "Page not found" dialog over it
+        _open(page, f"{base}/launch")
+        assert page.get_by_role("tab", name="Custom run or sweep").is_visible()
+        assert not page.get_by_text("Page not found").count()
+
         # the 16-run ELR sweep with its preset's button (a shared link opens the preset)
         _open(page, f"{base}/?preset=ELR+sweep+on+digits")
         page.get_by_role("button", name="Queue “ELR sweep on digits”").click()
