@@ -22,6 +22,9 @@ from storage import LIVE_STATUSES, ClaimLost, RunNotFound, Store, StoreError
 from . import shutdown
 
 STALE_CHECK_EVERY_S = 5.0
+# A job process takes several queued jobs (a study queues an average and three geometries per PLR and
+# seed): on small data a job takes a fraction of a second, starting a process that imports torch ~3 s.
+JOBS_PER_PROCESS = 16
 SHUTDOWN_GRACE_S = 20.0   # a child still training this long after SIGTERM is killed
 
 
@@ -51,14 +54,35 @@ def _child_main(url: str, claims: dict[int, str], device: str, threads: int, par
         sys.exit(EX_TEMPFAIL)       # the worker records the end the store refused us
 
 
-def _job_main(url: str, job_id: int, claim: str, device: str, threads: int, parent_pid: int) -> None:
-    """A job process: computes one analysis job (engine.jobs) and stores its result."""
+def _job_main(url: str, batch: dict[int, str], device: str, threads: int, parent_pid: int) -> None:
+    """A job process: computes its claimed analysis jobs ({job id: claim}, engine.jobs) one after another
+    and stores each result. The jobs waiting their turn heartbeat too, so no stale check takes them back."""
     _die_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    import threading
     import torch
+    from storage import HEARTBEAT_EVERY_S
     torch.set_num_threads(threads)
     from .jobs import execute_job
-    execute_job(Store(url), job_id, claim, device=None if device == "auto" else device)
+    store, waiting, done = Store(url), dict(batch), threading.Event()
+
+    def beat() -> None:
+        while not done.wait(HEARTBEAT_EVERY_S):
+            for job_id, claim in list(waiting.items()):
+                try:
+                    store.job_heartbeat(job_id, claim=claim)
+                except (ClaimLost, StoreError):
+                    waiting.pop(job_id, None)          # requeued or deleted meanwhile: not ours any more
+
+    threading.Thread(target=beat, name="waiting-jobs-heartbeat", daemon=True).start()
+    for job_id, claim in batch.items():
+        if waiting.pop(job_id, None) is None:
+            continue
+        try:
+            execute_job(store, job_id, claim, device=None if device == "auto" else device)
+        except ClaimLost:
+            continue                                   # taken back while computing: its result is not ours
+    done.set()
 
 
 def _exit_cause(code: int | None) -> tuple[str, str]:
@@ -126,10 +150,10 @@ class Worker:
             if info is not None:
                 self._start_claimed(ctx, store, info, source)
                 continue
-            job = store.claim_job(self.id)
-            if job is None:
+            batch = self._claim_jobs(store)
+            if not batch:
                 break
-            self._start_job(ctx, job)
+            self._start_jobs(ctx, batch)
 
     @staticmethod
     def _advance_studies(store: Store) -> None:
@@ -144,14 +168,33 @@ class Worker:
                 and not store.list_jobs(status="queued"))
 
     def _processes(self) -> int:
-        return len({id(proc) for proc in self.children.values()}) + len(self.jobs)
+        return len(self._procs())
 
-    def _start_job(self, ctx, job) -> None:
-        proc = ctx.Process(target=_job_main, name=f"spherelab-job-{job.id}",
-                           args=(self.url, job.id, job.claim, self.device, self.threads, os.getpid()))
+    def _procs(self) -> list:
+        """The live child processes: a pack's runs share one, a batch of jobs shares one."""
+        found = {id(proc): proc for proc in self.children.values()}
+        found.update({id(proc): proc for proc, _ in self.jobs.values()})
+        return list(found.values())
+
+    def _claim_jobs(self, store: Store) -> list:
+        """Claim queued jobs for one process: the queue spread over this worker's free slots, at most
+        JOBS_PER_PROCESS."""
+        free = max(1, self.max_parallel - self._processes())
+        size = min(JOBS_PER_PROCESS, max(1, -(-len(store.list_jobs(status="queued")) // free)))
+        batch = []
+        while len(batch) < size and (job := store.claim_job(self.id)) is not None:
+            batch.append(job)
+        return batch
+
+    def _start_jobs(self, ctx, batch: list) -> None:
+        claims = {job.id: job.claim for job in batch}
+        proc = ctx.Process(target=_job_main, name=f"spherelab-jobs-{batch[0].id}",
+                           args=(self.url, claims, self.device, self.threads, os.getpid()))
         proc.start()
-        self.jobs[job.id] = (proc, job.claim)
-        print(f"job {job.id} ({job.kind}): started in process {proc.pid}", file=sys.stderr, flush=True)
+        for job in batch:
+            self.jobs[job.id] = (proc, job.claim)
+        print(f"job(s) {', '.join(str(j.id) for j in batch)} ({', '.join(sorted({j.kind for j in batch}))}): "
+              f"started in process {proc.pid}", file=sys.stderr, flush=True)
 
     def _start_claimed(self, ctx, store: Store, info, source: str) -> None:
         """Start a claimed run in its own process, packed with compatible runs of the same source
@@ -206,8 +249,7 @@ class Worker:
     def _shutdown(self, store: Store) -> None:
         """SIGTERM every child (each stops at its next step and marks its runs interrupted); kill any
         still busy after the grace period, since a live non-daemon child would also block our exit."""
-        procs = list({id(proc): proc for proc in self.children.values()}.values())   # a pack: one process
-        procs += [proc for proc, _ in self.jobs.values()]
+        procs = self._procs()
         for proc in procs:
             if proc.is_alive():
                 proc.terminate()

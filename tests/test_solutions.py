@@ -288,6 +288,33 @@ def test_the_worker_computes_queued_jobs_and_requeues_one_whose_worker_died(trai
     assert done[second].result["barrier"] and len(done[second].result["alphas"]) == 3
 
 
+def test_one_job_process_computes_a_batch_and_keeps_its_waiting_jobs_held(trained, tmp_path):
+    """Queued jobs go to a process in batches (engine.worker.JOBS_PER_PROCESS), not one process each;
+    the ones waiting their turn heartbeat, so a short --stale-after never takes them back."""
+    db, run, _ = trained
+    store = Store(db)
+    ids = [int(engine("geometry", f"{run}@{a}", f"{run}@{b}", "--points", "201", "--submit", db=db).stdout.split()[-1])
+           for a, b in [(2, 4), (2, 6), (2, 8), (4, 6), (4, 8), (6, 8)]]
+    log = tmp_path / "worker.log"
+    with open(log, "w") as sink:
+        worker = start_worker(db, "--once", "--max-parallel", "1", "--stale-after", "3", log=sink)
+        try:
+            assert worker.wait(timeout=300) == 0
+        finally:
+            if worker.poll() is None:
+                worker.kill()
+    text = log.read_text()
+    jobs = {j.id: j for j in store.list_jobs(run_id=run)}
+    assert all(jobs[i].status == "finished" for i in ids), text
+    started = [line for line in text.splitlines() if "started in process" in line and line.startswith("job")]
+    assert len(started) == 1 and all(str(i) in started[0] for i in ids), text
+    assert "queued again" not in text
+    # the batch outlived the stale limit and a stale check (every 5 s): the waiting jobs' heartbeats
+    # were what kept them held
+    finished = sorted(jobs[i].finished_at for i in ids)
+    assert finished[-1] - finished[0] > 3 + 5, finished
+
+
 def test_a_bundle_with_checkpoints_lets_a_colleague_branch_from_the_run(trained, tmp_path):
     import json
     db, run, _ = trained
