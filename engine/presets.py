@@ -93,8 +93,8 @@ STUDY_PRESETS = {p.name: p for p in (
                 "5 checkpoints, then compare. The small PLRs converge, the middle ones settle into a chaotic "
                 "equilibrium, the largest diverge. The best model comes from the first chaotic PLR, just above "
                 "the convergence boundary, after averaging or fine-tuning, and beats every converged PLR; it "
-                "relies on a few features strongly, where converged networks use all 16 weakly. About 5 "
-                "minutes on 2 CPU cores.",
+                "relies on a few features strongly, where converged networks use all 16 weakly. About 2 "
+                "minutes from the dashboard on 2 CPU cores (BENCHMARKS.md).",
                 TICKS_STUDY, _log_grid(1e-3, 0.1, 9), 625, (1e-4, 1e-3), 312, 5, (0, 1, 2)),
     StudyPreset("Where do large learning rates lead us? (digits)",
                 "The same protocol on scikit-learn's digits with mlp_si: pre-train 7 ELRs from 1e-3 to 0.1 for 40 "
