@@ -358,13 +358,18 @@ def test_names_notes_and_errors_never_render_as_links_or_images(empty_db, monkey
                   runs_sharpness=run_id)
     sources = markdown_sources(at)
     assert any("evil" in text for text in sources) or page in ("compare", "teach", "periodic")  # there: widgets, charts
+    assert_plain_text(sources, charts(at))
+
+
+def assert_plain_text(sources, page_charts) -> None:
+    """No markdown source makes a link, an image or HTML of user text, and no chart carries it as HTML."""
     for text in sources:
         # a link or an image needs an unescaped "](", HTML an unescaped "<"; a bare-URL autolink is
         # found after escapes resolve, so "http://" must not survive even in the resolved text
         bare = re.sub(r"\\[^\w\s]", "", text)
         assert "](" not in bare and "<a" not in bare, text
         assert "://" not in re.sub(r"\\(.)", r"\1", text), text
-    for chart in charts(at):
+    for chart in page_charts:
         assert "<a href" not in chart.proto.spec and "evil.example/i.png\"" not in chart.proto.spec
 
 
