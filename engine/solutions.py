@@ -13,7 +13,6 @@ tensor through the network every run trains with (engine/packnet.py):
 """
 from __future__ import annotations
 
-import math
 
 import torch
 
@@ -141,6 +140,3 @@ def geometry(evaluator: Evaluator, a: torch.Tensor, b: torch.Tensor, points: int
     return {"angle": angle(a, b), "alphas": alphas, **curves,
             "barrier": {key: barrier(values, alphas) for key, values in curves.items()}}
 
-
-def finite_or_none(value: float) -> float | None:
-    return value if isinstance(value, float) and math.isfinite(value) else None
