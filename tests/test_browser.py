@@ -616,6 +616,7 @@ def test_the_study_page_follows_a_study_and_draws_a_finished_one(served_without_
         study_id = train_small_study(store.url)
         _open(page, f"{base}/study?study={study_id}")
         page.get_by_text("The best model comes from PLR").wait_for(timeout=30_000)
+        page.wait_for_function("() => document.querySelectorAll('.js-plotly-plot').length >= 3", timeout=30_000)
         drawn = page.evaluate("""() => Array.from(document.querySelectorAll('.js-plotly-plot')).map(plot =>
             (plot._fullData || []).filter(t => t._length > 0 || t.type === 'heatmap')
                 .map(t => t.type === 'heatmap' ? 'heatmap' : String(t.name)))""")
@@ -631,5 +632,7 @@ def test_the_study_page_follows_a_study_and_draws_a_finished_one(served_without_
 
         _open(page, f"{base}/teach?topic=study&study_demo={study_id}")
         page.get_by_text("The best model comes from PLR").wait_for(timeout=30_000)
+        # the summary is written before Plotly has drawn the charts below it: wait for them, then count
+        page.wait_for_function("() => document.querySelectorAll('.js-plotly-plot').length >= 3", timeout=30_000)
         assert page.evaluate("() => document.querySelectorAll('.js-plotly-plot').length") == 3
         _screenshot(page, "teach_study")
