@@ -172,11 +172,26 @@ def test_small_norm_jumps_are_not_the_mechanism():
     assert result["spikes"] == [] and len(result["evidence"]["excursions"]) == 4
 
 
-def test_irregular_or_stopped_spikes_are_not_periodic():
-    irregular = analyze(lrwd_trace(spike_epochs=(20, 40, 110, 130)), 10)
-    assert len(irregular["spikes"]) == 4 and irregular["regime"] != "periodic"
+def test_irregular_spacing_is_periodic_with_its_spread_reported():
+    """The mechanism recurs at uneven intervals (20, 70, 20 epochs), as real cycles do from seed to seed
+    and between CPU kernel paths: still `periodic`, the spread is evidence, not a reason to abstain."""
+    result = analyze(lrwd_trace(spike_epochs=(20, 40, 110, 130)), 10)
+    ev = result["evidence"]
+    assert len(result["spikes"]) == 4 and result["regime"] == "periodic", ev["reason"]
+    assert ev["period_epochs"] == pytest.approx(20, rel=0.05)
+    assert ev["period_range_epochs"] == pytest.approx([20, 70], rel=0.05)
+    assert ev["period_cv"] == pytest.approx(np.std([20, 70, 20]) / np.mean([20, 70, 20]), rel=0.05)
+    assert "20-70 epochs" in ev["reason"]
+
+
+def test_spikes_that_stopped_are_not_periodic():
+    """Last spike more than LATE_FACTOR times the longest interval before the end: the cycle stopped
+    (an early transient, then another regime)."""
     stopped = analyze(lrwd_trace(spike_epochs=(20, 50, 80), epochs=250), 10)
     assert len(stopped["spikes"]) == 3 and stopped["regime"] != "periodic"
+    assert 170 > analysis.LATE_FACTOR * 30
+    going = analyze(lrwd_trace(spike_epochs=(20, 50, 80), epochs=80 + 0.9 * analysis.LATE_FACTOR * 30), 10)
+    assert going["regime"] == "periodic", going["evidence"]["reason"]
 
 
 def test_two_spikes_are_enough_while_the_cycle_goes_on():
