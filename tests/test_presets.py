@@ -25,12 +25,16 @@ def test_every_preset_is_verified_here_or_in_test_regimes():
                             "Sharpness vs 2/ELR", "ConvNet on CIFAR-10"}
 
 
-def test_three_regimes_preset_shows_its_three_regimes():
+@pytest.mark.science
+def test_three_regimes_preset_shows_its_three_regimes_for_every_seed():
+    """Seeds 0-2 (measured: seeds 0-4 on the AVX-512 and the scalar kernel path all show the three)."""
     preset = PRESETS["Three regimes on digits"]
-    found, _ = labels(preset)
-    assert found == list(preset.expected_regimes)
+    cfgs = [cfg for seed in range(3) for cfg in preset.configs(seed=seed)]
+    found = [analyze(trace, 10)["regime"] for trace in train_traces(cfgs)]
+    assert found == list(preset.expected_regimes) * 3, found
 
 
+@pytest.mark.science
 def test_elr_sweep_preset_has_its_two_boundaries_where_its_text_says():
     """"boundaries (about 5e-3 and 3e-2 here)": each estimated boundary within a factor ~2.5 of that."""
     found, cfgs = labels(PRESETS["ELR sweep on digits"])
@@ -42,17 +46,22 @@ def test_elr_sweep_preset_has_its_two_boundaries_where_its_text_says():
     assert 2e-3 <= edges[0] <= 1.25e-2 and 1.2e-2 <= edges[1] <= 7.5e-2, edges
 
 
+@pytest.mark.science
 def test_sharpness_preset_small_elrs_stay_below_the_line_the_large_one_hovers_at_it():
+    """Seeds 0 and 1. Median sharpness / line measured over seeds 0-2 on the AVX-512 and the scalar
+    kernel path: ELR 1e-3 0.16-0.22, 3e-3 0.30-0.41, 1e-2 1.07-1.21 (above the line at 58-68% of its
+    points: it hovers around it)."""
     preset = PRESETS["Sharpness vs 2/ELR"]
-    cfgs = preset.configs()
+    cfgs = [cfg for seed in (0, 1) for cfg in preset.configs(seed=seed)]
     ratios = []
     for trace in train_traces(cfgs):
         measured = trace.dropna(subset=["sharpness"])
         assert len(measured) > 20
-        ratios.append(float(np.median((measured["sharpness"] / measured["sharpness_threshold"]).iloc[1:])))
-    small, medium, large = ratios               # ELR 1e-3, 3e-3, 1e-2 (measured: 0.19, 0.33, 1.18)
-    assert small < 0.7 and medium < 0.7, ratios
-    assert 0.5 <= large <= 2.5, ratios
+        ratios.append((measured["sharpness"] / measured["sharpness_threshold"]).iloc[1:])
+    for small, medium, large in (ratios[:3], ratios[3:]):      # ELR 1e-3, 3e-3, 1e-2 of one seed
+        assert small.median() < 0.7 and medium.median() < 0.7, (small.median(), medium.median())
+        assert 0.5 <= large.median() <= 2.5, large.median()
+        assert 0.2 <= (large > 1).mean() <= 0.8, (large > 1).mean()   # around the line, not above it
 
 
 def test_cifar_preset_needs_the_folder_and_is_convnet_si_32_on_the_sphere(tmp_path):

@@ -5,7 +5,6 @@ import json
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 
@@ -29,6 +28,7 @@ def cli(*args, db):
     return out.stdout
 
 
+@pytest.mark.science
 def test_cli_elr_sweep_shows_three_regimes_in_order(tmp_path):
     db = str(tmp_path / "sweep.db")
     ids = [int(x) for x in cli("sweep", "--elr", "1e-4:10:16", db=db).split()]
@@ -41,6 +41,7 @@ def test_cli_elr_sweep_shows_three_regimes_in_order(tmp_path):
     assert labels[0] == "convergence" and labels[-1] == "divergence"
 
 
+@pytest.mark.science
 @pytest.mark.parametrize("width", [32, 128])
 def test_three_regimes_preset_at_other_widths(width):
     preset = PRESETS["Three regimes on digits"]
@@ -102,6 +103,7 @@ def undetermined_away_from_a_boundary(labels: list[str]) -> list[int]:
     return bad
 
 
+@pytest.mark.science
 def test_sixty_epoch_sphere_sweep_has_no_undetermined_label_away_from_a_boundary():
     elrs = parse_values("1e-4:1:13")
     traces = train_traces([RunConfig(elr=e, epochs=60, seed=0) for e in elrs])
@@ -130,6 +132,7 @@ def test_long_lrwd_runs_report_only_spikes_with_a_norm_jump():
     print(f"{spikes} spikes, {excursions} excursions without the mechanism")
 
 
+@pytest.mark.science
 def test_real_labels_do_not_depend_on_the_log_frequency():
     """A converging and an equilibrium run logged every step, every 10 steps and about once an epoch."""
     cfgs = [RunConfig(elr=elr, epochs=30, seed=0, log_every=every) for elr in (1e-3, 2e-2) for every in (1, 10, 45)]
