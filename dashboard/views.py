@@ -240,7 +240,7 @@ def _solution_label(store: Store, end: dict) -> str:
         run = store.get_run(end["run"])
     except RunNotFound:
         return f"{solutions.solution_text(end)} (deleted)"
-    return f"{data.run_label(run)} at epoch {end['epoch']}"
+    return solutions.solution_text(end, data.run_label(run))
 
 
 def _path_csv(result: dict) -> str:
