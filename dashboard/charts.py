@@ -472,7 +472,7 @@ def periodic(frame: pd.DataFrame, spikes: list[int], period: int | None) -> go.F
 
 def sharpness(long: pd.DataFrame, names: dict[int, str]) -> go.Figure:
     """Each run's sharpness (λmax·ρ², solid) against its own stability line 2(1+μ)/elr (dashed), in
-    the run's colour: the sharpness rises to its line and cannot stay above it."""
+    the run's colour: a chaotic run's sharpness is pushed up to its line and hovers around it."""
     fig = go.Figure()
     series = _by_series(long)
     colors = run_colors(names)

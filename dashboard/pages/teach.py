@@ -18,6 +18,7 @@ TOPICS = {"invariance": "1 · Scale invariance", "elr": "2 · Effective learning
           "regimes": "3 · Three regimes", "periodic": "4 · Periodic behaviour", "sharpness": "5 · Sharpness",
           "solutions": "6 · Branch, average, compare solutions", "study": "7 · Where do large learning rates lead us?"}
 DEMOS = {"regimes": "Three regimes on digits", "periodic": "Periodic behaviour", "sharpness": "Sharpness vs 2/ELR"}
+SHARPNESS_TOP = max(PRESETS[DEMOS["sharpness"]].swept["elr"])    # the demo's ELR that hovers at its line
 
 
 def invariance() -> None:
@@ -64,19 +65,22 @@ def periodic() -> None:
                 "gradients blow ρ up, the ELR drops, and the cycle starts again.")
     st.latex(r"\rho \downarrow \;\Rightarrow\; \mathrm{ELR} = \frac{\eta}{\rho^2} \uparrow \;\Rightarrow\;"
              r"\text{instability: loss spike, } \rho \uparrow \;\Rightarrow\; \mathrm{ELR} \downarrow")
-    st.markdown("In the demo below the spikes in `train_loss` line up with jumps in `si_norm` and drops "
-                "in `elr`, and the period is estimated from their spacing. On the right, the cycle: `elr` "
-                "against the effective gradient norm goes round a loop once per period.")
+    st.markdown("The demo below reads **periodic**: its `train_loss` spikes, and each spike comes with a jump in "
+                "`si_norm` and a drop in `elr` (a loss spike without them would not count). Its period is the "
+                "median spacing of the spikes, shown with how much that spacing varies. On the right, the cycle: "
+                "`elr` against the effective gradient norm goes round a loop once per period.")
 
 
 def sharpness() -> None:
     st.markdown("A gradient step of size ELR (at unit norm) is stable only where the curvature is below "
-                "2/ELR. The sharpness — the top Hessian eigenvalue at unit norm — is pushed up to that line "
-                "and cannot stay above it.")
-    st.latex(r"\text{sharpness} = \lambda_{\max}\!\left(\nabla^2 L\right)\rho^2 \;\lesssim\; "
-             r"\frac{2(1+\mu)}{\mathrm{ELR}}")
+                "2/ELR. Training pushes the sharpness — the top Hessian eigenvalue at unit norm — up towards "
+                f"that line. At small ELRs it stays well below it; at a large enough one (here {SHARPNESS_TOP:g}, a "
+                "chaotic equilibrium) it reaches the line and **hovers around it**: above it at some measurements, "
+                "below it at others.")
+    st.latex(r"\text{sharpness} = \lambda_{\max}\!\left(\nabla^2 L\right)\rho^2, \qquad "
+             r"\text{stability line} = \frac{2(1+\mu)}{\mathrm{ELR}}")
     st.markdown("The demo measures the sharpness during three digits runs and draws each one against its own "
-                "stability line (dashed, same colour).")
+                "stability line (dashed, same colour); below the chart, how often each run is above its line.")
 
 
 def branching() -> None:
