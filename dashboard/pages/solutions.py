@@ -9,7 +9,7 @@ from engine.config import ConfigError
 from storage import Store
 
 LAST = "last"
-DEFAULT_POINTS = 21
+DEFAULT_POINTS, MIN_POINTS, MAX_POINTS = 21, 2, 201
 
 
 def epoch_choice(text: str) -> str:
@@ -44,8 +44,8 @@ def measure_section(store: Store, kept: dict[int, list[int]]) -> int | None:
         b = pick_solution(store, "Solution B", "b", kept, labels, ids[0])
     with last:
         st.markdown("**Path**")
-        ui.seed("points", DEFAULT_POINTS, int)
-        points = st.number_input("Points on the path", min_value=2, max_value=201, key="points",
+        ui.seed("points", DEFAULT_POINTS, int, lo=MIN_POINTS, hi=MAX_POINTS)
+        points = st.number_input("Points on the path", min_value=MIN_POINTS, max_value=MAX_POINTS, key="points",
                                  help="α from 0 to 1 in equal steps; each point is one evaluation of the "
                                       "training and test sets")
         ui.publish("points", points, DEFAULT_POINTS)

@@ -186,7 +186,7 @@ def demo(store: Store, topic: str) -> list[int]:
     st.caption(estimate.describe(preset.configs()))
     queued = st.session_state.setdefault("demo_runs", {})
     param = f"runs_{topic}"   # the demo's runs in the URL: a shared link shows them
-    ui.seed(param, queued.get(topic, []), ui.int_list)
+    ui.seed(param, queued.get(topic, []), ui.int_list, allowed=[r.id for r in store.list_runs()], noun="run")
     if st.session_state[param]:
         queued[topic] = st.session_state[param]
     if st.button("Run this demo", type="primary", key=f"demo-{topic}", icon=":material/play_arrow:"):
@@ -225,7 +225,8 @@ def solutions_demo(store: Store) -> list[int]:
     st.caption(estimate.describe([solutions.DEMO_PARENT]) + " Then the branches, the average and the geometry: "
                "about a minute in all on two CPU cores.")
     param = "runs_solutions"   # the demo's parent in the URL: a shared link shows it
-    ui.seed(param, st.session_state.get("demo_runs", {}).get("solutions", []), ui.int_list)
+    ui.seed(param, st.session_state.get("demo_runs", {}).get("solutions", []), ui.int_list,
+            allowed=[r.id for r in store.list_runs()], noun="run")
     if st.button("Run this demo", type="primary", key="demo-solutions", icon=":material/play_arrow:"):
         st.session_state[param] = [solutions.start_demo(store)]
     parent = [i for i in st.session_state[param][:1] if store.list_runs(ids=[i])]
@@ -292,7 +293,7 @@ def study_demo(store: Store) -> list[int]:
     spec = {"pretrain_elrs": preset.pretrain_elrs, "seeds": preset.seeds, "finetune_elrs": preset.finetune_elrs}
     st.caption(studies.pieces(spec) + ". The workers train it; this page follows it (so does the Study page).")
     param = "study_demo"   # the demo's study in the URL: a shared link shows it
-    ui.seed(param, st.session_state.get("demo_study"), int)
+    ui.seed(param, st.session_state.get("demo_study"), int, allowed=[s.id for s in store.list_studies()], noun="study")
     if st.button("Run this demo", type="primary", key="demo-study", icon=":material/play_arrow:"):
         try:
             st.session_state[param] = studies.launch_preset(store, preset)
