@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -32,6 +33,17 @@ TRACE_EVENTS = ["spike", "elr_change", "lr_change", "resume"]
 # ---- runs ----------------------------------------------------------------------------------------
 def run_label(run: RunInfo) -> str:
     return f"#{run.id} {run.name}"
+
+
+def group_label(runs: list[RunInfo]) -> str:
+    """A seed group's curve: "#1–#3 mlp_si-… elr=0.01 · mean of 3 seeds (0, 1, 2)", its runs' names without
+    their own seed; one run: its label."""
+    if len(runs) == 1:
+        return run_label(runs[0])
+    ids = sorted(r.id for r in runs)
+    name = re.sub(r"\s*\bseed=-?\d+\b", "", runs[0].name).strip() or runs[0].name
+    seeds = ", ".join(str(r.config.get("seed", "?")) for r in sorted(runs, key=lambda r: r.id))
+    return f"#{ids[0]}–#{ids[-1]} {name} · mean of {len(runs)} seeds ({seeds})"
 
 
 def rate_of(config: dict) -> tuple[str, float]:
@@ -239,6 +251,14 @@ def sharpness_runs(runs: list[RunInfo]) -> list[RunInfo]:
 
 
 # ---- managing runs ------------------------------------------------------------------------------
+def acc_text(value: float | None) -> str:
+    """An accuracy (a fraction) as every page writes it: a percentage with one decimal, "96.9%"."""
+    return "…" if value is None else f"{value:.1%}"
+
+
+ACC_COLUMN = "%.1f%%"   # a table's accuracy column, holding percentages (acc_text's format)
+
+
 # ---- what the Teach and Periodic texts say, read from the run shown ------------------------------------
 HOVER_RATIO = (0.7, 1.5)    # a median sharpness / line in this band: the run hovers around its line
 

@@ -1,4 +1,5 @@
-"""Branching, averaging and comparing solutions from the dashboard (SPEC §10), Streamlit-free: the
+"""Branching, averaging and comparing solutions from the dashboard (README: *Branch, average,
+compare solutions*), Streamlit-free: the
 forms' words for the engine's messages, a run's branches and jobs, and the Teach demo's steps.
 
 Everything is queued through engine.submission (torch-free, validated, nothing written on bad

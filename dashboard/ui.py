@@ -297,12 +297,19 @@ def worker_panel(store: Store) -> None:
     """Whether a worker is alive, what is queued, and a button that starts a worker when none is."""
     workers = store.live_workers()
     queued = len(store.list_runs(status="queued"))
-    waiting = f" {queued} run(s) queued." if queued else ""
+    jobs = store.list_jobs(status=JOB_PENDING)
+    computing = sum(j.status == "running" for j in jobs)
+    waiting = " ".join(part for part in (f"{queued} run(s) queued." if queued else "",
+                                         f"{len(jobs) - computing} job(s) queued." if len(jobs) > computing else "")
+                       if part)
+    waiting = f" {waiting}" if waiting else ""
     if workers:
         held = sum(len(w["run_ids"]) for w in workers)
         names = ", ".join(md(f"{w['host']} pid {w['pid']} ({w['device']}, up to {w['max_parallel']} at once)")
                           for w in workers)
-        doing = f"training {held} run(s)" if held else "idle"
+        busy = [f"training {held} run(s)" if held else "", f"computing {computing} job(s)" if computing else ""]
+        # queued work with nothing held yet: the worker takes it at its next poll (a second or so)
+        doing = " and ".join(b for b in busy if b) or ("taking the queued work" if queued or jobs else "idle")
         st.success(f"Worker alive: {names}; {doing}.{waiting}", icon=":material/memory:")
         return
     started = st.session_state.get("worker_started")

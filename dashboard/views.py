@@ -194,14 +194,18 @@ def averages_table(store: Store, run: RunInfo, jobs) -> None:
         status = job.status
         if job.status == "failed" and job.error:
             status = f"failed: {job.error.splitlines()[0]}"
-        rows.append({"job": job.id, "epochs averaged": ", ".join(map(str, job.spec.get("epochs", []))),
-                     "status": status, **{key: result.get(key) for key in ("train_loss", "train_acc", "test_loss", "test_acc")}})
+        values = {key: result.get(key) for key in ("train_loss", "train_acc", "test_loss", "test_acc")}
+        for key in ("train_acc", "test_acc"):   # percentages, as every page writes accuracies
+            values[key] = None if values[key] is None else 100 * values[key]
+        rows.append({"job": job.id, "epochs averaged": solutions.epochs_text(job.spec.get("epochs", [])),
+                     "status": status, **values})
     st.dataframe(rows, hide_index=True, width="stretch",
-                 column_config={key: st.column_config.NumberColumn(format="%.4f")
+                 column_config={key: st.column_config.NumberColumn(format=data.ACC_COLUMN if key.endswith("_acc")
+                                                                   else "%.4f")
                                 for key in ("train_loss", "train_acc", "test_loss", "test_acc")})
     own = last_value(store, run.id, "test_acc")
     if own is not None:
-        st.caption(f"For comparison: this run's own last test_acc is {own:.4f}. The average's weights are the mean "
+        st.caption(f"For comparison: this run's own last test_acc is {data.acc_text(own)}. The average's weights are the mean "
                    "of those checkpoints' weights (not projected back to the sphere), with BatchNorm statistics "
                    "recomputed on the training set.")
 

@@ -129,3 +129,12 @@ def test_periodic_demo_reads_periodic_with_a_jump_and_a_drop_at_every_spike_and_
     assert f"period ≈ {result['period']} steps (the median spacing), the spacing varying by" in page
     [period] = [m for m in at.metric if m.label == "period"]
     assert period.value == f"{result['period']} steps" and period.delta.startswith("spacing ± ")
+
+
+def test_the_study_steps_protocol_text_ends_in_whole_sentences(tmp_path, monkeypatch):
+    """Step 7 quoted its preset's time estimate up to the first dot, ending mid-sentence at '(BENCHMARKS.'."""
+    at = open_app(tmp_path / "empty.db", monkeypatch, "teach", topic="study")
+    [demo] = [m.value for m in at.markdown if m.value.startswith("**Demo")]
+    words = re.sub(r"\\(.)", r"\1", demo)
+    assert words.endswith(".") and words.count("(") == words.count(")"), words
+    assert re.search(r"About [^()]* \(BENCHMARKS\.md\)\.$", words), words

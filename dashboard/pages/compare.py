@@ -137,8 +137,7 @@ def draw(store: Store, run_ids: list[int], keys: list[str], x: str, smoothing: f
                                tuple((run_id, chain) for run_id, chain in lineage if chain))
     by_id = {r.id: r for r in runs}
     if groups:
-        names = {head: data.run_label(by_id[head]) + (f" · mean of {len(m)} seeds" if len(m) > 1 else "")
-                 for head, m in groups.items() if head in by_id}
+        names = {head: data.group_label([by_id[i] for i in m if i in by_id]) for head, m in groups.items() if head in by_id}
     else:
         names = {r.id: data.run_label(r) for r in sorted(runs, key=lambda r: r.id)}
     # a phase diagram reads better near square than as a 280 px strip

@@ -1,4 +1,4 @@
-"""Solutions: the geometry between two solutions (SPEC §10) — pick two runs and kept epochs, queue the
+"""Solutions: the geometry between two solutions (README, *Branch, average, compare solutions*) — pick two runs and kept epochs, queue the
 measurement for a worker, and see the angle, the loss and error along the straight path between
 them, and the barriers. Follows a measurement until it is done."""
 import streamlit as st
@@ -93,6 +93,7 @@ def main(store: Store) -> None:
               job_ids=[job_id] if job.status in ui.JOB_PENDING else [])
 
 
-ui.run_page("Solutions", main, "The geometry between two solutions (SPEC §10): the angle between their weight "
-            "vectors and the loss and error along the straight path from one to the other, with BatchNorm "
-            "recomputed at every point. A worker computes it; this page follows it.")
+ui.run_page("Solutions", main, "The geometry between two solutions: the angle between their weight vectors and the loss and "
+            "error along the straight path from one to the other, with BatchNorm recomputed at every point; the "
+            "barrier is how far the path rises above the straight line between its ends' values (README, *Branch, "
+            "average, compare solutions*). A worker computes it; this page follows it.")

@@ -277,7 +277,7 @@ def protocol_text(preset) -> str:
     plrs, flrs = preset.pretrain_elrs, preset.finetune_elrs
     steps = preset.base.train_size // preset.base.batch_size if preset.base.train_size and preset.base.batch_size else None
     iterations = f" ({preset.pretrain_epochs * steps:,} iterations)" if steps else ""
-    took = re.search(r"About [^.]*\.", preset.description)
+    took = re.search(r"About .*?\.(?=\s|$)", preset.description)   # to a sentence's end, past "BENCHMARKS.md"
     return (f"{preset.base.model} on {preset.base.dataset}: pre-train {len(plrs)} PLRs from {min(plrs):g} to "
             f"{max(plrs):g} for {preset.pretrain_epochs} epochs{iterations}, {len(preset.seeds)} seeds each; fine-tune "
             f"every end point at FLR {' and '.join(f'{f:g}' for f in flrs)} for {preset.finetune_epochs} epochs; "
@@ -313,8 +313,7 @@ def study_demo(store: Store) -> list[int]:
     return [r.id for r in store.list_runs(study_id=study_id)]
 
 
-def _acc(value) -> str:
-    return "…" if value is None else f"{value:.1%}"
+_acc = data.acc_text
 
 
 def demo_status(runs) -> str:
