@@ -1,6 +1,6 @@
 """Plotly figure builders: pure functions from DataFrames to Figures (no Streamlit, no store).
 
-Axis titles and legends use the metric keys of SPEC §6, so a chart reads like the exported data.
+Axis titles and legends use the metric keys of engine/registry.py (README: *Metrics*), so a chart reads like the exported data.
 Every user-controlled string (run names) goes through plain.html: Plotly renders HTML in labels.
 Log axes carry explicit tick values and texts (log_axis), so a tick never reads as a bare mantissa
 ("2" for 0.02), on screen and in exported files alike.
@@ -21,9 +21,10 @@ from .plain import html
 
 # Run colours avoid the regime colours below (green, orange, red, purple, grey), so a curve's
 # colour is never read as its regime, and stand out on white (contrast 3:1 or more: the olive and
-# pale pinks of Plotly's defaults were hard to follow on a projector).
-PALETTE = ("#1f77b4", "#c2409e", "#0097a7", "#8c564b", "#827717", "#3949ab", "#263238", "#00838f",
-           "#6d4c41", "#0d47a1")
+# pale pinks of Plotly's defaults were hard to follow on a projector), and differ from each other
+# (CIELAB distance 25 or more: two teals, two browns and two dark blues read as one colour on screen).
+PALETTE = ("#1f77b4", "#c2409e", "#0097a7", "#8c564b", "#827717", "#3949ab", "#263238", "#f83078",
+           "#500038", "#0000f0")
 REGIME_COLORS = {"convergence": "#1b9e4b", "chaotic_equilibrium": "#f28e00", "divergence": "#d62728",
                  "periodic": "#7b2cbf", "undetermined": "#8c8c8c"}
 UNKNOWN_REGIME_COLOR = "#8c8c8c"
@@ -81,6 +82,25 @@ def tick_text(value: float) -> str:
 LOG_TICK_LADDER = (((1,), 3), ((1, 3), 4), ((1, 2, 5), 3), (tuple(range(1, 10)), 2))
 
 
+# Labels on a log axis within a decade: at most about this many over the range, so that at the top of
+# a decade (0.7, 0.8, 0.9, 1 lie 0.05 decade apart) they do not overlap in a short panel.
+MOST_LABELS = 6
+NICENESS = {1: 0, 5: 1, 2: 2, 3: 3}    # which mantissas to keep first when there are too many
+
+
+def _spread(values: list[float], gap: float) -> list[float]:
+    """The values no closer than `gap` decades to each other, keeping the nicest mantissas first
+    (1, then 5, 2, 3, then the others from the bottom)."""
+    def rank(v: float) -> tuple[int, float]:
+        mantissa = round(v / 10 ** math.floor(math.log10(v) + 1e-9))
+        return NICENESS.get(mantissa, len(NICENESS)), v
+    kept: list[float] = []
+    for v in sorted(values, key=rank):
+        if all(abs(math.log10(v / k)) >= gap * (1 - 1e-9) for k in kept):
+            kept.append(v)
+    return sorted(kept)
+
+
 def log_ticks(lo: float, hi: float, most: int = 8) -> list[float]:
     """Tick values for a log axis over [lo, hi]: decades when there are three or more, else 1-3
     (0.03, 0.1, 0.3, …) when that gives four or more, else 1-2-5, else every mantissa, else (a range
@@ -91,8 +111,11 @@ def log_ticks(lo: float, hi: float, most: int = 8) -> list[float]:
         values = [float(f"{m * 10.0 ** k:.12g}") for k in range(k0, k1 + 1) for m in mantissas]
         values = [v for v in values if lo * (1 - 1e-9) <= v <= hi * (1 + 1e-9)]
         if len(values) >= enough:
-            every = math.ceil(len(values) / most) if mantissas == (1,) else 1
-            return values[::every]
+            if mantissas == (1,):
+                return values[::math.ceil(len(values) / most)]
+            if len(mantissas) == 9:      # every mantissa: crowded at the top of each decade
+                return _spread(values, math.log10(hi / lo) / MOST_LABELS)
+            return values
     step = 10.0 ** math.floor(math.log10((hi - lo) / 4))
     step *= next(m for m in (1, 2, 5, 10) if (hi - lo) / (m * step) <= 5)
     first = math.ceil(lo / step)
@@ -472,7 +495,7 @@ def periodic(frame: pd.DataFrame, spikes: list[int], period: int | None) -> go.F
 
 def sharpness(long: pd.DataFrame, names: dict[int, str]) -> go.Figure:
     """Each run's sharpness (λmax·ρ², solid) against its own stability line 2(1+μ)/elr (dashed), in
-    the run's colour: the sharpness rises to its line and cannot stay above it."""
+    the run's colour: a chaotic run's sharpness is pushed up to its line and hovers around it."""
     fig = go.Figure()
     series = _by_series(long)
     colors = run_colors(names)
@@ -535,7 +558,9 @@ def geometry(result: dict, label_a: str, label_b: str) -> go.Figure:
     alphas = np.asarray(result["alphas"], dtype=np.float64)
     # a curve that never rises above its straight line has no barrier to point at: its panel's title says so
     flat = {key: barrier_point(alphas, _finite(result[key]))[3] == 0 for _, keys in GEOMETRY_PANELS for key in keys}
-    titles = [title + (f" · no barrier: {', '.join(k for k in keys if flat[k])}" if any(flat[k] for k in keys) else "")
+    # on a second line: beside the title it ran past the right edge of a half-width panel
+    titles = [title + (f"<br><span style='font-size:12px'>no barrier: {', '.join(k for k in keys if flat[k])}</span>"
+                       if any(flat[k] for k in keys) else "")
               for title, keys in GEOMETRY_PANELS]
     fig = make_subplots(rows=1, cols=2, subplot_titles=titles, horizontal_spacing=0.09)
     for col, (_, keys) in enumerate(GEOMETRY_PANELS, start=1):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -32,6 +33,17 @@ TRACE_EVENTS = ["spike", "elr_change", "lr_change", "resume"]
 # ---- runs ----------------------------------------------------------------------------------------
 def run_label(run: RunInfo) -> str:
     return f"#{run.id} {run.name}"
+
+
+def group_label(runs: list[RunInfo]) -> str:
+    """A seed group's curve: "#1–#3 mlp_si-… elr=0.01 · mean of 3 seeds (0, 1, 2)", its runs' names without
+    their own seed; one run: its label."""
+    if len(runs) == 1:
+        return run_label(runs[0])
+    ids = sorted(r.id for r in runs)
+    name = re.sub(r"\s*\bseed=-?\d+\b", "", runs[0].name).strip() or runs[0].name
+    seeds = ", ".join(str(r.config.get("seed", "?")) for r in sorted(runs, key=lambda r: r.id))
+    return f"#{ids[0]}–#{ids[-1]} {name} · mean of {len(runs)} seeds ({seeds})"
 
 
 def rate_of(config: dict) -> tuple[str, float]:
@@ -239,6 +251,81 @@ def sharpness_runs(runs: list[RunInfo]) -> list[RunInfo]:
 
 
 # ---- managing runs ------------------------------------------------------------------------------
+def acc_text(value: float | None) -> str:
+    """An accuracy (a fraction) as every page writes it: a percentage with one decimal, "96.9%"."""
+    return "…" if value is None else f"{value:.1%}"
+
+
+ACC_COLUMN = "%.1f%%"   # a table's accuracy column, holding percentages (acc_text's format)
+
+
+# ---- what the Teach and Periodic texts say, read from the run shown ------------------------------------
+HOVER_RATIO = (0.7, 1.5)    # a median sharpness / line in this band: the run hovers around its line
+
+
+@dataclass(frozen=True)
+class SharpnessReading:
+    """A run's measured sharpness against its own stability line 2(1+μ)/elr, point by point."""
+    points: int
+    above: float          # fraction of the measurements above the line
+    median_ratio: float   # median of sharpness / line
+
+    @property
+    def reading(self) -> str:
+        """"below", "around" (hovering around its line) or "above"."""
+        low, high = HOVER_RATIO
+        return "below" if self.median_ratio < low else "around" if self.median_ratio <= high else "above"
+
+    def text(self) -> str:
+        words = {"below": "well below its line", "around": "hovering around its line",
+                 "above": "mostly above its line"}[self.reading]
+        return (f"{words}: above it at {self.above:.0%} of its {self.points} measurements, median sharpness / line "
+                f"{self.median_ratio:.2f}")
+
+
+def sharpness_reading(trace: pd.DataFrame) -> SharpnessReading | None:
+    """The reading of a wide trace (step, sharpness, sharpness_threshold) after its first step (the
+    untrained network's sharpness says nothing about training); None before two measurements."""
+    if not {"sharpness", "sharpness_threshold"} <= set(trace.columns):
+        return None
+    measured = trace[trace["step"] > 0]
+    ratio = (measured["sharpness"] / measured["sharpness_threshold"]).to_numpy(float)
+    ratio = ratio[np.isfinite(ratio)]
+    if len(ratio) < 2:
+        return None
+    return SharpnessReading(len(ratio), float((ratio > 1).mean()), float(np.median(ratio)))
+
+
+def sharpness_readings(long: pd.DataFrame) -> dict[int, SharpnessReading]:
+    """run id -> its reading, from a long frame (read_metrics_many of sharpness and its line)."""
+    out = {}
+    for run_id, rows in long.groupby("run_id"):
+        wide = rows.pivot_table(index="step", columns="key", values="value", aggfunc="last").reset_index()
+        reading = sharpness_reading(wide)
+        if reading is not None:
+            out[int(run_id)] = reading
+    return out
+
+
+def periodic_text(result: dict) -> str | None:
+    """What the analysis found that makes a run periodic, in one line: the spikes, each with its norm
+    jump and ELR drop (the smallest of each), and the period with its spread; None unless `periodic`."""
+    evidence = result.get("evidence", {})
+    spikes = evidence.get("spike_evidence") or []
+    if result.get("regime") != "periodic" or not spikes:
+        return None
+    jumps = [s["norm_jump"] for s in spikes if s.get("norm_jump") is not None]
+    drops = [s["elr_drop"] for s in spikes if s.get("elr_drop") is not None]
+    each = (f", each with a si_norm jump (at least +{min(jumps):.0%}) and an elr drop (at least −{min(drops):.0%})"
+            if jumps and drops and len(jumps) == len(drops) == len(spikes) else "")
+    period = ""
+    if result.get("period"):
+        cv = evidence.get("period_cv")
+        spread = f", the spacing varying by {cv:.0%} (std / mean)" if cv is not None else ""
+        period = f"; period ≈ {result['period']} steps (the median spacing){spread}"
+    return f"{len(spikes)} loss spikes{each}{period}."
+
+
 def delete_runs(store: Store, runs: list[RunInfo]) -> None:
     """Delete runs with their checkpoint files (refused by the store for runs a worker holds)."""
     for run in runs:

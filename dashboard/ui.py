@@ -84,21 +84,106 @@ def guarded(body: Callable[..., None]) -> Callable[..., None]:
 
 
 # ---- page state in the URL ----------------------------------------------------------------------
+# Every page reads its query parameters through seed() (pick() for a selectbox of ids): a value that
+# does not parse is refused, a number outside its range clamped, ids or choices that are not here left
+# out, each with a one-line note on the page naming the parameter; the page then shows what it can.
 _SEEN = "_url_seen"  # the URL values last applied or written, per key
 
 
-def seed(key: str, default: Any, parse: Callable[[str], Any] = str, allowed=None) -> None:
+class Many:
+    """A comma-separated list parameter whose items parse with `item` (int, str)."""
+
+    def __init__(self, item: Callable[[str], Any]):
+        self.item = item
+
+    def __call__(self, text: str) -> list:
+        return [self.item(part.strip()) for part in text.split(",") if part.strip()]
+
+
+int_list = Many(int)
+str_list = Many(str)
+
+
+def flag(text: str) -> bool:
+    """A yes/no parameter: 1/true/yes or 0/false/no."""
+    value = text.strip().lower()
+    if value in ("1", "true", "yes"):
+        return True
+    if value in ("0", "false", "no"):
+        return False
+    raise ValueError("not 1 or 0")
+
+
+def finite(text: str) -> float:
+    value = float(text)
+    if value != value:
+        raise ValueError("not a number")
+    return value
+
+
+_KINDS = {int: "a whole number", float: "a number", finite: "a number", flag: "1 or 0"}
+
+
+def read_param(key: str, raw: str, parse: Callable[[str], Any] = str, allowed=None, lo=None, hi=None,
+               noun: str | None = None) -> tuple[Any, str | None]:
+    """(the value to use or None to keep the page's own, a note or None) for URL parameter `key`=`raw`:
+    what does not parse is refused, a number outside [lo, hi] clamped, list items or a value not in
+    `allowed` left out. The note names the parameter and what was done (plain text)."""
+    what = noun or "value"
+    if isinstance(parse, Many):
+        kept, bad = [], []
+        for part in (p.strip() for p in raw.split(",")):
+            if not part:
+                continue
+            try:
+                value = parse.item(part)
+            except ValueError:
+                bad.append(part)
+                continue
+            (kept if allowed is None or value in allowed else bad).append(value)
+        if not bad:
+            return kept, None
+        missing = ", ".join(map(str, bad))
+        reason = "not in this database" if noun else "not a choice here"
+        if kept:
+            return kept, f"Left out of the link's “{key}”: {missing} ({reason})."
+        return None, f"The link's “{key}” names no {what} here ({missing}: {reason}): showing the page's default."
+    try:
+        value = parse(raw)
+    except (ValueError, OverflowError):
+        kind = _KINDS.get(parse, f"a {what}")
+        return None, f"Ignored the link's “{key}={raw}”: not {kind}."
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        low, high = lo is not None and value < lo, hi is not None and value > hi
+        if low or high:
+            clamped = lo if low else hi
+            bounds = f"outside {lo:g}–{hi:g}" if lo is not None and hi is not None else \
+                f"below {lo:g}" if low else f"above {hi:g}"
+            return clamped, f"The link's “{key}={raw}” is {bounds}: using {clamped:g}."
+    if allowed is not None and value not in allowed:
+        if noun:
+            return None, (f"{noun.capitalize()} {raw} is not in this database: it was deleted, or the link comes "
+                          f"from another database. Showing another {noun} instead.")
+        choices = ", ".join(map(str, list(allowed)[:8])) + (", …" if len(allowed) > 8 else "")
+        return None, f"Ignored the link's “{key}={raw}”: not one of {choices}."
+    return value, None
+
+
+def seed(key: str, default: Any, parse: Callable[[str], Any] = str, allowed=None, *, lo=None, hi=None,
+         noun: str | None = None) -> None:
     """Give widget `key` its value before it is drawn: the URL's (query parameter of the same name)
     when the URL changed since this page last wrote it (a shared link, a switch from another page),
-    else the value it already has, else `default`. Values not in `allowed` are dropped."""
+    else the value it already has, else `default`. The URL's value is checked by read_param (a note
+    on the page says what was refused or clamped); values not in `allowed` are dropped."""
     seen = st.session_state.setdefault(_SEEN, {})
     raw = st.query_params.get(key)
     if raw is not None and raw != seen.get(key):
         seen[key] = raw
-        try:
-            st.session_state[key] = _keep_allowed(parse(raw), allowed)
-        except ValueError:
-            pass  # a mangled link falls back to the default
+        value, note = read_param(key, raw, parse, allowed, lo, hi, noun)
+        if note:
+            st.warning(md(note), icon=":material/link_off:")
+        if value is not None:
+            st.session_state[key] = value
     current = _keep_allowed(st.session_state.get(key), allowed)
     # assigned even when unchanged: a value left by another page's widget of the same key would
     # otherwise be ignored by this page's widget
@@ -134,23 +219,10 @@ def _keep_allowed(value, allowed):
     return value if value in allowed else None
 
 
-def int_list(text: str) -> list[int]:
-    return [int(part) for part in text.split(",") if part.strip()]
-
-
-def str_list(text: str) -> list[str]:
-    return [part.strip() for part in text.split(",") if part.strip()]
-
-
 def pick(label: str, options: dict[int, str], key: str, noun: str, default: int | None = None) -> int:
     """A selectbox of ids (labels shown as plain text) whose value lives in the URL under `key`.
     A link naming an id that is not here says so, then shows the default (the newest) instead."""
-    asked = st.query_params.get(key)
-    if asked is not None and asked != st.session_state.get(_SEEN, {}).get(key) and \
-            (not asked.strip().isdigit() or int(asked) not in options):
-        st.warning(f"{noun.capitalize()} {md(asked)} is not in this database: it was deleted, or the link comes "
-                   f"from another database. Showing another {noun} instead.", icon=":material/link_off:")
-    seed(key, next(iter(options)) if default is None else default, int, allowed=list(options))
+    seed(key, next(iter(options)) if default is None else default, int, allowed=list(options), noun=noun)
     chosen = st.selectbox(label, list(options), format_func=options.get, key=key)
     publish(key, chosen)
     return chosen
@@ -225,12 +297,19 @@ def worker_panel(store: Store) -> None:
     """Whether a worker is alive, what is queued, and a button that starts a worker when none is."""
     workers = store.live_workers()
     queued = len(store.list_runs(status="queued"))
-    waiting = f" {queued} run(s) queued." if queued else ""
+    jobs = store.list_jobs(status=JOB_PENDING)
+    computing = sum(j.status == "running" for j in jobs)
+    waiting = " ".join(part for part in (f"{queued} run(s) queued." if queued else "",
+                                         f"{len(jobs) - computing} job(s) queued." if len(jobs) > computing else "")
+                       if part)
+    waiting = f" {waiting}" if waiting else ""
     if workers:
         held = sum(len(w["run_ids"]) for w in workers)
         names = ", ".join(md(f"{w['host']} pid {w['pid']} ({w['device']}, up to {w['max_parallel']} at once)")
                           for w in workers)
-        doing = f"training {held} run(s)" if held else "idle"
+        busy = [f"training {held} run(s)" if held else "", f"computing {computing} job(s)" if computing else ""]
+        # queued work with nothing held yet: the worker takes it at its next poll (a second or so)
+        doing = " and ".join(b for b in busy if b) or ("taking the queued work" if queued or jobs else "idle")
         st.success(f"Worker alive: {names}; {doing}.{waiting}", icon=":material/memory:")
         return
     started = st.session_state.get("worker_started")

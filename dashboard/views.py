@@ -119,14 +119,22 @@ def periodic_part(store: Store, run_id: int) -> None:
         st.caption("regime")
         ui.regime_badge(result["regime"])
     cols[1].metric("loss spikes", len(spikes))
-    cols[2].metric("period", f"{period} steps" if period else "—", help="Median spacing of the spikes; needs two or more.")
+    cv = result["evidence"].get("period_cv")
+    cols[2].metric("period", f"{period} steps" if period else "—",
+                   delta=f"spacing ± {cv:.0%}" if period and cv is not None else None, delta_color="off",
+                   help="Median spacing of the spikes; needs two or more. Below it: how much the spacing varies "
+                        "(std / mean).")
     steps_per_epoch = _steps_per_epoch(frame)
     cols[3].metric("period in epochs", f"{period / steps_per_epoch:.1f}" if period and steps_per_epoch else "—")
     left, right = st.columns([3, 2])
     with left:
         ui.chart(charts.periodic(frame, spikes, period), key="periodic")
+        found = data.periodic_text(result)
+        if found:
+            st.markdown(f"**Periodic:** {md(found)}")
         st.caption("Weight decay shrinks si_norm, so elr = lr / si_norm² grows until a step is too large: the loss "
-                   "spikes, the gradients blow the norm up, the elr drops, and a new period starts.")
+                   "spikes, the gradients blow the norm up, the elr drops, and a new period starts. A loss spike "
+                   "counts (red dashed) only with its si_norm jump and elr drop.")
     with right:
         cycle(store, run)
 
@@ -137,10 +145,14 @@ def sharpness_part(store: Store, run_ids: list[int]) -> None:
     if long.empty:
         st.info("No sharpness measured yet: the runs are queued or have just started. This page follows them.")
         return
-    ui.chart(charts.sharpness(long, {r.id: data.run_label(r) for r in sorted(runs, key=lambda r: r.id)}),
-             key="sharpness")
+    labels = {r.id: data.run_label(r) for r in sorted(runs, key=lambda r: r.id)}
+    ui.chart(charts.sharpness(long, labels), key="sharpness")
     st.caption("sharpness is λmax·ρ² (top Hessian eigenvalue at unit norm); each dashed line, in its run's colour, "
                "is that run's 2(1+μ)/elr, the largest curvature a gradient step of that size is stable on.")
+    readings = data.sharpness_readings(long)
+    if readings:
+        st.markdown("\n".join(f"- {md(labels[run_id])}: {readings[run_id].text()}"
+                              for run_id in labels if run_id in readings))
 
 
 def _steps_per_epoch(frame) -> float | None:
@@ -182,14 +194,18 @@ def averages_table(store: Store, run: RunInfo, jobs) -> None:
         status = job.status
         if job.status == "failed" and job.error:
             status = f"failed: {job.error.splitlines()[0]}"
-        rows.append({"job": job.id, "epochs averaged": ", ".join(map(str, job.spec.get("epochs", []))),
-                     "status": status, **{key: result.get(key) for key in ("train_loss", "train_acc", "test_loss", "test_acc")}})
+        values = {key: result.get(key) for key in ("train_loss", "train_acc", "test_loss", "test_acc")}
+        for key in ("train_acc", "test_acc"):   # percentages, as every page writes accuracies
+            values[key] = None if values[key] is None else 100 * values[key]
+        rows.append({"job": job.id, "epochs averaged": solutions.epochs_text(job.spec.get("epochs", [])),
+                     "status": status, **values})
     st.dataframe(rows, hide_index=True, width="stretch",
-                 column_config={key: st.column_config.NumberColumn(format="%.4f")
+                 column_config={key: st.column_config.NumberColumn(format=data.ACC_COLUMN if key.endswith("_acc")
+                                                                   else "%.4f")
                                 for key in ("train_loss", "train_acc", "test_loss", "test_acc")})
     own = last_value(store, run.id, "test_acc")
     if own is not None:
-        st.caption(f"For comparison: this run's own last test_acc is {own:.4f}. The average's weights are the mean "
+        st.caption(f"For comparison: this run's own last test_acc is {data.acc_text(own)}. The average's weights are the mean "
                    "of those checkpoints' weights (not projected back to the sphere), with BatchNorm statistics "
                    "recomputed on the training set.")
 
@@ -240,7 +256,7 @@ def _solution_label(store: Store, end: dict) -> str:
         run = store.get_run(end["run"])
     except RunNotFound:
         return f"{solutions.solution_text(end)} (deleted)"
-    return f"{data.run_label(run)} at epoch {end['epoch']}"
+    return solutions.solution_text(end, data.run_label(run))
 
 
 def _path_csv(result: dict) -> str:

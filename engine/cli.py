@@ -171,9 +171,16 @@ def add_training_flags(p: argparse.ArgumentParser, sweep: bool, study: bool = Fa
 
 DB_HELP = "SQLAlchemy URL or SQLite path (default $SPHERELAB_DB, else ~/.spherelab/spherelab.db)"
 
+def program() -> str:
+    """How the user started the CLI, for usage lines and errors: `spherelab` (the installed command) or
+    `python -m engine`."""
+    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return "python -m engine" if name in ("", "__main__.py", "-m", "-c") or name.endswith(".py") else name
+
+
 def build_parser() -> argparse.ArgumentParser:
     fmt = DefaultsFormatter
-    p = OneLineParser(prog="python -m engine", description="spherelab engine: train scale-invariant networks, "
+    p = OneLineParser(prog=program(), description="spherelab engine: train scale-invariant networks, "
                       "store runs, analyse them.", formatter_class=fmt)
     sub = p.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
@@ -290,7 +297,7 @@ def main(argv=None) -> int:
         return args.handler(args) or 0
     except (ConfigError, StoreError) as exc:
         _debug_traceback()
-        sys.stderr.write(f"python -m engine {args.command}: error: {exc}\n")
+        sys.stderr.write(f"{program()} {args.command}: error: {exc}\n")
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         return 130

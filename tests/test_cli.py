@@ -213,3 +213,11 @@ def test_sweep_packs_mlp_runs_on_a_cpu_and_matches_the_same_sweep_run_singly(tmp
     for packed, alone in zip(traces["auto"], traces["0"]):
         assert list(packed.columns) == list(alone.columns) and len(packed) == len(alone) > 5
         np.testing.assert_allclose(packed.to_numpy(float), alone.to_numpy(float), rtol=1e-6, equal_nan=True)
+
+
+def test_usage_names_the_command_the_user_typed(monkeypatch, capsys):
+    """`spherelab --help` printed `usage: python -m engine`."""
+    from engine.cli import build_parser
+    for argv0, name in (("/usr/local/bin/spherelab", "spherelab"), ("/repo/engine/__main__.py", "python -m engine")):
+        monkeypatch.setattr(sys, "argv", [argv0, "--help"])
+        assert build_parser().format_usage().startswith(f"usage: {name} ")

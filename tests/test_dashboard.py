@@ -441,3 +441,18 @@ def test_teach_draws_the_demo_runs_on_the_same_page(runs_db, monkeypatch):
     assert "tail mean train_loss" in regime_map.proto.spec
     assert len(regime_badges(at)) == len(sweep.run_ids)
     assert f"The demo's {len(sweep.run_ids)} run(s) have ended: {len(sweep.run_ids)} finished." in texts(at)
+
+
+def test_the_worker_panel_says_a_live_worker_is_taking_queued_work_not_idle(empty_db, monkeypatch):
+    """Right after a study was queued the panel said 'idle': the worker had not claimed the runs yet."""
+    store = Store(empty_db)
+    store.worker_heartbeat("w1", host="here", pid=1, device="cpu", max_parallel=2)
+    at = open_app(empty_db, monkeypatch, "launch")
+    assert "Worker alive" in texts(at) and "idle." in texts(at)
+    queue_runs(store, launch.configs_of(launch.LaunchForm(epochs=1))[0])
+    [run_id] = [r.id for r in store.list_runs()]
+    store.create_job("average", run_id, {"epochs": [1]})
+    at = open_app(empty_db, monkeypatch, "launch")
+    shown = texts(at)
+    assert "taking the queued work" in shown and "idle" not in shown, shown
+    assert "1 run(s) queued. 1 job(s) queued." in shown

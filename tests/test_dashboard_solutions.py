@@ -14,6 +14,7 @@ import pytest
 
 from dashboard import charts, data, launch, solutions
 from engine.config import ConfigError, RunConfig
+from engine.study import advance, create_study
 from storage import Store
 from tests.test_dashboard import charts as page_charts
 from tests.test_dashboard import EVIL, assert_plain_text, markdown_sources, open_app, texts
@@ -67,6 +68,40 @@ def family(tmp_path):
     geometry = solutions.measure(store, (forks[0], None), (forks[1], None), points=5)
     finish(store, geometry, {"a": {"run": forks[0], "epoch": 12}, "b": {"run": forks[1], "epoch": 12}, **GEOMETRY})
     return db, parent, forks
+
+
+STUDY_BASE = RunConfig(elr=0.01, epochs=3, log_every=10)
+
+
+@pytest.fixture
+def every_end(family, tmp_path):
+    """The family store plus a study as the engine advances it (engine.study.advance), its runs and jobs
+    finished by hand: a pre-training run, its two fine-tuned forks and its average, and the study's
+    geometries, two of which have an SWA average {"run", "epochs"} as one end. Returns (db, parent,
+    forks, pre-training run, study id): every kind of geometry end is in the store."""
+    db, parent, forks = family
+    store = Store(db)
+    study_id = create_study(store, STUDY_BASE, pretrain_elrs=[0.01], pretrain_epochs=3, finetune_elrs=[1e-4, 1e-3],
+                            finetune_epochs=2, average=2, seeds=[0], points=5)
+    [pre] = store.list_runs(study_id=study_id)
+    trace(store, pre.id, 0, 3 * STEPS_PER_EPOCH, 0.6)
+    keep(store, pre.id, (2, 3), tmp_path)
+    store.update_run(pre.id, status="finished", step=3 * STEPS_PER_EPOCH)
+    advance(store, study_id)                              # the forks and the average
+    for run in store.list_runs(study_id=study_id):
+        if run.id != pre.id:
+            trace(store, run.id, 3 * STEPS_PER_EPOCH, 5 * STEPS_PER_EPOCH, 0.1)
+            keep(store, run.id, (5,), tmp_path)
+            store.update_run(run.id, status="finished", step=5 * STEPS_PER_EPOCH)
+    [average] = store.list_jobs(study_id=study_id, kind="average")
+    finish(store, average.id, {"run": pre.id, "epochs": [2, 3], "train_loss": 0.4, "train_acc": 0.86,
+                               "test_loss": 0.45, "test_acc": 0.84})
+    advance(store, study_id)                              # the geometries
+    geometries = store.list_jobs(study_id=study_id, kind="geometry")
+    assert sum("epochs" in j.spec["b"] for j in geometries) == 2       # the fixture is what it says
+    for job in geometries:
+        finish(store, job.id, {"a": job.spec["a"], "b": job.spec["b"], **GEOMETRY})
+    return db, parent, forks, pre.id, study_id
 
 
 def links(at) -> list:
@@ -146,8 +181,9 @@ def test_the_run_page_lists_branches_averages_geometries_and_marks_kept_checkpoi
     compare = [link for link in shown if link.page == "compare" and "ancestors=1" in link.query_string]
     assert compare and f"runs={forks[0]}%2C{forks[1]}" in compare[0].query_string
     [averages] = [frame.value for frame in at.dataframe if "epochs averaged" in frame.value]
-    assert averages.iloc[0]["epochs averaged"] == "4, 6, 8, 10, 12" and averages.iloc[0]["test_acc"] == 0.8583
-    assert "this run's own last test_acc" in texts(at)
+    assert averages.iloc[0]["epochs averaged"] == "epochs 4–12 (every 2)" and averages.iloc[0]["test_acc"] == 85.83
+    own = Store(db).latest_metrics(parent)["test_acc"][1]
+    assert f"this run's own last test_acc is {own:.1%}" in texts(at)        # one format for accuracies: 85.8%
     geometry = Store(db).list_jobs(kind="geometry")[0]
     [line] = [link for link in shown if link.query_string == f"job={geometry.id}"]
     assert "angle 0.2 rad" in line.label and line.page == "solutions"
@@ -171,6 +207,64 @@ def test_a_run_without_kept_checkpoints_says_how_to_keep_them(tmp_path, monkeypa
     at = open_app(tmp_path / "plain.db", monkeypatch, "run", run=run)
     assert "this run kept no checkpoints" in texts(at) and "Keep checkpoints every" in texts(at)
     assert not any(b.key == f"b-go-{run}" for b in at.button)
+
+
+def test_every_end_kind_is_named_in_words():
+    assert solutions.solution_text({"run": 3, "epoch": 12}) == "#3 at epoch 12"
+    assert solutions.solution_text({"run": 3, "epochs": [6, 7, 8, 9, 10]}) == "#3, average of epochs 6–10"
+    assert solutions.solution_text({"run": 3, "epochs": [4, 6, 8]}, "#3 pre") == "#3 pre, average of epochs 4–8 (every 2)"
+    assert solutions.solution_text({"run": 3, "epochs": [2, 3]}) == "#3, average of epochs 2, 3"
+    assert solutions.solution_text({"run": 3, "epochs": [9]}) == "#3, average of epoch 9"
+
+
+PAGE_QUERIES = [("launch", {}), ("live", {}), ("compare", {"runs": "{pre}"}), ("regime_map", {}), ("periodic", {}),
+                ("study", {"study": "{study}"}), ("solutions", {}), ("teach", {"topic": "solutions", "runs_solutions": "{parent}"}),
+                ("teach", {"topic": "study"})]
+
+
+@pytest.mark.parametrize("page, query", PAGE_QUERIES)
+def test_every_page_opens_on_a_store_with_every_kind_of_geometry_end(every_end, monkeypatch, page, query):
+    db, parent, _, pre, study_id = every_end
+    fill = {"pre": pre, "study": study_id, "parent": parent}
+    at = open_app(db, monkeypatch, page, **{k: v.format(**fill) for k, v in query.items()})
+    assert not at.exception
+    if page == "solutions":
+        assert "average of epochs 2, 3" in " ".join(at.selectbox(key="job").options)
+
+
+def test_every_geometry_opens_on_the_solutions_page_with_its_ends_named(every_end, monkeypatch):
+    db, *_ = every_end
+    store = Store(db)
+    for job in store.list_jobs(kind="geometry"):
+        at = open_app(db, monkeypatch, "solutions", job=job.id)
+        assert at.selectbox(key="job").value == job.id and len(page_charts(at)) == 1
+        title = json.loads(page_charts(at)[0].proto.spec)["layout"]["title"]["text"]   # "A = …<br>B = …"
+        for line, end in zip(title.split("<br>"), (job.spec["a"], job.spec["b"])):
+            where = "average of epochs 2, 3" if "epochs" in end else f"at epoch {end['epoch']}"
+            assert line.startswith(f"{'AB'[line.startswith('B')]} = #{end['run']} ") and line.endswith(where), title
+
+
+def test_measuring_a_study_run_queues_beside_the_studys_average_ends(every_end, monkeypatch):
+    db, _, _, pre, _ = every_end
+    store = Store(db)
+    before = len(store.list_jobs(kind="geometry"))
+    at = open_app(db, monkeypatch, "solutions", a=pre, b=pre, be=2)
+    at.button(key="measure").click().run()
+    assert not at.exception and len(store.list_jobs(kind="geometry")) == before + 1
+    assert any(f"#{pre} at epoch 3 ↔ #{pre} at epoch 2" in re.sub(r"\\(.)", r"\1", s.value) for s in at.success)
+
+
+def test_every_run_page_lists_its_geometries_whatever_their_ends(every_end, monkeypatch):
+    db, *_ = every_end
+    store = Store(db)
+    listed = set()
+    for run in store.list_runs():
+        at = open_app(db, monkeypatch, "run", run=run.id)
+        listed |= {int(link.query_string.split("=")[1]) for link in links(at) if link.query_string.startswith("job=")}
+    assert listed == {j.id for j in store.list_jobs(kind="geometry")}
+    pre_page = open_app(db, monkeypatch, "run", run=every_end[3])
+    labels = [link.label for link in links(pre_page) if link.query_string.startswith("job=")]
+    assert len(labels) == 3 and sum("average of epochs 2, 3" in label for label in labels) == 2
 
 
 # ---- Compare -----------------------------------------------------------------------------------------

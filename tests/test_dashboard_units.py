@@ -552,3 +552,30 @@ def test_the_dashboard_and_the_app_command_never_import_torch():
     done = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().splitlines()[-1] == "False"
+
+
+def _lab(color: str) -> np.ndarray:
+    """CIELAB (D65) of a #rrggbb colour."""
+    rgb = np.array([int(color[i:i + 2], 16) / 255 for i in (1, 3, 5)])
+    rgb = np.where(rgb <= 0.04045, rgb / 12.92, ((rgb + 0.055) / 1.055) ** 2.4)
+    xyz = np.array([[0.4124, 0.3576, 0.1805], [0.2126, 0.7152, 0.0722], [0.0193, 0.1192, 0.9505]]) @ rgb
+    f = np.cbrt(xyz / np.array([0.95047, 1.0, 1.08883]))
+    return np.array([116 * f[1] - 16, 500 * (f[0] - f[1]), 200 * (f[1] - f[2])])
+
+
+def test_run_colours_differ_from_each_other_and_from_the_regime_colours():
+    """Two runs in a phase diagram got nearly the same teal (#0097a7 and #00838f: 8 apart in CIELAB)."""
+    colors = [*charts.PALETTE, *charts.REGIME_COLORS.values()]
+    for i, a in enumerate(charts.PALETTE):
+        for b in colors[i + 1:]:
+            assert np.linalg.norm(_lab(a) - _lab(b)) >= 25, (a, b)
+
+
+@pytest.mark.parametrize("low, high", [(0.25, 1.0), (0.3, 1.02), (0.6, 1.0), (2.5, 10.0), (0.021, 0.09)])
+def test_log_ticks_within_a_decade_never_crowd_its_top(low, high):
+    """Labels 1, 0.9, 0.8, 0.7 overlapped in a short panel (0.05 decade apart over a 0.6-decade range): no two
+    labels are closer than a sixth of the range, and the range keeps labels near both ends."""
+    ticks = charts.log_ticks(low, high)
+    gaps = np.diff(np.log10(ticks))
+    assert len(ticks) >= 3 and gaps.min() >= np.log10(high / low) / charts.MOST_LABELS * (1 - 1e-9), ticks
+    assert ticks[0] / low <= 10 ** 0.3 and high / ticks[-1] <= 10 ** 0.3, ticks

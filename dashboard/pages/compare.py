@@ -8,6 +8,7 @@ from storage import RunInfo, Store
 
 MAX_POINTS = 2000   # per run and metric: thinned keeping extremes, so spikes survive
 X_CHOICES = ["step", "epoch", "wall_time"]
+SMOOTH_MAX = 0.99   # the EMA factor: 1 would never move
 
 
 @st.cache_data(max_entries=16, show_spinner="Reading the runs…")
@@ -42,7 +43,7 @@ def pick_runs(store: Store) -> list[RunInfo]:
     chosen_ids = st.session_state.get("runs") or []
     by_id = {r.id: r for r in everything}
     options = list(dict.fromkeys([*[i for i in chosen_ids if i in by_id], *(r.id for r in candidates)]))
-    ui.seed("runs", [r.id for r in candidates[:3]], ui.int_list, allowed=options)
+    ui.seed("runs", [r.id for r in candidates[:3]], ui.int_list, allowed=options, noun="run")
     if st.button(f"Select all {len(candidates)} matching", key="select_all", disabled=not candidates):
         st.session_state["runs"] = [r.id for r in candidates]
     run_ids = st.multiselect("Runs", options, format_func=lambda i: data.run_label(by_id[i]), key="runs")
@@ -82,13 +83,13 @@ def main(store: Store) -> None:
     x_choices = X_CHOICES + available
     ui.seed("metric", ["train_loss"] if "train_loss" in available else available[:1], ui.str_list, allowed=available)
     ui.seed("x", "step", allowed=x_choices)
-    ui.seed("smooth", 0.0, float)
-    ui.seed("seeds", False, lambda v: v == "1")
+    ui.seed("smooth", 0.0, ui.finite, lo=0.0, hi=SMOOTH_MAX)
+    ui.seed("seeds", False, ui.flag)
     keys_col, x_col, smooth_col, seeds_col = st.columns([3, 1.2, 1.6, 1.6], vertical_alignment="bottom")
     keys = keys_col.multiselect("Metrics (one panel each)", available, key="metric")
     x = x_col.selectbox("x axis", x_choices, key="x", help="step, epoch, wall time, or any metric: a phase "
                         "diagram (each panel's metric against it, start point marked)")
-    smoothing = smooth_col.slider("Smoothing (debiased EMA)", 0.0, 0.99, step=0.01, key="smooth",
+    smoothing = smooth_col.slider("Smoothing (debiased EMA)", 0.0, SMOOTH_MAX, step=0.01, key="smooth",
                                   help="EMA with Adam-style bias correction, on all points; the raw curve "
                                        "is drawn faintly behind.")
     group = seeds_col.toggle("Mean ± std over seeds", key="seeds",
@@ -102,7 +103,7 @@ def main(store: Store) -> None:
         col.button(label, key=f"show-{name}", on_click=show_phase, args=(name,), icon=":material/timeline:")
     ancestors = False
     if any(r.parent_id is not None for r in runs):
-        ui.seed("ancestors", False, lambda v: v == "1")
+        ui.seed("ancestors", False, ui.flag)
         ancestors = phase_cols[2].toggle(
             "With ancestors", key="ancestors", disabled=group,
             help="Each branched run continues its parent's curve (dotted, in the branched run's colour) from the "
@@ -136,8 +137,7 @@ def draw(store: Store, run_ids: list[int], keys: list[str], x: str, smoothing: f
                                tuple((run_id, chain) for run_id, chain in lineage if chain))
     by_id = {r.id: r for r in runs}
     if groups:
-        names = {head: data.run_label(by_id[head]) + (f" · mean of {len(m)} seeds" if len(m) > 1 else "")
-                 for head, m in groups.items() if head in by_id}
+        names = {head: data.group_label([by_id[i] for i in m if i in by_id]) for head, m in groups.items() if head in by_id}
     else:
         names = {r.id: data.run_label(r) for r in sorted(runs, key=lambda r: r.id)}
     # a phase diagram reads better near square than as a 280 px strip

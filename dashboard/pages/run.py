@@ -162,7 +162,7 @@ def family_and_jobs(store: Store, run_id: int) -> None:
             rate_key, rate = data.rate_of(child.config)
             state = child.status if child.is_terminal else f"{child.status} ({child.progress:.0%})"
             accuracy = views.last_value(store, child.id, "test_acc")
-            reached = f", last test_acc {accuracy:.1%}" if accuracy is not None else ""
+            reached = f", last test_acc {data.acc_text(accuracy)}" if accuracy is not None else ""
             st.page_link(ui.RUN_PAGE, label=md(f"{data.run_label(child)}: from epoch {child.fork_epoch}, "
                                                f"{rate_key} {rate:.3g}, {state}{reached}"),
                          icon=":material/call_split:", query_params={"run": str(child.id)})

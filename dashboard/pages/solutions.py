@@ -1,4 +1,4 @@
-"""Solutions: the geometry between two solutions (SPEC §10) — pick two runs and kept epochs, queue the
+"""Solutions: the geometry between two solutions (README, *Branch, average, compare solutions*) — pick two runs and kept epochs, queue the
 measurement for a worker, and see the angle, the loss and error along the straight path between
 them, and the barriers. Follows a measurement until it is done."""
 import streamlit as st
@@ -9,7 +9,7 @@ from engine.config import ConfigError
 from storage import Store
 
 LAST = "last"
-DEFAULT_POINTS = 21
+DEFAULT_POINTS, MIN_POINTS, MAX_POINTS = 21, 2, 201
 
 
 def epoch_choice(text: str) -> str:
@@ -44,8 +44,8 @@ def measure_section(store: Store, kept: dict[int, list[int]]) -> int | None:
         b = pick_solution(store, "Solution B", "b", kept, labels, ids[0])
     with last:
         st.markdown("**Path**")
-        ui.seed("points", DEFAULT_POINTS, int)
-        points = st.number_input("Points on the path", min_value=2, max_value=201, key="points",
+        ui.seed("points", DEFAULT_POINTS, int, lo=MIN_POINTS, hi=MAX_POINTS)
+        points = st.number_input("Points on the path", min_value=MIN_POINTS, max_value=MAX_POINTS, key="points",
                                  help="α from 0 to 1 in equal steps; each point is one evaluation of the "
                                       "training and test sets")
         ui.publish("points", points, DEFAULT_POINTS)
@@ -93,6 +93,7 @@ def main(store: Store) -> None:
               job_ids=[job_id] if job.status in ui.JOB_PENDING else [])
 
 
-ui.run_page("Solutions", main, "The geometry between two solutions (SPEC §10): the angle between their weight "
-            "vectors and the loss and error along the straight path from one to the other, with BatchNorm "
-            "recomputed at every point. A worker computes it; this page follows it.")
+ui.run_page("Solutions", main, "The geometry between two solutions: the angle between their weight vectors and the loss and "
+            "error along the straight path from one to the other, with BatchNorm recomputed at every point; the "
+            "barrier is how far the path rises above the straight line between its ends' values (README, *Branch, "
+            "average, compare solutions*). A worker computes it; this page follows it.")

@@ -18,6 +18,7 @@ TOPICS = {"invariance": "1 · Scale invariance", "elr": "2 · Effective learning
           "regimes": "3 · Three regimes", "periodic": "4 · Periodic behaviour", "sharpness": "5 · Sharpness",
           "solutions": "6 · Branch, average, compare solutions", "study": "7 · Where do large learning rates lead us?"}
 DEMOS = {"regimes": "Three regimes on digits", "periodic": "Periodic behaviour", "sharpness": "Sharpness vs 2/ELR"}
+SHARPNESS_TOP = max(PRESETS[DEMOS["sharpness"]].swept["elr"])    # the demo's ELR that hovers at its line
 
 
 def invariance() -> None:
@@ -64,19 +65,22 @@ def periodic() -> None:
                 "gradients blow ρ up, the ELR drops, and the cycle starts again.")
     st.latex(r"\rho \downarrow \;\Rightarrow\; \mathrm{ELR} = \frac{\eta}{\rho^2} \uparrow \;\Rightarrow\;"
              r"\text{instability: loss spike, } \rho \uparrow \;\Rightarrow\; \mathrm{ELR} \downarrow")
-    st.markdown("In the demo below the spikes in `train_loss` line up with jumps in `si_norm` and drops "
-                "in `elr`, and the period is estimated from their spacing. On the right, the cycle: `elr` "
-                "against the effective gradient norm goes round a loop once per period.")
+    st.markdown("The demo below reads **periodic**: its `train_loss` spikes, and each spike comes with a jump in "
+                "`si_norm` and a drop in `elr` (a loss spike without them would not count). Its period is the "
+                "median spacing of the spikes, shown with how much that spacing varies. On the right, the cycle: "
+                "`elr` against the effective gradient norm goes round a loop once per period.")
 
 
 def sharpness() -> None:
     st.markdown("A gradient step of size ELR (at unit norm) is stable only where the curvature is below "
-                "2/ELR. The sharpness — the top Hessian eigenvalue at unit norm — is pushed up to that line "
-                "and cannot stay above it.")
-    st.latex(r"\text{sharpness} = \lambda_{\max}\!\left(\nabla^2 L\right)\rho^2 \;\lesssim\; "
-             r"\frac{2(1+\mu)}{\mathrm{ELR}}")
+                "2/ELR. Training pushes the sharpness — the top Hessian eigenvalue at unit norm — up towards "
+                f"that line. At small ELRs it stays well below it; at a large enough one (here {SHARPNESS_TOP:g}, a "
+                "chaotic equilibrium) it reaches the line and **hovers around it**: above it at some measurements, "
+                "below it at others.")
+    st.latex(r"\text{sharpness} = \lambda_{\max}\!\left(\nabla^2 L\right)\rho^2, \qquad "
+             r"\text{stability line} = \frac{2(1+\mu)}{\mathrm{ELR}}")
     st.markdown("The demo measures the sharpness during three digits runs and draws each one against its own "
-                "stability line (dashed, same colour).")
+                "stability line (dashed, same colour); below the chart, how often each run is above its line.")
 
 
 def branching() -> None:
@@ -182,7 +186,7 @@ def demo(store: Store, topic: str) -> list[int]:
     st.caption(estimate.describe(preset.configs()))
     queued = st.session_state.setdefault("demo_runs", {})
     param = f"runs_{topic}"   # the demo's runs in the URL: a shared link shows them
-    ui.seed(param, queued.get(topic, []), ui.int_list)
+    ui.seed(param, queued.get(topic, []), ui.int_list, allowed=[r.id for r in store.list_runs()], noun="run")
     if st.session_state[param]:
         queued[topic] = st.session_state[param]
     if st.button("Run this demo", type="primary", key=f"demo-{topic}", icon=":material/play_arrow:"):
@@ -221,7 +225,8 @@ def solutions_demo(store: Store) -> list[int]:
     st.caption(estimate.describe([solutions.DEMO_PARENT]) + " Then the branches, the average and the geometry: "
                "about a minute in all on two CPU cores.")
     param = "runs_solutions"   # the demo's parent in the URL: a shared link shows it
-    ui.seed(param, st.session_state.get("demo_runs", {}).get("solutions", []), ui.int_list)
+    ui.seed(param, st.session_state.get("demo_runs", {}).get("solutions", []), ui.int_list,
+            allowed=[r.id for r in store.list_runs()], noun="run")
     if st.button("Run this demo", type="primary", key="demo-solutions", icon=":material/play_arrow:"):
         st.session_state[param] = [solutions.start_demo(store)]
     parent = [i for i in st.session_state[param][:1] if store.list_runs(ids=[i])]
@@ -272,7 +277,7 @@ def protocol_text(preset) -> str:
     plrs, flrs = preset.pretrain_elrs, preset.finetune_elrs
     steps = preset.base.train_size // preset.base.batch_size if preset.base.train_size and preset.base.batch_size else None
     iterations = f" ({preset.pretrain_epochs * steps:,} iterations)" if steps else ""
-    took = re.search(r"About [^.]*\.", preset.description)
+    took = re.search(r"About .*?\.(?=\s|$)", preset.description)   # to a sentence's end, past "BENCHMARKS.md"
     return (f"{preset.base.model} on {preset.base.dataset}: pre-train {len(plrs)} PLRs from {min(plrs):g} to "
             f"{max(plrs):g} for {preset.pretrain_epochs} epochs{iterations}, {len(preset.seeds)} seeds each; fine-tune "
             f"every end point at FLR {' and '.join(f'{f:g}' for f in flrs)} for {preset.finetune_epochs} epochs; "
@@ -288,7 +293,7 @@ def study_demo(store: Store) -> list[int]:
     spec = {"pretrain_elrs": preset.pretrain_elrs, "seeds": preset.seeds, "finetune_elrs": preset.finetune_elrs}
     st.caption(studies.pieces(spec) + ". The workers train it; this page follows it (so does the Study page).")
     param = "study_demo"   # the demo's study in the URL: a shared link shows it
-    ui.seed(param, st.session_state.get("demo_study"), int)
+    ui.seed(param, st.session_state.get("demo_study"), int, allowed=[s.id for s in store.list_studies()], noun="study")
     if st.button("Run this demo", type="primary", key="demo-study", icon=":material/play_arrow:"):
         try:
             st.session_state[param] = studies.launch_preset(store, preset)
@@ -308,8 +313,7 @@ def study_demo(store: Store) -> list[int]:
     return [r.id for r in store.list_runs(study_id=study_id)]
 
 
-def _acc(value) -> str:
-    return "…" if value is None else f"{value:.1%}"
+_acc = data.acc_text
 
 
 def demo_status(runs) -> str:
