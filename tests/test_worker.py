@@ -3,7 +3,6 @@ import multiprocessing
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
@@ -14,15 +13,7 @@ from engine.config import RunConfig
 from engine.trainer import train_traces
 from engine.worker import Worker
 from storage import MIN_STALE_AFTER_S, Store
-from tests.processes import start_worker, wait_for
-
-ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
-
-
-def engine(*args, db, **kw):
-    return subprocess.run([sys.executable, "-m", "engine", *args, "--db", db], capture_output=True, text=True,
-                          timeout=300, env=ENV, **kw)
-
+from tests.processes import engine, start_worker, wait_for
 
 def reference_trace(config: dict):
     """The same run trained in-process without interruption."""
