@@ -18,10 +18,11 @@ import time
 import uuid
 
 from storage import LIVE_STATUSES, ClaimLost, RunNotFound, Store, StoreError
+from storage.timings import seconds
 
 from . import shutdown
 
-STALE_CHECK_EVERY_S = 5.0
+STALE_CHECK_EVERY_S = seconds("SPHERELAB_STALE_CHECK_S", 5.0)   # how often stale runs and jobs are looked for
 # A job process takes several queued jobs (a study queues an average and three geometries per PLR and
 # seed): on small data a job takes a fraction of a second, starting a process that imports torch ~3 s.
 JOBS_PER_PROCESS = 16

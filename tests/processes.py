@@ -7,6 +7,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# The workers tests start look for stale runs and jobs this often (engine.worker.STALE_CHECK_EVERY_S,
+# 5 s for users): a test that waits for a stale check then waits for that event, not for 5 s.
+STALE_CHECK_S = 0.5
 
 
 def engine(*args, db=None, check=False, timeout=600, env=None):
@@ -21,10 +24,12 @@ def engine(*args, db=None, check=False, timeout=600, env=None):
 
 
 def start_worker(db, *extra, log=None, env=None):
-    """`python -m engine worker` on db, polling fast; env entries are added to this process's environment."""
+    """`python -m engine worker` on db, polling fast and checking for stale work every STALE_CHECK_S; env
+    entries are added to this process's environment."""
     return subprocess.Popen([sys.executable, "-m", "engine", "worker", "--db", str(db), "--poll", "0.2", *extra],
                             stdout=subprocess.DEVNULL, stderr=log or subprocess.DEVNULL, cwd=ROOT,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", "SPHERELAB_STALE_CHECK_S": str(STALE_CHECK_S),
+                                 **(env or {})})
 
 
 def wait_for(predicate, timeout=120.0, every=0.1):

@@ -86,7 +86,8 @@ def test_kill_9_mid_run_then_resume_gives_one_exact_trajectory(tmp_path):
     assert store.get_run(run_id).status == "running"      # nobody had time to mark it yet
     rows_before = store.read_metrics(run_id, ["train_loss"])
     assert len(rows_before) > 0 and rows_before["step"].max() > ckpt   # rows up to the last flush survived
-    time.sleep(MIN_STALE_AFTER_S + 0.5)                   # the heartbeat is stale by the next worker's start
+    # the heartbeat is stale by the next worker's start
+    wait_for(lambda: time.time() - store.get_run(run_id).heartbeat_at > MIN_STALE_AFTER_S, timeout=30)
     assert store.last_step(run_id) == killed_at           # the child died with its worker
 
     worker = start_worker(db, "--once", "--stale-after", str(MIN_STALE_AFTER_S))
