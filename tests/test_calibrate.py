@@ -64,6 +64,7 @@ def test_bad_input_is_one_line_and_exit_2(args, message):
     assert out.stdout == "" and out.stderr.count("\n") == 1 and message in out.stderr, out.stderr
 
 
+@pytest.mark.science
 def test_quick_calibration_meets_the_targets_on_real_runs(tmp_path):
     """Two widths x 9 ELRs, labelled at 15 and 30 epochs against the same runs at 60 and 120."""
     saved = tmp_path / "traces.parquet"
