@@ -61,21 +61,25 @@ def _job_main(url: str, batch: dict[int, str], device: str, threads: int, parent
     _die_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     import threading
-    import torch
     from storage import HEARTBEAT_EVERY_S
-    torch.set_num_threads(threads)
-    from .jobs import execute_job
     store, waiting, done = Store(url), dict(batch), threading.Event()
 
     def beat() -> None:
-        while not done.wait(HEARTBEAT_EVERY_S):
+        while True:
             for job_id, claim in list(waiting.items()):
                 try:
                     store.job_heartbeat(job_id, claim=claim)
                 except (ClaimLost, StoreError):
                     waiting.pop(job_id, None)          # requeued or deleted meanwhile: not ours any more
+            if done.wait(HEARTBEAT_EVERY_S):
+                return
 
+    # beating before torch is imported (seconds on a loaded machine): a stale check in the meantime
+    # would otherwise find the whole batch silent since its claim and queue it again
     threading.Thread(target=beat, name="waiting-jobs-heartbeat", daemon=True).start()
+    import torch
+    torch.set_num_threads(threads)
+    from .jobs import execute_job
     for job_id, claim in batch.items():
         if waiting.pop(job_id, None) is None:
             continue
@@ -140,7 +144,7 @@ class Worker:
         if time.monotonic() >= self.next_stale_check:
             for run_id in store.requeue_stale(self.stale_after_s, except_worker=self.id):
                 print(f"run {run_id}: heartbeat stale, marked interrupted", file=sys.stderr, flush=True)
-            for job_id in store.requeue_stale_jobs(self.stale_after_s):
+            for job_id in store.requeue_stale_jobs(self.stale_after_s, except_worker=self.id):
                 print(f"job {job_id}: heartbeat stale, queued again", file=sys.stderr, flush=True)
             self.next_stale_check = time.monotonic() + STALE_CHECK_EVERY_S
         self._advance_studies(store)
