@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from storage import HEARTBEAT_EVERY_S, ClaimLost, RunNotFound, Store, StoreError, write_atomically
+from storage.timings import seconds
 
 from . import shutdown
 from .analysis import analyze_stored
@@ -23,7 +24,7 @@ from .config import ConfigError, RunConfig
 from .runtime import resolve_device
 from .trainer import Member, Trainer
 
-POLL_EVERY_S = 0.5        # how often the store is asked for commands
+POLL_EVERY_S = seconds("SPHERELAB_COMMAND_POLL_S", 0.5)   # how often the store is asked for commands
 ANALYZE_EVERY_S = 5.0     # how often the live regime label and spikes are refreshed
 ANALYSIS_SHARE_S = 0.5    # in a large pack each member's analysis comes round every this many seconds per member
 # Resume checkpoints of a stored run at most this often: epochs of small data last milliseconds, and a

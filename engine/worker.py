@@ -18,10 +18,11 @@ import time
 import uuid
 
 from storage import LIVE_STATUSES, ClaimLost, RunNotFound, Store, StoreError
+from storage.timings import seconds
 
 from . import shutdown
 
-STALE_CHECK_EVERY_S = 5.0
+STALE_CHECK_EVERY_S = seconds("SPHERELAB_STALE_CHECK_S", 5.0)   # how often stale runs and jobs are looked for
 # A job process takes several queued jobs (a study queues an average and three geometries per PLR and
 # seed): on small data a job takes a fraction of a second, starting a process that imports torch ~3 s.
 JOBS_PER_PROCESS = 16
@@ -60,21 +61,25 @@ def _job_main(url: str, batch: dict[int, str], device: str, threads: int, parent
     _die_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     import threading
-    import torch
     from storage import HEARTBEAT_EVERY_S
-    torch.set_num_threads(threads)
-    from .jobs import execute_job
     store, waiting, done = Store(url), dict(batch), threading.Event()
 
     def beat() -> None:
-        while not done.wait(HEARTBEAT_EVERY_S):
+        while True:
             for job_id, claim in list(waiting.items()):
                 try:
                     store.job_heartbeat(job_id, claim=claim)
                 except (ClaimLost, StoreError):
                     waiting.pop(job_id, None)          # requeued or deleted meanwhile: not ours any more
+            if done.wait(HEARTBEAT_EVERY_S):
+                return
 
+    # beating before torch is imported (seconds on a loaded machine): a stale check in the meantime
+    # would otherwise find the whole batch silent since its claim and queue it again
     threading.Thread(target=beat, name="waiting-jobs-heartbeat", daemon=True).start()
+    import torch
+    torch.set_num_threads(threads)
+    from .jobs import execute_job
     for job_id, claim in batch.items():
         if waiting.pop(job_id, None) is None:
             continue
@@ -139,7 +144,7 @@ class Worker:
         if time.monotonic() >= self.next_stale_check:
             for run_id in store.requeue_stale(self.stale_after_s, except_worker=self.id):
                 print(f"run {run_id}: heartbeat stale, marked interrupted", file=sys.stderr, flush=True)
-            for job_id in store.requeue_stale_jobs(self.stale_after_s):
+            for job_id in store.requeue_stale_jobs(self.stale_after_s, except_worker=self.id):
                 print(f"job {job_id}: heartbeat stale, queued again", file=sys.stderr, flush=True)
             self.next_stale_check = time.monotonic() + STALE_CHECK_EVERY_S
         self._advance_studies(store)

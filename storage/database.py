@@ -22,13 +22,16 @@ from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 from .errors import ClaimLost, RunNotFound, StoreBusy, StoreError, SweepNotFound
 from .migrations import current_version, ensure_schema, read_version, schema_is_current
 from .schema import LIVE_STATUSES, runs, sweeps
+from .timings import seconds
 from .urls import display_url, resolve_db_url, sqlite_file
 
-BUSY_TIMEOUT_MS = 30_000  # SQLite's own wait for a lock within one attempt (its busy handler polls)
+# SQLite's own wait for a lock within one attempt (its busy handler polls); SPHERELAB_BUSY_TIMEOUT_S
+# shortens it for tests that hold a lock past it.
+BUSY_TIMEOUT_MS = int(1000 * seconds("SPHERELAB_BUSY_TIMEOUT_S", 30.0))
 # How long one store call waits, over all its attempts, for a lock another process holds (a long
 # import, a backup, an open sqlite3 shell) before it gives up with StoreBusy. Long enough that a
 # worker rides out any ordinary contention; finite, so a stuck lock becomes a message, not a hang.
-LOCK_WAIT_S = 120.0
+LOCK_WAIT_S = seconds("SPHERELAB_LOCK_WAIT_S", 120.0)
 RETRY_FIRST_S, RETRY_MAX_S = 0.05, 2.0  # backoff between attempts: from 50 ms, doubling, at most 2 s
 MAX_ID = 2**63 - 1  # ids are SQLite/PostgreSQL 64-bit integers; anything larger names no row
 # Execution option marking read-only connections: on SQLite they BEGIN DEFERRED (never wait for the

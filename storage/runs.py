@@ -11,14 +11,16 @@ from .database import as_id
 from .errors import StoreError
 from .jsontext import to_json
 from .records import RunInfo, SweepInfo
+from .timings import seconds
 from .schema import (LIVE_STATUSES, STATUSES, TERMINAL_STATUSES, checkpoints, commands, events, metrics, runs,
                      sweeps)
 
 # A run process heartbeats this often (engine.runner uses it). requeue_stale never calls a run stale
 # before it has missed MIN_STALE_AFTER_S of heartbeats: one late heartbeat (a slow step, a flush)
 # happens, three in a row mean the process is gone or stuck. Below that floor a live run would be
-# taken for dead and trained twice. (Claims are fenced besides, see Store.hold.)
-HEARTBEAT_EVERY_S = 1.0
+# taken for dead and trained twice. (Claims are fenced besides, see Store.hold.) Tests shorten the
+# heartbeat with SPHERELAB_HEARTBEAT_S; the floor follows it.
+HEARTBEAT_EVERY_S = seconds("SPHERELAB_HEARTBEAT_S", 1.0)
 MIN_STALE_AFTER_S = 3 * HEARTBEAT_EVERY_S
 
 RUN_FIELDS = ("config", "name", "tags", "sweep_id", "status", "total_steps", "parent_id", "fork_epoch", "reserved_for",

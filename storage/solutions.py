@@ -121,9 +121,13 @@ class SolutionsAPI:
         """A job its holder gives back unfinished (a worker stopping): queued again, to be computed whole."""
         self._held_job_update(job_id, claim, status="queued", worker_id=None, claim=None, heartbeat_at=None)
 
-    def requeue_stale_jobs(self, stale_after_s: float) -> list[int]:
-        """Running jobs whose heartbeat is older than stale_after_s go back to the queue; their ids."""
+    def requeue_stale_jobs(self, stale_after_s: float, *, except_worker: str | None = None) -> list[int]:
+        """Running jobs whose heartbeat is older than stale_after_s go back to the queue; their ids.
+        `except_worker` skips the caller's own jobs, as requeue_stale does its runs: it watches their
+        process directly, and one still starting up (importing torch) has not heartbeaten yet."""
         stale = (jobs.c.status == "running") & (jobs.c.heartbeat_at < time.time() - stale_after_s)
+        if except_worker is not None:
+            stale = stale & or_(jobs.c.worker_id.is_(None), jobs.c.worker_id != except_worker)
         with self._write() as conn:
             ids = list(conn.execute(select(jobs.c.id).where(stale)).scalars())
             if ids:

@@ -1,7 +1,12 @@
-"""Shared fixtures: a throwaway PostgreSQL server (initdb + pg_ctl in a temp dir, on a free port).
+"""Shared fixtures: a throwaway PostgreSQL server (initdb + pg_ctl in a temp dir, on a free port), a
+new SQLite store, an empty store's path, and a small study trained once for the whole session.
 
 The test process trains on one torch thread: the models under test are tiny, and on a 2-core
 machine shared with worker subprocesses extra threads only spin.
+
+Under pytest-xdist (scripts/test.sh) each worker process has its own session: its own PostgreSQL
+server on its own free port, its own tmp_path. What is trained once for everybody (small_study) is
+trained by the first worker that asks, under a file lock, in the run's shared temporary folder.
 """
 
 import glob
@@ -14,6 +19,10 @@ import uuid
 
 import pytest
 import torch
+from filelock import FileLock
+
+from storage import Store
+from tests.processes import engine
 
 torch.set_num_threads(1)
 
@@ -82,3 +91,52 @@ def postgres_url(postgres_server) -> str:
     with psycopg.connect(dbname="postgres", autocommit=True, **postgres_server) as admin:
         admin.execute(f"CREATE DATABASE {name}")
     return f"postgresql+psycopg://postgres@127.0.0.1:{postgres_server['port']}/{name}"
+
+
+@pytest.fixture
+def sqlite_store(tmp_path):
+    """A new, empty SQLite store, closed after the test."""
+    with Store(tmp_path / "store.db") as opened:
+        yield opened
+
+
+@pytest.fixture
+def store(sqlite_store):
+    """A new, empty store (SQLite; tests/test_storage.py runs its store tests on PostgreSQL too)."""
+    return sqlite_store
+
+
+@pytest.fixture
+def empty_db(tmp_path):
+    """The path of a store that does not exist yet (the app and the CLI create it)."""
+    return tmp_path / "empty.db"
+
+
+# the ticks toy, small: 3 PLRs (one per regime) x 2 seeds, 2 FLRs, SWA of 3 — about 15 s on 2 CPU cores
+SMALL_STUDY = ["--dataset", "ticks", "--norm", "layer", "--width", "16", "--depth", "2", "--batch-size", "16",
+               "--log-every", "32", "--eval-every", "320", "--pretrain-elr", "1e-3", "3e-2", "1",
+               "--pretrain-epochs", "30", "--finetune-elr", "1e-4", "1e-3", "--finetune-epochs", "10",
+               "--average", "3", "--points", "5", "--seed", "0", "1"]
+
+
+def _shared_dir(tmp_path_factory) -> str:
+    """A folder every xdist worker of this run sees (the base temp's parent); the base temp alone."""
+    base = tmp_path_factory.getbasetemp()
+    return str(base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base)
+
+
+@pytest.fixture(scope="session")
+def small_study(tmp_path_factory):
+    """(db path, study id): a small study run to its end by `python -m engine study`, once per test run.
+    Tests only read it; a test that writes copies it first (copy_store)."""
+    root = os.path.join(_shared_dir(tmp_path_factory), "small-study")
+    os.makedirs(root, exist_ok=True)
+    db, done = os.path.join(root, "study.db"), os.path.join(root, "study-id")
+    with FileLock(os.path.join(root, "lock")):
+        if not os.path.exists(done):
+            out = engine("study", *SMALL_STUDY, db=db, check=True, timeout=900)
+            with open(done, "w") as mark:
+                mark.write(out.stdout.split()[-1])
+    with open(done) as mark:
+        return db, int(mark.read())
+

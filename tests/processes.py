@@ -1,25 +1,35 @@
-"""Helpers for tests that drive real engine processes."""
+"""Helpers for tests that drive real engine processes: the one `engine()` every test file calls, a
+worker, and a wait on an event."""
 import os
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# The workers tests start look for stale runs and jobs this often (engine.worker.STALE_CHECK_EVERY_S,
+# 5 s for users): a test that waits for a stale check then waits for that event, not for 5 s.
+STALE_CHECK_S = 0.5
 
 
 def engine(*args, db=None, check=False, timeout=600, env=None):
-    """`python -m engine ARGS [--db DB]`, captured; with check, fail the test (showing stderr) unless it
-    exits 0. env entries are added to this process's environment."""
-    out = subprocess.run([sys.executable, "-m", "engine", *args, *(["--db", db] if db else [])], capture_output=True,
-                         text=True, timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+    """`python -m engine ARGS [--db DB]` in the repository root, captured; with check, fail the test
+    (showing stderr) unless it exits 0. env entries are added to this process's environment."""
+    out = subprocess.run([sys.executable, "-m", "engine", *args, *(["--db", str(db)] if db else [])],
+                         capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                         env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
     if check:
         assert out.returncode == 0, out.stderr[-3000:]
     return out
 
 
 def start_worker(db, *extra, log=None, env=None):
-    """`python -m engine worker` on db, polling fast; env entries are added to this process's environment."""
-    return subprocess.Popen([sys.executable, "-m", "engine", "worker", "--db", db, "--poll", "0.2", *extra],
-                            stdout=subprocess.DEVNULL, stderr=log or subprocess.DEVNULL,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+    """`python -m engine worker` on db, polling fast and checking for stale work every STALE_CHECK_S; env
+    entries are added to this process's environment."""
+    return subprocess.Popen([sys.executable, "-m", "engine", "worker", "--db", str(db), "--poll", "0.2", *extra],
+                            stdout=subprocess.DEVNULL, stderr=log or subprocess.DEVNULL, cwd=ROOT,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", "SPHERELAB_STALE_CHECK_S": str(STALE_CHECK_S),
+                                 **(env or {})})
 
 
 def wait_for(predicate, timeout=120.0, every=0.1):
@@ -31,3 +41,16 @@ def wait_for(predicate, timeout=120.0, every=0.1):
             return value
         time.sleep(every)
     raise AssertionError("condition not reached in time")
+
+
+def copy_store(source, target) -> str:
+    """A consistent copy of a SQLite store (its WAL included) at target, for a test that writes; the
+    copy's runs keep pointing at the source's checkpoint files, which they only read."""
+    import sqlite3
+    src, dst = sqlite3.connect(str(source)), sqlite3.connect(str(target))
+    try:
+        src.backup(dst)
+    finally:
+        src.close()
+        dst.close()
+    return str(target)

@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 
 from storage import Store
+from tests.processes import copy_store
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = "/usr/bin/chromium"
@@ -116,6 +117,15 @@ def served_without_worker(tmp_path):
     """For pages over runs written straight into the store: no worker to start (it imports torch)."""
     with _serve(tmp_path, worker=False) as served:
         yield served
+
+
+@pytest.fixture
+def served_with_study(tmp_path, small_study):
+    """Like served_without_worker, on a copy of the session's small ticks study (conftest.small_study,
+    trained once by the CLI for every test that reads it); (base URL, store, the study's id)."""
+    copy_store(small_study[0], tmp_path / "browser.db")
+    with _serve(tmp_path, worker=False) as served:
+        yield (*served, small_study[1])
 
 
 @contextlib.contextmanager
@@ -590,16 +600,15 @@ def _progress_text(page) -> str:
     return page.get_by_test_id("stProgress").first.inner_text()
 
 
-def test_the_study_page_follows_a_study_and_draws_a_finished_one(served_without_worker):
+def test_the_study_page_follows_a_study_and_draws_a_finished_one(served_with_study):
     """A queued study's page follows it without a reload (its pieces are moved in the store here, as a
-    worker would), stopping when it ends; then a small ticks study trained by the CLI (as
-    tests/test_dashboard_study.py trains it) drawn on its Study page: the accuracy chart with its series,
+    worker would), stopping when it ends; then a small ticks study trained by the CLI (conftest's
+    small_study, on a copy of its store) drawn on its Study page: the accuracy chart with its series,
     bands and best star, the geometry and the feature heatmaps, log ticks that read as their values;
     and on Teach's study step. Screenshots study.png and teach_study.png."""
     from engine.config import RunConfig
     from engine.study import create_study
-    from tests.test_dashboard_study import train_small_study
-    base, store = served_without_worker
+    base, store, study_id = served_with_study
     queued = create_study(store, RunConfig(dataset="digits"), pretrain_elrs=[1e-3, 1e-2], pretrain_epochs=2,
                           finetune_elrs=[1e-4], finetune_epochs=1, average=1, seeds=[0], name="followed")
     with _browser_page() as page:
@@ -613,7 +622,6 @@ def test_the_study_page_follows_a_study_and_draws_a_finished_one(served_without_
         page.get_by_text("Finished: 2 of 2 runs ended").wait_for(timeout=15_000)
         _no_traceback(page, "study (followed)")
 
-        study_id = train_small_study(store.url)
         _open(page, f"{base}/study?study={study_id}")
         page.get_by_text("The best model comes from PLR").wait_for(timeout=30_000)
         page.wait_for_function("() => document.querySelectorAll('.js-plotly-plot').length >= 3", timeout=30_000)

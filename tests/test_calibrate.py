@@ -1,25 +1,20 @@
 """`python -m engine calibrate`: the reference it judges by, its table, its bad input, and a quick
 real calibration (issue 10, item 4). The full calibration and its table are in BENCHMARKS.md."""
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from engine import analysis, calibrate
+from tests.processes import engine
 
 QUICK = ["--seeds", "0", "--widths", "32", "128", "--depths", "2", "--batch-sizes", "64",
          "--elr", "1e-4:1:9", "--horizons", "15", "30"]
 
 
 def cli(*args, check=True):
-    out = subprocess.run([sys.executable, "-m", "engine", "calibrate", *args], capture_output=True, text=True,
-                         timeout=600)
-    if check:
-        assert out.returncode == 0, out.stderr[-2000:]
-    return out
+    return engine("calibrate", *args, check=check)
 
 
 def long_run(horizon, loss, egn, untrained=4.0, points_per_epoch=4):
@@ -69,6 +64,7 @@ def test_bad_input_is_one_line_and_exit_2(args, message):
     assert out.stdout == "" and out.stderr.count("\n") == 1 and message in out.stderr, out.stderr
 
 
+@pytest.mark.science
 def test_quick_calibration_meets_the_targets_on_real_runs(tmp_path):
     """Two widths x 9 ELRs, labelled at 15 and 30 epochs against the same runs at 60 and 120."""
     saved = tmp_path / "traces.parquet"

@@ -12,6 +12,7 @@ import pytest
 
 from engine.cli import main
 from storage import Store
+from tests.processes import engine
 
 BAD_INPUT = [
     (["train", "--elr", "0"], "--elr must be a positive finite number"),
@@ -36,14 +37,6 @@ BAD_INPUT = [
     (["train", "--nonsense"], "unrecognized arguments"),
     (["worker", "--max-parallel", "0"], "--max-parallel must be at least 1"),
 ]
-
-
-def engine(*args, db=None, check=False):
-    cmd = [sys.executable, "-m", "engine", *args] + (["--db", db] if db else [])
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    if check:
-        assert out.returncode == 0, out.stderr[-2000:]
-    return out
 
 
 @pytest.mark.parametrize("args,message", BAD_INPUT, ids=[" ".join(a) for a, _ in BAD_INPUT])

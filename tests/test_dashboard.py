@@ -65,11 +65,6 @@ def runs_db(tmp_path_factory):
     return db
 
 
-@pytest.fixture
-def empty_db(tmp_path):
-    return tmp_path / "empty.db"
-
-
 # ---- empty store ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("page", PAGES)
 def test_every_page_renders_an_empty_store(empty_db, monkeypatch, page):

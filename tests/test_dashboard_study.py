@@ -5,8 +5,6 @@ and the form, bad input named by field with nothing written); Teach's study step
 import copy
 import math
 import re
-import subprocess
-import sys
 
 import pytest
 
@@ -15,32 +13,17 @@ from engine.config import ConfigError, RunConfig
 from engine.presets import STUDY_PRESETS
 from engine.study import create_study
 from storage import Store
-from tests.test_dashboard import EVIL, ROOT, charts, markdown_sources, open_app, texts
-
-# the ticks toy, small: 3 PLRs (one per regime) x 2 seeds, 2 FLRs, SWA of 3 — about 15 s on 2 CPU cores
-SMALL_STUDY = ["--dataset", "ticks", "--norm", "layer", "--width", "16", "--depth", "2", "--batch-size", "16",
-               "--log-every", "32", "--eval-every", "320", "--pretrain-elr", "1e-3", "3e-2", "1",
-               "--pretrain-epochs", "30", "--finetune-elr", "1e-4", "1e-3", "--finetune-epochs", "10",
-               "--average", "3", "--points", "5", "--seed", "0", "1"]
-
+from tests.test_dashboard import EVIL, charts, markdown_sources, open_app, texts
 
 def shown(at) -> str:
     """What the page wrote, markdown escapes resolved (as a reader sees it)."""
     return re.sub(r"\\(.)", r"\1", texts(at))
 
 
-def train_small_study(db) -> int:
-    """A small study run to its end by `python -m engine study` (as tests/test_study.py does); its id."""
-    out = subprocess.run([sys.executable, "-m", "engine", "study", *SMALL_STUDY, "--db", str(db)], cwd=ROOT,
-                         capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return int(out.stdout.split()[-1])
-
-
-@pytest.fixture(scope="module")
-def finished_study(tmp_path_factory):
-    db = tmp_path_factory.mktemp("study") / "study.db"
-    return db, train_small_study(db)
+@pytest.fixture
+def finished_study(small_study):
+    """(db, study id): conftest's small ticks study (3 PLRs x 2 seeds, 2 FLRs, SWA of 3), trained once."""
+    return small_study
 
 
 # ---- a hand-made report ---------------------------------------------------------------------------------
@@ -282,11 +265,6 @@ def test_launch_a_study_preset_and_a_custom_study(empty_db, monkeypatch):
     assert custom.id != info.id and custom.spec["pretrain_elrs"] == [1e-3, 1e-2, 1e-1] and custom.spec["average"] == 2
     assert custom.spec["base"]["dataset"] == "ticks" and custom.spec["base"]["norm"] == "layer"
     assert len(store.list_runs(study_id=custom.id)) == 6
-
-
-@pytest.fixture
-def empty_db(tmp_path):
-    return tmp_path / "empty.db"
 
 
 def test_teach_study_step_launches_the_ticks_study_and_draws_it(empty_db, monkeypatch):

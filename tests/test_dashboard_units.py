@@ -12,13 +12,6 @@ from engine.submission import queue_runs
 from dashboard import charts, data, launch, plain, series, ui
 from engine.analysis import REGIMES
 from engine.config import ConfigError
-from storage import Store
-
-
-@pytest.fixture
-def store(tmp_path):
-    with Store(tmp_path / "units.db") as opened:
-        yield opened
 
 
 def long_frame(run_id, key, values):

@@ -24,15 +24,10 @@ from storage import MIN_STALE_AFTER_S, ClaimLost, Store, StoreBusy, StoreError
 from storage import bundle as bundles
 from storage import migrations
 from storage.schema import metrics, sweeps
-from tests.processes import wait_for
+from tests.processes import engine, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = RunConfig(epochs=1, log_every=20)   # a valid config a worker could train in seconds
-
-
-def engine(*args, env=None, timeout=300):
-    return subprocess.run([sys.executable, "-m", "engine", *args], capture_output=True, text=True, timeout=timeout,
-                          cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
 
 
 def refused(out, *phrases):

@@ -101,15 +101,16 @@ def test_a_run_process_that_lost_its_claim_stops_and_the_run_is_trained_once(tmp
 def test_a_lock_held_past_the_old_busy_timeout_does_not_end_the_worker_or_the_run(tmp_path):
     """Item 3. Before: a database lock held over 30 s raised an unhandled OperationalError around the
     worker's heartbeat: the run ended `failed` and nothing trained afterwards. Now every store call
-    waits it out (retries with backoff up to storage.LOCK_WAIT_S) and training goes on."""
+    waits it out (retries with backoff up to storage.LOCK_WAIT_S) and training goes on. The worker's busy
+    timeout is shortened to 1 s here (SPHERELAB_BUSY_TIMEOUT_S) so a 3 s lock outlasts it as 35 s did 30 s."""
     db = str(tmp_path / "lock.db")
     [run_id] = submit(db, "--elr", "0.001", "--epochs", "30", "--log-every", "5")
     [after] = submit(db, "--elr", "0.01", "--epochs", "2")
     store = Store(db)
-    proc = start_worker(db)
+    proc = start_worker(db, env={"SPHERELAB_BUSY_TIMEOUT_S": "1"})
     try:
         wait_for(lambda: (store.last_step(run_id) or 0) > 10)
-        holder = hold_lock(store.url, 35)
+        holder = hold_lock(store.url, 3)
         assert holder.wait(timeout=120) == 0
         wait_for(lambda: store.get_run(after).status == "finished", timeout=300)
         assert proc.poll() is None

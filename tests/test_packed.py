@@ -9,10 +9,7 @@ and these tiny conv nets on noise data amplify 1e-7 perturbations to 1e-3 within
 (hessian_trace, a Hutchinson sum with cancellations, 1e-3).
 """
 import io
-import os
 import signal
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -24,7 +21,7 @@ from engine.runtime import set_tf32, tf32_state
 from engine.trainer import Trainer, train_traces
 from storage import Store
 from tests.helpers import Script, assert_bitwise_rows, assert_same_rows, single
-from tests.processes import start_worker, wait_for
+from tests.processes import engine as run_engine, start_worker, wait_for
 
 # device="cpu": the exactness claims are about CPU arithmetic (CUDA: see test_cuda_pack_matches_single_runs)
 MLP = dict(width=16, depth=2, batch_size=32, probe_size=64, log_every=5, epochs=2, device="cpu")
@@ -308,12 +305,10 @@ def test_claim_pack_partners_spreads_the_queue_over_free_slots(tmp_path, monkeyp
 # ---- the worker ---------------------------------------------------------------------------------
 
 PACK = {"SPHERELAB_PACK": "1"}
-ENV = {**os.environ, "PYTHONUNBUFFERED": "1", **PACK}
 
 
 def engine(*args, db):
-    return subprocess.run([sys.executable, "-m", "engine", *args, "--db", db], capture_output=True, text=True,
-                          timeout=300, env=ENV)
+    return run_engine(*args, db=db, env=PACK)
 
 
 def submit(db, *args) -> list[int]:

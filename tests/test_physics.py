@@ -172,6 +172,7 @@ def test_probes_leave_the_model_unchanged():
     assert t.members[0].sharp_vec is not None     # the warm start is kept
 
 
+@pytest.mark.science
 @pytest.mark.parametrize("alpha", [0.1, 7.0])
 def test_sphere_run_depends_on_elr_not_radius(alpha):
     """Scaling the initial SI weights leaves a sphere-mode loss trace unchanged at the same ELR.
@@ -225,6 +226,7 @@ def test_elr_is_lr_over_norm_squared_and_threshold():
         assert row[f"layer_elr/{name}"] == pytest.approx(row["lr"] / row[f"layer_norm/{name}"] ** 2)
 
 
+@pytest.mark.science
 def test_momentum_steady_state_in_lrwd():
     """At equilibrium ELR * eff_grad_norm ~ sqrt(2 lr wd / (1 + mu)) (SPEC §3); check within 35%."""
     for mu in (0.0, 0.5):

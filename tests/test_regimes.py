@@ -2,8 +2,6 @@
 (issue 10's done-when checks: no undetermined label away from a boundary, the periodic preset reads
 periodic, every reported spike of long lrwd runs comes with a norm jump)."""
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -12,6 +10,7 @@ from engine.analysis import analyze
 from engine.config import RunConfig, parse_values
 from engine.presets import PRESETS
 from engine.trainer import train_traces
+from tests.processes import engine
 
 RANK = {"convergence": 0, "chaotic_equilibrium": 1, "divergence": 2}
 
@@ -22,10 +21,7 @@ def run_memory(cfg):
 
 
 def cli(*args, db):
-    out = subprocess.run([sys.executable, "-m", "engine", *args, "--db", db], capture_output=True, text=True,
-                         timeout=600)
-    assert out.returncode == 0, out.stderr[-2000:]
-    return out.stdout
+    return engine(*args, db=db, check=True).stdout
 
 
 @pytest.mark.science

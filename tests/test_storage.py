@@ -19,16 +19,12 @@ from storage.schema import commands, events, metrics
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
-def store(request, tmp_path):
-    url = str(tmp_path / "store.db") if request.param == "sqlite" else request.getfixturevalue("postgres_url")
-    opened = Store(url)
-    yield opened
-    opened.close()
-
-
-@pytest.fixture
-def sqlite_store(tmp_path):
-    with Store(tmp_path / "store.db") as opened:
+def store(request):
+    """Here every store test runs on both dialects (conftest's `store` is SQLite only)."""
+    if request.param == "sqlite":
+        yield request.getfixturevalue("sqlite_store")
+        return
+    with Store(request.getfixturevalue("postgres_url")) as opened:
         yield opened
 
 

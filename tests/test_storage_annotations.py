@@ -4,12 +4,6 @@ import pytest
 from storage import RunNotFound, Store, StoreError
 
 
-@pytest.fixture
-def store(tmp_path):
-    with Store(tmp_path / "manage.db") as opened:
-        yield opened
-
-
 def test_rename_run_and_sweep_strip_and_refuse_empty_names(store):
     sweep_id, [run_id] = store.create_sweep_runs("old", {}, [{"config": {}, "name": "a"}])
     store.rename_run(run_id, "  baseline  ")

@@ -24,11 +24,10 @@ def engine(*args, db, check=True):
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-    """A small study run to its end by the CLI: 3 PLRs x 2 seeds, 2 FLRs, SWA of 3."""
-    db = str(tmp_path_factory.mktemp("study") / "s.db")
-    out = engine("study", *SMALL, "--seed", "0", "1", db=db)
-    study_id = int(out.stdout.split()[-1])
+def finished(small_study):
+    """A small study run to its end by the CLI: 3 PLRs x 2 seeds, 2 FLRs, SWA of 3 (SMALL with seeds 0
+    and 1: conftest trains it once for every test file that reads it)."""
+    db, study_id = small_study
     return db, study_id, json.loads(engine("report", str(study_id), "--json", db=db).stdout)
 
 

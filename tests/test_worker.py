@@ -3,7 +3,6 @@ import multiprocessing
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
@@ -14,15 +13,7 @@ from engine.config import RunConfig
 from engine.trainer import train_traces
 from engine.worker import Worker
 from storage import MIN_STALE_AFTER_S, Store
-from tests.processes import start_worker, wait_for
-
-ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
-
-
-def engine(*args, db, **kw):
-    return subprocess.run([sys.executable, "-m", "engine", *args, "--db", db], capture_output=True, text=True,
-                          timeout=300, env=ENV, **kw)
-
+from tests.processes import engine, start_worker, wait_for
 
 def reference_trace(config: dict):
     """The same run trained in-process without interruption."""
@@ -95,7 +86,8 @@ def test_kill_9_mid_run_then_resume_gives_one_exact_trajectory(tmp_path):
     assert store.get_run(run_id).status == "running"      # nobody had time to mark it yet
     rows_before = store.read_metrics(run_id, ["train_loss"])
     assert len(rows_before) > 0 and rows_before["step"].max() > ckpt   # rows up to the last flush survived
-    time.sleep(MIN_STALE_AFTER_S + 0.5)                   # the heartbeat is stale by the next worker's start
+    # the heartbeat is stale by the next worker's start
+    wait_for(lambda: time.time() - store.get_run(run_id).heartbeat_at > MIN_STALE_AFTER_S, timeout=30)
     assert store.last_step(run_id) == killed_at           # the child died with its worker
 
     worker = start_worker(db, "--once", "--stale-after", str(MIN_STALE_AFTER_S))
