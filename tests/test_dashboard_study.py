@@ -21,7 +21,7 @@ from tests.test_dashboard import EVIL, ROOT, charts, markdown_sources, open_app,
 SMALL_STUDY = ["--dataset", "ticks", "--norm", "layer", "--width", "16", "--depth", "2", "--batch-size", "16",
                "--log-every", "32", "--eval-every", "320", "--pretrain-elr", "1e-3", "3e-2", "1",
                "--pretrain-epochs", "30", "--finetune-elr", "1e-4", "1e-3", "--finetune-epochs", "10",
-               "--average", "3", "--points", "5", "--seed", "0", "1"]
+               "--average", "3", "--points", "5", "--seed", "0", "1", "--no-refine"]
 
 
 def shown(at) -> str:
@@ -70,6 +70,12 @@ REPORT = {
              row(6.4e-2, "divergence", None, 0.50, (0.52, 0.55), 0.50, barrier=0.3)],
     "boundaries": {"convergence_chaotic": 2e-3, "2A_2B": 8e-3, "chaotic_divergence": 3.2e-2},
     "best": {"pretrain_elr": 4e-3, "kind": "average", "test_acc": acc(0.90), "ratio_to_convergence_threshold": 2.0},
+    "selection": "validation",
+    "pairs": [{"data_seed": ds, "seed": seed, "gain": gain,
+               "best_2A": {"pretrain_elr": 4e-3, "kind": "average", "val_acc": 0.9, "test_acc": 0.8 + gain},
+               "best_converged": {"pretrain_elr": 1e-3, "kind": "finetune@0.001", "val_acc": 0.8, "test_acc": 0.8}}
+              for ds, seed, gain in [(0, 0, 0.06), (0, 1, 0.09), (1, 0, 0.08), (1, 1, 0.09)]],
+    "gain": {"mean": 0.08, "ci95": [0.0675, 0.09], "fraction_positive": 1.0, "n": 4}, "verdict": "win",
 }
 
 
@@ -148,35 +154,60 @@ def test_the_table_and_geometry_table_read_the_rows():
     assert list(table["regime"]) == ["convergence (3/3)", "chaotic equilibrium (3/3)", "chaotic equilibrium (3/3)",
                                      "divergence (3/3)"]
     assert list(table["sub-regime"]) == ["—", "2A", "2B", "—"]
-    assert list(table.columns[3:]) == ["pre-trained", "FLR 0.0001", "FLR 0.001", "average of 5"]
+    assert list(table.columns[3:]) == ["pre-trained", "FLR 0.0001", "FLR 0.001", "average of 5", "chosen on validation"]
     assert table["average of 5"][1] == "90.0% ± 1.0% (3)"
+    assert list(table["chosen on validation"]) == ["—"] * 4          # the hand-made rows choose nothing
+    split = copy.deepcopy(REPORT)
+    split["rows"][2].update(subregime=None, subregime_votes={"2A": 2, "2B": 1}, refined=True,
+                            chosen={"kind": "average", "val_acc": acc(0.79), "test_acc": acc(0.78)})
+    table = study.table(split)
+    assert table["sub-regime"][2] == "not determined: 2A 2, 2B 1" and table["PLR"][2] == "0.016*"
+    assert table["chosen on validation"][2] == "average of 5: 78.0% ± 1.0% (3)"
+    gains = study.gains_table(REPORT)
+    assert list(gains["gain"]) == ["+6.0 pt", "+9.0 pt", "+8.0 pt", "+9.0 pt"] and list(gains["data seed"]) == [0, 0, 1, 1]
     geometry = study.geometry_table(REPORT)
     assert len(geometry) == 8 and geometry["test_err barrier"][0] == "0.20% ± 1.00%"
 
 
 def test_the_summary_says_what_the_numbers_show_and_no_more():
     text = study.summary(REPORT)
-    assert text.startswith("The best model comes from PLR 0.004: the average of its last 5 checkpoints (SWA), "
-                           "test accuracy 90.0% ± 1.0% over 3 seeds.")
+    assert text.startswith("Models are chosen on validation accuracy and reported on test. The best model comes "
+                           "from PLR 0.004: the average of its last 5 checkpoints (SWA), test accuracy 90.0% ± 1.0% "
+                           "over 3 runs.")
     assert "chaotic equilibrium (sub-regime 2A)" in text and "2× the estimated convergence threshold (≈ 0.002" in text
-    assert "beats the best model from a converged PLR (the model fine-tuned at FLR 0.001 at PLR 0.001: 82.0% ± 1.0%) " \
-           "by 8.0 percentage points, more than the seeds' spread (1.4 points)" in text
-    close = copy.deepcopy(REPORT)
-    close["rows"][0]["average_test_acc"] = acc(0.895)
-    assert "within the seeds' spread" in study.summary(close) and "beats" not in study.summary(close)
-    single = copy.deepcopy(REPORT)
-    single["best"]["test_acc"] = acc(0.90, 0.0, 1)
-    assert "with a single seed there is no spread" in study.summary(single)
-    converged = copy.deepcopy(REPORT)
-    converged["best"] = {"pretrain_elr": 1e-3, "kind": "pretrain", "test_acc": acc(0.95), "ratio_to_convergence_threshold": 0.5}
-    assert "comes from a converged PLR itself" in study.summary(converged)
+    # the engine's paired verdict, not a gap compared with a spread
+    assert ("mean +8.0 percentage points over 4 pair(s), 95% bootstrap interval +6.8 to +9.0; 100% of pairs gain. "
+            "The interval lies above 0: 2A wins on these data.") in text
+    assert "spread" not in text
+    close = dict(REPORT, gain={"mean": 0.01, "ci95": [-0.004, 0.03], "fraction_positive": 0.75, "n": 4},
+                 verdict="not separated")
+    assert "75% of pairs gain. The interval includes 0: the data do not separate the two." in study.summary(close)
+    assert "wins" not in study.summary(close)
+    loss = dict(REPORT, gain={"mean": -0.02, "ci95": [-0.03, -0.01], "fraction_positive": 0.0, "n": 4}, verdict="loss")
+    assert "the converged baseline wins on these data" in study.summary(loss)
+    unpaired = dict(REPORT, pairs=[], gain=None, verdict=None)
+    assert "there is no paired comparison" in study.summary(unpaired)
+    old = dict(REPORT, selection="test")
+    assert study.summary(old).startswith("This study has no validation split")
     running = dict(REPORT, status="running")
     assert study.summary(running).startswith("So far (the study is still running")
     no_converged = copy.deepcopy(REPORT)
-    no_converged["rows"][0]["regime"] = "chaotic_equilibrium"
     no_converged["boundaries"]["convergence_chaotic"] = None
     no_converged["best"]["ratio_to_convergence_threshold"] = None
-    assert "no converged baseline" in study.summary(no_converged) and "no threshold" in study.summary(no_converged)
+    assert "no threshold" in study.summary(no_converged)
+
+
+def test_gains_chart_draws_one_point_per_pair_by_data_seed_and_the_interval():
+    fig = study_charts.gains(REPORT)
+    boxes = [t for t in fig.data if t.type == "box"]
+    assert [t.name for t in boxes] == ["data seed 0", "data seed 1"]
+    assert [list(t.y) for t in boxes] == [pytest.approx([6.0, 9.0]), pytest.approx([8.0, 9.0])]
+    [mean] = [t for t in fig.data if t.type == "scatter"]
+    assert mean.y[0] == pytest.approx(8.0)
+    assert mean.error_y.array[0] == pytest.approx(1.0) and mean.error_y.arrayminus[0] == pytest.approx(1.25)
+    assert fig.layout.title.text.startswith("win · 4 pairs, 100% gain")
+    assert [s.y0 for s in fig.layout.shapes] == [0]
+    assert study_charts.gains(dict(REPORT, pairs=[], gain=None)) is None
 
 
 def test_the_study_form_names_its_fields_and_writes_nothing(tmp_path):
@@ -187,7 +218,9 @@ def test_the_study_form_names_its_fields_and_writes_nothing(tmp_path):
            (dict(average=50), "“Average the last K” must be between 1 and “Pre-training epochs” (40)"),
            (dict(seeds="0 0"), "“Seeds” lists a seed twice"),
            (dict(seeds="0 x"), "“Seeds”: bad value 'x'"),
-           (dict(batch_size=5000), "“Batch size” 5000 is larger than the 1437 training samples"),
+           # a study holds out a validation split: 1,294 of digits' 1,437 training images are left to train on
+           (dict(batch_size=5000), "“Batch size” 5000 is larger than the 1294 training samples"),
+           (dict(data_seeds="1 1"), "“Data seeds” lists a data seed twice"),
            (dict(points=1), "“Points on each path” must be between 2 and 201")]
     for changes, message in bad:
         with pytest.raises(ConfigError) as caught:
