@@ -13,7 +13,7 @@ import pytest
 from dashboard import study, study_charts
 from engine.config import ConfigError, RunConfig
 from engine.presets import STUDY_PRESETS
-from engine.study import create_study
+from engine.study import create_study, report
 from storage import Store
 from tests.test_dashboard import EVIL, ROOT, charts, markdown_sources, open_app, texts
 
@@ -240,7 +240,12 @@ def test_study_page_shows_a_finished_study(finished_study, monkeypatch):
     db, study_id = finished_study
     at = open_app(db, monkeypatch, "study", study=study_id)
     assert at.selectbox(key="study").value == study_id and at.query_params["study"] == str(study_id)
-    accuracy, geometry, features = charts(at)
+    paired = bool(report(Store(db), study_id)["pairs"])    # the gains chart: only when a pair has both sides
+    drawn = charts(at)
+    assert len(drawn) == 3 + paired
+    accuracy, geometry, features = drawn[0], drawn[-2], drawn[-1]
+    if paired:
+        assert "mean gain, bootstrap 95% interval" in drawn[1].proto.spec
     assert '"type":"log"' in accuracy.proto.spec.replace(" ", "") and "best model" in accuracy.proto.spec
     assert "test_err barrier" in geometry.proto.spec and '"heatmap"' in features.proto.spec
     assert "The best model comes from PLR" in shown(at) and "So far" not in shown(at)
@@ -248,7 +253,8 @@ def test_study_page_shows_a_finished_study(finished_study, monkeypatch):
     assert progress.value == 100 and progress.proto.text == "Finished: 18 of 18 runs ended, 24 of 24 averages and geometries done."
     table = at.dataframe[0].value
     assert list(table["PLR"]) == ["0.001", "0.03", "1"] and table["regime"][0].startswith("convergence")
-    assert len(at.dataframe[1].value) == 3 * 3    # three pairs per PLR
+    assert len(at.dataframe[-1].value) == 3 * 3    # the geometry: three pairs per PLR
+    assert len(at.dataframe) == 2 + paired        # and the pairs' gains, when there are some
 
 
 def test_study_page_follows_a_study_still_queued_and_says_when_a_link_is_wrong(tmp_path, monkeypatch):
@@ -329,14 +335,17 @@ def test_teach_study_step_launches_the_ticks_study_and_draws_it(empty_db, monkey
     assert not at.exception
     [info] = Store(empty_db).list_studies()
     assert info.name == "Where do large learning rates lead us? (ticks)" and at.query_params["study_demo"] == str(info.id)
-    assert len(Store(empty_db).list_runs(study_id=info.id)) == 27
+    preset = STUDY_PRESETS["Where do large learning rates lead us? (ticks)"]
+    assert len(Store(empty_db).list_runs(study_id=info.id)) == len(preset.pretrain_elrs) * len(preset.seeds) * len(
+        preset.data_seeds)
     assert "No model has finished yet" in shown(at) and len(charts(at)) == 1     # the accuracy chart, filling in
 
 
 def test_teach_draws_a_finished_study_with_the_study_page_charts(finished_study, monkeypatch):
     db, study_id = finished_study
     at = open_app(db, monkeypatch, "teach", topic="study", study_demo=study_id)
-    assert len(charts(at)) == 3 and "The best model comes from PLR" in shown(at)
+    paired = bool(report(Store(db), study_id)["pairs"])
+    assert len(charts(at)) == 3 + paired and "The best model comes from PLR" in shown(at)
 
 
 def test_the_report_is_made_again_only_when_a_piece_of_the_study_moved(tmp_path, monkeypatch):
