@@ -257,10 +257,15 @@ def _study_here(store: Store, study_id: int, claimer: str) -> None:
     while not study.advance(store, study_id, reserve_for=claimer):
         waiting = [r.id for r in store.list_runs(study_id=study_id, status=["queued", "interrupted"])]
         _train_here(store, sorted(waiting), claimer)
-        job = store.claim_job(claimer, job_ids=[j.id for j in store.list_jobs(study_id=study_id, status="queued")])
-        if job is not None:
-            execute_job(store, job.id, job.claim)
-        elif not waiting:
+        done = 0
+        # every job queued now, before advancing again (advancing reads the whole study: once per job
+        # made a study of hundreds of jobs spend its time there)
+        for queued in sorted(j.id for j in store.list_jobs(study_id=study_id, status="queued")):
+            job = store.claim_job(claimer, job_ids=[queued])
+            if job is not None:
+                execute_job(store, job.id, job.claim)
+                done += 1
+        if not done and not waiting:
             time.sleep(0.5)        # what is left is held by another process (a worker resuming a run)
 
 
