@@ -53,10 +53,13 @@ class Evaluator:
 
     def _train_batches(self):
         """The training set in order, in batches of the run's size (a last batch of one sample is left
-        out: BatchNorm has no variance to normalise it by)."""
+        out: BatchNorm has no variance to normalise it by). A network without BatchNorm (LayerNorm
+        mlp_si) gives every sample the same output in any batch: chunks of 1024 then, all samples in."""
         n, b = self.data.train_size, self.cfg.batch
+        if not self.bn_channels:
+            b = max(b, 1024)
         for start in range(0, n, b):
-            if n - start >= 2:
+            if n - start >= 2 or not self.bn_channels:
                 yield self.data.x_train[start:start + b], self.data.y_train[start:start + b]
 
     @torch.no_grad()
@@ -66,6 +69,8 @@ class Evaluator:
         k = len(W)
         stats = [(torch.zeros(k * c, device=self.device), torch.ones(k * c, device=self.device))
                  for c in self.bn_channels]
+        if not stats:
+            return stats                  # no BatchNorm: nothing to recompute
         for n, (x, _) in enumerate(self._train_batches(), start=1):
             self.net(W, x, mode="recompute", stats=stats, momentum=1.0 / n)
         return stats
