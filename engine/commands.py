@@ -18,6 +18,8 @@ from .submission import queue_average, queue_fork, queue_geometry, queue_runs
 
 
 OUT_FIX = "choose a writable --out path"
+STUDY_STALE_AFTER_S = 30.0     # a study's run or job whose heartbeat is this old was left by a dead process (the
+                               # worker's default --stale-after)
 
 
 def print_json(obj) -> None:
@@ -266,7 +268,12 @@ def _study_here(store: Store, study_id: int, claimer: str) -> None:
                 execute_job(store, job.id, job.claim)
                 done += 1
         if not done and not waiting:
-            time.sleep(0.5)        # what is left is held by another process (a worker resuming a run)
+            # what is left is held by another process (a worker resuming a run), or by one that died
+            # holding it (killed mid-job): its heartbeat stops, and as a worker would, this process
+            # queues such pieces again and takes them up
+            store.requeue_stale(STUDY_STALE_AFTER_S, except_worker=claimer)
+            store.requeue_stale_jobs(STUDY_STALE_AFTER_S)
+            time.sleep(0.5)
 
 
 def cmd_report(args) -> int:

@@ -64,7 +64,12 @@ def test_the_report_aggregates_seeds_and_places_the_regimes(finished):
         assert {tuple(g["pair"]) for g in row["geometry"]} == {("finetune@0.0001", "average"),
                                                                ("finetune@0.001", "average"),
                                                                ("finetune@0.0001", "finetune@0.001")}
-        assert row["subregime"] in (("2A", "2B") if row["regime"] == "chaotic_equilibrium" else (None,))
+        # each run's own sub-regime; the row's only when its runs agree
+        subs = [e["subregime"] for e in r["runs"] if e["pretrain_elr"] == row["pretrain_elr"]]
+        assert all(s in (("2A", "2B") if e["regime"] == "chaotic_equilibrium" else (None,))
+                   for s, e in zip(subs, (e for e in r["runs"] if e["pretrain_elr"] == row["pretrain_elr"])))
+        labelled = {s for s in subs if s}
+        assert row["subregime"] == (labelled.pop() if len(labelled) == 1 else None)
         assert len(row["feature_acc"]["pretrain"]) == 16
     low, high = r["rows"][0], r["rows"][-1]
     assert low["regime"] == "convergence" and high["regime"] == "divergence"
@@ -276,12 +281,19 @@ def test_a_study_with_a_failed_piece_is_failed_says_which_and_resume_retries_it(
     assert store.get_study(study_id).status == "finished"
     average = next(j for j in store.list_jobs(study_id=study_id) if j.kind == "average")
     fork = next(r for r in store.list_runs(study_id=study_id) if r.study_role.startswith("finetune"))
-    # as a crashed computation leaves them: the average failed, the fork cancelled before it trained
+    geometry = next(j for j in store.list_jobs(study_id=study_id) if j.kind == "geometry")
+    # as a crashed computation leaves them: the average failed, the fork cancelled before it trained, a
+    # geometry held by a process killed mid-job (its heartbeat long stopped)
     with store._write() as conn:
         conn.execute(update(jobs).where(jobs.c.id == average.id).values(status="failed", error="boom\ntraceback",
                                                                            result=None))
         conn.execute(update(runs).where(runs.c.id == fork.id).values(status="cancelled"))
+        conn.execute(update(jobs).where(jobs.c.id == geometry.id).values(status="running", result=None,
+                                                                            heartbeat_at=1.0, worker_id="gone"))
     store.set_study_status(study_id, "running")
+    assert not study.advance(store, study_id)                    # the geometry is still held
+    with store._write() as conn:
+        conn.execute(update(jobs).where(jobs.c.id == geometry.id).values(status="finished", result=geometry.result))
     assert study.advance(store, study_id) and store.get_study(study_id).status == "failed"
     report = json.loads(engine("report", str(study_id), "--json", db=db).stdout)
     assert report["status"] == "failed"
@@ -293,6 +305,13 @@ def test_a_study_with_a_failed_piece_is_failed_says_which_and_resume_retries_it(
     assert store.get_study(study_id).status == "finished"
     assert store.get_job(average.id).status == "finished" and "test_acc" in store.get_job(average.id).result
     assert store.get_run(fork.id).status == "finished"
+    # a study whose job was left running by a dead process: resuming takes it up once its heartbeat is stale
+    with store._write() as conn:
+        conn.execute(update(jobs).where(jobs.c.id == geometry.id).values(status="running", result=None,
+                                                                            heartbeat_at=1.0, worker_id="gone"))
+    store.set_study_status(study_id, "running")
+    engine("study", "--resume", str(study_id), db=db)
+    assert store.get_job(geometry.id).status == "finished" and store.get_study(study_id).status == "finished"
     assert json.loads(engine("report", str(study_id), "--json", db=db).stdout)["failures"] == []
 
 
