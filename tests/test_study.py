@@ -282,18 +282,12 @@ def test_a_study_with_a_failed_piece_is_failed_says_which_and_resume_retries_it(
     average = next(j for j in store.list_jobs(study_id=study_id) if j.kind == "average")
     fork = next(r for r in store.list_runs(study_id=study_id) if r.study_role.startswith("finetune"))
     geometry = next(j for j in store.list_jobs(study_id=study_id) if j.kind == "geometry")
-    # as a crashed computation leaves them: the average failed, the fork cancelled before it trained, a
-    # geometry held by a process killed mid-job (its heartbeat long stopped)
+    # as a crashed computation leaves them: the average failed, the fork cancelled before it trained
     with store._write() as conn:
         conn.execute(update(jobs).where(jobs.c.id == average.id).values(status="failed", error="boom\ntraceback",
                                                                            result=None))
         conn.execute(update(runs).where(runs.c.id == fork.id).values(status="cancelled"))
-        conn.execute(update(jobs).where(jobs.c.id == geometry.id).values(status="running", result=None,
-                                                                            heartbeat_at=1.0, worker_id="gone"))
     store.set_study_status(study_id, "running")
-    assert not study.advance(store, study_id)                    # the geometry is still held
-    with store._write() as conn:
-        conn.execute(update(jobs).where(jobs.c.id == geometry.id).values(status="finished", result=geometry.result))
     assert study.advance(store, study_id) and store.get_study(study_id).status == "failed"
     report = json.loads(engine("report", str(study_id), "--json", db=db).stdout)
     assert report["status"] == "failed"
