@@ -265,7 +265,11 @@ def _study_here(store: Store, study_id: int, claimer: str) -> None:
         for queued in sorted(j.id for j in store.list_jobs(study_id=study_id, status="queued")):
             job = store.claim_job(claimer, job_ids=[queued])
             if job is not None:
-                execute_job(store, job.id, job.claim)
+                try:
+                    execute_job(store, job.id, job.claim)
+                except KeyboardInterrupt:       # Ctrl-C mid-job: queued again, for --resume to compute whole
+                    store.requeue_job(job.id, claim=job.claim)
+                    raise
                 done += 1
         if not done and not waiting:
             # what is left is held by another process (a worker resuming a run), or by one that died
