@@ -555,7 +555,10 @@ def _aggregate(elr: float, entries: list[dict], spec: dict, refined: bool = Fals
         | {f"finetune@{f}": _mean_vectors([e["finetune_feature_acc"][f] for e in entries]) for f in flrs},
         "geometry": geometry,
         "chosen": _row_choice(entries),
-        "chosen_converged": _row_choice(entries, lambda e: e["regime"] == "convergence"),
+        # a mostly-converged PLR's converged runs (one run that converged at a chaotic PLR is a pair's
+        # baseline in `pairs`, but no PLR's: a mean over one run would win on luck)
+        "chosen_converged": _row_choice(entries, lambda e: e["regime"] == "convergence") if regime == "convergence"
+        else None,
     }
 
 
@@ -604,9 +607,9 @@ def _boundaries(rows: list[dict]) -> dict:
 
 def _best(rows: list[dict], boundaries: dict, converged_only: bool = False) -> dict | None:
     """The PLR and option of highest mean validation accuracy (`chosen` of each row; with
-    converged_only, over each row's runs labelled converged only, so a run that was chaotic at a
-    mostly-converged PLR is not in it), its test accuracy, and its PLR's ratio to the convergence
-    threshold."""
+    converged_only, of the rows most of whose runs converged, over their runs labelled converged only,
+    so a run that was chaotic at a mostly-converged PLR is not in it), its test accuracy, and its PLR's
+    ratio to the convergence threshold."""
     candidates = []
     for r in rows:
         choice = r.get("chosen_converged") if converged_only else r.get("chosen")
