@@ -541,8 +541,9 @@ def _aggregate(elr: float, entries: list[dict], spec: dict, refined: bool = Fals
         "regime": regime,
         "regime_agreement": (max(Counter(e["regime"] for e in entries if e["regime"]).values(), default=0),
                              len(entries)),
-        # the row's sub-regime only when every pair with one agrees (each from its own barriers)
-        "subregime": agreed([e["subregime"] for e in entries]),
+        # the row's sub-regime only when most runs were chaotic and every pair with one agrees (each from
+        # its own barriers)
+        "subregime": agreed([e["subregime"] for e in entries]) if regime == "chaotic_equilibrium" else None,
         "subregime_votes": dict(sorted(votes.items())),
         "pretrain_test_acc": _stats([e["pretrain_test_acc"] for e in entries]),
         "pretrain_val_acc": _stats([e["pretrain_val_acc"] for e in entries]),
