@@ -282,9 +282,12 @@ def protocol_text(preset) -> str:
     iterations = f" ({preset.pretrain_epochs * steps:,} iterations)" if steps else ""
     took = re.search(r"About [^.]*\.", preset.description)
     return (f"{preset.base.model} on {preset.base.dataset}: pre-train {len(plrs)} PLRs from {min(plrs):g} to "
-            f"{max(plrs):g} for {preset.pretrain_epochs} epochs{iterations}, {len(preset.seeds)} seeds each; fine-tune "
-            f"every end point at FLR {' and '.join(f'{f:g}' for f in flrs)} for {preset.finetune_epochs} epochs; "
-            f"average its last {preset.average} checkpoints; measure the geometry between the solutions."
+            f"{max(plrs):g} for {preset.pretrain_epochs} epochs{iterations}, {len(preset.seeds)} run seeds × "
+            f"{len(preset.data_seeds)} data seed(s) each"
+            + (", then PLRs refined around the convergence threshold" if preset.refine else "")
+            + f"; fine-tune every end point at FLR {' and '.join(f'{f:g}' for f in flrs)} for {preset.finetune_epochs} "
+            f"epochs; average its last {preset.average} checkpoints; measure the geometry between the solutions; "
+            "choose on validation, report on test, and compare per (data seed, seed) pair."
             + (f" {took.group(0)}" if took else ""))
 
 
@@ -293,7 +296,8 @@ def study_demo(store: Store) -> list[int]:
     page's charts as it fills in; returns the study's run ids."""
     preset = STUDY_PRESETS[STUDY_DEMO]
     st.markdown(f"**Demo — {md(preset.name)}.** {md(protocol_text(preset))}")
-    spec = {"pretrain_elrs": preset.pretrain_elrs, "seeds": preset.seeds, "finetune_elrs": preset.finetune_elrs}
+    spec = {"pretrain_elrs": preset.pretrain_elrs, "seeds": preset.seeds, "data_seeds": preset.data_seeds,
+            "finetune_elrs": preset.finetune_elrs, "refine": preset.refine}
     st.caption(studies.pieces(spec) + ". The workers train it; this page follows it (so does the Study page).")
     param = "study_demo"   # the demo's study in the URL: a shared link shows it
     ui.seed(param, st.session_state.get("demo_study"), int)
