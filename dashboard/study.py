@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from engine.config import ConfigError, RunConfig, parse_values
-from engine.study import GEOMETRY_POINTS, create_study, report
+from engine.study import GEOMETRY_POINTS, MIN_PAIRS_FOR_VERDICT, create_study, report
 from storage import TERMINAL_STATUSES, Store
 
 from . import charts
@@ -216,6 +216,9 @@ def comparison_text(rep: dict) -> str:
         return head + " The interval lies above 0: 2A wins on these data."
     if rep.get("verdict") == "loss":
         return head + " The interval lies below 0: the converged baseline wins on these data."
+    if gain["n"] < MIN_PAIRS_FOR_VERDICT:
+        return head + (f" Fewer than {MIN_PAIRS_FOR_VERDICT} pairs are too few for a verdict: the data do not "
+                       "separate the two.")
     return head + " The interval includes 0: the data do not separate the two."
 
 

@@ -55,6 +55,9 @@ REFINE_MIN_RATIO = 1.05       # a refined PLR this close (ratio) to one already 
 # same interval on every machine).
 BOOTSTRAP_RESAMPLES = 4000
 BOOTSTRAP_SEED = 20250
+# Fewer pairs than this give no verdict but "not separated": resampling n pairs has few distinct
+# outcomes (n = 2: 3, n = 5: 126), so a percentile interval over them says little.
+MIN_PAIRS_FOR_VERDICT = 5
 OPTIONS = ("pretrain", "average")          # and finetune@FLR for each FLR
 
 
@@ -290,10 +293,12 @@ def bootstrap(values: list[float], resamples: int = BOOTSTRAP_RESAMPLES, seed: i
 
 
 def verdict(gain: dict | None) -> str | None:
-    """win when the interval's lower end is above 0, loss when its upper end is below 0, otherwise not
-    separated; None without pairs."""
+    """win when the interval's lower end is above 0, loss when its upper end is below 0, otherwise (and
+    with fewer than MIN_PAIRS_FOR_VERDICT pairs) not separated; None without pairs."""
     if not gain:
         return None
+    if gain["n"] < MIN_PAIRS_FOR_VERDICT:
+        return "not separated"
     low, high = gain["ci95"]
     return "win" if low > 0 else "loss" if high < 0 else "not separated"
 

@@ -183,6 +183,9 @@ def test_the_summary_says_what_the_numbers_show_and_no_more():
                  verdict="not separated")
     assert "75% of pairs gain. The interval includes 0: the data do not separate the two." in study.summary(close)
     assert "wins" not in study.summary(close)
+    few = dict(REPORT, gain={"mean": 0.08, "ci95": [0.06, 0.09], "fraction_positive": 1.0, "n": 3},
+               verdict="not separated")
+    assert "Fewer than 5 pairs are too few for a verdict: the data do not separate the two." in study.summary(few)
     loss = dict(REPORT, gain={"mean": -0.02, "ci95": [-0.03, -0.01], "fraction_positive": 0.0, "n": 4}, verdict="loss")
     assert "the converged baseline wins on these data" in study.summary(loss)
     unpaired = dict(REPORT, pairs=[], gain=None, verdict=None)

@@ -114,7 +114,9 @@ def test_bootstrap_interval_and_verdict_on_hand_made_pairs():
     assert same == {"mean": pytest.approx(0.02), "ci95": [pytest.approx(0.02), pytest.approx(0.02)],
                     "fraction_positive": 1.0, "n": 7}
     assert study.verdict(same) == "win"
-    assert study.verdict(study.bootstrap([-0.01, -0.03, -0.02, -0.02])) == "loss"
+    assert study.verdict(study.bootstrap([-0.01, -0.03, -0.02, -0.02, -0.01])) == "loss"
+    # too few pairs for a verdict, however clear they look
+    assert study.MIN_PAIRS_FOR_VERDICT == 5 and study.verdict(study.bootstrap([0.05, 0.06, 0.05, 0.07])) == "not separated"
     # two pairs gain a lot, eight lose a little: the mean is positive, the interval is not
     mixed = study.bootstrap([0.10, 0.12] + [-0.01] * 8)
     assert mixed["mean"] == pytest.approx(0.014) and mixed["fraction_positive"] == pytest.approx(0.2)
