@@ -179,7 +179,7 @@ def test_the_summary_says_what_the_numbers_show_and_no_more():
     assert ("mean +8.0 percentage points over 4 pair(s), 95% bootstrap interval +6.8 to +9.0; 100% of pairs gain. "
             "The interval lies above 0: 2A wins on these data.") in text
     assert "spread" not in text
-    close = dict(REPORT, gain={"mean": 0.01, "ci95": [-0.004, 0.03], "fraction_positive": 0.75, "n": 4},
+    close = dict(REPORT, gain={"mean": 0.01, "ci95": [-0.004, 0.03], "fraction_positive": 0.75, "n": 8},
                  verdict="not separated")
     assert "75% of pairs gain. The interval includes 0: the data do not separate the two." in study.summary(close)
     assert "wins" not in study.summary(close)
