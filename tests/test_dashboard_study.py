@@ -293,13 +293,15 @@ def test_a_study_name_stays_plain_text(tmp_path, monkeypatch):
 # ---- launching and teaching -----------------------------------------------------------------------------
 def test_launch_a_study_preset_and_a_custom_study(empty_db, monkeypatch):
     at = open_app(empty_db, monkeypatch, "launch")
-    at.button(key="study_preset_1").click().run()          # digits: 7 PLRs x 2 seeds
+    at.button(key="study_preset_1").click().run()          # digits: 5 PLRs x 5 seeds
     store = Store(empty_db)
     [info] = store.list_studies()
     preset = STUDY_PRESETS["Where do large learning rates lead us? (digits)"]
     assert info.name == preset.name and info.status == "running" and info.owner is None
     runs = store.list_runs(study_id=info.id)
-    assert len(runs) == 14 and all(r.status == "queued" and r.study_role.startswith("pretrain:") for r in runs)
+    planned = len(preset.pretrain_elrs) * len(preset.seeds) * len(preset.data_seeds)
+    assert len(runs) == planned == 25 and all(r.status == "queued" and r.study_role.startswith("pretrain:")
+                                               for r in runs)
     [link] = [link for link in at.get("page_link") if "Study page" in link.proto.label]
     assert link.proto.page.endswith("study") or "study" in link.proto.page
     assert f"Study #{info.id} created" in shown(at)
@@ -310,7 +312,7 @@ def test_launch_a_study_preset_and_a_custom_study(empty_db, monkeypatch):
     assert not at.exception
     [error] = at.error
     assert "“Pre\\-training ELRs \\(PLR\\)” needs one or more positive ELRs" in error.value
-    assert len(store.list_studies()) == 1 and len(store.list_runs()) == 14
+    assert len(store.list_studies()) == 1 and len(store.list_runs()) == 25
     # the same field fixed: a custom study on the ticks toy
     at.text_input(key="s_plr").set_value("1e-3:1e-1:3")
     at.text_input(key="s_seeds").set_value("0 1")
@@ -323,6 +325,7 @@ def test_launch_a_study_preset_and_a_custom_study(empty_db, monkeypatch):
     custom = store.list_studies()[0]
     assert custom.id != info.id and custom.spec["pretrain_elrs"] == [1e-3, 1e-2, 1e-1] and custom.spec["average"] == 2
     assert custom.spec["base"]["dataset"] == "ticks" and custom.spec["base"]["norm"] == "layer"
+    assert custom.spec["seeds"] == [0, 1] and custom.spec["data_seeds"] == [0] and custom.spec["refine"]
     assert len(store.list_runs(study_id=custom.id)) == 6
 
 
