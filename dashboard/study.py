@@ -1,15 +1,14 @@
-"""Learning-rate studies (SPEC §10, engine.study) for the dashboard: their progress, the report as a
+"""Learning-rate studies (engine.study) for the dashboard: their progress, the report as a
 table and a plain-language summary, and the Launch page's study form. Streamlit-free and torch-free
 (engine.study and engine.presets are), so tests call it directly."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import pandas as pd
 
 from engine.config import ConfigError, RunConfig, parse_values
-from engine.study import GEOMETRY_POINTS, create_study, report
+from engine.study import GEOMETRY_POINTS, MIN_PAIRS_FOR_VERDICT, create_study, report
 from storage import TERMINAL_STATUSES, Store
 
 from . import charts
@@ -43,12 +42,16 @@ class Progress:
 
 
 def planned(spec: dict) -> tuple[int, int]:
-    """(runs, jobs) the whole study makes if every pre-training run finishes: the pre-training sweep
-    and a fork per FLR of each; an average per pre-training run and a geometry per FLR (that FLR's
+    """(runs, jobs) the coarse grid makes if every pre-training run finishes (refined PLRs are counted
+    once they exist): the pre-training sweep (PLRs x seeds x data seeds) and a fork per FLR of each; an average per pre-training run and a geometry per FLR (that FLR's
     solution against the average), plus low FLR against high FLR when there are two or more."""
-    pre = len(spec.get("pretrain_elrs", [])) * len(spec.get("seeds", []) or [0])
+    pre = planned_pre(spec)
     flrs = len(spec.get("finetune_elrs", []))
     return pre * (1 + flrs), pre * (1 + flrs + (1 if flrs >= 2 else 0))
+
+
+def planned_pre(spec: dict) -> int:
+    return len(spec.get("pretrain_elrs", [])) * len(spec.get("seeds", []) or [0]) * len(spec.get("data_seeds") or [0])
 
 
 def progress(store: Store, study_id: int, snapshot=None) -> Progress:
@@ -58,6 +61,9 @@ def progress(store: Store, study_id: int, snapshot=None) -> Progress:
     info, runs, jobs = snapshot or _snapshot(store, study_id)
     runs_total, jobs_total = planned(info.spec)
     flrs = len(info.spec.get("finetune_elrs", []))
+    refined = sum(1 for r in runs if (r.study_role or "").startswith("pretrain:")) - planned_pre(info.spec)
+    runs_total += max(refined, 0) * (1 + flrs)
+    jobs_total += max(refined, 0) * (1 + flrs + (1 if flrs >= 2 else 0))
     dead = sum(1 for r in runs if (r.study_role or "").startswith("pretrain:") and r.is_terminal
                and r.status != "finished")
     runs_total -= dead * flrs
@@ -125,96 +131,116 @@ def column_name(kind: str, rep: dict) -> str:
 
 
 def table(rep: dict) -> pd.DataFrame:
-    """One row per PLR: regime (with how many seeds agree), sub-regime, test accuracy of each model
-    (mean ± std (seeds)): pre-trained, fine-tuned at each FLR, averaged; plain text cells."""
+    """One row per PLR (refined ones marked *): regime (with how many runs agree), sub-regime (when
+    every pair agrees, else the votes), test accuracy of each model (mean ± std (runs)): pre-trained,
+    fine-tuned at each FLR, averaged, and the model this PLR offers, chosen on validation; plain text."""
     rows = []
     for row in sorted(rep["rows"], key=lambda r: r["pretrain_elr"]):
         agree, n = row.get("regime_agreement") or (0, 0)
-        line = {"PLR": charts.tick_text(row["pretrain_elr"]),
+        votes = row.get("subregime_votes") or {}
+        line = {"PLR": charts.tick_text(row["pretrain_elr"]) + ("*" if row.get("refined") else ""),
                 "regime": (regime_text(row["regime"]) + (f" ({agree}/{n})" if n > 1 else "")) if row["regime"]
-                else (f"seeds split ({agree}/{n} agree)" if agree else "—"),
-                "sub-regime": row.get("subregime") or "—"}
+                else (f"runs split ({agree}/{n} agree)" if agree else "—"),
+                "sub-regime": row.get("subregime") or (("not determined: " + ", ".join(f"{k} {v}" for k, v in
+                                                                                       votes.items())) if votes else "—")}
         for kind, label, _ in series(rep):
             line[column_name(kind, rep)] = acc_text(accuracy_of(row, kind))
+        chosen = row.get("chosen")
+        line[f"chosen on {rep.get('selection', 'test')}"] = (f"{column_name(chosen['kind'], rep)}: "
+                                                            f"{acc_text(chosen['test_acc'])}" if chosen else "—")
         rows.append(line)
     return pd.DataFrame(rows)
 
 
 def geometry_table(rep: dict) -> pd.DataFrame:
-    """One row per PLR and geometry pair: angle (rad), test-error barrier, train-loss barrier."""
+    """One row per PLR and geometry pair: angle (rad), validation-error (what 2A/2B is decided on) and
+    test-error barriers, train-loss barrier."""
+    columns = ["PLR", "pair", "angle (rad)", "val_err barrier", "test_err barrier", "train_loss barrier"]
     rows = [{"PLR": charts.tick_text(row["pretrain_elr"]), "pair": " vs ".join(g["pair"]),
-             "angle (rad)": num_text(g["angle"]), "test_err barrier": num_text(g["barrier_test_err"], percent=True),
+             "angle (rad)": num_text(g["angle"]), "val_err barrier": num_text(g.get("barrier_val_err"), percent=True),
+             "test_err barrier": num_text(g["barrier_test_err"], percent=True),
              "train_loss barrier": num_text(g["barrier_train_loss"])}
             for row in sorted(rep["rows"], key=lambda r: r["pretrain_elr"]) for g in row["geometry"]]
-    return pd.DataFrame(rows, columns=["PLR", "pair", "angle (rad)", "test_err barrier", "train_loss barrier"])
-
-
-def _best_among(rep: dict, rows: list[dict]) -> tuple[float, str, dict] | None:
-    """(PLR, kind, stats) of the highest mean test accuracy over all models of these rows."""
-    found = [(row["pretrain_elr"], kind, accuracy_of(row, kind)) for row in rows for kind, _, _ in series(rep)]
-    found = [f for f in found if f[2]]
-    return max(found, key=lambda f: f[2]["mean"]) if found else None
+    return pd.DataFrame(rows, columns=columns)
 
 
 def summary(rep: dict, prog: Progress | None = None) -> str:
-    """One paragraph saying what the study's data show: where the best model came from, its accuracy ±
-    std, its PLR against the convergence threshold, and whether (and by how much) it beats the best
-    model from a converged PLR — a difference within the seeds' spread is called that, not a win.
-    Plain text (no names in it), for st.markdown after plain.md or for st.write."""
+    """One paragraph saying what the study's data show: which split chose the models, where the best
+    model came from (its test accuracy ± std over runs, its PLR against the convergence threshold),
+    and the engine's paired comparison of the best 2A option with the best converged one per (data
+    seed, seed) pair: a win only when the bootstrap interval's lower end is above 0; otherwise "not
+    separated" (with the fraction of pairs that gain) or a loss. Plain text (no names in it), for
+    st.markdown after plain.md or for st.write."""
     running = rep.get("status") == "running"
     lead = "So far (the study is still running; numbers change as its pieces end): " if running else ""
     best = rep.get("best")
     if not best:
         return lead + "No model has finished yet: the summary appears once the first pre-training runs end."
+    chose = ("Models are chosen on validation accuracy and reported on test." if rep.get("selection") == "validation"
+             else "This study has no validation split (it predates them): models are chosen on test accuracy, "
+                  "which flatters the winner.")
     by_plr = {row["pretrain_elr"]: row for row in rep["rows"]}
     stats = best["test_acc"]
     row = by_plr.get(best["pretrain_elr"], {})
-    seeds = f"over {stats['n']} seeds" if stats["n"] > 1 else "from one seed"
+    runs = f"over {stats['n']} runs" if stats["n"] > 1 else "from one run"
     spread = f" ± {stats['std']:.1%}" if stats["n"] > 1 else ""
-    words = [f"The best model comes from PLR {charts.tick_text(best['pretrain_elr'])}: "
-             f"{kind_phrase(best['kind'], rep)}, test accuracy {stats['mean']:.1%}{spread} {seeds}."]
+    words = [chose, f"The best model comes from PLR {charts.tick_text(best['pretrain_elr'])}: "
+                    f"{kind_phrase(best['kind'], rep)}, test accuracy {stats['mean']:.1%}{spread} {runs}."]
     regime = row.get("regime")
     if regime:
         sub = f" (sub-regime {row['subregime']})" if row.get("subregime") else ""
-        words.append(f"Its pre-training ended in {regime_text(regime)}{sub}.")
+        words.append(f"Its pre-training mostly ended in {regime_text(regime)}{sub}.")
     threshold = (rep.get("boundaries") or {}).get("convergence_chaotic")
     ratio = best.get("ratio_to_convergence_threshold")
     if threshold and ratio:
         words.append(f"That PLR is {ratio:.2g}× the estimated convergence threshold "
-                     f"(≈ {charts.tick_text(float(f'{threshold:.2g}'))}, between the last converging and the first "
-                     "non-converging PLR of the grid).")
+                     f"(≈ {charts.tick_text(float(f'{threshold:.2g}'))}, from each run's own label).")
     else:
         words.append("The grid shows no convergence/chaotic boundary, so there is no threshold to compare the PLR with.")
-    converged = [r for r in rep["rows"] if r.get("regime") == "convergence"]
-    base = _best_among(rep, converged)
-    if base is None:
-        words.append("No PLR converged, so there is no converged baseline to compare with.")
-    elif regime == "convergence":
-        words.append("It comes from a converged PLR itself: in this study no larger PLR gave a better model.")
-    else:
-        plr, kind, bstats = base
-        gap = stats["mean"] - bstats["mean"]
-        noise = math.sqrt(stats["std"] ** 2 + bstats["std"] ** 2)
-        base_spread = f" ± {bstats['std']:.1%}" if bstats["n"] > 1 else ""
-        baseline = (f"the best model from a converged PLR ({kind_phrase(kind, rep)} at PLR {charts.tick_text(plr)}: "
-                    f"{bstats['mean']:.1%}{base_spread})")
-        if min(stats["n"], bstats["n"]) < 2:
-            words.append(f"It is {gap * 100:.1f} percentage points above {baseline}; with a single seed there is no "
-                         "spread to tell whether that difference is real.")
-        elif gap > noise:
-            words.append(f"It beats {baseline} by {gap * 100:.1f} percentage points, more than the seeds' spread "
-                         f"({noise * 100:.1f} points).")
-        else:
-            words.append(f"It is {gap * 100:.1f} percentage points above {baseline}, within the seeds' spread "
-                         f"({noise * 100:.1f} points): the data do not separate the two.")
+    words.append(comparison_text(rep))
     return lead + " ".join(words)
+
+
+def comparison_text(rep: dict) -> str:
+    """The paired comparison (engine.study: report's gain and verdict) in one or two sentences."""
+    gain, pairs = rep.get("gain"), rep.get("pairs") or []
+    if not gain:
+        return ("No (data seed, seed) pair has both a 2A model and a model from a PLR where its own run "
+                "converged yet, so there is no paired comparison.")
+    low, high = gain["ci95"]
+    points = lambda v: f"{v * 100:+.1f}"  # noqa: E731  (percentage points)
+    head = (f"Per (data seed, seed) pair, the best 2A model minus the best converged one: mean {points(gain['mean'])} "
+            f"percentage points over {gain['n']} pair(s), 95% bootstrap interval {points(low)} to {points(high)}; "
+            f"{gain['fraction_positive']:.0%} of pairs gain.")
+    if rep.get("verdict") == "win":
+        return head + " The interval lies above 0: 2A wins on these data."
+    if rep.get("verdict") == "loss":
+        return head + " The interval lies below 0: the converged baseline wins on these data."
+    if gain["n"] < MIN_PAIRS_FOR_VERDICT:
+        return head + (f" Fewer than {MIN_PAIRS_FOR_VERDICT} pairs are too few for a verdict: the data do not "
+                       "separate the two.")
+    return head + " The interval includes 0: the data do not separate the two."
+
+
+def gains_table(rep: dict) -> pd.DataFrame:
+    """One row per (data seed, seed) pair: its best 2A and best converged option (chosen on validation),
+    their test accuracies and the gain."""
+    columns = ["data seed", "seed", "best 2A", "its test acc", "best converged", "its test acc ", "gain"]
+    rows = [{"data seed": p["data_seed"], "seed": p["seed"],
+             "best 2A": f"{kind_phrase(p['best_2A']['kind'], rep)} at PLR {charts.tick_text(p['best_2A']['pretrain_elr'])}",
+             "its test acc": f"{p['best_2A']['test_acc']:.1%}",
+             "best converged": f"{kind_phrase(p['best_converged']['kind'], rep)} at PLR "
+                               f"{charts.tick_text(p['best_converged']['pretrain_elr'])}",
+             "its test acc ": f"{p['best_converged']['test_acc']:.1%}", "gain": f"{p['gain'] * 100:+.1f} pt"}
+            for p in rep.get("pairs") or []]
+    return pd.DataFrame(rows, columns=columns)
 
 
 # ---- launching ------------------------------------------------------------------------------------------
 # The study form's label for each flag of `python -m engine study` (the training flags as on Launch).
 STUDY_FIELDS = {**FIELDS, "--pretrain-elr": "Pre-training ELRs (PLR)", "--pretrain-epochs": "Pre-training epochs",
                 "--finetune-elr": "Fine-tuning ELRs (FLR)", "--finetune-epochs": "Fine-tuning epochs",
-                "--average": "Average the last K", "--seed": "Seeds", "--points": "Points on each path",
+                "--average": "Average the last K", "--seed": "Seeds", "--data-seed": "Data seeds", "--points": "Points on each path",
                 "--norm": "Normalisation", "--name": "Study name", "--epochs": "Pre-training epochs"}
 
 
@@ -229,7 +255,9 @@ class StudyForm:
     finetune_elrs: str = "1e-4"
     finetune_epochs: int = 20
     average: int = 5
-    seeds: str = "0"
+    seeds: str = "0 1 2 3 4"
+    data_seeds: str = "0"
+    refine: bool = True
     model: str = "mlp_si"
     width: int = 0
     depth: int = 3
@@ -263,7 +291,9 @@ def study_args(form: StudyForm) -> dict:
     return {"base": base, "pretrain_elrs": _values(form.pretrain_elrs, "--pretrain-elr"),
             "pretrain_epochs": int(form.pretrain_epochs),
             "finetune_elrs": _values(form.finetune_elrs, "--finetune-elr"), "finetune_epochs": int(form.finetune_epochs),
-            "average": int(form.average), "seeds": _values(form.seeds, "--seed", int), "points": int(form.points),
+            "average": int(form.average), "seeds": _values(form.seeds, "--seed", int),
+            "data_seeds": _values(form.data_seeds, "--data-seed", int), "refine": bool(form.refine),
+            "points": int(form.points),
             "name": form.name.strip() or None}
 
 
@@ -288,6 +318,8 @@ def launch_preset(store: Store, preset) -> int:
 def pieces(spec: dict) -> str:
     """What a study spec will train, in one line."""
     runs, jobs = planned(spec)
-    return (f"{len(spec['pretrain_elrs'])} PLR(s) × {len(spec['seeds'])} seed(s), "
-            f"{len(spec['finetune_elrs'])} FLR(s): {runs} runs and {jobs} averages and geometries")
+    data = len(spec.get("data_seeds") or [0])
+    refine = " (and up to 5 PLRs refined around the convergence threshold)" if spec.get("refine") else ""
+    return (f"{len(spec['pretrain_elrs'])} PLR(s) × {len(spec['seeds'])} seed(s) × {data} data seed(s), "
+            f"{len(spec['finetune_elrs'])} FLR(s): {runs} runs and {jobs} averages and geometries{refine}")
 

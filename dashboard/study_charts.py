@@ -1,4 +1,4 @@
-"""Figures of a learning-rate study (SPEC §10): pure functions of engine.study.report's dict (no
+"""Figures of a learning-rate study: pure functions of engine.study.report's dict (no
 Streamlit, no store), so the Study page and Teach draw the same charts and tests can build them from a
 hand-made report.
 
@@ -143,7 +143,7 @@ def regime_legend(fig: go.Figure, report: dict) -> None:
 
 def accuracy(report: dict) -> go.Figure:
     """Test accuracy against the PLR: pre-trained, fine-tuned at each FLR and averaged models, mean ±
-    std over seeds (error bars), over the regime bands and boundaries; the best model starred and
+    std over runs (error bars), over the regime bands and boundaries; the best model starred and
     annotated with its PLR's ratio to the convergence threshold."""
     fig = make_subplots(rows=1, cols=1)
     rows = sorted(report["rows"], key=lambda r: r["pretrain_elr"])
@@ -181,7 +181,7 @@ def accuracy(report: dict) -> go.Figure:
     fig.update_xaxes(**x_axis(report))
     lo, hi = (min(values), max(values)) if values else (0.0, 1.0)
     # room above the highest point for the best model's label and the boundaries' labels
-    fig.update_yaxes(title_text="test_acc (mean ± std over seeds)", tickformat=".0%",
+    fig.update_yaxes(title_text="test_acc (mean ± std over runs)", tickformat=".0%",
                      range=[max(0.0, lo - 0.06), min(1.05, hi + 0.06 + 0.35 * (hi - lo + 0.05))])
     fig.update_layout(height=520, margin=MARGIN, legend=dict(charts.LEGEND, y=1.03), hovermode="closest",
                       uirevision="study-accuracy")
@@ -262,4 +262,48 @@ def features(report: dict) -> go.Figure | None:
     fig.update_yaxes(type="category")          # every panel: numeric-looking labels would make a linear axis
     fig.update_yaxes(title_text="PLR", row=1, col=1)
     fig.update_layout(height=max(320, 60 + 34 * len(rows)), margin=dict(MARGIN, t=50))
+    return fig
+
+
+GAIN_COLOR = "#1f77b4"
+VERDICT_COLORS = {"win": "#2e7d32", "loss": "#c62828", "not separated": "#616161"}
+
+
+def gains(report: dict) -> go.Figure | None:
+    """The paired comparison: one point per (data seed, seed) pair, its best 2A model's test accuracy
+    minus its best converged model's (percentage points), grouped by data seed, beside the mean gain
+    with its bootstrap 95% interval; a line at 0. None while no pair has both."""
+    pairs, gain = report.get("pairs") or [], report.get("gain")
+    if not pairs or not gain:
+        return None
+    fig = go.Figure()
+    data_seeds = sorted({p["data_seed"] for p in pairs})
+    for ds in data_seeds:
+        mine = [p for p in pairs if p["data_seed"] == ds]
+        label = f"data seed {ds}"
+        fig.add_trace(go.Box(
+            x=[label] * len(mine), y=[p["gain"] * 100 for p in mine], name=label, boxpoints="all", pointpos=0,
+            jitter=0.35, fillcolor="rgba(0,0,0,0)", line=dict(color="rgba(31,119,180,0.35)"),
+            marker=dict(color=GAIN_COLOR, size=9, opacity=0.85), showlegend=False,
+            customdata=[[p["seed"], html(kind_label(p["best_2A"]["kind"], report)),
+                         charts.tick_text(p["best_2A"]["pretrain_elr"]),
+                         html(kind_label(p["best_converged"]["kind"], report)),
+                         charts.tick_text(p["best_converged"]["pretrain_elr"])] for p in mine],
+            hovertemplate=f"{label}, seed %{{customdata[0]}}<br>gain %{{y:+.1f}} pt<br>2A: %{{customdata[1]}} at PLR "
+                          "%{customdata[2]}<br>converged: %{customdata[3]} at PLR %{customdata[4]}<extra></extra>"))
+    low, high = gain["ci95"]
+    verdict = report.get("verdict") or "not separated"
+    color = VERDICT_COLORS.get(verdict, "#616161")
+    fig.add_trace(go.Scatter(
+        x=["mean (95% CI)"], y=[gain["mean"] * 100], mode="markers", name="mean gain, bootstrap 95% interval",
+        marker=dict(symbol="diamond", size=14, color=color),
+        error_y=dict(type="data", symmetric=False, array=[(high - gain["mean"]) * 100],
+                     arrayminus=[(gain["mean"] - low) * 100], color=color, thickness=2.5, width=10),
+        hovertemplate=f"mean %{{y:+.2f}} pt<br>95% interval {low * 100:+.2f} to {high * 100:+.2f} pt<br>"
+                      f"{gain['fraction_positive']:.0%} of {gain['n']} pairs gain<extra></extra>"))
+    fig.add_hline(y=0, line=dict(color="#444", dash="dash", width=1.2))
+    fig.update_yaxes(title_text="gain in test accuracy (percentage points)", zeroline=False)
+    fig.update_layout(height=520, margin=dict(MARGIN, t=60), showlegend=False, uirevision="study-gains",
+                      title=dict(text=f"{verdict} · {gain['n']} pairs, {gain['fraction_positive']:.0%} gain",
+                                 font=dict(size=14, color=color)))
     return fig

@@ -273,18 +273,29 @@ def study_result(store: Store, study_id: int, key: str = "study") -> None:
     prog, rep = study.state(store, study_id)
     st.progress(prog.fraction, text=prog.text())
     st.markdown(md(study.summary(rep, prog)))
-    st.markdown("**Test accuracy against the PLR**")
-    ui.chart(study_charts.accuracy(rep), key=f"{key}-accuracy")
-    st.caption("Each point: the mean over seeds, bars ±1 std. Background: the regime each PLR's pre-training "
-               "fell in (green convergence, orange chaotic equilibrium, red divergence; 2A/2B written in chaotic "
-               "bands once the geometry says which). Dashed lines: the estimated boundaries (1 | 2 is the "
-               "convergence threshold), dotted: 2A | 2B. The star: the best model.")
+    gains = study_charts.gains(rep)
+    left, right = st.columns([3, 2]) if gains is not None else (st.container(), None)
+    with left:
+        st.markdown("**Test accuracy against the PLR**")
+        ui.chart(study_charts.accuracy(rep), key=f"{key}-accuracy")
+    if right is not None:
+        with right:
+            st.markdown("**Paired gain: best 2A − best converged, per (data seed, seed)**")
+            ui.chart(gains, key=f"{key}-gains")
+    st.caption("Each point: the mean over runs (seeds × data seeds), bars ±1 std. Background: the regime most "
+               "of a PLR's pre-training runs fell in (green convergence, orange chaotic equilibrium, red divergence; "
+               "2A/2B written in chaotic bands when every pair's own geometry agrees). Dashed lines: the estimated "
+               "boundaries (1 | 2 is the convergence threshold), dotted: 2A | 2B. The star: the best model, chosen "
+               "on validation accuracy. Right: one point per pair, the test accuracy of its best 2A model minus "
+               "that of its best model from a PLR where its own run converged (both chosen on validation), and "
+               "their mean with a bootstrap 95% interval: a win only when the whole interval is above 0.")
     if study_charts.geometry_pairs(rep):
         st.markdown("**Angle and barriers between each PLR's solutions**")
         ui.chart(study_charts.geometry(rep), key=f"{key}-geometry")
-        st.caption("A barrier near 0 (and a small angle): the two solutions lie in one basin; 2A means every "
-                   f"barrier of a chaotic PLR, averaged over seeds, is at most {BASIN_BARRIER:.0%} test error and "
-                   f"{BASIN_LOSS_BARRIER:g} train loss.")
+        st.caption("A barrier near 0 (and a small angle): the two solutions lie in one basin. A chaotic run is 2A "
+                   f"when each of its barriers is at most {BASIN_BARRIER:.0%} validation error and "
+                   f"{BASIN_LOSS_BARRIER:g} train loss (limits measured on this toy, a rule of thumb); a PLR's "
+                   "sub-regime is shown only when all its pairs agree.")
     else:
         st.caption("Angle and barriers appear when the first geometries are measured (after a PLR's fine-tuning "
                    "and average are done).")
@@ -292,14 +303,20 @@ def study_result(store: Store, study_id: int, key: str = "study") -> None:
     if heat is not None:
         st.markdown("**Per-feature test accuracy** (ticks: each of the 16 features alone informative)")
         ui.chart(heat, key=f"{key}-features")
-        st.caption("Each cell: accuracy on a probe set where only that feature is informative (mean over seeds). "
+        st.caption("Each cell: accuracy on a probe set where only that feature is informative (mean over runs). "
                    "Bright: the model relies on that feature; dark (50%) is chance; the scale tops out at the "
                    "largest accuracy seen. Compare a few bright cells with many dim ones, row by row.")
     elif rep["spec"].get("base", {}).get("dataset") == "ticks":
         st.caption("Per-feature accuracies appear when the first models finish.")
-    st.markdown("**The report**: test accuracy of each model, mean ± std (seeds)")
+    st.markdown("**The report**: test accuracy of each model, mean ± std (runs); * a PLR added by refinement")
     st.dataframe(study.table(rep), hide_index=True, width="stretch")
+    if rep.get("pairs"):
+        with st.expander(f"Paired comparison: {len(rep['pairs'])} (data seed, seed) pair(s)"):
+            st.dataframe(study.gains_table(rep), hide_index=True, width="stretch")
+    if rep.get("failures"):
+        st.warning(md("Failed pieces (`python -m engine study --resume ID` retries them): "
+                      + "; ".join(rep["failures"])))
     geometry = study.geometry_table(rep)
     if not geometry.empty:
-        with st.expander(f"Geometry: {len(geometry)} measurement(s), mean ± std over seeds"):
+        with st.expander(f"Geometry: {len(geometry)} measurement(s), mean ± std over runs"):
             st.dataframe(geometry, hide_index=True, width="stretch")

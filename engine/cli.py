@@ -130,7 +130,12 @@ def add_training_flags(p: argparse.ArgumentParser, sweep: bool, study: bool = Fa
                    help="input shape of synthetic samples, e.g. 64 or 3x32x32 (default 64)")
     g.add_argument("--synthetic-classes", type=int, default=D.synthetic_classes, help="synthetic classes")
     g.add_argument("--augment", action="store_true", help="random crop (pad 4) + horizontal flip, images only")
-    g.add_argument("--data-seed", type=int, default=D.data_seed, help="the ticks data's seed")
+    if study:
+        g.add_argument("--data-seed", type=int, nargs="+", default=None,
+                       help=f"data seeds, each a replicate of the study (ticks: the data; others: the validation "
+                            f"split) (default {D.data_seed})")
+    else:
+        g.add_argument("--data-seed", type=int, default=D.data_seed, help="the ticks data's seed")
     g = p.add_argument_group("optimisation")
     g.add_argument("--mode", default=D.mode, help="sphere (fixed ELR on the sphere) | lrwd (LR + weight decay)")
     if not study:
@@ -230,18 +235,24 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true")
     g.add_argument("--submit", action="store_true", help="queue it for the worker and print the job id")
 
-    st = cmd("study", "the learning-rate study (SPEC §10): pre-train an ELR sweep on the sphere, fine-tune every end "
-                      "point, average its last checkpoints, measure the geometry; prints the study id last")
+    st = cmd("study", "the learning-rate study: pre-train an ELR sweep on the sphere (over run seeds and data seeds), "
+                      "refine it around the convergence threshold, fine-tune every end point, average its last "
+                      "checkpoints, measure the geometry; prints the study id last")
     st.add_argument("--pretrain-elr", nargs="+", default=["1e-4:1:9"], help="PLR grid: values or START:STOP:N")
     st.add_argument("--pretrain-epochs", type=int, default=D.epochs, help="pre-training epochs")
     st.add_argument("--finetune-elr", nargs="+", default=["1e-4"], help="one or more FLRs")
     st.add_argument("--finetune-epochs", type=int, default=D.epochs, help="fine-tuning epochs after the fork")
     st.add_argument("--average", type=int, default=5, help="SWA of the last K per-epoch checkpoints of pre-training")
     st.add_argument("--points", type=int, default=21, help="alphas on each geometry path")
-    st.add_argument("--resume", type=_id, default=None, help="take up an interrupted study again (other flags unused)")
+    st.add_argument("--refine", action=argparse.BooleanOptionalAction, default=True,
+                    help="after the grid, add PLRs at 1, 1.15, 1.33, 1.5 and 2x the estimated convergence threshold")
+    st.add_argument("--resume", type=_id, default=None,
+                    help="take up an interrupted or failed study again, retrying its failed runs and jobs (takes no "
+                         "other study or training flag)")
     st.add_argument("--submit", action="store_true", help="leave the study to the workers and print its id")
     add_training_flags(st, sweep=True, study=True)
-    rp = cmd("report", "a study's table: PLR, regime, sub-regime, accuracies (mean ± std over seeds), geometry")
+    rp = cmd("report", "a study's table: PLR, regime, sub-regime, test accuracies (mean ± std over runs), the option "
+                       "chosen on validation, geometry; the paired gain of 2A over converged and its verdict")
     rp.add_argument("study", type=_id)
     rp.add_argument("--json", action="store_true")
 

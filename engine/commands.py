@@ -18,6 +18,8 @@ from .submission import queue_average, queue_fork, queue_geometry, queue_runs
 
 
 OUT_FIX = "choose a writable --out path"
+STUDY_STALE_AFTER_S = 30.0     # a study's run or job whose heartbeat is this old was left by a dead process (the
+                               # worker's default --stale-after)
 
 
 def print_json(obj) -> None:
@@ -191,26 +193,61 @@ def _print_job(job) -> None:
 
 def cmd_study(args) -> int:
     """Create (or, with --resume, take up again) a learning-rate study and run it here, or leave it to
-    the workers (--submit); prints the study id last."""
+    the workers (--submit); prints the study id last. Bad input is refused before the store is opened
+    (nothing written, not even an empty database file). Exit 1 when the study ended with failures."""
     from . import study
-    store = Store(args.db)
     claimer = None if args.submit else _claimer()
     if args.resume is not None:
+        _refuse_flags_on_resume(args)
+        store = Store(args.db)
         study_id = store.get_study(args.resume).id
+        runs, jobs = store.retry_study(study_id)
+        if runs or jobs:
+            print(f"study {study_id}: retrying {runs} failed or cancelled run(s) and {jobs} failed job(s)",
+                  file=sys.stderr)
         store.hand_over_study(study_id, claimer)
     else:
-        flags = {**vars(args), "elr": None, "seed": None, "epochs": args.pretrain_epochs}
+        flags = {**vars(args), "elr": None, "seed": None, "epochs": args.pretrain_epochs,
+                 "data_seed": (args.data_seed or [RunConfig.data_seed])[0]}
         [base], _ = configs_from_flags(flags, single=True)
         pretrain = [v for text in args.pretrain_elr for v in parse_values(text)]
         finetune = [v for text in args.finetune_elr for v in parse_values(text)]
-        study_id = study.create_study(store, base, pretrain_elrs=pretrain, pretrain_epochs=args.pretrain_epochs,
+        store = None
+
+        def open_store():
+            nonlocal store
+            store = Store(args.db)
+            return store
+
+        study_id = study.create_study(open_store, base, pretrain_elrs=pretrain, pretrain_epochs=args.pretrain_epochs,
                                       finetune_elrs=finetune, finetune_epochs=args.finetune_epochs,
-                                      average=args.average, seeds=args.seed or [0], points=args.points,
-                                      name=args.name, reserve_for=claimer)
+                                      average=args.average, seeds=args.seed or [0], data_seeds=args.data_seed,
+                                      refine=args.refine, points=args.points, name=args.name, reserve_for=claimer)
     if not args.submit:
         _study_here(store, study_id, claimer)
+        failed = study.failures(store, study_id)
+        if failed:
+            print(f"study {study_id} failed: {len(failed)} run(s) or job(s) it needs did not finish "
+                  f"(`python -m engine study --resume {study_id}` retries them):", file=sys.stderr)
+            for line in failed:
+                print(f"  {line}", file=sys.stderr)
+            print(study_id)
+            return 1
     print(study_id)
     return 0
+
+
+def _refuse_flags_on_resume(args) -> None:
+    """--resume takes up a study as it was made: any other study or training flag would be ignored, so
+    it is refused instead."""
+    from .cli import build_parser
+    defaults = vars(build_parser().parse_args(["study"]))
+    ignored = [key for key, value in vars(args).items()
+               if key not in ("db", "resume", "submit", "handler", "command") and value != defaults.get(key)]
+    if ignored:
+        flag = "--" + ignored[0].replace("_", "-")
+        raise ConfigError(f"{flag} cannot change a study being resumed (--resume takes it up as it was made): "
+                          f"drop {flag}, or start a new study without --resume")
 
 
 def _study_here(store: Store, study_id: int, claimer: str) -> None:
@@ -222,11 +259,25 @@ def _study_here(store: Store, study_id: int, claimer: str) -> None:
     while not study.advance(store, study_id, reserve_for=claimer):
         waiting = [r.id for r in store.list_runs(study_id=study_id, status=["queued", "interrupted"])]
         _train_here(store, sorted(waiting), claimer)
-        job = store.claim_job(claimer, job_ids=[j.id for j in store.list_jobs(study_id=study_id, status="queued")])
-        if job is not None:
-            execute_job(store, job.id, job.claim)
-        elif not waiting:
-            time.sleep(0.5)        # what is left is held by another process (a worker resuming a run)
+        done = 0
+        # every job queued now, before advancing again (advancing reads the whole study: once per job
+        # made a study of hundreds of jobs spend its time there)
+        for queued in sorted(j.id for j in store.list_jobs(study_id=study_id, status="queued")):
+            job = store.claim_job(claimer, job_ids=[queued])
+            if job is not None:
+                try:
+                    execute_job(store, job.id, job.claim)
+                except KeyboardInterrupt:       # Ctrl-C mid-job: queued again, for --resume to compute whole
+                    store.requeue_job(job.id, claim=job.claim)
+                    raise
+                done += 1
+        if not done and not waiting:
+            # what is left is held by another process (a worker resuming a run), or by one that died
+            # holding it (killed mid-job): its heartbeat stops, and as a worker would, this process
+            # queues such pieces again and takes them up
+            store.requeue_stale(STUDY_STALE_AFTER_S, except_worker=claimer)
+            store.requeue_stale_jobs(STUDY_STALE_AFTER_S)
+            time.sleep(0.5)
 
 
 def cmd_report(args) -> int:
@@ -242,28 +293,61 @@ def cmd_report(args) -> int:
 def _print_report(r: dict) -> None:
     spec = r["spec"]
     fmt = lambda s: "-" if not s else f"{s['mean']:.3f}" + (f"±{s['std']:.3f}" if s["n"] > 1 else "")  # noqa: E731
-    print(f"study {r['study']} {r['name']} ({r['status']}): seeds {', '.join(map(str, spec['seeds']))}")
+    data_seeds = spec.get("data_seeds") or [spec["base"].get("data_seed", 0)]
+    print(f"study {r['study']} {r['name']} ({r['status']}): seeds {', '.join(map(str, spec['seeds']))}, data seeds "
+          f"{', '.join(map(str, data_seeds))}; options chosen on {r['selection']} accuracy, accuracies below are test")
     flrs = [f"{f:g}" for f in spec["finetune_elrs"]]
-    print(f"{'PLR':>9} {'regime':<20} {'sub':<4} {'pretrain':>12} " + " ".join(f"{'FLR ' + f:>12}" for f in flrs)
-          + f" {'average':>12} {'angle':>6} {'err bar':>7} {'loss bar':>8}")
+    print(f"{'PLR':>9} {'regime':<20} {'sub':<7} {'pretrain':>12} " + " ".join(f"{'FLR ' + f:>12}" for f in flrs)
+          + f" {'average':>12} {'chosen (val -> test)':>30} {'angle':>6} {'err bar':>7} {'loss bar':>8}")
     for row in r["rows"]:
-        # the largest seed-mean angle and barriers over the row's pairs: what decides 2A/2B
-        largest = lambda key: max((g[key]["mean"] for g in row["geometry"] if g[key]), default=None)  # noqa: E731
-        angle, err, loss = largest("angle"), largest("barrier_test_err"), largest("barrier_train_loss")
+        # the largest pair-mean angle and barriers over the row's solution pairs
+        largest = lambda key: max((g[key]["mean"] for g in row["geometry"] if g.get(key)), default=None)  # noqa: E731
+        angle, loss = largest("angle"), largest("barrier_train_loss")
+        err = largest("barrier_val_err") if r["selection"] == "validation" else largest("barrier_test_err")
         agree, n = row["regime_agreement"]
-        regime = row["regime"] or (f"seeds split {agree}/{n}" if agree else "-")
-        print(f"{row['pretrain_elr']:>9.3g} {regime:<20} {row['subregime'] or '-':<4} "
+        regime = (row["regime"] or ("runs split" if agree else "-")) + (f" {agree}/{n}" if agree < n else "")
+        votes = row.get("subregime_votes") or {}
+        sub = row["subregime"] or ("/".join(f"{v}{k}" for k, v in votes.items()) if votes else "-")
+        chosen = row.get("chosen")
+        choice = (f"{chosen['kind']} {chosen['val_acc']['mean']:.3f} -> {chosen['test_acc']['mean']:.3f}"
+                  if chosen else "-")
+        print(f"{row['pretrain_elr']:>9.3g}{'*' if row.get('refined') else ' '}{regime:<20} {sub:<7} "
               f"{fmt(row['pretrain_test_acc']):>12} "
               + " ".join(f"{fmt(row['finetune_test_acc'][f]):>12}" for f in flrs)
-              + f" {fmt(row['average_test_acc']):>12} "
-              + (f"{angle:6.3f} {err:7.4f} {loss:8.4f}" if angle is not None else ""))
+              + f" {fmt(row['average_test_acc']):>12} {choice:>30} "
+              + (f"{angle:6.3f} {err:7.4f} {loss:8.4f}" if angle is not None and err is not None else ""))
+    if r.get("refined_elrs"):
+        print("* refined around the estimated convergence threshold")
     b = r["boundaries"]
     print("boundaries: " + ", ".join(f"{k} {v:.3g}" if v else f"{k} -" for k, v in b.items()))
-    for label, best in (("best", r["best"]), ("best of the converged PLRs", r["best_converged"])):
+    sub = r["thresholds"]["2A_2B"]
+    if sub["n"]:
+        low, high = sub["ci95"]
+        print(f"2A/2B boundary over {sub['n']} of {sub['pairs_with_subregime']} pairs: {sub['estimate']:.3g} "
+              f"(95% interval {low:.3g} to {high:.3g})" + ("" if sub["determined"] else ": not determined, pairs disagree"))
+    for label, best in (("best", r["best"]), ("best of the converged runs", r["best_converged"])):
         if best:
             ratio = best["ratio_to_convergence_threshold"]
-            print(f"{label}: {best['kind']} from PLR {best['pretrain_elr']:g}: test accuracy {fmt(best['test_acc'])}"
+            print(f"{label}: {best['kind']} from PLR {best['pretrain_elr']:g}: {r['selection']} accuracy "
+                  f"{fmt(best['val_acc'])}, test accuracy {fmt(best['test_acc'])}"
                   + (f" ({ratio:.2g}x the convergence threshold)" if ratio else ""))
+    print(_verdict_line(r))
+    for line in r.get("failures") or ():
+        print(f"failed: {line}")
+
+
+def _verdict_line(r: dict) -> str:
+    """The paired comparison in one sentence (the dashboard's Study page says the same)."""
+    gain = r["gain"]
+    if not gain:
+        return ("paired comparison: no (data seed, seed) pair has both a 2A option and a converged one, "
+                "so there is nothing to compare")
+    low, high = gain["ci95"]
+    head = (f"paired gain of the best 2A option over the best converged one, over {gain['n']} (data seed, seed) "
+            f"pairs: mean {gain['mean']:+.4f} (95% interval {low:+.4f} to {high:+.4f}), "
+            f"{gain['fraction_positive']:.0%} of pairs gain")
+    return head + {"win": ": 2A wins", "loss": ": 2A loses",
+                   "not separated": ": not separated"}[r["verdict"]]
 
 
 def cmd_worker(args) -> int:

@@ -26,6 +26,14 @@ DEFAULT_WIDTH = {"mlp_si": 64, "convnet_si": 32, "resnet18_si": 32}
 # Training-set sizes known before any data is read: digits' fixed stratified 80% split of 1,797
 # images; synthetic data has --synthetic-samples. A CIFAR folder's size is checked once it is read.
 DIGITS_TRAIN_SIZE = 1437
+# With --validation, image and synthetic data hold out this fraction of the training set (rounded down)
+# as the validation split; ticks draws a separate validation set instead (its training set is unchanged).
+VALIDATION_FRACTION = 0.1
+
+
+def held_out(train_size: int) -> int:
+    """Validation samples taken out of a training set of train_size (datasets other than ticks)."""
+    return int(train_size * VALIDATION_FRACTION)
 TICKS_TRAIN_SIZE = 512
 INPUT_FEATURES = {"digits": 64, "ticks": 32, "cifar10": 3 * 32 * 32, "cifar100": 3 * 32 * 32}
 
@@ -77,7 +85,11 @@ class RunConfig:
     synthetic_shape: tuple[int, ...] = (64,)
     synthetic_classes: int = 10
     augment: bool = False
-    data_seed: int = 0                # ticks: the seed of the data (the run seed fixes init and batch order)
+    data_seed: int = 0                # ticks: the seed of the data (the run seed fixes init and batch order);
+                                      # with validation, also the seed of the held-out split of other data
+    validation: bool = False          # a validation split (val_loss/val_acc): ticks a separate draw as large
+                                      # as the test set; other data hold out VALIDATION_FRACTION of the
+                                      # training set (engine/data.py). Learning-rate studies select on it.
     # optimisation
     mode: str = "sphere"
     elr: float | None = None          # sphere: effective learning rate (default 0.01)
@@ -125,8 +137,11 @@ class RunConfig:
     @property
     def train_size(self) -> int | None:
         """Training samples, where known without reading data (None for a CIFAR folder)."""
-        return {"digits": DIGITS_TRAIN_SIZE, "ticks": TICKS_TRAIN_SIZE, "synthetic": self.synthetic_samples}.get(
+        full = {"digits": DIGITS_TRAIN_SIZE, "ticks": TICKS_TRAIN_SIZE, "synthetic": self.synthetic_samples}.get(
             self.dataset)
+        if full is None or not self.validation or self.dataset == "ticks":
+            return full
+        return full - held_out(full)
 
     @property
     def parameter_count(self) -> int:

@@ -5,6 +5,7 @@ is read from a local folder in the python-pickle layout.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 
@@ -12,7 +13,7 @@ import numpy as np
 import torch
 
 from engine.cifar import CIFAR_LAYOUTS, DataError, cifar_root, read_cifar_file
-from engine.config import ConfigError, RunConfig
+from engine.config import ConfigError, RunConfig, held_out
 
 # Constant seeds: every run of a sweep (any --seed) sees the same split / the same synthetic data,
 # so runs differ only in what the sweep varies.
@@ -35,6 +36,9 @@ class Dataset:
     # ticks: per-feature probe sets, [F, N, ...] inputs and [F, N] labels (only feature k informative)
     feature_x: torch.Tensor | None = None
     feature_y: torch.Tensor | None = None
+    # the validation split (RunConfig.validation): what a study selects on, never trained on
+    x_val: torch.Tensor | None = None
+    y_val: torch.Tensor | None = None
 
     @property
     def train_size(self) -> int:
@@ -83,6 +87,8 @@ def load_dataset(cfg: RunConfig, device: torch.device | str) -> Dataset:
     if cfg.dataset not in loaders:
         raise ConfigError(f"unknown dataset {cfg.dataset!r}: choose one of {', '.join(loaders)}")
     data = loaders[cfg.dataset](cfg, torch.device(device))
+    if cfg.validation and cfg.dataset != "ticks":      # ticks draws its own (_load_ticks)
+        data = _hold_out(data, cfg.data_seed)
     cfg.check_against_data(data.train_size)   # a CIFAR folder's size is known only now
     if cfg.augment and len(data.input_shape) != 3:
         raise ConfigError(f"--augment needs image data (C x H x W) but {cfg.dataset} has shape "
@@ -113,10 +119,22 @@ def _load_digits(cfg: RunConfig, device: torch.device) -> Dataset:
 def _load_ticks(cfg: RunConfig, device: torch.device) -> Dataset:
     """The large-LR paper's toy (engine/ticks.py): 16 two-dimensional features, binary labels, and a
     probe set per feature; the data seed fixes it all."""
-    from .ticks import make
+    from .ticks import make, make_validation
     x_train, y_train, x_test, y_test, x_probe, y_probe = (torch.from_numpy(a).to(device) for a in make(cfg.data_seed))
+    x_val, y_val = ((torch.from_numpy(a).to(device) for a in make_validation(cfg.data_seed)) if cfg.validation
+                    else (None, None))
     return Dataset(x_train, y_train, x_test, y_test, num_classes=2, input_shape=(32,), name="ticks",
-                   feature_x=x_probe, feature_y=y_probe)
+                   feature_x=x_probe, feature_y=y_probe, x_val=x_val, y_val=y_val)
+
+
+def _hold_out(data: Dataset, seed: int) -> Dataset:
+    """The validation split of data other than ticks: a seeded random held_out(n) of the n training
+    samples (the data seed picks them), taken out of the training set; the rest keep their order."""
+    n = data.train_size
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).to(data.x_train.device)
+    val, train = order[:held_out(n)], order[held_out(n):].sort().values
+    return dataclasses.replace(data, x_train=data.x_train[train], y_train=data.y_train[train],
+                               x_val=data.x_train[val], y_val=data.y_train[val])
 
 
 def _load_synthetic(cfg: RunConfig, device: torch.device) -> Dataset:

@@ -13,6 +13,7 @@ import torch
 from storage import Store
 
 from .config import ConfigError, RunConfig
+from .packing import pack_key
 from .runner import HEARTBEAT_EVERY_S
 from .solutions import Evaluator, average, geometry
 
@@ -32,7 +33,7 @@ def run_job(store: Store, job, device: str | None = None) -> dict:
     cfg = RunConfig.from_dict(store.get_run(job.run_id).config)
     if device:
         cfg = cfg.replace(device=device)
-    evaluator = Evaluator(cfg)
+    evaluator = _evaluator(cfg)
     if job.kind == "average":
         weights = [evaluator.load(checkpoint_path(store, job.run_id, e)) for e in spec["epochs"]]
         [values] = evaluator.evaluate(average(weights)[None])
@@ -40,6 +41,22 @@ def run_job(store: Store, job, device: str | None = None) -> dict:
     a, b = spec["a"], spec["b"]
     return {"a": a, "b": b, **geometry(evaluator, solution(store, evaluator, a), solution(store, evaluator, b),
                                        spec["points"])}
+
+
+_EVALUATORS: dict[str, Evaluator] = {}
+KEEP_EVALUATORS = 4
+
+
+def _evaluator(cfg: RunConfig) -> Evaluator:
+    """An Evaluator for cfg's architecture and data, reused by this process's later jobs of runs that
+    differ only in what a pack may differ in (rate, seed, ...): a study's hundreds of jobs otherwise
+    each made their data (ticks: ~0.3 s of rejection sampling) and network again. The last few kept."""
+    key = pack_key(cfg)
+    if key not in _EVALUATORS:
+        while len(_EVALUATORS) >= KEEP_EVALUATORS:
+            _EVALUATORS.pop(next(iter(_EVALUATORS)))
+        _EVALUATORS[key] = Evaluator(cfg)
+    return _EVALUATORS[key]
 
 
 def solution(store: Store, evaluator: Evaluator, end: dict) -> torch.Tensor:

@@ -133,6 +133,22 @@ class TestEval(Quantity):
             values.update(test_loss=loss, test_acc=acc)
 
 
+class ValEval(Quantity):
+    """val_loss, val_acc on the validation split (RunConfig.validation), like the test evaluation and
+    at the same steps."""
+    name = "val"
+    keys = ("val_loss", "val_acc")
+
+    def every(self, member: "Member") -> int:
+        return TestEval().every(member) if member.cfg.validation else 0
+
+    def measure(self, point: LogPoint) -> None:
+        trainer = point.trainer
+        table = trainer.evaluate(point.rows, trainer.data.x_val, trainer.data.y_val).tolist()
+        for values, (loss, acc) in zip(point.values, table):
+            values.update(val_loss=loss, val_acc=acc)
+
+
 class FeatureAccuracy(Quantity):
     """feature_acc/<k>: accuracy on the probe set where only feature k carries the label (the ticks
     toy): how much the network relies on each feature. At the test evaluations."""
@@ -213,7 +229,7 @@ class HessianTrace(Quantity):
             values["hessian_trace"] = trace * r2 / trainer.numel
 
 
-QUANTITIES: tuple[Quantity, ...] = (StepAverages(), Norms(), TestEval(), FeatureAccuracy(), Sharpness(), HessianTrace())
+QUANTITIES: tuple[Quantity, ...] = (StepAverages(), Norms(), TestEval(), ValEval(), FeatureAccuracy(), Sharpness(), HessianTrace())
 
 
 def check_quantities(quantities) -> None:

@@ -9,7 +9,8 @@ tensor through the network every run trains with (engine/packnet.py):
   batch: PyTorch's momentum=None); weights untouched;
 - train loss and accuracy: the training set in the same batches, BN on each batch's own statistics
   (the loss the optimiser sees); test loss and accuracy: the test split, BN in eval mode on the
-  recomputed statistics.
+  recomputed statistics; val loss and accuracy likewise on the validation split, where the run has
+  one (RunConfig.validation: what a learning-rate study selects on).
 """
 from __future__ import annotations
 
@@ -44,7 +45,9 @@ class Evaluator:
         self.layer_names = si_layer_names(template)
         self.bn_channels = [m.num_features for m in template.modules() if isinstance(m, BN_TYPES)]
         self.net = PackedNet(template).to(self.device)
-        self.group = group or (32 if self.device.type == "cuda" else 8)
+        # members evaluated at once: 8 bounds memory for conv nets on a CPU; a small network (a ticks
+        # mlp_si: 2k weights) takes a whole 21-point path in one group, half the CPU time of three
+        self.group = group or (32 if self.device.type == "cuda" or cfg.parameter_count < 100_000 else 8)
 
     def load(self, path: str) -> torch.Tensor:
         state = torch.load(path, map_location=self.device, weights_only=True)
@@ -52,10 +55,13 @@ class Evaluator:
 
     def _train_batches(self):
         """The training set in order, in batches of the run's size (a last batch of one sample is left
-        out: BatchNorm has no variance to normalise it by)."""
+        out: BatchNorm has no variance to normalise it by). A network without BatchNorm (LayerNorm
+        mlp_si) gives every sample the same output in any batch: chunks of 1024 then, all samples in."""
         n, b = self.data.train_size, self.cfg.batch
+        if not self.bn_channels:
+            b = max(b, 1024)
         for start in range(0, n, b):
-            if n - start >= 2:
+            if n - start >= 2 or not self.bn_channels:
                 yield self.data.x_train[start:start + b], self.data.y_train[start:start + b]
 
     @torch.no_grad()
@@ -65,20 +71,23 @@ class Evaluator:
         k = len(W)
         stats = [(torch.zeros(k * c, device=self.device), torch.ones(k * c, device=self.device))
                  for c in self.bn_channels]
+        if not stats:
+            return stats                  # no BatchNorm: nothing to recompute
         for n, (x, _) in enumerate(self._train_batches(), start=1):
             self.net(W, x, mode="recompute", stats=stats, momentum=1.0 / n)
         return stats
 
     @torch.no_grad()
-    def evaluate(self, W: torch.Tensor) -> list[dict]:
+    def evaluate(self, W: torch.Tensor, features: bool = True) -> list[dict]:
         """Per row of W: train_loss, train_acc (BN on batch statistics), test_loss, test_acc (BN in eval
-        mode on statistics recomputed on the training set), and on the ticks toy feature_acc/<k>."""
+        mode on statistics recomputed on the training set), val_loss, val_acc where the run has a
+        validation split, and on the ticks toy (with features) feature_acc/<k>."""
         out = []
         for start in range(0, len(W), self.group):
-            out += self._evaluate(W[start:start + self.group])
+            out += self._evaluate(W[start:start + self.group], features)
         return out
 
-    def _evaluate(self, W: torch.Tensor) -> list[dict]:
+    def _evaluate(self, W: torch.Tensor, features: bool) -> list[dict]:
         stats = self.recompute_bn(W)
         train = torch.zeros(len(W), 2, dtype=torch.float64, device=self.device)
         seen = 0
@@ -86,19 +95,25 @@ class Evaluator:
             loss, correct = member_losses(self.net(W, x, mode="probe"), y, "sum")
             train += torch.stack([loss, correct], 1).double()
             seen += len(y)
-        test = torch.zeros_like(train)
-        x_test, y_test = self.data.x_test, self.data.y_test
-        for i in range(0, len(y_test), 1024):
-            loss, correct = member_losses(self.net(W, x_test[i:i + 1024], mode="eval", stats=stats),
-                                          y_test[i:i + 1024], "sum")
-            test += torch.stack([loss, correct], 1).double()
-        table = torch.cat([train / seen, test / len(y_test)], 1).tolist()
-        rows = [dict(zip(METRICS, row)) for row in table]
-        if self.data.feature_x is not None:      # the ticks toy: which features the solution relies on
+        parts, keys = [train / seen, self._held_out(W, stats, self.data.x_test, self.data.y_test)], METRICS
+        if self.data.x_val is not None:
+            parts.append(self._held_out(W, stats, self.data.x_val, self.data.y_val))
+            keys += ("val_loss", "val_acc")
+        rows = [dict(zip(keys, row)) for row in torch.cat(parts, 1).tolist()]
+        if features and self.data.feature_x is not None:      # the ticks toy: which features the solution relies on
             features = feature_accuracy(self.net, W, stats, self.data.feature_x, self.data.feature_y).tolist()
             for row, accs in zip(rows, features):
                 row.update({f"feature_acc/{k}": acc for k, acc in enumerate(accs)})
         return rows
+
+
+    def _held_out(self, W: torch.Tensor, stats, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """[K, 2]: mean loss and accuracy on a held-out split, BN in eval mode on `stats`."""
+        total = torch.zeros(len(W), 2, dtype=torch.float64, device=self.device)
+        for i in range(0, len(y), 1024):
+            loss, correct = member_losses(self.net(W, x[i:i + 1024], mode="eval", stats=stats), y[i:i + 1024], "sum")
+            total += torch.stack([loss, correct], 1).double()
+        return total / len(y)
 
 
 def average(weights: list[torch.Tensor]) -> torch.Tensor:
@@ -132,11 +147,15 @@ def barrier(values: list[float], alphas: list[float]) -> float:
 
 
 def geometry(evaluator: Evaluator, a: torch.Tensor, b: torch.Tensor, points: int = 21) -> dict:
-    """Angle, the linear path's train/test loss and error at each alpha, and the barrier of each."""
+    """Angle, the linear path's train/test (and, where the run has one, validation) loss and error at
+    each alpha, and the barrier of each (no feature accuracies: 16 probe sets per point would cost more
+    than the rest of the path)."""
     alphas, W = path(a, b, points)
-    rows = evaluator.evaluate(W)
+    rows = evaluator.evaluate(W, features=False)
     curves = {"train_loss": [r["train_loss"] for r in rows], "train_err": [1 - r["train_acc"] for r in rows],
               "test_loss": [r["test_loss"] for r in rows], "test_err": [1 - r["test_acc"] for r in rows]}
+    if "val_acc" in rows[0]:
+        curves |= {"val_loss": [r["val_loss"] for r in rows], "val_err": [1 - r["val_acc"] for r in rows]}
     return {"angle": angle(a, b), "alphas": alphas, **curves,
             "barrier": {key: barrier(values, alphas) for key, values in curves.items()}}
 

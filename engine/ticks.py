@@ -62,6 +62,12 @@ def make(data_seed: int, train: int = TRAIN, test: int = TEST, probe: int = PROB
     return (x_train, y_train, x_test, y_test, np.stack([p[0] for p in probes]), np.stack([p[1] for p in probes]))
 
 
+def make_validation(data_seed: int, size: int = TEST):
+    """(x_val, y_val): a validation draw for a data seed, as large as the test set, from its own seed
+    stream (the training, test and probe data of make() are unchanged by it)."""
+    return sample(np.random.default_rng([20251, data_seed, 1]), size)
+
+
 def band_label(x0: np.ndarray, x1: np.ndarray) -> np.ndarray:
     """The class a point of one feature belongs to (0 inside the band), ignoring the margin."""
     return np.where((x1 < np.abs(x0)) & (x1 > np.abs(x0) - 2.0), 0, 1)

@@ -185,10 +185,11 @@ class StudiesAPI:
         return [StudyInfo.from_row(row) for row in rows]
 
     def set_study_status(self, study_id, status: str, *, owner=...) -> None:
-        """running | finished | cancelled; owner (when given) passes the study to another claimer, or to
-        the workers (None)."""
-        if status not in ("running", "finished", "cancelled"):
-            raise StoreError(f"unknown study status {status!r}: use running, finished or cancelled")
+        """running | finished | failed (it ended with runs or jobs it needed failed: `study --resume`
+        retries them) | cancelled; owner (when given) passes the study to another claimer, or to the
+        workers (None)."""
+        if status not in ("running", "finished", "failed", "cancelled"):
+            raise StoreError(f"unknown study status {status!r}: use running, finished, failed or cancelled")
         values = {"status": status, "finished_at": time.time() if status != "running" else None}
         if owner is not ...:
             values["owner"] = owner
@@ -207,6 +208,22 @@ class StudiesAPI:
                          .values(worker_id=owner))
             conn.execute(update(jobs).where(jobs.c.study_id == row.id, jobs.c.status == "queued")
                          .values(worker_id=owner))
+
+    def retry_study(self, study_id) -> tuple[int, int]:
+        """Give a study's failed and cancelled runs and its failed jobs another go: a run with a
+        checkpoint becomes interrupted (resumed from it), one without is queued afresh; a job is queued.
+        Non-finite runs are outcomes (divergence), not failures, and stay. Returns (runs, jobs) retried."""
+        with self._write() as conn:
+            row = self._require_study(conn, study_id)
+            mine = (runs.c.study_id == row.id) & runs.c.status.in_(["failed", "cancelled"])
+            cleared = dict(error=None, finished_at=None, claim=None, worker_id=None)
+            resumable = conn.execute(update(runs).where(mine, runs.c.checkpoint_path.is_not(None))
+                                     .values(status="interrupted", **cleared)).rowcount
+            fresh = conn.execute(update(runs).where(mine).values(status="queued", step=0, **cleared)).rowcount
+            retried_jobs = conn.execute(update(jobs).where(jobs.c.study_id == row.id, jobs.c.status == "failed")
+                                        .values(status="queued", error=None, result=None, finished_at=None,
+                                                claim=None, worker_id=None, heartbeat_at=None)).rowcount
+        return resumable + fresh, retried_jobs
 
     def _require_study(self, conn, study_id):
         try:

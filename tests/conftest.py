@@ -116,7 +116,7 @@ def empty_db(tmp_path):
 SMALL_STUDY = ["--dataset", "ticks", "--norm", "layer", "--width", "16", "--depth", "2", "--batch-size", "16",
                "--log-every", "32", "--eval-every", "320", "--pretrain-elr", "1e-3", "3e-2", "1",
                "--pretrain-epochs", "30", "--finetune-elr", "1e-4", "1e-3", "--finetune-epochs", "10",
-               "--average", "3", "--points", "5", "--seed", "0", "1"]
+               "--average", "3", "--points", "5", "--seed", "0", "1", "--no-refine"]
 
 
 def _shared_dir(tmp_path_factory) -> str:

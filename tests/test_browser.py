@@ -622,13 +622,19 @@ def test_the_study_page_follows_a_study_and_draws_a_finished_one(served_with_stu
         page.get_by_text("Finished: 2 of 2 runs ended").wait_for(timeout=15_000)
         _no_traceback(page, "study (followed)")
 
+        from engine.study import report
+        paired = bool(report(store, study_id)["pairs"])   # the per-pair gains chart: only when a pair has both sides
         _open(page, f"{base}/study?study={study_id}")
         page.get_by_text("The best model comes from PLR").wait_for(timeout=30_000)
         page.wait_for_function("() => document.querySelectorAll('.js-plotly-plot').length >= 3", timeout=30_000)
         drawn = page.evaluate("""() => Array.from(document.querySelectorAll('.js-plotly-plot')).map(plot =>
             (plot._fullData || []).filter(t => t._length > 0 || t.type === 'heatmap')
                 .map(t => t.type === 'heatmap' ? 'heatmap' : String(t.name)))""")
-        accuracy, geometry, features = drawn
+        if paired:
+            accuracy, gains, geometry, features = drawn
+            assert "mean gain, bootstrap 95% interval" in gains, gains
+        else:
+            accuracy, geometry, features = drawn
         assert {"pre-trained", "fine-tuned at FLR 0.0001", "fine-tuned at FLR 0.001", "best model"} <= set(accuracy), accuracy
         assert len(geometry) == 3 * 3 and features.count("heatmap") == 4, (geometry, features)
         bands = page.evaluate("""() => (document.querySelector('.js-plotly-plot')._fullLayout.shapes || [])
@@ -641,6 +647,7 @@ def test_the_study_page_follows_a_study_and_draws_a_finished_one(served_with_stu
         _open(page, f"{base}/teach?topic=study&study_demo={study_id}")
         page.get_by_text("The best model comes from PLR").wait_for(timeout=30_000)
         # the summary is written before Plotly has drawn the charts below it: wait for them, then count
-        page.wait_for_function("() => document.querySelectorAll('.js-plotly-plot').length >= 3", timeout=30_000)
-        assert page.evaluate("() => document.querySelectorAll('.js-plotly-plot').length") == 3
+        page.wait_for_function(f"() => document.querySelectorAll('.js-plotly-plot').length >= {3 + paired}",
+                               timeout=30_000)
+        assert page.evaluate("() => document.querySelectorAll('.js-plotly-plot').length") == 3 + paired
         _screenshot(page, "teach_study")

@@ -11,7 +11,7 @@ import pytest
 from dashboard import study, study_charts
 from engine.config import ConfigError, RunConfig
 from engine.presets import STUDY_PRESETS
-from engine.study import create_study
+from engine.study import create_study, report
 from storage import Store
 from tests.test_dashboard import EVIL, charts, markdown_sources, open_app, texts
 
@@ -53,6 +53,12 @@ REPORT = {
              row(6.4e-2, "divergence", None, 0.50, (0.52, 0.55), 0.50, barrier=0.3)],
     "boundaries": {"convergence_chaotic": 2e-3, "2A_2B": 8e-3, "chaotic_divergence": 3.2e-2},
     "best": {"pretrain_elr": 4e-3, "kind": "average", "test_acc": acc(0.90), "ratio_to_convergence_threshold": 2.0},
+    "selection": "validation",
+    "pairs": [{"data_seed": ds, "seed": seed, "gain": gain,
+               "best_2A": {"pretrain_elr": 4e-3, "kind": "average", "val_acc": 0.9, "test_acc": 0.8 + gain},
+               "best_converged": {"pretrain_elr": 1e-3, "kind": "finetune@0.001", "val_acc": 0.8, "test_acc": 0.8}}
+              for ds, seed, gain in [(0, 0, 0.06), (0, 1, 0.09), (1, 0, 0.08), (1, 1, 0.09)]],
+    "gain": {"mean": 0.08, "ci95": [0.0675, 0.09], "fraction_positive": 1.0, "n": 4}, "verdict": "win",
 }
 
 
@@ -131,35 +137,63 @@ def test_the_table_and_geometry_table_read_the_rows():
     assert list(table["regime"]) == ["convergence (3/3)", "chaotic equilibrium (3/3)", "chaotic equilibrium (3/3)",
                                      "divergence (3/3)"]
     assert list(table["sub-regime"]) == ["—", "2A", "2B", "—"]
-    assert list(table.columns[3:]) == ["pre-trained", "FLR 0.0001", "FLR 0.001", "average of 5"]
+    assert list(table.columns[3:]) == ["pre-trained", "FLR 0.0001", "FLR 0.001", "average of 5", "chosen on validation"]
     assert table["average of 5"][1] == "90.0% ± 1.0% (3)"
+    assert list(table["chosen on validation"]) == ["—"] * 4          # the hand-made rows choose nothing
+    split = copy.deepcopy(REPORT)
+    split["rows"][2].update(subregime=None, subregime_votes={"2A": 2, "2B": 1}, refined=True,
+                            chosen={"kind": "average", "val_acc": acc(0.79), "test_acc": acc(0.78)})
+    table = study.table(split)
+    assert table["sub-regime"][2] == "not determined: 2A 2, 2B 1" and table["PLR"][2] == "0.016*"
+    assert table["chosen on validation"][2] == "average of 5: 78.0% ± 1.0% (3)"
+    gains = study.gains_table(REPORT)
+    assert list(gains["gain"]) == ["+6.0 pt", "+9.0 pt", "+8.0 pt", "+9.0 pt"] and list(gains["data seed"]) == [0, 0, 1, 1]
     geometry = study.geometry_table(REPORT)
     assert len(geometry) == 8 and geometry["test_err barrier"][0] == "0.20% ± 1.00%"
 
 
 def test_the_summary_says_what_the_numbers_show_and_no_more():
     text = study.summary(REPORT)
-    assert text.startswith("The best model comes from PLR 0.004: the average of its last 5 checkpoints (SWA), "
-                           "test accuracy 90.0% ± 1.0% over 3 seeds.")
+    assert text.startswith("Models are chosen on validation accuracy and reported on test. The best model comes "
+                           "from PLR 0.004: the average of its last 5 checkpoints (SWA), test accuracy 90.0% ± 1.0% "
+                           "over 3 runs.")
     assert "chaotic equilibrium (sub-regime 2A)" in text and "2× the estimated convergence threshold (≈ 0.002" in text
-    assert "beats the best model from a converged PLR (the model fine-tuned at FLR 0.001 at PLR 0.001: 82.0% ± 1.0%) " \
-           "by 8.0 percentage points, more than the seeds' spread (1.4 points)" in text
-    close = copy.deepcopy(REPORT)
-    close["rows"][0]["average_test_acc"] = acc(0.895)
-    assert "within the seeds' spread" in study.summary(close) and "beats" not in study.summary(close)
-    single = copy.deepcopy(REPORT)
-    single["best"]["test_acc"] = acc(0.90, 0.0, 1)
-    assert "with a single seed there is no spread" in study.summary(single)
-    converged = copy.deepcopy(REPORT)
-    converged["best"] = {"pretrain_elr": 1e-3, "kind": "pretrain", "test_acc": acc(0.95), "ratio_to_convergence_threshold": 0.5}
-    assert "comes from a converged PLR itself" in study.summary(converged)
+    # the engine's paired verdict, not a gap compared with a spread
+    assert ("mean +8.0 percentage points over 4 pair(s), 95% bootstrap interval +6.8 to +9.0; 100% of pairs gain. "
+            "The interval lies above 0: 2A wins on these data.") in text
+    assert "spread" not in text
+    close = dict(REPORT, gain={"mean": 0.01, "ci95": [-0.004, 0.03], "fraction_positive": 0.75, "n": 8},
+                 verdict="not separated")
+    assert "75% of pairs gain. The interval includes 0: the data do not separate the two." in study.summary(close)
+    assert "wins" not in study.summary(close)
+    few = dict(REPORT, gain={"mean": 0.08, "ci95": [0.06, 0.09], "fraction_positive": 1.0, "n": 3},
+               verdict="not separated")
+    assert "Fewer than 5 pairs are too few for a verdict: the data do not separate the two." in study.summary(few)
+    loss = dict(REPORT, gain={"mean": -0.02, "ci95": [-0.03, -0.01], "fraction_positive": 0.0, "n": 4}, verdict="loss")
+    assert "the converged baseline wins on these data" in study.summary(loss)
+    unpaired = dict(REPORT, pairs=[], gain=None, verdict=None)
+    assert "there is no paired comparison" in study.summary(unpaired)
+    old = dict(REPORT, selection="test")
+    assert study.summary(old).startswith("This study has no validation split")
     running = dict(REPORT, status="running")
     assert study.summary(running).startswith("So far (the study is still running")
     no_converged = copy.deepcopy(REPORT)
-    no_converged["rows"][0]["regime"] = "chaotic_equilibrium"
     no_converged["boundaries"]["convergence_chaotic"] = None
     no_converged["best"]["ratio_to_convergence_threshold"] = None
-    assert "no converged baseline" in study.summary(no_converged) and "no threshold" in study.summary(no_converged)
+    assert "no threshold" in study.summary(no_converged)
+
+
+def test_gains_chart_draws_one_point_per_pair_by_data_seed_and_the_interval():
+    fig = study_charts.gains(REPORT)
+    boxes = [t for t in fig.data if t.type == "box"]
+    assert [t.name for t in boxes] == ["data seed 0", "data seed 1"]
+    assert [list(t.y) for t in boxes] == [pytest.approx([6.0, 9.0]), pytest.approx([8.0, 9.0])]
+    [mean] = [t for t in fig.data if t.type == "scatter"]
+    assert mean.y[0] == pytest.approx(8.0)
+    assert mean.error_y.array[0] == pytest.approx(1.0) and mean.error_y.arrayminus[0] == pytest.approx(1.25)
+    assert fig.layout.title.text.startswith("win · 4 pairs, 100% gain")
+    assert [s.y0 for s in fig.layout.shapes] == [0]
+    assert study_charts.gains(dict(REPORT, pairs=[], gain=None)) is None
 
 
 def test_the_study_form_names_its_fields_and_writes_nothing(tmp_path):
@@ -170,7 +204,9 @@ def test_the_study_form_names_its_fields_and_writes_nothing(tmp_path):
            (dict(average=50), "“Average the last K” must be between 1 and “Pre-training epochs” (40)"),
            (dict(seeds="0 0"), "“Seeds” lists a seed twice"),
            (dict(seeds="0 x"), "“Seeds”: bad value 'x'"),
-           (dict(batch_size=5000), "“Batch size” 5000 is larger than the 1437 training samples"),
+           # a study holds out a validation split: 1,294 of digits' 1,437 training images are left to train on
+           (dict(batch_size=5000), "“Batch size” 5000 is larger than the 1294 training samples"),
+           (dict(data_seeds="1 1"), "“Data seeds” lists a data seed twice"),
            (dict(points=1), "“Points on each path” must be between 2 and 201")]
     for changes, message in bad:
         with pytest.raises(ConfigError) as caught:
@@ -190,7 +226,12 @@ def test_study_page_shows_a_finished_study(finished_study, monkeypatch):
     db, study_id = finished_study
     at = open_app(db, monkeypatch, "study", study=study_id)
     assert at.selectbox(key="study").value == study_id and at.query_params["study"] == str(study_id)
-    accuracy, geometry, features = charts(at)
+    paired = bool(report(Store(db), study_id)["pairs"])    # the gains chart: only when a pair has both sides
+    drawn = charts(at)
+    assert len(drawn) == 3 + paired
+    accuracy, geometry, features = drawn[0], drawn[-2], drawn[-1]
+    if paired:
+        assert "mean gain, bootstrap 95% interval" in drawn[1].proto.spec
     assert '"type":"log"' in accuracy.proto.spec.replace(" ", "") and "best model" in accuracy.proto.spec
     assert "test_err barrier" in geometry.proto.spec and '"heatmap"' in features.proto.spec
     assert "The best model comes from PLR" in shown(at) and "So far" not in shown(at)
@@ -198,7 +239,8 @@ def test_study_page_shows_a_finished_study(finished_study, monkeypatch):
     assert progress.value == 100 and progress.proto.text == "Finished: 18 of 18 runs ended, 24 of 24 averages and geometries done."
     table = at.dataframe[0].value
     assert list(table["PLR"]) == ["0.001", "0.03", "1"] and table["regime"][0].startswith("convergence")
-    assert len(at.dataframe[1].value) == 3 * 3    # three pairs per PLR
+    assert len(at.dataframe[-1].value) == 3 * 3    # the geometry: three pairs per PLR
+    assert len(at.dataframe) == 2 + paired        # and the pairs' gains, when there are some
 
 
 def test_study_page_follows_a_study_still_queued_and_says_when_a_link_is_wrong(tmp_path, monkeypatch):
@@ -234,13 +276,15 @@ def test_a_study_name_stays_plain_text(tmp_path, monkeypatch):
 # ---- launching and teaching -----------------------------------------------------------------------------
 def test_launch_a_study_preset_and_a_custom_study(empty_db, monkeypatch):
     at = open_app(empty_db, monkeypatch, "launch")
-    at.button(key="study_preset_1").click().run()          # digits: 7 PLRs x 2 seeds
+    at.button(key="study_preset_1").click().run()          # digits: 5 PLRs x 5 seeds
     store = Store(empty_db)
     [info] = store.list_studies()
     preset = STUDY_PRESETS["Where do large learning rates lead us? (digits)"]
     assert info.name == preset.name and info.status == "running" and info.owner is None
     runs = store.list_runs(study_id=info.id)
-    assert len(runs) == 14 and all(r.status == "queued" and r.study_role.startswith("pretrain:") for r in runs)
+    planned = len(preset.pretrain_elrs) * len(preset.seeds) * len(preset.data_seeds)
+    assert len(runs) == planned == 25 and all(r.status == "queued" and r.study_role.startswith("pretrain:")
+                                               for r in runs)
     [link] = [link for link in at.get("page_link") if "Study page" in link.proto.label]
     assert link.proto.page.endswith("study") or "study" in link.proto.page
     assert f"Study #{info.id} created" in shown(at)
@@ -251,7 +295,7 @@ def test_launch_a_study_preset_and_a_custom_study(empty_db, monkeypatch):
     assert not at.exception
     [error] = at.error
     assert "“Pre\\-training ELRs \\(PLR\\)” needs one or more positive ELRs" in error.value
-    assert len(store.list_studies()) == 1 and len(store.list_runs()) == 14
+    assert len(store.list_studies()) == 1 and len(store.list_runs()) == 25
     # the same field fixed: a custom study on the ticks toy
     at.text_input(key="s_plr").set_value("1e-3:1e-1:3")
     at.text_input(key="s_seeds").set_value("0 1")
@@ -264,6 +308,7 @@ def test_launch_a_study_preset_and_a_custom_study(empty_db, monkeypatch):
     custom = store.list_studies()[0]
     assert custom.id != info.id and custom.spec["pretrain_elrs"] == [1e-3, 1e-2, 1e-1] and custom.spec["average"] == 2
     assert custom.spec["base"]["dataset"] == "ticks" and custom.spec["base"]["norm"] == "layer"
+    assert custom.spec["seeds"] == [0, 1] and custom.spec["data_seeds"] == [0] and custom.spec["refine"]
     assert len(store.list_runs(study_id=custom.id)) == 6
 
 
@@ -274,14 +319,17 @@ def test_teach_study_step_launches_the_ticks_study_and_draws_it(empty_db, monkey
     assert not at.exception
     [info] = Store(empty_db).list_studies()
     assert info.name == "Where do large learning rates lead us? (ticks)" and at.query_params["study_demo"] == str(info.id)
-    assert len(Store(empty_db).list_runs(study_id=info.id)) == 27
+    preset = STUDY_PRESETS["Where do large learning rates lead us? (ticks)"]
+    assert len(Store(empty_db).list_runs(study_id=info.id)) == len(preset.pretrain_elrs) * len(preset.seeds) * len(
+        preset.data_seeds)
     assert "No model has finished yet" in shown(at) and len(charts(at)) == 1     # the accuracy chart, filling in
 
 
 def test_teach_draws_a_finished_study_with_the_study_page_charts(finished_study, monkeypatch):
     db, study_id = finished_study
     at = open_app(db, monkeypatch, "teach", topic="study", study_demo=study_id)
-    assert len(charts(at)) == 3 and "The best model comes from PLR" in shown(at)
+    paired = bool(report(Store(db), study_id)["pairs"])
+    assert len(charts(at)) == 3 + paired and "The best model comes from PLR" in shown(at)
 
 
 def test_the_report_is_made_again_only_when_a_piece_of_the_study_moved(tmp_path, monkeypatch):

@@ -185,7 +185,8 @@ def study_presets(store: Store) -> None:
         with st.container(border=True):
             st.markdown(f"**{md(preset.name)}**")
             st.write(preset.description)
-            spec = {"pretrain_elrs": preset.pretrain_elrs, "seeds": preset.seeds, "finetune_elrs": preset.finetune_elrs}
+            spec = {"pretrain_elrs": preset.pretrain_elrs, "seeds": preset.seeds, "data_seeds": preset.data_seeds,
+                    "finetune_elrs": preset.finetune_elrs, "refine": preset.refine}
             st.caption(f"{studies.pieces(spec)}; PLRs {', '.join(f'{e:g}' for e in preset.pretrain_elrs)}")
             if st.button(f"Start “{preset.name}”", key=f"study_preset_{i}", icon=":material/science:"):
                 launch_study(store, lambda preset=preset: studies.launch_preset(store, preset))
@@ -203,6 +204,11 @@ def study_form(store: Store) -> None:
         form.pretrain_epochs = st.number_input("Pre-training epochs", min_value=1, max_value=MAX_EPOCHS,
                                                value=form.pretrain_epochs, key="s_pre_epochs")
         form.seeds = st.text_input("Seeds", value=form.seeds, key="s_seeds", help="e.g. 0 1 2: every PLR once per seed")
+        form.data_seeds = st.text_input("Data seeds", value=form.data_seeds, key="s_data_seeds",
+                                        help="e.g. 0 1: every PLR and seed once per data seed (ticks: the data; "
+                                             "others: the validation split)")
+        form.refine = st.checkbox("Refine around the convergence threshold", value=form.refine, key="s_refine",
+                                  help="after the grid, PLRs at 1, 1.15, 1.33, 1.5 and 2x the estimated threshold")
     with middle:
         st.markdown("*Fine-tuning and averaging*")
         form.finetune_elrs = st.text_input("Fine-tuning ELRs (FLR)", value=form.finetune_elrs, key="s_flr",

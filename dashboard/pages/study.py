@@ -1,4 +1,4 @@
-"""Study: a learning-rate study (SPEC §10) — pre-training over a PLR grid, fine-tuning, averaging and
+"""Study: a learning-rate study (the large-LR paper's protocol) — pre-training over a PLR grid, fine-tuning, averaging and
 the geometry between solutions — its progress, followed live while the workers train it, and its
 report as charts, a table and a summary in words."""
 import streamlit as st

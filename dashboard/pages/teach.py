@@ -111,22 +111,30 @@ def large_lr() -> None:
     st.markdown("Step 6 asked the question for one run. The paper's protocol (Sadrtdinov et al.) asks it for a whole "
                 "grid of learning rates, each with several seeds, and compares:")
     st.markdown("1. **Pre-train** on the sphere at each ELR of a log grid — the *PLR* — for a fixed number of "
-                "iterations. Each PLR lands in a regime, read from its own trace: convergence (1), chaotic "
-                "equilibrium (2) or divergence (3).\n"
+                "iterations, once per run seed and data seed. Each run lands in a regime, read from its own trace: "
+                "convergence (1), chaotic equilibrium (2) or divergence (3). Once the grid is done, the study adds "
+                "PLRs at 1, 1.15, 1.33, 1.5 and 2× the estimated convergence threshold (*refinement*).\n"
                 "2. **Fine-tune** every end point at small ELRs — the *FLR* — so that the weights descend into "
                 "whatever basin the pre-training reached.\n"
                 "3. **Average** the last K checkpoints of each pre-training (SWA; BatchNorm statistics, where the model "
                 "has them, recomputed).\n"
-                "4. **Compare**: test accuracy of the pre-trained, fine-tuned and averaged models against the PLR, "
-                "and the angle and barriers between each PLR's solutions.")
+                "4. **Compare**: the angle and barriers between each run's solutions, and test accuracy of the "
+                "pre-trained, fine-tuned and averaged models against the PLR. Which model is best is decided on a "
+                "separate **validation** split; the accuracy reported is on **test**, which the choice never saw.\n"
+                "5. **Pair up**: a run's outcome just above the threshold is a coin toss (it locks onto a few "
+                "features or it does not), so the unit of evidence is a (data seed, run seed) pair. For each pair: "
+                "its best 2A model minus its best model from a PLR where its own run converged. The mean of those "
+                "gains with a bootstrap 95% interval decides: a **win** only when the whole interval is above 0, "
+                "otherwise **not separated** (with the fraction of pairs that gained) or a **loss**.")
     st.markdown("The **convergence threshold** is estimated between the largest PLR that converged and the "
                 "smallest that did not; a PLR is then read as a multiple of it (the paper's best PLR is ≈ 3× it):")
     st.latex(r"\mathrm{PLR}^{*} \approx \sqrt{\mathrm{PLR}_{\text{last converging}}\cdot"
              r"\mathrm{PLR}_{\text{first non-converging}}},\qquad \text{ratio} = \frac{\mathrm{PLR}}{\mathrm{PLR}^{*}}")
     st.markdown("**Sub-regimes 2A and 2B.** Inside the chaotic equilibrium, the geometry splits the PLRs: in **2A** "
-                "the fine-tuned models and the average of one pre-training lie in one basin (every barrier between "
-                f"them, averaged over seeds, at most {BASIN_BARRIER:.0%} test error and {BASIN_LOSS_BARRIER:g} train "
-                "loss); in **2B** a barrier separates them — the large PLR keeps the weights moving between basins.")
+                "the fine-tuned models and the average of one pre-training run lie in one basin (every barrier between "
+                f"them at most {BASIN_BARRIER:.0%} validation error and {BASIN_LOSS_BARRIER:g} train loss, limits "
+                "measured on this toy); in **2B** a barrier separates them — the large PLR keeps the weights moving "
+                "between basins. Each pair gets its own sub-regime; a PLR's is shown only when all its pairs agree.")
     st.markdown("**Features.** The toy data (*ticks*) has 16 independent features, each alone enough to classify. "
                 "A probe set per feature keeps only that feature informative; the accuracy on it says how much the "
                 "model relies on it — strongly on a few features, or weakly on many.")
@@ -135,8 +143,8 @@ def large_lr() -> None:
                 "fine-tuning and averaging help more at some PLRs than at others; whether the barriers stay near 0 "
                 "just above the threshold and grow further up; and whether the feature rows change from one regime "
                 "to the next. The paper reports that the best models come from PLRs slightly above the convergence "
-                "threshold (2A); this toy, with its seeds, may or may not show the same — the summary says what "
-                "the numbers here show, with their spread.")
+                "threshold (2A); this toy, with its seeds, may or may not show the same — the summary and the "
+                "paired-gain chart say what the numbers here show, and how sure they are.")
 
 
 SECTIONS = {"invariance": invariance, "elr": effective_lr, "regimes": regimes, "periodic": periodic,
@@ -279,9 +287,12 @@ def protocol_text(preset) -> str:
     iterations = f" ({preset.pretrain_epochs * steps:,} iterations)" if steps else ""
     took = re.search(r"About .*?\.(?=\s|$)", preset.description)   # to a sentence's end, past "BENCHMARKS.md"
     return (f"{preset.base.model} on {preset.base.dataset}: pre-train {len(plrs)} PLRs from {min(plrs):g} to "
-            f"{max(plrs):g} for {preset.pretrain_epochs} epochs{iterations}, {len(preset.seeds)} seeds each; fine-tune "
-            f"every end point at FLR {' and '.join(f'{f:g}' for f in flrs)} for {preset.finetune_epochs} epochs; "
-            f"average its last {preset.average} checkpoints; measure the geometry between the solutions."
+            f"{max(plrs):g} for {preset.pretrain_epochs} epochs{iterations}, {len(preset.seeds)} run seeds × "
+            f"{len(preset.data_seeds)} data seed(s) each"
+            + (", then PLRs refined around the convergence threshold" if preset.refine else "")
+            + f"; fine-tune every end point at FLR {' and '.join(f'{f:g}' for f in flrs)} for {preset.finetune_epochs} "
+            f"epochs; average its last {preset.average} checkpoints; measure the geometry between the solutions; "
+            "choose on validation, report on test, and compare per (data seed, seed) pair."
             + (f" {took.group(0)}" if took else ""))
 
 
@@ -290,7 +301,8 @@ def study_demo(store: Store) -> list[int]:
     page's charts as it fills in; returns the study's run ids."""
     preset = STUDY_PRESETS[STUDY_DEMO]
     st.markdown(f"**Demo — {md(preset.name)}.** {md(protocol_text(preset))}")
-    spec = {"pretrain_elrs": preset.pretrain_elrs, "seeds": preset.seeds, "finetune_elrs": preset.finetune_elrs}
+    spec = {"pretrain_elrs": preset.pretrain_elrs, "seeds": preset.seeds, "data_seeds": preset.data_seeds,
+            "finetune_elrs": preset.finetune_elrs, "refine": preset.refine}
     st.caption(studies.pieces(spec) + ". The workers train it; this page follows it (so does the Study page).")
     param = "study_demo"   # the demo's study in the URL: a shared link shows it
     ui.seed(param, st.session_state.get("demo_study"), int, allowed=[s.id for s in store.list_studies()], noun="study")
