@@ -22,9 +22,10 @@ from .plain import html
 # Run colours avoid the regime colours below (green, orange, red, purple, grey), so a curve's
 # colour is never read as its regime, and stand out on white (contrast 3:1 or more: the olive and
 # pale pinks of Plotly's defaults were hard to follow on a projector), and differ from each other
-# (CIELAB distance 25 or more: two teals, two browns and two dark blues read as one colour on screen).
-PALETTE = ("#1f77b4", "#c2409e", "#0097a7", "#8c564b", "#827717", "#3949ab", "#263238", "#f83078",
-           "#500038", "#0000f0")
+# (CIELAB distance 25 or more, and no second teal: two teals, two browns and two dark blues read as one
+# colour on screen).
+PALETTE = ("#1f77b4", "#c2409e", "#0097a7", "#8c564b", "#827717", "#3949ab", "#263238", "#9c84f0",
+           "#682048", "#d87884")
 REGIME_COLORS = {"convergence": "#1b9e4b", "chaotic_equilibrium": "#f28e00", "divergence": "#d62728",
                  "periodic": "#7b2cbf", "undetermined": "#8c8c8c"}
 UNKNOWN_REGIME_COLOR = "#8c8c8c"

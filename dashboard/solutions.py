@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from engine.config import ConfigError, RunConfig
 from engine.submission import kept_epochs, queue_average, queue_fork, queue_geometry
 from storage import JobInfo, RunInfo, RunNotFound, Store
+from storage.records import epochs_text, solution_text
 
 from . import launch
 from .data import rate_of
@@ -101,39 +102,6 @@ def family_jobs(store: Store, run: RunInfo, branches: list[RunInfo]) -> list[Job
     for child in branches:
         jobs.update({j.id: j for j in store.list_jobs(run_id=child.id, kind="geometry")})
     return sorted(jobs.values(), key=lambda j: -j.id)
-
-
-def epochs_text(epochs) -> str:
-    """A set of kept epochs in a few words: [12] -> "epoch 12", [6, 7, 8, 9, 10] -> "epochs 6–10",
-    [4, 6, 8, 10, 12] -> "epochs 4–12 (every 2)", [3, 5, 9] -> "epochs 3, 5, 9"."""
-    epochs = sorted(int(e) for e in epochs)
-    if not epochs:
-        return "no epochs"
-    if len(epochs) == 1:
-        return f"epoch {epochs[0]}"
-    gaps = {b - a for a, b in zip(epochs, epochs[1:])}
-    if len(gaps) == 1 and len(epochs) > 2:
-        [gap] = gaps
-        return f"epochs {epochs[0]}–{epochs[-1]}" + ("" if gap == 1 else f" (every {gap})")
-    return f"epochs {', '.join(map(str, epochs))}"
-
-
-def end_text(end: dict) -> str:
-    """Which weights of its run a solution is, as a geometry job records it: {"epoch": 12} a kept
-    checkpoint -> "at epoch 12"; {"epochs": [6, …, 10]} (a study's SWA end) -> "average of epochs 6–10"."""
-    if end.get("epochs") is not None:
-        return f"average of {epochs_text(end['epochs'])}"
-    if end.get("epoch") is not None:
-        return f"at epoch {end['epoch']}"
-    return "(its last kept checkpoint)"
-
-
-def solution_text(end: dict, name: str | None = None) -> str:
-    """A solution in a few words, named by `name` (default "#RUN"): "#3 at epoch 12", or "#3, average of
-    epochs 6–10" for an average; every end kind a geometry job can record."""
-    name = name if name is not None else f"#{end.get('run', '?')}"
-    where = end_text(end)
-    return f"{name}, {where}" if where.startswith("average") else f"{name} {where}"
 
 
 def job_text(job: JobInfo) -> str:

@@ -122,6 +122,7 @@ def periodic_part(store: Store, run_id: int) -> None:
     cv = result["evidence"].get("period_cv")
     cols[2].metric("period", f"{period} steps" if period else "—",
                    delta=f"spacing ± {cv:.0%}" if period and cv is not None else None, delta_color="off",
+                   delta_arrow="off",
                    help="Median spacing of the spikes; needs two or more. Below it: how much the spacing varies "
                         "(std / mean).")
     steps_per_epoch = _steps_per_epoch(frame)

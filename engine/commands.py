@@ -11,6 +11,7 @@ import sys
 import uuid
 
 from storage import LIVE_STATUSES, Store, write_atomically
+from storage.records import solution_text
 
 from . import registry
 from .config import ConfigError, RunConfig, configs_from_flags, parse_values
@@ -183,7 +184,8 @@ def _print_job(job) -> None:
         print(f"  test  loss {r['test_loss']:.4g}, accuracy {r['test_acc']:.4f}")
         return
     a, b = r["a"], r["b"]
-    print(f"run {a['run']}@{a['epoch']} to run {b['run']}@{b['epoch']}: angle {r['angle']:.4g} rad")
+    ends = [solution_text(end, f"run {end['run']}") for end in (a, b)]
+    print(f"{ends[0]} to {ends[1]}: angle {r['angle']:.4g} rad")
     print("  barriers: " + ", ".join(f"{k} {v:.4g}" for k, v in r["barrier"].items()))
     print(f"  {'alpha':>6} {'train_loss':>11} {'train_err':>10} {'test_loss':>10} {'test_err':>9}")
     for i, alpha in enumerate(r["alphas"]):

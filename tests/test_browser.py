@@ -651,3 +651,66 @@ def test_the_study_page_follows_a_study_and_draws_a_finished_one(served_with_stu
                                timeout=30_000)
         assert page.evaluate("() => document.querySelectorAll('.js-plotly-plot').length") == 3 + paired
         _screenshot(page, "teach_study")
+
+
+# ---- blemishes seen at 1400x900 (issue 17 item 12) ---------------------------------------------------------
+OVERLAPS_JS = """() => {
+    // every pair of tick labels on one axis that overlap on screen, and every chart text past its chart's edge
+    const out = {overlaps: [], outside: []};
+    for (const plot of document.querySelectorAll('.js-plotly-plot')) {
+        // what the reader sees: the chart's element in the page (Plotly's div can be wider than it)
+        const box = (plot.closest('[data-testid="stPlotlyChart"]') || plot.querySelector('.main-svg'))
+            .getBoundingClientRect();
+        const groups = {};
+        for (const label of plot.querySelectorAll('g.xtick text, g.ytick text')) {
+            const cls = label.parentNode.getAttribute('class');
+            const axis = label.closest('g[class$="tick"]') ? label.parentNode.parentNode : null;
+            const key = cls + '|' + (axis ? Array.from(axis.parentNode.children).indexOf(axis) : 0);
+            (groups[key] = groups[key] || []).push(label.getBoundingClientRect());
+        }
+        for (const rects of Object.values(groups)) {
+            for (let i = 0; i < rects.length; i++) for (let j = i + 1; j < rects.length; j++) {
+                const a = rects[i], b = rects[j];
+                if (a.width && b.width && a.left < b.right && b.left < a.right && a.top < b.bottom && b.top < a.bottom)
+                    out.overlaps.push([a.top, b.top]);
+            }
+        }
+        for (const text of plot.querySelectorAll('g.annotation text, g.g-gtitle text')) {
+            const r = text.getBoundingClientRect();
+            if (r.width && (r.left < box.left - 1 || r.right > box.right + 1)) out.outside.push(text.textContent);
+        }
+    }
+    return out;
+}"""
+
+
+def test_chart_texts_fit_their_charts_and_log_tick_labels_never_overlap(served_without_worker):
+    """At 1400x900 the path chart's right panel title ran past the chart's edge, and log-axis labels
+    1, 0.9, 0.8, 0.7 overlapped: a geometry with no barrier in either panel (the longest titles), and
+    runs whose losses span a fraction of a decade, on the Solutions, Run and Compare pages."""
+    base, store = served_without_worker
+    from tests.test_dashboard_solutions import GEOMETRY
+    flat = {**GEOMETRY, "train_err": [0.02, 0.02, 0.02, 0.03, 0.04], "test_err": [0.03, 0.03, 0.03, 0.03, 0.04],
+            "train_loss": [0.1, 0.1, 0.1, 0.12, 0.2]}
+    flat["barrier"] = {key: 0.0 for key in ("train_loss", "test_loss", "train_err", "test_err")}
+    [run_id, other] = store.create_runs([{"config": {"elr": 0.01}, "name": "a"}, {"config": {"elr": 0.02}, "name": "b"}])
+    for run, top in ((run_id, 1.0), (other, 0.9)):
+        store.log_metrics(run, [(s, s / 10, s / 10, {"train_loss": top * (0.26 + 0.74 * 0.97 ** (s / 10)),
+                                                     "test_acc": 0.5 + s / 4000, "elr": 0.01, "si_norm": 3.0})
+                                for s in range(0, 1000, 10)])
+        store.record_checkpoint(run, 2, 20, "/nonexistent.pt", 1)
+        store.update_run(run, status="finished", step=990)
+    a, b = {"run": run_id, "epoch": 2}, {"run": other, "epochs": [2]}
+    job = store.create_job("geometry", run_id, {"a": a, "b": b, "points": 5}, other_run_id=other)
+    claim = store.claim_job("test", job_ids=[job]).claim
+    store.finish_job(job, {"a": a, "b": b, **flat}, claim=claim)
+    with _browser_page() as page:
+        for path in (f"solutions?job={job}", f"compare?runs={run_id},{other}", f"run?run={run_id}"):
+            _open(page, f"{base}/{path}")
+            page.wait_for_function("() => document.querySelectorAll('.js-plotly-plot .main-svg').length >= 1",
+                                   timeout=30_000)
+            found = page.evaluate(OVERLAPS_JS)
+            assert not found["outside"], (path, found["outside"])
+            assert not found["overlaps"], (path, found["overlaps"])
+            if path.startswith("solutions"):
+                _screenshot(page, "solutions_no_barrier")

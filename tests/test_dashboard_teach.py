@@ -3,6 +3,7 @@ from (a run's sharpness against its line, what makes a run periodic) are checked
 traces; the claims each demo's text makes are checked on the demo's own configuration (its preset),
 trained here for seeds 0-2 and opened on the Teach page: what holds across seeds, never one chaotic
 run's exact numbers (those differ between CPU kernel paths)."""
+import math
 import re
 
 import numpy as np
@@ -138,3 +139,22 @@ def test_the_study_steps_protocol_text_ends_in_whole_sentences(tmp_path, monkeyp
     words = re.sub(r"\\(.)", r"\1", demo)
     assert words.endswith(".") and words.count("(") == words.count(")"), words
     assert re.search(r"About [^()]* \(BENCHMARKS\.md\)\.$", words), words
+
+
+@pytest.mark.science
+def test_regimes_demo_reads_as_the_step_says_for_every_seed():
+    """Step 3's reading guide, on the demo's own three runs for seeds 0-2: convergence — the loss and the
+    effective gradient norm keep falling; chaotic equilibrium — the loss stops above zero, the effective
+    gradient norm goes flat; divergence — the loss stays near its untrained level, the effective
+    gradient norm the largest of the three."""
+    from engine.trainer import train_traces       # noqa: PLC0415
+    preset = PRESETS["Three regimes on digits"]
+    cfgs = [cfg.replace(seed=seed) for seed in SEEDS for cfg in preset.configs()]
+    results = [analyze(trace, 10) for trace in train_traces(cfgs)]
+    for i, seed in enumerate(SEEDS):
+        converge, chaotic, diverge = (r["evidence"] for r in results[3 * i:3 * i + 3])
+        assert [r["regime"] for r in results[3 * i:3 * i + 3]] == list(preset.expected_regimes), seed
+        assert converge["train_loss_slope"] < 0 and converge["eff_grad_norm_slope"] < 0, converge
+        assert chaotic["tail_train_loss"] > 0.05 and abs(chaotic["eff_grad_norm_slope"]) < 0.3, chaotic
+        assert diverge["tail_train_loss"] > 0.5 * math.log(10), diverge
+        assert diverge["tail_eff_grad_norm"] > max(converge["tail_eff_grad_norm"], chaotic["tail_eff_grad_norm"])

@@ -572,3 +572,30 @@ def test_log_ticks_within_a_decade_never_crowd_its_top(low, high):
     gaps = np.diff(np.log10(ticks))
     assert len(ticks) >= 3 and gaps.min() >= np.log10(high / low) / charts.MOST_LABELS * (1 - 1e-9), ticks
     assert ticks[0] / low <= 10 ** 0.3 and high / ticks[-1] <= 10 ** 0.3, ticks
+
+
+# measured through a live worker (2026-12-04, 2-core machine, CPU seconds of the demo's processes; estimate.py)
+DEMO_SECONDS = {"Three regimes on digits": 3.0, "Periodic behaviour": 2.2, "Sharpness vs 2/ELR": 9.6,
+                "ELR sweep on digits": 5.8}
+
+
+@pytest.mark.parametrize("name", list(DEMO_SECONDS))
+def test_duration_estimates_are_near_the_measured_demo_times(name):
+    """The estimates were 4-7x the demos' times (a 35 s process start each); now within 0.5-3x."""
+    from dashboard import estimate
+    from engine.presets import PRESETS
+    guess = estimate.total_seconds(PRESETS[name].configs())
+    assert 0.5 * DEMO_SECONDS[name] <= guess <= 3.0 * DEMO_SECONDS[name], (name, guess)
+
+
+def test_a_seed_mean_curve_is_named_for_its_seeds_not_for_its_first_run(tmp_path):
+    """It read '#1 mlp_si-64 digits sphere elr=0.01 seed=0 · mean of 3 seeds'."""
+    from engine.config import RunConfig
+    from storage import Store
+    store = Store(tmp_path / "seeds.db")
+    cfgs = [RunConfig(elr=0.01, seed=seed) for seed in range(3)]
+    ids = store.create_runs([{"config": c.to_dict(), "name": c.display_name()} for c in cfgs])
+    runs = store.list_runs(ids=ids)
+    label = data.group_label(runs)
+    assert label == f"#{min(ids)}–#{max(ids)} {cfgs[0].display_name().replace(' seed=0', '')} · mean of 3 seeds (0, 1, 2)"
+    assert "seed=" not in label and data.group_label(runs[:1]) == data.run_label(runs[0])
