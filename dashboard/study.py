@@ -203,7 +203,7 @@ def summary(rep: dict, prog: Progress | None = None) -> str:
 
 def comparison_text(rep: dict) -> str:
     """The paired comparison (engine.study: report's gain and verdict) in one or two sentences."""
-    gain, pairs = rep.get("gain"), rep.get("pairs") or []
+    gain = rep.get("gain")
     if not gain:
         return ("No (data seed, seed) pair has both a 2A model and a model from a PLR where its own run "
                 "converged yet, so there is no paired comparison.")
