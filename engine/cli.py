@@ -1,4 +1,4 @@
-"""`python -m engine ...`: the command-line contract of SPEC §9.
+"""`python -m engine ...`: the command-line contract (README, "CLI").
 
 Bad input is one line on stderr and exit code 2, checked before anything is written.
 """

@@ -1,4 +1,4 @@
-"""Datasets as tensors on the training device; a mini-batch is an index slice (SPEC §5).
+"""Datasets as tensors on the training device; a mini-batch is an index slice (README, "Models and data").
 
 Nothing is ever downloaded: digits ship with scikit-learn, synthetic data is generated, and CIFAR
 is read from a local folder in the python-pickle layout.

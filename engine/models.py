@@ -1,7 +1,7 @@
 """Scale-invariant (SI) networks: every trained weight feeds an affine-free BatchNorm, the head is frozen.
 
 Scaling all trainable weights by alpha > 0 leaves the output unchanged (up to BatchNorm's eps), so
-the whole trainable vector lives on a sphere whose radius only sets the step size (SPEC §2, §4).
+the whole trainable vector lives on a sphere whose radius only sets the step size (README, "The science in one page", "Models and data").
 
 Layer names (`si_layer_names`, used as `layer_norm/<layer>` metric keys) are the module paths of
 the trained weights, without the trailing ".weight":
@@ -77,7 +77,7 @@ def mlp_si(in_features: int, num_classes: int, width: int = 64, depth: int = 3,
 
 def convnet_si(num_classes: int, width: int = 32, init_scale: float = 10.0,
                head_seed: int = HEAD_SEED) -> nn.Sequential:
-    """ConvNetSI for 3x32x32 inputs (SPEC §4).
+    """ConvNetSI for 3x32x32 inputs (README, "Models and data").
 
     conv0(3->c)-BN-ReLU, then conv1..conv3 (c->2c->4c->8c) each -BN-ReLU-MaxPool2 (32->16->8->4),
     MaxPool4 (4->1), flatten, frozen Linear(8c, classes) with a frozen bias.

@@ -1,4 +1,4 @@
-"""The two update rules of SPEC §3, row-wise over a pack's [K, P] weights, and the rate schedules.
+"""The two update rules (README, "The science in one page"), row-wise over a pack's [K, P] weights, and the rate schedules.
 
 sphere: w <- w - lr*v, then w <- w * rho0/|w|, with lr = ELR * rho0^2 (v: momentum buffer of g)
 lrwd:   w <- w - lr*v, v = mu*v + g + wd*w  (PyTorch SGD convention; the ELR is measured)

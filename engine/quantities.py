@@ -1,4 +1,4 @@
-"""The measured quantities of SPEC §6: one small class per quantity, each with its own schedule.
+"""The measured quantities (README, "Metrics"): one small class per quantity, each with its own schedule.
 
 The loop (engine/trainer.py) accumulates the per-step sums itself (no host sync per step) and, at a
 log point, walks QUANTITIES in order: each one says when it is due for a member (`every`) and fills

@@ -1,4 +1,4 @@
-"""Solutions a run reached and what lies between them (SPEC §10): weight vectors evaluated with
+"""Solutions a run reached and what lies between them (README, "Branch, average, compare solutions"): weight vectors evaluated with
 recomputed BatchNorm statistics, SWA averages of kept checkpoints, and the linear path between two
 solutions with its barriers.
 

@@ -40,7 +40,7 @@ def default_sweep_name(cfg: RunConfig, swept: dict) -> str:
     return f"{cfg.model} {cfg.dataset} {cfg.mode} {ranges}".strip()
 
 
-# ---- branching and analysing kept checkpoints (SPEC §10) ---------------------------------------------
+# ---- branching and analysing kept checkpoints (README, "Branch, average, compare solutions") ---------------------------------------------
 
 FORK_CHANGES = ("elr", "lr", "wd", "momentum", "mode", "schedule", "seed")
 

@@ -1,4 +1,4 @@
-"""The `ticks` toy of the large-LR paper (SPEC §5, §10): data where *which features a network uses*
+"""The `ticks` toy of the large-LR paper (README, "Models and data", "The learning-rate study"): data where *which features a network uses*
 can be measured. Numpy only, seeded by the data seed.
 
 32 inputs = 16 independent two-dimensional features; binary labels (balanced). Feature k lives in
