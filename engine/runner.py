@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -76,26 +77,58 @@ class StoreRecorder:
 
 class PackPoller:
     """The store calls of all members trained in one process, made together whatever the pack's size:
-    one heartbeat transaction a second, one look at the commands table every POLL_EVERY_S, and the
-    members' live analyses spread out (each every ANALYZE_EVERY_S, or every ANALYSIS_SHARE_S per member
-    in a large pack, one at a time)."""
+    one heartbeat transaction a second (from its own thread, see beat()), one look at the commands table
+    every POLL_EVERY_S, and the members' live analyses spread out (each every ANALYZE_EVERY_S, or every
+    ANALYSIS_SHARE_S per member in a large pack, one at a time)."""
 
     def __init__(self, store: Store):
         self.store = store
         self.controls: dict[int, "StoreControl"] = {}
-        self.next_beat = self.next_poll = self.next_analysis = 0.0
+        self.next_poll = self.next_analysis = 0.0
+        self.lost: dict[int, Exception] = {}      # found by the heartbeat thread, applied by the training thread
+        self._stop = threading.Event()
+        self._heart: threading.Thread | None = None
 
     def live(self) -> dict[int, "StoreControl"]:
-        return {rid: c for rid, c in self.controls.items()
-                if c.member is not None and not c.recorder.lost and c.stop_reason is None and not c.ended}
+        return {rid: c for rid, c in list(self.controls.items())
+                if c.member is not None and not c.recorder.lost and c.stop_reason is None and not c.ended
+                and rid not in self.lost}
+
+    # ---- heartbeats: a thread of their own, so a step that lasts minutes (a sharpness measurement
+    # with hundreds of Lanczos iterations, a long evaluation) never makes a live run look stale.
+    def start(self) -> None:
+        self._heart = threading.Thread(target=self._beat_forever, name="run-heartbeat", daemon=True)
+        self._heart.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._heart is not None:
+            self._heart.join()
+
+    def _beat_forever(self) -> None:
+        while not self._stop.is_set():
+            self.beat()
+            self._stop.wait(HEARTBEAT_EVERY_S)
+
+    def beat(self) -> None:
+        """One heartbeat transaction for the live members. A run taken from this process is noted (the
+        training thread stops it at its next poll); a store error is tried again at the next beat."""
+        live = self.live()
+        if not live:
+            return
+        try:
+            lost = self.store.heartbeats({rid: c.member.step for rid, c in live.items()}, held_only=True)
+        except StoreError:
+            return
+        self.lost.update(lost)
 
     def work(self) -> None:
         now = time.monotonic()
+        for run_id, error in list(self.lost.items()):
+            control = self.controls.get(run_id)
+            if control is not None and not control.recorder.lost:
+                control.recorder.lose(error)
         live = self.live()
-        if now >= self.next_beat and live:
-            for run_id, error in self.store.heartbeats({rid: c.member.step for rid, c in live.items()}).items():
-                live[run_id].recorder.lose(error)
-            self.next_beat = now + HEARTBEAT_EVERY_S
         if now >= self.next_poll and live:
             taken, lost = self.store.take_commands_for(list(live))
             for run_id, error in lost.items():
@@ -256,6 +289,7 @@ def execute(store: Store, claims: dict[int, str], *, device: str | None = None, 
         progress.total = sum(m.total_steps for m in trainer.members)
         trainer.on_step = lambda t: progress.update(sum(m.step for m in t.members) - progress.n)
     live = lambda: [m for m in trainer.members if m.state != "ended"]   # noqa: E731
+    poller.start()
     try:
         trainer.run()
         return statuses
@@ -273,6 +307,7 @@ def execute(store: Store, claims: dict[int, str], *, device: str | None = None, 
             statuses[m.run_id] = _end_run(store, m.run_id, "failed", error, recorder=m.recorder)
         return statuses
     finally:
+        poller.stop()
         for m in trainer.members:
             m.recorder.close()
 
@@ -325,6 +360,7 @@ def _attach(store: Store, info, m: Member, claim: str, finish, poller: PackPolle
     store.truncate_after(info.id, m.step if resumed_from is not None else -1)
     m.recorder = StoreRecorder(store, info.id)
     m.control = StoreControl(store, info.id, m.recorder, poller)
+    m.control.member = m          # heartbeats start before its first step (which may be a long measurement)
     if resumed_from is not None:   # what was already announced before the checkpoint stays announced
         m.control.regime = info.regime
         m.control.spikes = {e.step for e in store.events(info.id, ["spike"])}

@@ -12,7 +12,7 @@ from .errors import StoreError
 from .jsontext import to_json
 from .records import RunInfo, SweepInfo
 from .schema import (LIVE_STATUSES, STATUSES, TERMINAL_STATUSES, checkpoints, commands, events, metrics, runs,
-                     sweeps)
+                     sweeps, workers)
 
 # A run process heartbeats this often (engine.runner uses it). requeue_stale never calls a run stale
 # before it has missed MIN_STALE_AFTER_S of heartbeats: one late heartbeat (a slow step, a flush)
@@ -186,13 +186,17 @@ class RunsAPI:
         for error in self.heartbeats({run_id: step}).values():
             raise error
 
-    def heartbeats(self, steps: dict) -> dict[int, StoreError]:
+    def heartbeats(self, steps: dict, *, held_only: bool = False) -> dict[int, StoreError]:
         """heartbeat for several runs (a pack's members) in one transaction; returns those lost to this
-        process (run id -> the ClaimLost or RunNotFound saying why), whose heartbeats were not written."""
+        process (run id -> the ClaimLost or RunNotFound saying why), whose heartbeats were not written.
+        held_only (a heartbeat thread): skip runs this Store no longer holds (it just ended them), so a
+        late beat never lands on a run someone else claimed since."""
         lost: dict[int, StoreError] = {}
         now = time.time()
         with self._write() as conn:
             for run_id, step in steps.items():
+                if held_only and as_id(run_id) not in self._holds:
+                    continue
                 try:
                     row = self._run_for_write(conn, run_id)
                 except StoreError as exc:   # ClaimLost or RunNotFound: not this process's any more
@@ -261,8 +265,14 @@ class RunsAPI:
         if not stale_after_s >= MIN_STALE_AFTER_S:   # also refuses nan
             raise StoreError(f"stale_after_s={stale_after_s} is below {MIN_STALE_AFTER_S:g} s (three heartbeats of "
                              f"{HEARTBEAT_EVERY_S:g} s): a live run would be taken for stale and trained twice")
+        cutoff = time.time() - stale_after_s
+        # A run whose worker is alive (its own heartbeat fresh) is that worker's to account for: it watches
+        # its run processes and records the end of one that dies. Handing such a run to another worker
+        # would have two live processes take turns at it.
+        live_workers = select(workers.c.id).where(workers.c.heartbeat_at >= cutoff)
         stale = (runs.c.status.in_(LIVE_STATUSES) & runs.c.imported_at.is_(None)
-                 & or_(runs.c.heartbeat_at.is_(None), runs.c.heartbeat_at < time.time() - stale_after_s))
+                 & or_(runs.c.heartbeat_at.is_(None), runs.c.heartbeat_at < cutoff)
+                 & or_(runs.c.worker_id.is_(None), runs.c.worker_id.not_in(live_workers)))
         if except_worker is not None:
             stale = stale & or_(runs.c.worker_id.is_(None), runs.c.worker_id != except_worker)
         interrupted = []

@@ -213,3 +213,73 @@ def test_a_cli_that_stops_early_cancels_what_it_never_started(tmp_path):
     assert statuses == ["cancelled", "interrupted"], statuses
     assert [r.error for r in store.list_runs(status="cancelled")] == \
         ["the command that created it stopped before training it"]
+
+
+# ------------------------------------------------------------------------------------------ issue 17
+
+# One sharpness measurement with hundreds of Lanczos iterations: a step that lasts far longer than
+# --stale-after 3 (about 14 s on a 2-core machine at width 256; the issue's width 1024 took 32 s).
+SLOW_STEP = ("--width", "256", "--depth", "4", "--epochs", "1", "--sharpness-every", "1000",
+             "--lanczos-iters", "300", "--lanczos-tol", "1e-12", "--log-every", "20")
+
+
+def statuses_of(store, run_id) -> list[str]:
+    return [e.payload["status"] for e in store.events(run_id, ["status"])]
+
+
+def test_a_step_longer_than_stale_after_is_not_taken_for_a_dead_process(tmp_path):
+    """Issue 17 item 2. Before: heartbeats were sent only between steps, so during one long sharpness
+    measurement a watching worker (--stale-after 3) marked the run stale and trained it itself (two
+    workers stole it from each other forever). Now a thread heartbeats while the step computes: the run
+    trains once, in the process that started it."""
+    db = str(tmp_path / "slow.db")
+    Store(db).close()
+    watcher = start_worker(db, "--stale-after", "3")
+    store = Store(db)
+    oldest = 0.0
+    try:
+        trainer = subprocess.Popen([sys.executable, "-m", "engine", "train", *SLOW_STEP, "--db", db],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        while trainer.poll() is None:
+            running = store.list_runs(status="running")
+            if running and running[0].heartbeat_at:
+                oldest = max(oldest, time.time() - running[0].heartbeat_at)
+            time.sleep(0.2)
+        out, err = trainer.communicate()
+        assert trainer.returncode == 0, err[-3000:]
+    finally:
+        stop(watcher)
+    run_id = int(out.split()[-1])
+    run = store.get_run(run_id)
+    assert run.status == "finished" and run.worker_id.startswith("cli-")
+    assert statuses_of(store, run_id) == ["running", "finished"]
+    assert store.read_metrics(run_id, ["sharpness"])["sharpness"].notna().any()   # the long step did happen
+    assert oldest < 3.0, oldest
+
+
+def test_a_live_worker_keeps_its_run_even_when_its_process_is_silent(tmp_path):
+    """Issue 17 item 2, the second half. Before: any worker marked a run stale from the run's own
+    heartbeat alone, even while the worker holding it was alive and watching its process. Now the
+    runs of a live worker (its own heartbeat fresh) are never handed to another: that worker accounts
+    for its processes."""
+    db = str(tmp_path / "silent.db")
+    [run_id] = submit(db, "--elr", "0.001", "--epochs", "60", "--log-every", "5")
+    store = Store(db)
+    owner = start_worker(db)
+    child = None
+    try:
+        wait_for(lambda: (store.last_step(run_id) or 0) > 10)
+        [child] = run_processes(owner.pid)
+        os.kill(child, signal.SIGSTOP)               # silent: no heartbeat, no progress; its worker lives on
+        wait_for(lambda: time.time() - store.get_run(run_id).heartbeat_at > 4.0, timeout=60)
+        other = start_worker(db, "--once", "--stale-after", "3")   # its first look is a stale check
+        assert other.wait(timeout=120) == 0
+        assert store.get_run(run_id).status == "running"
+        os.kill(child, signal.SIGCONT)
+        child = None
+        wait_for(lambda: store.get_run(run_id).status == "finished", timeout=300)
+    finally:
+        if child is not None:
+            os.kill(child, signal.SIGCONT)
+        stop(owner)
+    assert statuses_of(store, run_id) == ["running", "finished"]
