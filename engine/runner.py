@@ -343,13 +343,28 @@ def start_state(store: Store, info, device: torch.device) -> tuple[dict | None, 
     return _load(kept[info.fork_epoch], device, f"run {info.parent_id}'s kept checkpoint"), True
 
 
-def _load(path: str, device: torch.device, what: str) -> dict:
+def load_checkpoint(path: str, device: torch.device, what: str) -> dict:
+    """torch.load with the safe loader; a file that cannot be read (missing, truncated, damaged, a pickle
+    the safe loader refuses) is a ConfigError naming `what` and the file, in one line."""
     try:
         return torch.load(path, map_location=device, weights_only=True)
     except Exception as exc:      # truncated, damaged, or a pickle the safe loader refuses
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise ConfigError(f"{what} {path} cannot be loaded ({type(exc).__name__}: {reason}): "
+        raise ConfigError(f"{what} {path} cannot be loaded ({type(exc).__name__}: {_load_reason(exc)}): "
                           "it is damaged or not a spherelab checkpoint") from None
+
+
+_load = load_checkpoint
+
+
+def _load_reason(exc: Exception) -> str:
+    """The line of torch's message that says what is wrong with the file. Its advice to re-run with
+    weights_only=False is left out: that would run whatever code the file carries."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    useful = [line for line in lines if "weights_only" not in line and "Weights only load failed" not in line
+              and "documentation" not in line]
+    if useful:
+        return useful[0][:200]
+    return "refused by the safe loader" if lines else type(exc).__name__
 
 
 def _attach(store: Store, info, m: Member, claim: str, finish, poller: PackPoller) -> None:

@@ -569,7 +569,7 @@ def test_a_store_written_by_schema_version_1_opens_upgraded(tmp_path):
     assert {r["name"]: r["status"] for r in json.loads(listed.stdout)} == {"old queued": "queued",
                                                                           "old finished": "finished"}
     with Store(path) as store:
-        assert store.schema_version == migrations.current_version() == 4
+        assert store.schema_version == migrations.current_version() == 5
         queued, finished = store.get_run(1), store.get_run(2)
         assert queued.tags == ["kept"] and queued.imported_at is None and finished.claim is None
         assert finished.parent_id is None and store.checkpoints(2) == [] and store.list_jobs() == []
@@ -591,6 +591,6 @@ def test_a_postgresql_store_at_schema_version_1_opens_upgraded(postgres_url):
             conn.execute(text("DROP TABLE studies"))
             conn.execute(text("UPDATE meta SET value = '1' WHERE key = 'schema_version'"))
     with Store(postgres_url) as store:
-        assert store.schema_version == migrations.current_version() == 4
+        assert store.schema_version == migrations.current_version() == 5
         assert store.get_run(run_id).tags == ["kept"] and store.claim_next_run("w").id == run_id
         assert store.get_run(run_id).parent_id is None and store.checkpoints(run_id) == []

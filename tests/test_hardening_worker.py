@@ -283,3 +283,105 @@ def test_a_live_worker_keeps_its_run_even_when_its_process_is_silent(tmp_path):
             os.kill(child, signal.SIGCONT)
         stop(owner)
     assert statuses_of(store, run_id) == ["running", "finished"]
+
+
+def kept_run(db, epochs=6) -> int:
+    """A finished run keeping a checkpoint at every epoch, trained here by the CLI."""
+    out = engine("train", "--elr", "0.01", "--epochs", str(epochs), "--keep-every", "1", "--log-every", "20",
+                 "--db", db)
+    assert out.returncode == 0, out.stderr
+    return int(out.stdout.split()[-1])
+
+
+def queue_geometries(db, run_id, pairs, points=101) -> list[int]:
+    ids = []
+    for a, b in pairs:
+        out = engine("geometry", f"{run_id}@{a}", f"{run_id}@{b}", "--points", str(points), "--submit", "--db", db)
+        assert out.returncode == 0, out.stderr
+        ids.append(int(out.stdout.split()[-1]))
+    return ids
+
+
+def job_processes(worker_pid: int) -> list[int]:
+    return run_processes(worker_pid)
+
+
+def test_kill_9_of_a_job_process_requeues_its_batch_and_retries_the_job_it_computed(tmp_path):
+    """Issue 17 item 3. Before: kill -9 of one job process failed its whole batch for good (7 geometry
+    jobs `failed`, 6 of which had never started). Now the jobs waiting their turn go back to the queue as
+    they were, the one being computed is retried (at most MAX_JOB_RETRIES times), and all end finished."""
+    db = str(tmp_path / "jobs.db")
+    run_id = kept_run(db)
+    job_ids = queue_geometries(db, run_id, [(1, e) for e in range(2, 7)] + [(2, 6), (3, 6)])
+    store = Store(db)
+    log = open(tmp_path / "worker.log", "w+")
+    proc = start_worker(db, "--max-parallel", "1", log=log)
+    try:
+        computing = wait_for(lambda: [j for j in store.list_jobs(status="running") if j.started_at], timeout=180)
+        assert len(store.list_jobs(status="running")) == len(job_ids)      # one process took the whole batch
+        [pid] = job_processes(proc.pid)
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: all(store.get_job(j).status in ("finished", "failed") for j in job_ids), timeout=300)
+    finally:
+        stop(proc)
+    jobs = [store.get_job(j) for j in job_ids]
+    assert [j.status for j in jobs] == ["finished"] * len(jobs), [(j.id, j.status, j.error) for j in jobs]
+    charged = [j.id for j in jobs if j.attempts]
+    assert len(charged) == 1 and charged[0] >= computing[0].id, (charged, computing[0].id)
+    assert store.get_job(charged[0]).attempts == 1
+
+
+@pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])
+def test_a_job_whose_process_keeps_dying_fails_with_its_cause_after_two_retries(tmp_path, request, dialect):
+    """Issue 17 item 3, the bound: the job being computed is charged each time its process dies and fails
+    with the cause at the third death; a job waiting its turn is never charged; retry_job queues a failed
+    job again with a fresh count (what a study taken up again uses)."""
+    from storage.solutions import MAX_JOB_RETRIES
+    url = str(tmp_path / "bound.db") if dialect == "sqlite" else request.getfixturevalue("postgres_url")
+    store = Store(url)
+    run_id = store.create_run(RunConfig(epochs=1).to_dict(), name="r")
+    computed = store.create_job("average", run_id, {"epochs": [1]})
+    waiting = store.create_job("average", run_id, {"epochs": [1]})
+    cause = "its process was killed by SIGKILL (the out-of-memory killer, or kill -9)"
+    for death in range(1, MAX_JOB_RETRIES + 2):
+        first, second = store.claim_job("w"), store.claim_job("w")
+        assert {first.id, second.id} == {computed, waiting}
+        store.start_job(computed, claim=store.get_job(computed).claim)
+        status = store.job_process_died(computed, cause, claim=store.get_job(computed).claim)
+        assert store.job_process_died(waiting, cause, claim=store.get_job(waiting).claim) == "queued"
+        assert status == ("queued" if death <= MAX_JOB_RETRIES else "failed"), (death, status)
+        if status == "queued":
+            assert store.get_job(computed).claim is None and store.get_job(computed).worker_id is None
+    failed = store.get_job(computed)
+    assert failed.error == f"{cause} (tried {MAX_JOB_RETRIES + 1} times)" and failed.attempts == MAX_JOB_RETRIES + 1
+    assert store.get_job(waiting).attempts == 0 and store.get_job(waiting).status == "queued"
+    with pytest.raises(ClaimLost):
+        store.job_process_died(computed, cause, claim="someone else's")
+    store.retry_job(computed)
+    again = store.get_job(computed)
+    assert (again.status, again.attempts, again.error) == ("queued", 0, None)
+
+
+def test_deleting_a_run_while_a_job_on_it_computes_stops_that_job_only(tmp_path):
+    """Issue 17 item 4. Before: deleting a run while a job on it computed crashed the job process
+    (`StoreError: no job with id ...` uncaught) and failed an unrelated job of the same batch. Now the
+    vanished job is a clean stop of that job alone: the process goes on with its batch."""
+    db = str(tmp_path / "vanish.db")
+    doomed, other = kept_run(db), kept_run(db, epochs=2)
+    [doomed_job] = queue_geometries(db, doomed, [(1, 6)], points=201)
+    [other_job] = queue_geometries(db, other, [(1, 2)], points=11)
+    store = Store(db)
+    log = open(tmp_path / "worker.log", "w+")
+    proc = start_worker(db, "--max-parallel", "1", log=log)
+    try:
+        wait_for(lambda: store.get_job(doomed_job).started_at, timeout=180)
+        assert store.get_job(other_job).status == "running"           # the same batch, waiting its turn
+        assert engine("delete", str(doomed), "--db", db).returncode == 0
+        wait_for(lambda: store.get_job(other_job).status != "running", timeout=300)
+        exited = wait_for(lambda: "process exited" in open(log.name).read() and open(log.name).read())
+    finally:
+        stop(proc)
+    job = store.get_job(other_job)
+    assert job.status == "finished" and job.attempts == 0, (job.status, job.error)
+    assert "Traceback" not in exited and "process exited (0)" in exited, exited[-3000:]
+    assert store.list_jobs(run_id=doomed) == []
