@@ -302,7 +302,7 @@ def cmd_cancel(args) -> int:
 
 
 def cmd_delete(args) -> int:
-    Store(args.db).delete(args.run)       # with its checkpoint files
+    Store(args.db).delete(args.run, with_children=args.with_children)       # with its checkpoint files
     return 0
 
 

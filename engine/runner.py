@@ -335,6 +335,9 @@ def start_state(store: Store, info, device: torch.device) -> tuple[dict | None, 
     if info.checkpoint_path and Path(info.checkpoint_path).exists():
         return _load(info.checkpoint_path, device, f"run {info.id}'s checkpoint"), False
     if info.parent_id is None:
+        if info.fork_epoch is not None:      # a fork whose parent was deleted: never a fresh start
+            raise ConfigError(f"run {info.id} branches from a run that was deleted, at epoch {info.fork_epoch}, "
+                              "whose kept checkpoint is gone")
         return None, False
     kept = {c.epoch: c.path for c in store.checkpoints(info.parent_id)}
     if info.fork_epoch not in kept or not Path(kept[info.fork_epoch]).exists():

@@ -293,19 +293,38 @@ class RunsAPI:
             if row.status in TERMINAL_STATUSES:
                 raise StoreError(f"run {row.id} is already {row.status}: only queued, running, paused "
                                  "or interrupted runs can be cancelled")
-            if row.status in LIVE_STATUSES:
-                stop = dict(run_id=row.id, kind="stop", payload="{}", created_at=time.time())
-                conn.execute(insert(commands).values(stop))
-            if row.status != "running":
-                values = status_fields("cancelled", row.status, row.started_at, time.time())
-                conn.execute(update(runs).where(runs.c.id == row.id).values(values))
-                self._status_event(conn, row.id, row.step, "cancelled")
+            self._cancel_row(conn, row)
 
-    def delete(self, run_id) -> None:
-        """Delete a run with its metrics, events, commands, jobs and checkpoint files (its forks stay,
-        no longer linked to it)."""
+    def _cancel_row(self, conn, row) -> None:
+        if row.status in LIVE_STATUSES:
+            stop = dict(run_id=row.id, kind="stop", payload="{}", created_at=time.time())
+            conn.execute(insert(commands).values(stop))
+        if row.status != "running":
+            values = status_fields("cancelled", row.status, row.started_at, time.time())
+            conn.execute(update(runs).where(runs.c.id == row.id).values(values))
+            self._status_event(conn, row.id, row.step, "cancelled")
+
+    def unfinished_children(self, run_id) -> list[RunInfo]:
+        """The run's forks that have not ended (queued, running, paused, interrupted): they may still need
+        its kept checkpoints to start from, so deleting the run asks about them (delete)."""
+        with self._read() as conn:
+            row = self._require_run(conn, run_id)
+            return [RunInfo.from_row(r) for r in conn.execute(_unfinished_children(row.id)).all()]
+
+    def delete(self, run_id, *, with_children: bool = False) -> None:
+        """Delete a run with its metrics, events, commands, jobs and checkpoint files. Its forks that
+        have ended stay, no longer linked to it; forks that have not ended (unfinished_children) would
+        lose their starting point, so the delete is refused unless with_children, which cancels them."""
         with self._write() as conn:
             row = self._require_run(conn, run_id)
+            children = conn.execute(_unfinished_children(row.id)).all()
+            if children and not with_children:
+                listed = ", ".join(f"{c.id} ({c.status})" for c in children)
+                raise StoreError(f"run {row.id} has branches that have not ended (run {listed}): they start from "
+                                 "its kept checkpoints; delete it with --with-children (on the dashboard: "
+                                 "'and cancel its branches') to cancel them too, or wait until they end")
+            for child in children:
+                self._cancel_row(conn, child)
             files = run_files(conn, [row.id])
             conn.execute(delete(runs).where(runs.c.id == row.id))
         remove_files(files)
@@ -343,6 +362,11 @@ def _study_duplicate(conn, table, row: dict) -> int | None:
         return None
     return conn.execute(select(table.c.id).where(table.c.study_id == row["study_id"],
                                                  table.c.study_role == row["study_role"])).scalar()
+
+
+def _unfinished_children(run_id: int):
+    return (select(runs).where(runs.c.parent_id == run_id, runs.c.status.not_in(TERMINAL_STATUSES))
+            .order_by(runs.c.id))
 
 
 def run_files(conn, run_ids: list[int]) -> list[str]:

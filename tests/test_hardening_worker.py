@@ -14,7 +14,7 @@ import torch
 
 from engine import runner, worker
 from engine.config import RunConfig
-from storage import ClaimLost, Store, StoreBusy
+from storage import ClaimLost, Store, StoreBusy, StoreError
 from tests.processes import start_worker, wait_for
 from tests.test_hardening import engine, hold_lock
 
@@ -385,3 +385,61 @@ def test_deleting_a_run_while_a_job_on_it_computes_stops_that_job_only(tmp_path)
     assert job.status == "finished" and job.attempts == 0, (job.status, job.error)
     assert "Traceback" not in exited and "process exited (0)" in exited, exited[-3000:]
     assert store.list_jobs(run_id=doomed) == []
+
+
+def test_deleting_the_parent_of_a_queued_fork_asks_for_with_children(tmp_path):
+    """Issue 17 item 5, the CLI. Before: `delete` of a run with a queued fork exited 0, and the fork,
+    its parent link set to NULL, trained from scratch and reported `finished`. Now the delete is one line
+    asking for --with-children (nothing deleted); with it the fork is cancelled along with the parent."""
+    db = str(tmp_path / "fork.db")
+    parent = kept_run(db, epochs=3)
+    child = int(engine("fork", str(parent), "--at", "2", "--elr", "0.002", "--submit", "--db", db).stdout.split()[-1])
+    out = engine("delete", str(parent), "--db", db)
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert "--with-children" in out.stderr and f"{child} (queued)" in out.stderr
+    store = Store(db)
+    assert store.get_run(parent).status == "finished" and store.get_run(child).status == "queued"
+    assert engine("delete", str(parent), "--with-children", "--db", db).returncode == 0
+    assert [r.id for r in store.list_runs()] == [child] and store.get_run(child).status == "cancelled"
+
+
+def test_a_fork_whose_parent_was_deleted_fails_instead_of_training_from_scratch(tmp_path):
+    """Issue 17 item 5, the worker. Before: a queued fork whose parent went with its sweep (the link set
+    to NULL) was started as a fresh run and ended `finished`. Now it fails with the 'whose kept
+    checkpoint is gone' message."""
+    db = str(tmp_path / "orphan.db")
+    out = engine("sweep", "--elr", "0.01", "0.02", "--epochs", "2", "--keep-every", "1", "--log-every", "20",
+                 "--db", db)
+    assert out.returncode == 0, out.stderr
+    parent = int(out.stdout.split()[-1])
+    child = int(engine("fork", str(parent), "--at", "1", "--submit", "--db", db).stdout.split()[-1])
+    store = Store(db)
+    store.delete_sweep(store.get_run(parent).sweep_id)
+    assert store.get_run(child).parent_id is None and store.get_run(child).fork_epoch == 1
+    assert start_worker(db, "--once").wait(timeout=180) == 0
+    run = store.get_run(child)
+    assert run.status == "failed", run.status
+    assert run.error == f"run {child} branches from a run that was deleted, at epoch 1, whose kept checkpoint is gone"
+    assert store.read_metrics(child).empty
+
+
+@pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])
+def test_delete_with_children_cancels_the_unfinished_branches_only(tmp_path, request, dialect):
+    """Issue 17 item 5, the store API the CLI and the dashboard share: queued, interrupted and running
+    branches are listed and cancelled (a running one through a stop command); ended branches stay."""
+    url = str(tmp_path / "tree.db") if dialect == "sqlite" else request.getfixturevalue("postgres_url")
+    store = Store(url)
+    parent = store.create_run({}, name="parent", status="finished")
+    kids = store.create_runs([{"config": {}, "name": f"k{i}", "parent_id": parent, "fork_epoch": 1}
+                              for i in range(4)])
+    store.set_status(kids[1], "interrupted")
+    assert store.claim_next_run("w", run_ids=[kids[2]]).id == kids[2]
+    store.release(kids[2])
+    store.set_status(kids[3], "finished")
+    assert [c.id for c in store.unfinished_children(parent)] == kids[:3]
+    with pytest.raises(StoreError, match="--with-children"):
+        store.delete(parent)
+    assert store.get_run(parent).status == "finished"
+    store.delete(parent, with_children=True)
+    assert [store.get_run(k).status for k in kids] == ["cancelled", "cancelled", "running", "finished"]
+    assert [c.kind for c in store.take_commands(kids[2])] == ["stop"]
