@@ -279,6 +279,8 @@ def execute(store: Store, claims: dict[int, str], *, device: str | None = None, 
             m.recorder.guard(m.control.refresh_analysis, m)
             m.recorder.guard(store.update_run, m.run_id, step=m.step)
         statuses[m.run_id] = _end_run(store, m.run_id, status, recorder=m.recorder)
+        if statuses[m.run_id] == "finished":
+            _drop_resume_checkpoint(store, m.run_id)
 
     for info, m in zip(infos, trainer.members):
         _attach(store, info, m, claims[info.id], finish, poller)
@@ -326,6 +328,19 @@ def _end_run(store: Store, run_id: int, status: str, error: str | None = None, r
         return "lost"
     except StoreError:
         return "unrecorded"
+
+
+def _drop_resume_checkpoint(store: Store, run_id: int) -> None:
+    """A finished run never resumes: its resume checkpoint goes (200 tiny runs kept 24 MB of them). Its
+    kept checkpoints (--keep-every, --keep-last: other files, hard links to the same bytes) stay for
+    forks, averages and geometries. The row forgets the file first, so it never points at nothing."""
+    try:
+        path = store.get_run(run_id).checkpoint_path
+        if path:
+            store.update_run(run_id, checkpoint_path=None, checkpoint_step=None)
+            Path(path).unlink(missing_ok=True)
+    except (StoreError, OSError):
+        pass          # a lock past the store's patience, a vanished run: the file stays, harmless
 
 
 def start_state(store: Store, info, device: torch.device) -> tuple[dict | None, bool]:

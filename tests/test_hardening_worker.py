@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -443,3 +444,45 @@ def test_delete_with_children_cancels_the_unfinished_branches_only(tmp_path, req
     store.delete(parent, with_children=True)
     assert [store.get_run(k).status for k in kids] == ["cancelled", "cancelled", "running", "finished"]
     assert [c.kind for c in store.take_commands(kids[2])] == ["stop"]
+
+
+def test_a_finished_run_drops_its_resume_checkpoint_and_keeps_its_kept_ones(tmp_path):
+    """Issue 17 item 13. Before: every finished run kept its resume checkpoint (200 tiny runs: 24 MB of
+    files nothing would ever read). Now `finished` drops it; kept checkpoints stay, for forks."""
+    db = str(tmp_path / "tidy.db")
+    out = engine("sweep", "--elr", "0.001", "0.01", "--epochs", "2", "--log-every", "20", "--db", db)
+    assert out.returncode == 0, out.stderr
+    plain = [int(x) for x in out.stdout.split()]
+    kept = kept_run(db, epochs=2)
+    store = Store(db)
+    for run_id in [*plain, kept]:
+        run = store.get_run(run_id)
+        assert run.status == "finished" and run.checkpoint_path is None and run.checkpoint_step is None
+    files = sorted(os.listdir(store.checkpoint_dir))
+    assert files == sorted(Path(c.path).name for c in store.checkpoints(kept)) and len(files) == 2, files
+    child = engine("fork", str(kept), "--at", "1", "--epochs", "1", "--db", db)   # what kept ones are for
+    assert child.returncode == 0 and store.get_run(int(child.stdout.split()[-1])).status == "finished"
+
+
+@pytest.mark.parametrize("content", [b"PK\x03\x04 truncated", "malicious"])
+def test_an_average_of_a_damaged_checkpoint_names_the_file_without_torchs_advice(tmp_path, content):
+    """Issue 17 item 13, the second half. Before: an average or geometry over a damaged or refused
+    checkpoint failed with torch's whole message, including its advice to re-run with
+    weights_only=False (which would run the file's code) and a traceback. Now: one line naming the file."""
+    db = str(tmp_path / "bad.db")
+    run_id = kept_run(db, epochs=2)
+    path = Path(Store(db).checkpoints(run_id)[0].path)
+    path.unlink()
+    if content == "malicious":
+        class Boom:
+            def __reduce__(self):
+                return (os.system, ("echo pwned > /dev/null",))
+        torch.save({"model": Boom()}, path)
+    else:
+        path.write_bytes(content)
+    out = engine("average", str(run_id), "--at", "1", "--db", db)
+    assert out.returncode == 1
+    job = Store(db).list_jobs(run_id=run_id)[0]
+    assert job.status == "failed" and "\n" not in job.error, job.error
+    assert job.error.startswith(f"run {run_id}'s kept checkpoint at epoch 1 {path} cannot be loaded"), job.error
+    assert "weights_only" not in job.error and "Re-running" not in job.error
