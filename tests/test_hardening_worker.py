@@ -486,3 +486,51 @@ def test_an_average_of_a_damaged_checkpoint_names_the_file_without_torchs_advice
     assert job.status == "failed" and "\n" not in job.error, job.error
     assert job.error.startswith(f"run {run_id}'s kept checkpoint at epoch 1 {path} cannot be loaded"), job.error
     assert "weights_only" not in job.error and "Re-running" not in job.error
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _serving(port: int) -> bool:
+    import urllib.request
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2) as answer:
+            return answer.status == 200
+    except OSError:
+        return False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
+def test_a_signal_to_the_app_stops_the_worker_and_the_dashboard_too(tmp_path, signum):
+    """Issue 17 item 11. Before: `kill -TERM` of `spherelab app` ended the app process alone; its worker
+    and its dashboard went on running and serving. Now SIGTERM, SIGHUP and SIGINT (Ctrl-C) stop all three."""
+    db, port = str(tmp_path / "app.db"), _free_port()
+    app = subprocess.Popen([sys.executable, "-m", "engine", "app", "--db", db], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, env={**os.environ, "SPHERELAB_PORT": str(port)})
+    try:
+        store = wait_for(lambda: os.path.exists(db) and Store(db), timeout=120)
+        [worker] = wait_for(lambda: store.live_workers(), timeout=120)
+        wait_for(lambda: _serving(port), timeout=180)
+        children = [int(p) for p in subprocess.run(["pgrep", "-P", str(app.pid)], capture_output=True,
+                                                   text=True).stdout.split()]
+        assert worker["pid"] in children and len(children) == 2, (children, worker["pid"])
+        app.send_signal(signum)
+        app.wait(timeout=90)
+        wait_for(lambda: not any(_alive(pid) for pid in children), timeout=60)
+        assert not _serving(port)
+        assert store.live_workers() == []                 # the worker stopped in order and deregistered
+    finally:
+        if app.poll() is None:
+            app.kill()
