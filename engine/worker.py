@@ -18,6 +18,7 @@ import time
 import uuid
 
 from storage import LIVE_STATUSES, ClaimLost, RunNotFound, Store, StoreError
+from storage.database import ReadOnlyStore
 
 from . import shutdown
 
@@ -114,15 +115,20 @@ class Worker:
         ctx = mp.get_context("spawn")
         signal.signal(signal.SIGTERM, self._stop)
         signal.signal(signal.SIGINT, self._stop)
+        self.next_stale_check = 0.0
+        # A store it cannot write (a read-only file, mount or URL) is one line, not a retry forever.
+        store.worker_heartbeat(self.id, host=socket.gethostname(), pid=os.getpid(),
+                               device=self.device, max_parallel=self.max_parallel)
         print(f"worker {self.id}: {self.url}, up to {self.max_parallel} run(s) at once, "
               f"{self.threads} torch thread(s) each", file=sys.stderr, flush=True)
-        self.next_stale_check = 0.0
         try:
             while not self.stopping:
                 try:
                     self._tick(ctx, store)
                     if self.exit_when_idle and self._idle(store):
                         break
+                except ReadOnlyStore:
+                    raise
                 except StoreError as exc:       # a lock held past the store's patience, a server gone:
                     print(f"worker {self.id}: {exc} (retrying)", file=sys.stderr, flush=True)   # never die
                 time.sleep(self.poll_s)

@@ -594,3 +594,47 @@ def test_a_postgresql_store_at_schema_version_1_opens_upgraded(postgres_url):
         assert store.schema_version == migrations.current_version() == 5
         assert store.get_run(run_id).tags == ["kept"] and store.claim_next_run("w").id == run_id
         assert store.get_run(run_id).parent_id is None and store.checkpoints(run_id) == []
+
+
+# ---------------------------------------------------------------- issue 17 item 10: read-only stores
+
+def read_only_mount(folder: Path, *command: str) -> subprocess.CompletedProcess:
+    """`python -m engine COMMAND` with `folder` a private read-only bind mount (root ignores permissions)."""
+    out = subprocess.run(["unshare", "-rm", "sh", "-c", f'mount --bind "{folder}" "{folder}" && '
+                          f'mount -o remount,ro,bind "{folder}" "{folder}" && exec "$0" -m engine "$@"',
+                          sys.executable, *command], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    if "mount" in out.stderr and out.returncode != 0 and os.environ.get("CI", "").lower() != "true":
+        pytest.skip(f"no read-only mount here: {out.stderr.strip()[:200]}")
+    return out
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare for a read-only mount")
+def test_a_default_wal_store_on_a_read_only_mount_can_be_listed(tmp_path):
+    """Issue 17 item 10. Before: a default (WAL) store on a read-only file system could not even be
+    listed ('unable to open database file': readers of a WAL file need its -shm file), though README
+    says a read-only store can be. Now it is opened read-only and immutable: listed and read, and a
+    write or a worker is one line saying it is read-only."""
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    with Store(folder / "s.db") as store:
+        store.create_run({}, name="kept run")
+    raw = sqlite3.connect(folder / "s.db")
+    assert raw.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    raw.close()
+    assert sorted(os.listdir(folder)) == ["s.db"]       # closed cleanly: no -wal or -shm file to read through
+    listed = read_only_mount(folder, "runs", "--db", str(folder / "s.db"))
+    assert listed.returncode == 0 and "kept run" in listed.stdout, listed.stderr
+    refused(read_only_mount(folder, "tag", "1", "x", "--db", str(folder / "s.db")), "is read-only")
+    refused(read_only_mount(folder, "worker", "--once", "--db", str(folder / "s.db")), "is read-only")
+
+
+def test_a_worker_on_a_read_only_url_refuses_in_one_line(tmp_path):
+    """Issue 17 item 10, the worker. Before: `worker` on a `?mode=ro` store logged the read-only error
+    and retried it forever. Now it refuses at once: one line, exit 2, nothing written."""
+    path = tmp_path / "s.db"
+    with Store(path) as store:
+        run_id = store.create_run({}, name="queued run")
+    out = engine("worker", "--once", "--db", f"sqlite:///file:{path}?mode=ro&uri=true", timeout=60)
+    refused(out, "is read-only")
+    with Store(path) as store:
+        assert store.get_run(run_id).status == "queued" and store.live_workers() == []
