@@ -217,6 +217,24 @@ class StoreControl:
         return result
 
 
+class DiskFull(StoreError):
+    """A checkpoint could not be written for want of space: the run ends `interrupted` (resumable once
+    there is space), never `failed` (execute treats it as the store errors it is kin to)."""
+
+
+def _disk_full(exc: BaseException, folder: Path) -> bool:
+    """Whether a failed checkpoint write ran out of space. torch.save reports a short write as a
+    RuntimeError ('unexpected pos N vs M', 'file write failed'), not as the OSError it was."""
+    import errno
+    text = str(exc)
+    if any(isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) for e in (exc, exc.__cause__,
+                                                                                           exc.__context__)):
+        return True
+    if "No space left" in text or "quota exceeded" in text.lower():
+        return True
+    return isinstance(exc, RuntimeError) and ("unexpected pos" in text or "file write failed" in text)
+
+
 def save_checkpoint(store: Store, member: Member, keep: bool = False) -> None:
     """The run's resume checkpoint, and with keep a kept one for forks and averages (a hard link to the
     same bytes). Metrics are flushed first, so a checkpoint never points past the stored trace; files
@@ -228,7 +246,20 @@ def save_checkpoint(store: Store, member: Member, keep: bool = False) -> None:
     tag = f"run-{member.run_id}-{(member.claim or 'here')[:12]}"
     path = folder / f"{tag}.pt"
     previous = store.get_run(member.run_id).checkpoint_path
-    write_atomically(path, lambda tmp: torch.save(member.state_dict(), tmp), what="the checkpoint")
+    full = False
+    try:
+        write_atomically(path, lambda tmp: torch.save(member.state_dict(), tmp), what="the checkpoint")
+    except (StoreError, RuntimeError, OSError) as exc:
+        if not _disk_full(exc, folder):
+            raise
+        # torch's writer, still open in the traceback's frames, holds the unlinked partial file's space:
+        # free it, so that the store (often on the same disk) can still record the run's end
+        traceback.clear_frames(exc.__traceback__)
+        full = True
+    if full:
+        import gc
+        gc.collect()
+        raise DiskFull(f"disk full at {path}: free space and resume")
     store.update_run(member.run_id, checkpoint_path=str(path), checkpoint_step=member.step)
     if previous and previous != str(path):      # the file of an earlier claim of this run
         Path(previous).unlink(missing_ok=True)

@@ -3,6 +3,7 @@ workers, real run processes and real SQLite files. Each test says what main did 
 now."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -534,3 +535,29 @@ def test_a_signal_to_the_app_stops_the_worker_and_the_dashboard_too(tmp_path, si
     finally:
         if app.poll() is None:
             app.kill()
+
+
+def test_a_full_disk_at_a_checkpoint_ends_the_run_interrupted_not_failed(tmp_path):
+    """Issue 17 item 7. Before: a checkpoint write on a full disk (torch raises `RuntimeError ...
+    unexpected pos`, not OSError) ended the run `failed` with a traceback. Now it ends `interrupted`
+    with 'disk full at <path>: free space and resume'. The store lives on a 3 MB file system (a private
+    tmpfs, gone with the command) where the run's 4 MB checkpoint does not fit."""
+    if shutil.which("unshare") is None:
+        pytest.skip("needs unshare for a small private file system")
+    folder = tmp_path / "small"
+    folder.mkdir()
+    db = folder / "s.db"
+    show = ("import json, sys; from storage import Store; r = Store(sys.argv[1]).get_run(1); "
+            "print(json.dumps([r.status, r.error, r.checkpoint_path]))")
+    script = (f'mount -t tmpfs -o size=3m tmpfs "{folder}" && "$0" -m engine train --width 1024 --depth 2 '
+              f'--epochs 2 --log-every 20 --db "{db}"; echo "exit $?"; exec "$0" -c "$1" "{db}"')
+    out = subprocess.run(["unshare", "-m", "sh", "-c", script, sys.executable, show], capture_output=True,
+                         text=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
+    if "mount:" in out.stderr and os.environ.get("CI", "").lower() != "true":
+        pytest.skip(f"no private tmpfs here: {out.stderr.strip()[:200]}")
+    lines = out.stdout.splitlines()
+    status, error, checkpoint = json.loads(lines[-1])
+    assert (status, lines[-2]) == ("interrupted", "exit 0"), (lines, out.stderr[-3000:])
+    assert error.startswith(f"disk full at {folder}/s.db.checkpoints/run-1-") and \
+        error.endswith(".pt: free space and resume"), error
+    assert checkpoint is None and "Traceback" not in out.stderr, out.stderr[-3000:]
