@@ -352,8 +352,13 @@ def cmd_bundle(args) -> int:
     return 0
 
 
+def check_imported_config(config: dict) -> None:
+    """An imported run's config passes the rules `train` applies (the Run page reads every field)."""
+    RunConfig.from_dict(config).validate()
+
+
 def cmd_import(args) -> int:
-    for run_id in Store(args.db).import_bundle(args.file):
+    for run_id in Store(args.db).import_bundle(args.file, check_config=check_imported_config):
         print(run_id)
     return 0
 

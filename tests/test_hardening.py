@@ -638,3 +638,81 @@ def test_a_worker_on_a_read_only_url_refuses_in_one_line(tmp_path):
     refused(out, "is read-only")
     with Store(path) as store:
         assert store.get_run(run_id).status == "queued" and store.live_workers() == []
+
+
+# ---------------------------------------------------------------- issue 17 item 6: bundles read in bounded memory
+
+def peak_memory_of(*args) -> tuple[subprocess.CompletedProcess, int]:
+    """`python -m engine ARGS` and the most memory it held (max RSS, bytes), measured by a parent of
+    its own (this test process's other children do not count)."""
+    measure = ("import json, resource, subprocess, sys; out = subprocess.run(sys.argv[1:], capture_output=True, "
+               "text=True); print(json.dumps([out.returncode, out.stdout, out.stderr, "
+               "resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024]))")
+    done = subprocess.run([sys.executable, "-c", measure, sys.executable, "-m", "engine", *args], capture_output=True,
+                          text=True, timeout=600, cwd=ROOT)
+    code, stdout, stderr, peak = json.loads(done.stdout)
+    return subprocess.CompletedProcess(args, code, stdout, stderr), peak
+
+
+def bomb(out: Path, manifest: bytes, parquet: bytes, parquet_compression=zipfile.ZIP_STORED) -> Path:
+    with zipfile.ZipFile(out, "w") as dst:
+        dst.writestr("manifest.json", manifest, compress_type=zipfile.ZIP_DEFLATED, compresslevel=9)
+        dst.writestr("metrics.parquet", parquet, compress_type=parquet_compression, compresslevel=9)
+    return out
+
+
+def test_a_small_bundle_that_inflates_is_refused_in_bounded_memory(good_bundle, tmp_path):
+    """Issue 17 item 6. Before: a 215 KB bundle reached 3.7 GB of memory before its one-line refusal
+    (a manifest of millions of tiny objects, inflated from a few KB and parsed whole; a metrics file
+    inflated in the zip). Now the manifest is counted as it inflates and refused before it is parsed,
+    and a metrics file compressed in the zip is refused: peak memory stays under 10x the bundle + 200 MB."""
+    with zipfile.ZipFile(good_bundle) as src:
+        parquet = src.read("metrics.parquet")
+    head = b'{"format": "spherelab-bundle", "version": 1, "sweep": null, "runs": ['
+    manifest_bomb = bomb(tmp_path / "manifest.zip", head + b"{}," * (20 << 20) + b"{}]}", parquet)
+    metrics_bomb = bomb(tmp_path / "metrics.zip", json.dumps({"format": "spherelab-bundle", "version": 1,
+                                                             "sweep": None, "runs": []}).encode(),
+                        parquet + b"\0" * (250 << 20), zipfile.ZIP_DEFLATED)
+    for bundle, phrase in ((manifest_bomb, "MB of memory"), (metrics_bomb, "compressed")):
+        size = bundle.stat().st_size
+        target = tmp_path / f"{bundle.stem}.db"
+        out, peak = peak_memory_of("import", str(bundle), "--db", str(target))
+        refused(out, phrase)
+        print(f"{bundle.name}: {size:,} bytes, peak memory {peak / 2**20:.0f} MB")
+        assert peak <= 10 * size + (200 << 20), (bundle.name, size, peak)
+        assert Store(target).list_runs() == []
+
+
+@pytest.mark.parametrize("field, value, phrase", [
+    ("elr", float("nan"), "--elr must be a positive finite number"),
+    ("elr", float("inf"), "--elr must be a positive finite number"),
+    ("seed", 10**30, "--seed must be a whole number"),
+    ("epochs", "x", "run #0 has a config `train` would refuse"),
+])
+def test_an_imported_config_follows_the_rules_of_train(good_bundle, tmp_path, field, value, phrase):
+    """Issue 17 item 6, the configs. Before: NaN or infinite ELRs, `seed: 10**30` and `"epochs": "x"` were
+    imported, and the Run page crashed on them. Now an imported config passes `train`'s checks, else the
+    import is one line and writes nothing."""
+    def edit(m):
+        m["runs"][0]["config"][field] = value
+    bad = rewrite(good_bundle, tmp_path / "bad.zip",
+                  manifest_bytes=None if not isinstance(value, float) else
+                  json.dumps(_edited(good_bundle, edit), allow_nan=True).encode(),
+                  manifest=edit if not isinstance(value, float) else None)
+    out = engine("import", str(bad), "--db", str(tmp_path / "t.db"))
+    refused(out, phrase)
+    assert Store(tmp_path / "t.db").list_runs() == []
+
+
+def _edited(bundle: Path, edit) -> dict:
+    with zipfile.ZipFile(bundle) as src:
+        data = json.loads(src.read("manifest.json"))
+    edit(data)
+    return data
+
+
+def test_an_imported_name_with_nul_is_refused(good_bundle, tmp_path):
+    """Issue 17 item 6: a NUL in a run's name or tags was imported (and broke the Run page)."""
+    bad = rewrite(good_bundle, tmp_path / "nul.zip", manifest=lambda m: m["runs"][0].update(name="a\0b"))
+    refused(engine("import", str(bad), "--db", str(tmp_path / "t.db")), "without NUL")
+    assert Store(tmp_path / "t.db").list_runs() == []
