@@ -175,12 +175,15 @@ class BundleAPI:
         manifest = {"format": FORMAT, "version": FORMAT_VERSION, "sweep": sweep, "runs": entries}
         write_bundle(path, manifest, _metrics_table(metric_rows, uid_of), files)
 
-    def import_bundle(self, path, *, check_config=None) -> list[int]:
+    def import_bundle(self, path, *, check_config=None, checkpoint_limit=None, check_checkpoint=None) -> list[int]:
         """Add a bundle's runs under new ids (uids kept) in one transaction; returns the new ids.
         Imported runs are data (see the module docstring): never claimable, and a status that had not
         ended becomes `interrupted`. Checkpoint fields are cleared (checkpoints do not travel).
         check_config(config): raises (with a one-line message) for a run config `train` would refuse;
-        the engine passes its own validation (this package never imports the engine)."""
+        the engine passes its own validation (this package never imports the engine).
+        checkpoint_limit(config): the most bytes a checkpoint of that config's model can take; a bundled
+        checkpoint declared larger is refused before anything is copied. check_checkpoint(config, path):
+        raises for a copied checkpoint that is not of that config's model (another architecture)."""
         manifest, parquet = read_bundle(path)
         for index, entry in enumerate(manifest["runs"]):
             if check_config is not None:
@@ -190,16 +193,22 @@ class BundleAPI:
                     reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
                     raise _not_a_bundle(path, ValueError(f"run #{index} has a config `train` would refuse: "
                                                          f"{reason}")) from None
+            limit = checkpoint_limit(entry["config"]) if checkpoint_limit is not None else None
+            for item in entry.get("checkpoints") or []:
+                if limit is not None and item["bytes"] > limit:
+                    raise _not_a_bundle(path, ValueError(
+                        f"run #{index} has a checkpoint of {item['bytes']:,} bytes, more than its model can take "
+                        f"({limit:,})"))
         now = time.time()
         written: list[Path] = []
         try:
-            return self._import(path, manifest, parquet, now, written)
+            return self._import(path, manifest, parquet, now, written, check_checkpoint)
         except BaseException:
             for file in written:      # nothing half-imported: the transaction rolled back, files go too
                 file.unlink(missing_ok=True)
             raise
 
-    def _import(self, path, manifest: dict, parquet, now: float, written: list[Path]) -> list[int]:
+    def _import(self, path, manifest: dict, parquet, now: float, written: list[Path], check_checkpoint=None) -> list[int]:
         with self._write() as conn:
             for entry in manifest["runs"]:
                 existing = conn.execute(select(runs.c.id).where(runs.c.uid == entry["uid"])).scalar()
@@ -227,7 +236,8 @@ class BundleAPI:
             except IntegrityError:
                 raise _not_a_bundle(path, ValueError(f"{METRICS_NAME} has a (run, key, step) twice")) from None
             for entry in manifest["runs"]:
-                _import_checkpoints(conn, path, entry, new_ids[entry["uid"]], self.checkpoint_dir, written, now)
+                _import_checkpoints(conn, path, entry, new_ids[entry["uid"]], self.checkpoint_dir, written, now,
+                                    check_checkpoint)
         return list(new_ids.values())
 
 
@@ -246,7 +256,8 @@ def write_bundle(path, manifest: dict, table: pa.Table, files: dict[str, str] | 
     write_atomically(path, write, what="the bundle", fix="choose a writable --out path")
 
 
-def _import_checkpoints(conn, path, entry: dict, run_id: int, folder: Path, written: list[Path], now: float) -> None:
+def _import_checkpoints(conn, path, entry: dict, run_id: int, folder: Path, written: list[Path], now: float,
+                        check=None) -> None:
     """Copy the entry's kept checkpoints out of the bundle (streamed, each within its declared size) and
     record them for the new run."""
     kept = entry.get("checkpoints") or []
@@ -268,6 +279,13 @@ def _import_checkpoints(conn, path, entry: dict, run_id: int, folder: Path, writ
                     if copied > item["bytes"]:
                         raise _not_a_bundle(path, ValueError("a checkpoint is larger than its manifest says"))
                     sink.write(chunk)
+            if check is not None:
+                try:
+                    check(entry["config"], str(target))
+                except Exception as exc:
+                    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                    raise _not_a_bundle(path, ValueError(f"the checkpoint of epoch {item['epoch']} of run "
+                                                         f"{entry['uid']} does not fit its config: {reason}")) from None
             conn.execute(insert(checkpoints).values(run_id=run_id, epoch=item["epoch"], step=item["step"],
                                                     path=str(target), bytes=item["bytes"], created_at=now))
 

@@ -716,3 +716,44 @@ def test_an_imported_name_with_nul_is_refused(good_bundle, tmp_path):
     bad = rewrite(good_bundle, tmp_path / "nul.zip", manifest=lambda m: m["runs"][0].update(name="a\0b"))
     refused(engine("import", str(bad), "--db", str(tmp_path / "t.db")), "without NUL")
     assert Store(tmp_path / "t.db").list_runs() == []
+
+
+def bundle_with_checkpoints(tmp_path, width: int) -> Path:
+    db = str(tmp_path / f"w{width}.db")
+    out = engine("train", "--width", str(width), "--epochs", "1", "--keep-every", "1", "--log-every", "20", "--db", db)
+    assert out.returncode == 0, out.stderr
+    bundle = tmp_path / f"w{width}.zip"
+    assert engine("bundle", out.stdout.split()[-1], "--with-checkpoints", "--out", str(bundle), "--db", db).returncode == 0
+    return bundle
+
+
+def test_a_bundled_checkpoint_must_fit_its_config(tmp_path):
+    """Issue 17 item 6, the checkpoints. Before: a 1.1 MB bundle declaring a 1 GiB checkpoint wrote a
+    1 GiB file, and a width-32 checkpoint under a width-64 config was imported (its fork was left
+    `running` with no process). Now a checkpoint larger than its config's model can take is refused
+    before anything is copied, one of another architecture after, and nothing is left behind."""
+    bundle = bundle_with_checkpoints(tmp_path, 32)
+    with zipfile.ZipFile(bundle) as src:
+        members = {name: src.read(name) for name in src.namelist()}
+    manifest = json.loads(members["manifest.json"])
+    [member] = [name for name in members if name.startswith("checkpoints/")]
+    target = tmp_path / "t.db"
+
+    huge = dict(members, **{member: members[member] + b"\0" * (40 << 20)})
+    grown = json.loads(members["manifest.json"])
+    grown["runs"][0]["checkpoints"][0]["bytes"] = len(huge[member])
+    huge["manifest.json"] = json.dumps(grown).encode()
+    too_big = tmp_path / "huge.zip"
+    with zipfile.ZipFile(too_big, "w") as dst:
+        for name, data in huge.items():
+            dst.writestr(name, data, compress_type=zipfile.ZIP_DEFLATED)
+    refused(engine("import", str(too_big), "--db", str(target)), "more than its model can take")
+
+    manifest["runs"][0]["config"]["width"] = 64
+    members["manifest.json"] = json.dumps(manifest).encode()
+    other = tmp_path / "other.zip"
+    with zipfile.ZipFile(other, "w") as dst:
+        for name, data in members.items():
+            dst.writestr(name, data)
+    refused(engine("import", str(other), "--db", str(target)), "does not fit its config", "width 64")
+    assert Store(target).list_runs() == [] and not list(Path(f"{target}.checkpoints").glob("*.pt"))
