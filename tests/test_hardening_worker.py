@@ -561,3 +561,23 @@ def test_a_full_disk_at_a_checkpoint_ends_the_run_interrupted_not_failed(tmp_pat
     assert error.startswith(f"disk full at {folder}/s.db.checkpoints/run-1-") and \
         error.endswith(".pt: free space and resume"), error
     assert checkpoint is None and "Traceback" not in out.stderr, out.stderr[-3000:]
+
+
+def test_the_dashboard_deletes_a_parent_only_with_its_branches_cancelled(tmp_path, monkeypatch):
+    """Issue 17 item 5, the dashboard: the Run page's delete is refused for a run with a queued branch
+    (the store's one line shown), and with "and cancel its branches" ticked it deletes and cancels."""
+    from tests.test_dashboard import open_app
+    db = tmp_path / "dash.db"
+    store = Store(db)
+    parent = store.create_run({}, name="parent", status="finished")
+    [child] = store.create_runs([{"config": {}, "name": "branch", "parent_id": parent, "fork_epoch": 1}])
+    at = open_app(db, monkeypatch, "run", run=parent)
+    at.button(key=f"m-delete-{parent}-ask").click().run()
+    at.button(key=f"m-delete-{parent}-yes").click().run()
+    assert not at.exception and any("--with-children" in e.value.replace("\\", "") for e in at.error), [e.value for e in at.error]
+    assert store.get_run(parent).status == "finished" and store.get_run(child).status == "queued"
+    at.checkbox(key=f"m-delete-children-{parent}").check().run()
+    at.button(key=f"m-delete-{parent}-ask").click().run()
+    at.button(key=f"m-delete-{parent}-yes").click().run()
+    assert not at.exception and [r.id for r in store.list_runs()] == [child]
+    assert store.get_run(child).status == "cancelled"
