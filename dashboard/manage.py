@@ -50,8 +50,13 @@ def run_section(store: Store, run: RunInfo) -> None:
                            lambda: data.bundle_bytes(store, [run.id]), file_name=f"spherelab-run-{run.id}.zip",
                            mime="application/zip", icon=":material/archive:", on_click="ignore", key=f"m-bundle-{run.id}")
     with delete:
+        children = store.unfinished_children(run.id)
+        with_children = bool(children) and st.checkbox(
+            "and cancel its branches", key=f"m-delete-children-{run.id}",
+            help=f"Branches that have not ended ({', '.join(f'#{c.id} {c.status}' for c in children)}) start from "
+                 "this run's kept checkpoints: deleting it cancels them, or it is refused.")
         _delete(f"run #{run.id}", run.status in LIVE_STATUSES, f"m-delete-{run.id}",
-                lambda: data.delete_runs(store, [run]), "run")
+                lambda: store.delete(run.id, with_children=with_children), "run")
 
 
 def sweep_section(store: Store, sweep: SweepInfo) -> None:

@@ -274,6 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
                        ("delete", "delete a run with its metrics, events and checkpoint")):
         c = cmd(name, text)
         c.add_argument("run", type=_id)
+    c.add_argument("--with-children", action="store_true",
+                   help="also cancel the run's branches that have not ended (they would have nothing to start from)")
     t = cmd("tag", "add tags to a run")
     t.add_argument("run", type=_id)
     t.add_argument("tags", nargs="+")

@@ -388,7 +388,7 @@ def cmd_cancel(args) -> int:
 
 
 def cmd_delete(args) -> int:
-    Store(args.db).delete(args.run)       # with its checkpoint files
+    Store(args.db).delete(args.run, with_children=args.with_children)       # with its checkpoint files
     return 0
 
 
@@ -438,8 +438,40 @@ def cmd_bundle(args) -> int:
     return 0
 
 
+def check_imported_config(config: dict) -> None:
+    """An imported run's config passes the rules `train` applies (the Run page reads every field)."""
+    RunConfig.from_dict(config).validate()
+
+
+def imported_checkpoint_limit(config: dict) -> int:
+    """The most bytes a checkpoint of this config's model can take: the weights, their start copy,
+    averages, momentum and the sharpness vector (at most 8 float32 copies), and 1 MiB for the rest."""
+    return 32 * RunConfig.from_dict(config).parameter_count + (1 << 20)
+
+
+# what each dataset feeds the model, known without reading it (a colleague may not have the CIFAR folder)
+_SHAPES = {"digits": ((64,), 10), "ticks": ((32,), 2), "cifar10": ((3, 32, 32), 10), "cifar100": ((3, 32, 32), 100)}
+
+
+def check_imported_checkpoint(config: dict, path: str) -> None:
+    """A bundled checkpoint holds the weights of its run's model (model, width, depth, data shape)."""
+    import torch
+    from .models import build_model
+    from .runner import load_checkpoint
+    cfg = RunConfig.from_dict(config)
+    shape, classes = _SHAPES.get(cfg.dataset, (tuple(cfg.synthetic_shape), cfg.synthetic_classes))
+    expected = {k: tuple(v.shape) for k, v in build_model(cfg, shape, classes).state_dict().items()}
+    state = load_checkpoint(path, torch.device("cpu"), "the checkpoint")
+    model = state.get("model") if isinstance(state, dict) else None
+    got = {k: tuple(v.shape) for k, v in model.items()} if isinstance(model, dict) else None
+    if got != expected:
+        raise ConfigError(f"its weights are not those of a {cfg.model} of width {cfg.width} on {cfg.dataset}")
+
+
 def cmd_import(args) -> int:
-    for run_id in Store(args.db).import_bundle(args.file):
+    for run_id in Store(args.db).import_bundle(args.file, check_config=check_imported_config,
+                                               checkpoint_limit=imported_checkpoint_limit,
+                                               check_checkpoint=check_imported_checkpoint):
         print(run_id)
     return 0
 

@@ -1,7 +1,8 @@
 """Analysis jobs on kept checkpoints: an SWA average of one run's checkpoints, or the geometry between
 two solutions (engine/solutions.py). They can take minutes on a conv net, so they run in the engine
 (the CLI's process, or a worker's job process), never in the dashboard; a job's result is written
-once, when it is complete, and a job whose process died goes back to the queue (storage.jobs).
+once, when it is complete, and a job whose process died goes back to the queue (storage.solutions),
+the one being computed at most MAX_JOB_RETRIES times.
 """
 from __future__ import annotations
 
@@ -10,12 +11,12 @@ import traceback
 
 import torch
 
-from storage import Store
+from storage import ClaimLost, RunNotFound, Store, StoreError
 
 from .config import ConfigError, RunConfig
 from .packing import pack_key
-from .runner import HEARTBEAT_EVERY_S
-from .solutions import Evaluator, average, geometry
+from .runner import HEARTBEAT_EVERY_S, load_checkpoint
+from .solutions import Evaluator, average, checkpoint_weights, geometry
 
 
 def checkpoint_path(store: Store, run_id: int, epoch: int) -> str:
@@ -24,6 +25,18 @@ def checkpoint_path(store: Store, run_id: int, epoch: int) -> str:
         raise ConfigError(f"run {run_id} has no kept checkpoint at epoch {epoch} (kept: "
                           f"{', '.join(map(str, sorted(kept))) or 'none'})")
     return kept[epoch].path
+
+
+def load_kept(store: Store, evaluator: Evaluator, run_id: int, epoch: int) -> torch.Tensor:
+    """The SI weights of a run's kept checkpoint; a file that cannot be read is a ConfigError naming it."""
+    path = checkpoint_path(store, run_id, epoch)
+    what = f"run {run_id}'s kept checkpoint at epoch {epoch}"
+    state = load_checkpoint(path, evaluator.device, what)
+    try:
+        return checkpoint_weights(state, evaluator.layer_names)
+    except (KeyError, TypeError, AttributeError, RuntimeError) as exc:
+        raise ConfigError(f"{what} {path} is not a checkpoint of this run's model "
+                          f"({type(exc).__name__}: {exc})") from None
 
 
 def run_job(store: Store, job, device: str | None = None) -> dict:
@@ -35,7 +48,7 @@ def run_job(store: Store, job, device: str | None = None) -> dict:
         cfg = cfg.replace(device=device)
     evaluator = _evaluator(cfg)
     if job.kind == "average":
-        weights = [evaluator.load(checkpoint_path(store, job.run_id, e)) for e in spec["epochs"]]
+        weights = [load_kept(store, evaluator, job.run_id, e) for e in spec["epochs"]]
         [values] = evaluator.evaluate(average(weights)[None])
         return {"run": job.run_id, "epochs": spec["epochs"], **values}
     a, b = spec["a"], spec["b"]
@@ -63,20 +76,31 @@ def solution(store: Store, evaluator: Evaluator, end: dict) -> torch.Tensor:
     """The weights an end of a geometry names: {"run", "epoch"} a kept checkpoint, {"run", "epochs"} the
     SWA average of several."""
     if "epochs" in end:
-        return average([evaluator.load(checkpoint_path(store, end["run"], e)) for e in end["epochs"]])
-    return evaluator.load(checkpoint_path(store, end["run"], end["epoch"]))
+        return average([load_kept(store, evaluator, end["run"], e) for e in end["epochs"]])
+    return load_kept(store, evaluator, end["run"], end["epoch"])
 
 
 def execute_job(store: Store, job_id: int, claim: str, device: str | None = None) -> str:
-    """Run a claimed job and store its result (or its failure); returns the final status. Never raises
-    for a failing computation. A thread heartbeats while it computes, so a job whose process is killed
-    looks stale and goes back to the queue (storage.jobs.requeue_stale_jobs)."""
-    job = store.get_job(job_id)
-    beating = threading.Event()
+    """Run a claimed job and store its result (or its failure); returns the final status, or "lost" when
+    the job was taken from this process meanwhile (requeued, or deleted with its run): then nothing is
+    written. Never raises for a failing computation. A thread heartbeats while it computes, so a job
+    whose process is killed looks stale and goes back to the queue (storage.solutions)."""
+    try:
+        store.start_job(job_id, claim=claim)
+        job = store.get_job(job_id)
+    except (ClaimLost, StoreError):
+        return "lost"                  # deleted with its run, or requeued, before its turn came
+    beating, lost = threading.Event(), threading.Event()
 
     def beat():
         while not beating.wait(HEARTBEAT_EVERY_S):
-            store.job_heartbeat(job_id, claim=claim)
+            try:
+                store.job_heartbeat(job_id, claim=claim)
+            except ClaimLost:
+                lost.set()
+                return
+            except StoreError:
+                pass                   # a lock past the store's patience: beat again next time
 
     heart = threading.Thread(target=beat, name=f"job-{job_id}-heartbeat", daemon=True)
     heart.start()
@@ -84,13 +108,25 @@ def execute_job(store: Store, job_id: int, claim: str, device: str | None = None
         with torch.no_grad():
             result = run_job(store, job, device)
     except ConfigError as exc:
-        store.fail_job(job_id, str(exc), claim=claim)
-        return "failed"
-    except Exception as exc:      # a bug or an OOM fails the job, never the worker
-        store.fail_job(job_id, f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}", claim=claim)
-        return "failed"
+        return _end(store, job_id, claim, str(exc))
+    except RunNotFound:                # its run was deleted while it computed: the job went with it
+        return _end(store, job_id, claim, "its run was deleted")
+    except Exception as exc:           # a bug or an OOM fails the job, never the worker
+        return _end(store, job_id, claim, f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
     finally:
         beating.set()
         heart.join()
-    store.finish_job(job_id, result, claim=claim)
+    try:
+        store.finish_job(job_id, result, claim=claim)
+    except ClaimLost:
+        return "lost"
     return "finished"
+
+
+def _end(store: Store, job_id: int, claim: str, error: str) -> str:
+    """Record the job failed, unless it is no longer this process's (deleted with its run, requeued)."""
+    try:
+        store.fail_job(job_id, error, claim=claim)
+    except ClaimLost:
+        return "lost"
+    return "failed"

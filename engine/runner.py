@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -77,26 +78,58 @@ class StoreRecorder:
 
 class PackPoller:
     """The store calls of all members trained in one process, made together whatever the pack's size:
-    one heartbeat transaction a second, one look at the commands table every POLL_EVERY_S, and the
-    members' live analyses spread out (each every ANALYZE_EVERY_S, or every ANALYSIS_SHARE_S per member
-    in a large pack, one at a time)."""
+    one heartbeat transaction a second (from its own thread, see beat()), one look at the commands table
+    every POLL_EVERY_S, and the members' live analyses spread out (each every ANALYZE_EVERY_S, or every
+    ANALYSIS_SHARE_S per member in a large pack, one at a time)."""
 
     def __init__(self, store: Store):
         self.store = store
         self.controls: dict[int, "StoreControl"] = {}
-        self.next_beat = self.next_poll = self.next_analysis = 0.0
+        self.next_poll = self.next_analysis = 0.0
+        self.lost: dict[int, Exception] = {}      # found by the heartbeat thread, applied by the training thread
+        self._stop = threading.Event()
+        self._heart: threading.Thread | None = None
 
     def live(self) -> dict[int, "StoreControl"]:
-        return {rid: c for rid, c in self.controls.items()
-                if c.member is not None and not c.recorder.lost and c.stop_reason is None and not c.ended}
+        return {rid: c for rid, c in list(self.controls.items())
+                if c.member is not None and not c.recorder.lost and c.stop_reason is None and not c.ended
+                and rid not in self.lost}
+
+    # ---- heartbeats: a thread of their own, so a step that lasts minutes (a sharpness measurement
+    # with hundreds of Lanczos iterations, a long evaluation) never makes a live run look stale.
+    def start(self) -> None:
+        self._heart = threading.Thread(target=self._beat_forever, name="run-heartbeat", daemon=True)
+        self._heart.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._heart is not None:
+            self._heart.join()
+
+    def _beat_forever(self) -> None:
+        while not self._stop.is_set():
+            self.beat()
+            self._stop.wait(HEARTBEAT_EVERY_S)
+
+    def beat(self) -> None:
+        """One heartbeat transaction for the live members. A run taken from this process is noted (the
+        training thread stops it at its next poll); a store error is tried again at the next beat."""
+        live = self.live()
+        if not live:
+            return
+        try:
+            lost = self.store.heartbeats({rid: c.member.step for rid, c in live.items()}, held_only=True)
+        except StoreError:
+            return
+        self.lost.update(lost)
 
     def work(self) -> None:
         now = time.monotonic()
+        for run_id, error in list(self.lost.items()):
+            control = self.controls.get(run_id)
+            if control is not None and not control.recorder.lost:
+                control.recorder.lose(error)
         live = self.live()
-        if now >= self.next_beat and live:
-            for run_id, error in self.store.heartbeats({rid: c.member.step for rid, c in live.items()}).items():
-                live[run_id].recorder.lose(error)
-            self.next_beat = now + HEARTBEAT_EVERY_S
         if now >= self.next_poll and live:
             taken, lost = self.store.take_commands_for(list(live))
             for run_id, error in lost.items():
@@ -185,6 +218,24 @@ class StoreControl:
         return result
 
 
+class DiskFull(StoreError):
+    """A checkpoint could not be written for want of space: the run ends `interrupted` (resumable once
+    there is space), never `failed` (execute treats it as the store errors it is kin to)."""
+
+
+def _disk_full(exc: BaseException, folder: Path) -> bool:
+    """Whether a failed checkpoint write ran out of space. torch.save reports a short write as a
+    RuntimeError ('unexpected pos N vs M', 'file write failed'), not as the OSError it was."""
+    import errno
+    text = str(exc)
+    if any(isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) for e in (exc, exc.__cause__,
+                                                                                           exc.__context__)):
+        return True
+    if "No space left" in text or "quota exceeded" in text.lower():
+        return True
+    return isinstance(exc, RuntimeError) and ("unexpected pos" in text or "file write failed" in text)
+
+
 def save_checkpoint(store: Store, member: Member, keep: bool = False) -> None:
     """The run's resume checkpoint, and with keep a kept one for forks and averages (a hard link to the
     same bytes). Metrics are flushed first, so a checkpoint never points past the stored trace; files
@@ -196,7 +247,20 @@ def save_checkpoint(store: Store, member: Member, keep: bool = False) -> None:
     tag = f"run-{member.run_id}-{(member.claim or 'here')[:12]}"
     path = folder / f"{tag}.pt"
     previous = store.get_run(member.run_id).checkpoint_path
-    write_atomically(path, lambda tmp: torch.save(member.state_dict(), tmp), what="the checkpoint")
+    full = False
+    try:
+        write_atomically(path, lambda tmp: torch.save(member.state_dict(), tmp), what="the checkpoint")
+    except (StoreError, RuntimeError, OSError) as exc:
+        if not _disk_full(exc, folder):
+            raise
+        # torch's writer, still open in the traceback's frames, holds the unlinked partial file's space:
+        # free it, so that the store (often on the same disk) can still record the run's end
+        traceback.clear_frames(exc.__traceback__)
+        full = True
+    if full:
+        import gc
+        gc.collect()
+        raise DiskFull(f"disk full at {path}: free space and resume")
     store.update_run(member.run_id, checkpoint_path=str(path), checkpoint_step=member.step)
     if previous and previous != str(path):      # the file of an earlier claim of this run
         Path(previous).unlink(missing_ok=True)
@@ -247,6 +311,8 @@ def execute(store: Store, claims: dict[int, str], *, device: str | None = None, 
             m.recorder.guard(m.control.refresh_analysis, m)
             m.recorder.guard(store.update_run, m.run_id, step=m.step)
         statuses[m.run_id] = _end_run(store, m.run_id, status, recorder=m.recorder)
+        if statuses[m.run_id] == "finished":
+            _drop_resume_checkpoint(store, m.run_id)
 
     for info, m in zip(infos, trainer.members):
         _attach(store, info, m, claims[info.id], finish, poller)
@@ -257,6 +323,7 @@ def execute(store: Store, claims: dict[int, str], *, device: str | None = None, 
         progress.total = sum(m.total_steps for m in trainer.members)
         trainer.on_step = lambda t: progress.update(sum(m.step for m in t.members) - progress.n)
     live = lambda: [m for m in trainer.members if m.state != "ended"]   # noqa: E731
+    poller.start()
     try:
         trainer.run()
         return statuses
@@ -274,6 +341,7 @@ def execute(store: Store, claims: dict[int, str], *, device: str | None = None, 
             statuses[m.run_id] = _end_run(store, m.run_id, "failed", error, recorder=m.recorder)
         return statuses
     finally:
+        poller.stop()
         for m in trainer.members:
             m.recorder.close()
 
@@ -294,6 +362,19 @@ def _end_run(store: Store, run_id: int, status: str, error: str | None = None, r
         return "unrecorded"
 
 
+def _drop_resume_checkpoint(store: Store, run_id: int) -> None:
+    """A finished run never resumes: its resume checkpoint goes (200 tiny runs kept 24 MB of them). Its
+    kept checkpoints (--keep-every, --keep-last: other files, hard links to the same bytes) stay for
+    forks, averages and geometries. The row forgets the file first, so it never points at nothing."""
+    try:
+        path = store.get_run(run_id).checkpoint_path
+        if path:
+            store.update_run(run_id, checkpoint_path=None, checkpoint_step=None)
+            Path(path).unlink(missing_ok=True)
+    except (StoreError, OSError):
+        pass          # a lock past the store's patience, a vanished run: the file stays, harmless
+
+
 def start_state(store: Store, info, device: torch.device) -> tuple[dict | None, bool]:
     """(checkpoint, is_fork) a stored run starts from: its own latest checkpoint (a resume), else, for a
     fork, its parent's kept checkpoint at the fork epoch, else nothing (a fresh run). A file that cannot
@@ -301,6 +382,9 @@ def start_state(store: Store, info, device: torch.device) -> tuple[dict | None, 
     if info.checkpoint_path and Path(info.checkpoint_path).exists():
         return _load(info.checkpoint_path, device, f"run {info.id}'s checkpoint"), False
     if info.parent_id is None:
+        if info.fork_epoch is not None:      # a fork whose parent was deleted: never a fresh start
+            raise ConfigError(f"run {info.id} branches from a run that was deleted, at epoch {info.fork_epoch}, "
+                              "whose kept checkpoint is gone")
         return None, False
     kept = {c.epoch: c.path for c in store.checkpoints(info.parent_id)}
     if info.fork_epoch not in kept or not Path(kept[info.fork_epoch]).exists():
@@ -309,13 +393,28 @@ def start_state(store: Store, info, device: torch.device) -> tuple[dict | None, 
     return _load(kept[info.fork_epoch], device, f"run {info.parent_id}'s kept checkpoint"), True
 
 
-def _load(path: str, device: torch.device, what: str) -> dict:
+def load_checkpoint(path: str, device: torch.device, what: str) -> dict:
+    """torch.load with the safe loader; a file that cannot be read (missing, truncated, damaged, a pickle
+    the safe loader refuses) is a ConfigError naming `what` and the file, in one line."""
     try:
         return torch.load(path, map_location=device, weights_only=True)
     except Exception as exc:      # truncated, damaged, or a pickle the safe loader refuses
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise ConfigError(f"{what} {path} cannot be loaded ({type(exc).__name__}: {reason}): "
+        raise ConfigError(f"{what} {path} cannot be loaded ({type(exc).__name__}: {_load_reason(exc)}): "
                           "it is damaged or not a spherelab checkpoint") from None
+
+
+_load = load_checkpoint
+
+
+def _load_reason(exc: Exception) -> str:
+    """The line of torch's message that says what is wrong with the file. Its advice to re-run with
+    weights_only=False is left out: that would run whatever code the file carries."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    useful = [line for line in lines if "weights_only" not in line and "Weights only load failed" not in line
+              and "documentation" not in line]
+    if useful:
+        return useful[0][:200]
+    return "refused by the safe loader" if lines else type(exc).__name__
 
 
 def _attach(store: Store, info, m: Member, claim: str, finish, poller: PackPoller) -> None:
@@ -326,6 +425,7 @@ def _attach(store: Store, info, m: Member, claim: str, finish, poller: PackPolle
     store.truncate_after(info.id, m.step if resumed_from is not None else -1)
     m.recorder = StoreRecorder(store, info.id)
     m.control = StoreControl(store, info.id, m.recorder, poller)
+    m.control.member = m          # heartbeats start before its first step (which may be a long measurement)
     if resumed_from is not None:   # what was already announced before the checkpoint stays announced
         m.control.regime = info.regime
         m.control.spikes = {e.step for e in store.events(info.id, ["spike"])}

@@ -18,6 +18,7 @@ import time
 import uuid
 
 from storage import LIVE_STATUSES, ClaimLost, RunNotFound, Store, StoreError
+from storage.database import ReadOnlyStore
 from storage.timings import seconds
 
 from . import shutdown
@@ -69,8 +70,10 @@ def _job_main(url: str, batch: dict[int, str], device: str, threads: int, parent
             for job_id, claim in list(waiting.items()):
                 try:
                     store.job_heartbeat(job_id, claim=claim)
-                except (ClaimLost, StoreError):
+                except ClaimLost:
                     waiting.pop(job_id, None)          # requeued or deleted meanwhile: not ours any more
+                except StoreError:
+                    pass                               # a lock past the store's patience: beat again next time
             if done.wait(HEARTBEAT_EVERY_S):
                 return
 
@@ -83,10 +86,8 @@ def _job_main(url: str, batch: dict[int, str], device: str, threads: int, parent
     for job_id, claim in batch.items():
         if waiting.pop(job_id, None) is None:
             continue
-        try:
-            execute_job(store, job_id, claim, device=None if device == "auto" else device)
-        except ClaimLost:
-            continue                                   # taken back while computing: its result is not ours
+        # a job taken back or deleted meanwhile ends "lost", writing nothing; the batch goes on
+        execute_job(store, job_id, claim, device=None if device == "auto" else device)
     done.set()
 
 
@@ -119,15 +120,20 @@ class Worker:
         ctx = mp.get_context("spawn")
         signal.signal(signal.SIGTERM, self._stop)
         signal.signal(signal.SIGINT, self._stop)
+        self.next_stale_check = 0.0
+        # A store it cannot write (a read-only file, mount or URL) is one line, not a retry forever.
+        store.worker_heartbeat(self.id, host=socket.gethostname(), pid=os.getpid(),
+                               device=self.device, max_parallel=self.max_parallel)
         print(f"worker {self.id}: {self.url}, up to {self.max_parallel} run(s) at once, "
               f"{self.threads} torch thread(s) each", file=sys.stderr, flush=True)
-        self.next_stale_check = 0.0
         try:
             while not self.stopping:
                 try:
                     self._tick(ctx, store)
                     if self.exit_when_idle and self._idle(store):
                         break
+                except ReadOnlyStore:
+                    raise
                 except StoreError as exc:       # a lock held past the store's patience, a server gone:
                     print(f"worker {self.id}: {exc} (retrying)", file=sys.stderr, flush=True)   # never die
                 time.sleep(self.poll_s)
@@ -144,7 +150,7 @@ class Worker:
         if time.monotonic() >= self.next_stale_check:
             for run_id in store.requeue_stale(self.stale_after_s, except_worker=self.id):
                 print(f"run {run_id}: heartbeat stale, marked interrupted", file=sys.stderr, flush=True)
-            for job_id in store.requeue_stale_jobs(self.stale_after_s, except_worker=self.id):
+            for job_id in store.requeue_stale_jobs(self.stale_after_s):
                 print(f"job {job_id}: heartbeat stale, queued again", file=sys.stderr, flush=True)
             self.next_stale_check = time.monotonic() + STALE_CHECK_EVERY_S
         self._advance_studies(store)
@@ -218,25 +224,34 @@ class Worker:
               file=sys.stderr, flush=True)
 
     def _reap(self, store: Store) -> None:
+        """Account for the processes that exited. A process is forgotten only once what it left is
+        recorded: if the store refuses (locked, a full disk), the next look tries again, so a live worker
+        never leaves a run or a job `running` with no process (no other worker takes a live worker's)."""
         for run_id, proc in list(self.children.items()):
             if not proc.is_alive():
                 proc.join()
-                del self.children[run_id]
-                print(f"run {run_id}: process exited ({proc.exitcode})", file=sys.stderr, flush=True)
                 # A child that died without recording an end (killed, a segfault, the store locked past
                 # its patience) leaves its run live: record why rather than leave it "running" forever.
                 self._record_end(store, run_id, *_exit_cause(proc.exitcode))
                 store.release(run_id)
+                del self.children[run_id]
+                print(f"run {run_id}: process exited ({proc.exitcode})", file=sys.stderr, flush=True)
         for job_id, (proc, claim) in list(self.jobs.items()):
             if not proc.is_alive():
                 proc.join()
+                # A job its process did not end (killed, a crash): the one it was computing is retried a
+                # bounded number of times, those waiting their turn go back to the queue as they were.
+                try:
+                    status = store.job_process_died(job_id, _exit_cause(proc.exitcode)[1], claim=claim)
+                except ClaimLost:
+                    status = None            # ended, requeued or taken over meanwhile: not ours to end
+                except StoreError as exc:
+                    if "no job with id" not in str(exc):
+                        raise
+                    status = None            # deleted with its run
                 del self.jobs[job_id]
-                print(f"job {job_id}: process exited ({proc.exitcode})", file=sys.stderr, flush=True)
-                if store.get_job(job_id).status == "running":
-                    try:
-                        store.fail_job(job_id, _exit_cause(proc.exitcode)[1], claim=claim)
-                    except ClaimLost:
-                        pass     # requeued or taken over meanwhile: not ours to end
+                print(f"job {job_id}: process exited ({proc.exitcode})"
+                      + (f", job {status}" if status else ""), file=sys.stderr, flush=True)
 
     @staticmethod
     def _record_end(store: Store, run_id: int, status: str, error: str | None = None) -> None:

@@ -60,6 +60,15 @@ MAX_INT = 2**63 - 1                   # steps and counts are 64-bit integers in 
 MAX_KEY_CHARS = 128                   # metrics.key is VARCHAR(128)
 MAX_REGIME_CHARS = 32                 # runs.regime is VARCHAR(32)
 IMPORT_BATCH_ROWS = 50_000            # metric rows decoded, checked and written at a time
+# Reading a bundle takes at most about MEMORY_PER_BUNDLE_BYTE times its size plus MEMORY_BASE_BYTES of
+# memory: a few hundred KB of zip can inflate to a manifest whose parse would take gigabytes. The
+# manifest is decompressed in chunks and the memory its parse would take (MEMORY_PER_JSON_TOKEN per
+# brace, bracket, comma or colon, plus twice its text) is counted as it arrives; metrics.parquet is
+# already compressed and is stored as it is, so a ratio above MAX_METRICS_RATIO is no bundle of ours.
+MEMORY_PER_BUNDLE_BYTE = 8
+MEMORY_BASE_BYTES = 150 << 20
+MEMORY_PER_JSON_TOKEN = 80            # measured: at most ~64 bytes of Python objects per token ({"a":{}})
+MAX_METRICS_RATIO = 4                 # metrics.parquet's size over its compressed size in the zip
 
 _UID = re.compile(r"[0-9a-f]{32}")
 
@@ -86,12 +95,14 @@ _OBJECT = f"a JSON object nested at most {MAX_JSON_DEPTH} deep"
 # field -> (check, what it must be): every field of a run, event and sweep entry is checked
 _RUN_FIELDS = {
     "uid": (lambda v: type(v) is str and _UID.fullmatch(v) is not None, "32 hex digits"),
-    "name": (lambda v: type(v) is str, "a string"),
+    "name": (lambda v: type(v) is str and "\x00" not in v and len(v) <= 200, "a string of at most 200 characters "
+             "without NUL"),
     "config": (_json_object, _OBJECT),
     "status": (lambda v: type(v) is str and v in STATUSES, f"one of {', '.join(STATUSES)}"),
     "regime": (_maybe(lambda v: type(v) is str and len(v) <= MAX_REGIME_CHARS),
                f"null or at most {MAX_REGIME_CHARS} characters"),
-    "tags": (lambda v: type(v) is list and all(type(tag) is str for tag in v), "a list of strings"),
+    "tags": (lambda v: type(v) is list and all(type(tag) is str and "\x00" not in tag for tag in v),
+             "a list of strings without NUL"),
     "created_at": (_time, _TIME),
     "started_at": (_maybe(_time), f"null or {_TIME}"),
     "finished_at": (_maybe(_time), f"null or {_TIME}"),
@@ -164,21 +175,40 @@ class BundleAPI:
         manifest = {"format": FORMAT, "version": FORMAT_VERSION, "sweep": sweep, "runs": entries}
         write_bundle(path, manifest, _metrics_table(metric_rows, uid_of), files)
 
-    def import_bundle(self, path) -> list[int]:
+    def import_bundle(self, path, *, check_config=None, checkpoint_limit=None, check_checkpoint=None) -> list[int]:
         """Add a bundle's runs under new ids (uids kept) in one transaction; returns the new ids.
         Imported runs are data (see the module docstring): never claimable, and a status that had not
-        ended becomes `interrupted`. Checkpoint fields are cleared (checkpoints do not travel)."""
+        ended becomes `interrupted`. Checkpoint fields are cleared (checkpoints do not travel).
+        check_config(config): raises (with a one-line message) for a run config `train` would refuse;
+        the engine passes its own validation (this package never imports the engine).
+        checkpoint_limit(config): the most bytes a checkpoint of that config's model can take; a bundled
+        checkpoint declared larger is refused before anything is copied. check_checkpoint(config, path):
+        raises for a copied checkpoint that is not of that config's model (another architecture)."""
         manifest, parquet = read_bundle(path)
+        for index, entry in enumerate(manifest["runs"]):
+            if check_config is not None:
+                try:
+                    check_config(entry["config"])
+                except Exception as exc:
+                    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                    raise _not_a_bundle(path, ValueError(f"run #{index} has a config `train` would refuse: "
+                                                         f"{reason}")) from None
+            limit = checkpoint_limit(entry["config"]) if checkpoint_limit is not None else None
+            for item in entry.get("checkpoints") or []:
+                if limit is not None and item["bytes"] > limit:
+                    raise _not_a_bundle(path, ValueError(
+                        f"run #{index} has a checkpoint of {item['bytes']:,} bytes, more than its model can take "
+                        f"({limit:,})"))
         now = time.time()
         written: list[Path] = []
         try:
-            return self._import(path, manifest, parquet, now, written)
+            return self._import(path, manifest, parquet, now, written, check_checkpoint)
         except BaseException:
             for file in written:      # nothing half-imported: the transaction rolled back, files go too
                 file.unlink(missing_ok=True)
             raise
 
-    def _import(self, path, manifest: dict, parquet, now: float, written: list[Path]) -> list[int]:
+    def _import(self, path, manifest: dict, parquet, now: float, written: list[Path], check_checkpoint=None) -> list[int]:
         with self._write() as conn:
             for entry in manifest["runs"]:
                 existing = conn.execute(select(runs.c.id).where(runs.c.uid == entry["uid"])).scalar()
@@ -198,12 +228,16 @@ class BundleAPI:
                                                                "bundle_status": entry["status"]}}])
             try:
                 _insert_metrics(conn, parquet, new_ids)
+            except TooLarge as exc:
+                raise StoreError(f"{path} is over an import limit ({exc}): split it into smaller bundles, "
+                                 "e.g. one per run") from None
             except (ValueError, TypeError, pa.ArrowException) as exc:
                 raise _not_a_bundle(path, exc) from None
             except IntegrityError:
                 raise _not_a_bundle(path, ValueError(f"{METRICS_NAME} has a (run, key, step) twice")) from None
             for entry in manifest["runs"]:
-                _import_checkpoints(conn, path, entry, new_ids[entry["uid"]], self.checkpoint_dir, written, now)
+                _import_checkpoints(conn, path, entry, new_ids[entry["uid"]], self.checkpoint_dir, written, now,
+                                    check_checkpoint)
         return list(new_ids.values())
 
 
@@ -222,7 +256,8 @@ def write_bundle(path, manifest: dict, table: pa.Table, files: dict[str, str] | 
     write_atomically(path, write, what="the bundle", fix="choose a writable --out path")
 
 
-def _import_checkpoints(conn, path, entry: dict, run_id: int, folder: Path, written: list[Path], now: float) -> None:
+def _import_checkpoints(conn, path, entry: dict, run_id: int, folder: Path, written: list[Path], now: float,
+                        check=None) -> None:
     """Copy the entry's kept checkpoints out of the bundle (streamed, each within its declared size) and
     record them for the new run."""
     kept = entry.get("checkpoints") or []
@@ -244,6 +279,13 @@ def _import_checkpoints(conn, path, entry: dict, run_id: int, folder: Path, writ
                     if copied > item["bytes"]:
                         raise _not_a_bundle(path, ValueError("a checkpoint is larger than its manifest says"))
                     sink.write(chunk)
+            if check is not None:
+                try:
+                    check(entry["config"], str(target))
+                except Exception as exc:
+                    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                    raise _not_a_bundle(path, ValueError(f"the checkpoint of epoch {item['epoch']} of run "
+                                                         f"{entry['uid']} does not fit its config: {reason}")) from None
             conn.execute(insert(checkpoints).values(run_id=run_id, epoch=item["epoch"], step=item["step"],
                                                     path=str(target), bytes=item["bytes"], created_at=now))
 
@@ -257,9 +299,14 @@ def read_bundle(path) -> tuple[dict, pq.ParquetFile]:
     try:
         _limit(path.stat().st_size, MAX_BUNDLE_BYTES + MAX_CHECKPOINTS_BYTES, "the bundle file",
                "MAX_BUNDLE_BYTES + MAX_CHECKPOINTS_BYTES")
+        budget = MEMORY_PER_BUNDLE_BYTE * path.stat().st_size + MEMORY_BASE_BYTES
         with zipfile.ZipFile(path) as archive:
-            manifest = json.loads(_member(archive, MANIFEST_NAME, MAX_MANIFEST_BYTES, "MAX_MANIFEST_BYTES"))
+            manifest = json.loads(_manifest_text(archive, budget))
             _check_manifest(manifest, path)
+            info = archive.getinfo(METRICS_NAME)
+            if info.file_size > MAX_METRICS_RATIO * info.compress_size + (64 << 10):
+                raise ValueError(f"{METRICS_NAME} is compressed {info.file_size / max(1, info.compress_size):,.0f} "
+                                 "times in the zip: a bundle stores its parquet file as it is")
             parquet = pq.ParquetFile(io.BytesIO(_member(archive, METRICS_NAME, MAX_METRICS_BYTES,
                                                         "MAX_METRICS_BYTES")))
         _check_metrics_file(parquet)
@@ -296,6 +343,26 @@ def _member(archive: zipfile.ZipFile, name: str, limit: int, limit_name: str) ->
         data = member.read(limit + 1)
     _limit(len(data), limit, name, limit_name)
     return data
+
+
+def _manifest_text(archive: zipfile.ZipFile, budget: int) -> bytes:
+    """manifest.json's bytes, decompressed a chunk at a time: refused (TooLarge) as soon as the memory
+    its parse would take passes `budget`, or its size MAX_MANIFEST_BYTES, before json.loads runs."""
+    info = archive.getinfo(MANIFEST_NAME)
+    _limit(info.file_size, MAX_MANIFEST_BYTES, MANIFEST_NAME, "MAX_MANIFEST_BYTES")
+    chunks, size, tokens = [], 0, 0
+    with archive.open(info) as member:
+        while chunk := member.read(1 << 20):
+            size += len(chunk)
+            tokens += chunk.count(b"{") + chunk.count(b"[") + chunk.count(b",") + chunk.count(b":")
+            _limit(size, MAX_MANIFEST_BYTES, MANIFEST_NAME, "MAX_MANIFEST_BYTES")
+            needed = MEMORY_PER_JSON_TOKEN * tokens + 2 * size
+            if needed > budget:
+                raise TooLarge(f"reading {MANIFEST_NAME} would take over {needed >> 20:,} MB of memory, more than "
+                               f"the {budget >> 20:,} MB allowed for a bundle this size "
+                               "(MEMORY_PER_BUNDLE_BYTE x its size + MEMORY_BASE_BYTES)")
+            chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def json_depth(obj) -> int:
@@ -372,7 +439,11 @@ def _check_metrics_file(parquet: pq.ParquetFile) -> None:
 
 def _metric_batches(parquet: pq.ParquetFile, uids: pa.Array):
     """The metric rows, IMPORT_BATCH_ROWS at a time, each batch checked (ValueError if bad)."""
+    rows = 0
     for batch in parquet.iter_batches(batch_size=IMPORT_BATCH_ROWS, columns=METRICS_SCHEMA.names):
+        rows += batch.num_rows          # counted as they arrive: the footer's count can lie
+        if rows > MAX_METRIC_ROWS:
+            raise TooLarge(f"over {MAX_METRIC_ROWS:,} metric rows, the most MAX_METRIC_ROWS allows")
         table = pa.Table.from_batches([batch]).select(METRICS_SCHEMA.names).cast(METRICS_SCHEMA)
         if table.num_rows == 0:
             continue

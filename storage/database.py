@@ -48,6 +48,11 @@ class DatabaseError(StoreError):
     """A database error met in a transaction, as one line (the driver's exception is its __cause__)."""
 
 
+class ReadOnlyStore(DatabaseError):
+    """A write refused because the store is read-only (a read-only file, mount or URL, a read-only
+    PostgreSQL transaction): waiting does not help, so a worker stops on it."""
+
+
 class Database:
     """Connection handling shared by every part of the Store.
 
@@ -228,8 +233,8 @@ def database_error(exc: DBAPIError, where: str, path: Path | None = None) -> Sto
     reason = _reason(exc)
     if is_transient(exc):
         return StoreBusy(f"{where} was busy ({reason}): nothing of this call was written; try again")
-    if _sqlite_code(exc) == _SQLITE_READONLY:
-        return DatabaseError(f"{where} is read-only ({reason}): it can be listed and read but not changed; "
+    if _sqlite_code(exc) == _SQLITE_READONLY or getattr(getattr(exc, "orig", None), "sqlstate", None) == "25006":
+        return ReadOnlyStore(f"{where} is read-only ({reason}): it can be listed and read but not changed; "
                              "copy it to a writable place, or fix its permissions, to change it")
     if "not a database" in reason or "malformed" in reason:
         return DatabaseError(f"{path or where} is not a spherelab database ({reason}): "
@@ -249,7 +254,37 @@ def _reason(exc: BaseException) -> str:
 def open_engine(url: str, where: str, busy_timeout_ms: int = BUSY_TIMEOUT_MS,
                 lock_wait_s: float = LOCK_WAIT_S) -> Engine:
     """An Engine on a database whose schema is current; StoreError (one line) if that cannot be had.
-    A database already at the current schema is opened without writing (so a read-only one opens)."""
+    A database already at the current schema is opened without writing (so a read-only one opens).
+    A WAL database in a read-only place (a read-only mount, a folder it cannot write) cannot be opened
+    the usual way (readers need its -shm file): it is opened read-only and immutable instead."""
+    try:
+        return _open_engine(url, where, busy_timeout_ms, lock_wait_s)
+    except StoreError:
+        path = sqlite_file(url)
+        if path is None or not path.is_file() or not _read_only_place(path) or _has_wal(path):
+            raise
+    return _open_engine(_immutable_url(path), where, busy_timeout_ms, lock_wait_s)
+
+
+def _read_only_place(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path.parent).f_flag & os.ST_RDONLY) or not os.access(path.parent, os.W_OK)
+    except OSError:
+        return False
+
+
+def _has_wal(path: Path) -> bool:
+    """A -wal file with content: transactions not yet in the main file, which an immutable open would miss."""
+    wal = Path(f"{path}-wal")
+    return wal.exists() and wal.stat().st_size > 0
+
+
+def _immutable_url(path: Path) -> str:
+    from urllib.parse import quote
+    return f"sqlite:///file:{quote(str(path.resolve()))}?mode=ro&immutable=1&uri=true"
+
+
+def _open_engine(url: str, where: str, busy_timeout_ms: int, lock_wait_s: float) -> Engine:
     parsed = make_url(url)  # resolve_db_url has already checked it
     path = sqlite_file(url)
     existed = path is None or path.exists()

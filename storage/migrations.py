@@ -9,7 +9,8 @@ written by version N-1 (tests/test_hardening.py keeps version 1 as the SQL SQLit
 
 History: 1 the first schema; 2 runs.imported_at and runs.claim (imported runs are inert, claims are fenced);
 3 runs.parent_id and runs.fork_epoch, the checkpoints and jobs tables (forks, kept checkpoints, analysis jobs);
-4 the studies table, runs' and jobs' study_id and study_role (learning-rate studies).
+4 the studies table, runs' and jobs' study_id and study_role (learning-rate studies);
+5 jobs.started_at and jobs.attempts (a job whose process dies is retried a bounded number of times).
 """
 
 from collections.abc import Callable
@@ -87,7 +88,14 @@ def _to_v4(conn: Connection) -> None:
         conn.execute(text(f"CREATE UNIQUE INDEX uq_{table}_study_role ON {table} (study_id, study_role)"))
 
 
-MIGRATIONS: dict[int, Callable[[Connection], None]] = {2: _to_v2, 3: _to_v3, 4: _to_v4}
+def _to_v5(conn: Connection) -> None:
+    """Jobs record when their computation began and how many processes died computing them (a job whose
+    process is killed is retried a bounded number of times, the jobs waiting behind it are not charged)."""
+    conn.execute(text("ALTER TABLE jobs ADD COLUMN started_at FLOAT"))
+    conn.execute(text("ALTER TABLE jobs ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0"))
+
+
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {2: _to_v2, 3: _to_v3, 4: _to_v4, 5: _to_v5}
 
 # Any constant: serialises schema creation between PostgreSQL clients opening a fresh database together.
 _PG_LOCK_KEY = 0x5350484C

@@ -141,6 +141,8 @@ class JobInfo:
     finished_at: float | None
     study_id: int | None = None
     study_role: str | None = None
+    started_at: float | None = None   # when its process began computing it (None while it waits)
+    attempts: int = 0                 # processes that died computing it (storage.solutions.MAX_JOB_RETRIES)
 
     @classmethod
     def from_row(cls, row) -> "JobInfo":
@@ -149,7 +151,7 @@ class JobInfo:
                    spec=from_json(m["spec"]) or {}, status=m["status"], result=from_json(m["result"]),
                    error=m["error"], worker_id=m["worker_id"], claim=m["claim"], heartbeat_at=m["heartbeat_at"],
                    created_at=m["created_at"], finished_at=m["finished_at"], study_id=m["study_id"],
-                   study_role=m["study_role"])
+                   study_role=m["study_role"], started_at=m["started_at"], attempts=m["attempts"])
 
 
 @dataclass

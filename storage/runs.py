@@ -13,7 +13,7 @@ from .jsontext import to_json
 from .records import RunInfo, SweepInfo
 from .timings import seconds
 from .schema import (LIVE_STATUSES, STATUSES, TERMINAL_STATUSES, checkpoints, commands, events, metrics, runs,
-                     sweeps)
+                     sweeps, workers)
 
 # A run process heartbeats this often (engine.runner uses it). requeue_stale never calls a run stale
 # before it has missed MIN_STALE_AFTER_S of heartbeats: one late heartbeat (a slow step, a flush)
@@ -188,13 +188,17 @@ class RunsAPI:
         for error in self.heartbeats({run_id: step}).values():
             raise error
 
-    def heartbeats(self, steps: dict) -> dict[int, StoreError]:
+    def heartbeats(self, steps: dict, *, held_only: bool = False) -> dict[int, StoreError]:
         """heartbeat for several runs (a pack's members) in one transaction; returns those lost to this
-        process (run id -> the ClaimLost or RunNotFound saying why), whose heartbeats were not written."""
+        process (run id -> the ClaimLost or RunNotFound saying why), whose heartbeats were not written.
+        held_only (a heartbeat thread): skip runs this Store no longer holds (it just ended them), so a
+        late beat never lands on a run someone else claimed since."""
         lost: dict[int, StoreError] = {}
         now = time.time()
         with self._write() as conn:
             for run_id, step in steps.items():
+                if held_only and as_id(run_id) not in self._holds:
+                    continue
                 try:
                     row = self._run_for_write(conn, run_id)
                 except StoreError as exc:   # ClaimLost or RunNotFound: not this process's any more
@@ -263,8 +267,14 @@ class RunsAPI:
         if not stale_after_s >= MIN_STALE_AFTER_S:   # also refuses nan
             raise StoreError(f"stale_after_s={stale_after_s} is below {MIN_STALE_AFTER_S:g} s (three heartbeats of "
                              f"{HEARTBEAT_EVERY_S:g} s): a live run would be taken for stale and trained twice")
+        cutoff = time.time() - stale_after_s
+        # A run whose worker is alive (its own heartbeat fresh) is that worker's to account for: it watches
+        # its run processes and records the end of one that dies. Handing such a run to another worker
+        # would have two live processes take turns at it.
+        live_workers = select(workers.c.id).where(workers.c.heartbeat_at >= cutoff)
         stale = (runs.c.status.in_(LIVE_STATUSES) & runs.c.imported_at.is_(None)
-                 & or_(runs.c.heartbeat_at.is_(None), runs.c.heartbeat_at < time.time() - stale_after_s))
+                 & or_(runs.c.heartbeat_at.is_(None), runs.c.heartbeat_at < cutoff)
+                 & or_(runs.c.worker_id.is_(None), runs.c.worker_id.not_in(live_workers)))
         if except_worker is not None:
             stale = stale & or_(runs.c.worker_id.is_(None), runs.c.worker_id != except_worker)
         interrupted = []
@@ -285,19 +295,38 @@ class RunsAPI:
             if row.status in TERMINAL_STATUSES:
                 raise StoreError(f"run {row.id} is already {row.status}: only queued, running, paused "
                                  "or interrupted runs can be cancelled")
-            if row.status in LIVE_STATUSES:
-                stop = dict(run_id=row.id, kind="stop", payload="{}", created_at=time.time())
-                conn.execute(insert(commands).values(stop))
-            if row.status != "running":
-                values = status_fields("cancelled", row.status, row.started_at, time.time())
-                conn.execute(update(runs).where(runs.c.id == row.id).values(values))
-                self._status_event(conn, row.id, row.step, "cancelled")
+            self._cancel_row(conn, row)
 
-    def delete(self, run_id) -> None:
-        """Delete a run with its metrics, events, commands, jobs and checkpoint files (its forks stay,
-        no longer linked to it)."""
+    def _cancel_row(self, conn, row) -> None:
+        if row.status in LIVE_STATUSES:
+            stop = dict(run_id=row.id, kind="stop", payload="{}", created_at=time.time())
+            conn.execute(insert(commands).values(stop))
+        if row.status != "running":
+            values = status_fields("cancelled", row.status, row.started_at, time.time())
+            conn.execute(update(runs).where(runs.c.id == row.id).values(values))
+            self._status_event(conn, row.id, row.step, "cancelled")
+
+    def unfinished_children(self, run_id) -> list[RunInfo]:
+        """The run's forks that have not ended (queued, running, paused, interrupted): they may still need
+        its kept checkpoints to start from, so deleting the run asks about them (delete)."""
+        with self._read() as conn:
+            row = self._require_run(conn, run_id)
+            return [RunInfo.from_row(r) for r in conn.execute(_unfinished_children(row.id)).all()]
+
+    def delete(self, run_id, *, with_children: bool = False) -> None:
+        """Delete a run with its metrics, events, commands, jobs and checkpoint files. Its forks that
+        have ended stay, no longer linked to it; forks that have not ended (unfinished_children) would
+        lose their starting point, so the delete is refused unless with_children, which cancels them."""
         with self._write() as conn:
             row = self._require_run(conn, run_id)
+            children = conn.execute(_unfinished_children(row.id)).all()
+            if children and not with_children:
+                listed = ", ".join(f"{c.id} ({c.status})" for c in children)
+                raise StoreError(f"run {row.id} has branches that have not ended (run {listed}): they start from "
+                                 "its kept checkpoints; delete it with --with-children (on the dashboard: "
+                                 "'and cancel its branches') to cancel them too, or wait until they end")
+            for child in children:
+                self._cancel_row(conn, child)
             files = run_files(conn, [row.id])
             conn.execute(delete(runs).where(runs.c.id == row.id))
         remove_files(files)
@@ -335,6 +364,11 @@ def _study_duplicate(conn, table, row: dict) -> int | None:
         return None
     return conn.execute(select(table.c.id).where(table.c.study_id == row["study_id"],
                                                  table.c.study_role == row["study_role"])).scalar()
+
+
+def _unfinished_children(run_id: int):
+    return (select(runs).where(runs.c.parent_id == run_id, runs.c.status.not_in(TERMINAL_STATUSES))
+            .order_by(runs.c.id))
 
 
 def run_files(conn, run_ids: list[int]) -> list[str]:

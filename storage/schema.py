@@ -151,6 +151,10 @@ jobs = Table(
     # version 4: the study a job belongs to and its role there
     Column("study_id", Integer, ForeignKey("studies.id", ondelete="SET NULL")),
     Column("study_role", String(128)),
+    # version 5: when the process holding it began computing it (null while it waits its turn), and how
+    # many processes died computing it (storage.solutions: a job is retried a bounded number of times)
+    Column("started_at", Float),
+    Column("attempts", Integer, nullable=False, server_default="0"),
     UniqueConstraint("study_id", "study_role", name="uq_jobs_study_role"),
     Index("ix_jobs_status", "status"),
     Index("ix_jobs_run", "run_id"),

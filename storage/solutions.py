@@ -19,9 +19,13 @@ from .errors import ClaimLost, StoreError
 from .jsontext import to_json
 from .records import CheckpointInfo, JobInfo, StudyInfo
 from .runs import _new_run_row, _study_duplicate, new_uid
-from .schema import JOB_KINDS, checkpoints, jobs, runs, studies, sweeps
+from .schema import JOB_KINDS, checkpoints, jobs, runs, studies, sweeps, workers
 from .upsert import upsert
 from .urls import sqlite_file
+
+# A job whose process dies while computing it (killed, out of memory) is computed again this many times,
+# then fails with the cause; the jobs of the same process that were waiting their turn are not charged.
+MAX_JOB_RETRIES = 2
 
 
 class SolutionsAPI:
@@ -109,6 +113,42 @@ class SolutionsAPI:
     def job_heartbeat(self, job_id, *, claim: str) -> None:
         self._held_job_update(job_id, claim, heartbeat_at=time.time())
 
+    def start_job(self, job_id, *, claim: str) -> None:
+        """Its process begins computing the job (the others of its batch wait their turn): if the process
+        dies now, this job is the one charged an attempt (job_process_died)."""
+        self._held_job_update(job_id, claim, started_at=time.time(), heartbeat_at=time.time())
+
+    def job_process_died(self, job_id, cause: str, *, claim: str | None = None) -> str:
+        """The process holding the job died (killed, a crash) without ending it: a job it had not begun
+        goes back to the queue as it was; the one it was computing is retried, up to MAX_JOB_RETRIES
+        times, then fails with `cause`. claim: the holder's claim (None: whoever holds it, for the stale
+        check). Returns the job's new status; ClaimLost if the job is no longer held so."""
+        with self._write() as conn:
+            return self._job_died(conn, self._require_job(conn, job_id), cause, claim)
+
+    def _job_died(self, conn, row, cause: str, claim: str | None) -> str:
+        held = update(jobs).where(jobs.c.id == row.id, jobs.c.status == "running", jobs.c.claim == row.claim)
+        if row.status != "running" or (claim is not None and row.claim != claim):
+            raise ClaimLost(f"job {row.id} is no longer held by this process (it was requeued or taken over)")
+        attempts = row.attempts + (row.started_at is not None)
+        if attempts > MAX_JOB_RETRIES:
+            values = dict(status="failed", error=f"{cause} (tried {attempts} times)", finished_at=time.time())
+        else:
+            values = dict(status="queued", worker_id=None, claim=None, heartbeat_at=None)
+        conn.execute(held.values(attempts=attempts, started_at=None, **values))
+        return values["status"]
+
+    def retry_job(self, job_id, *, reserved_for: str | None = None) -> None:
+        """A failed job goes back to the queue with a fresh count of attempts (a study taken up again
+        retries what failed); reserved_for as in create_job."""
+        with self._write() as conn:
+            row = self._require_job(conn, job_id)
+            if row.status != "failed":
+                raise StoreError(f"job {row.id} is {row.status}: only a failed job can be retried")
+            conn.execute(update(jobs).where(jobs.c.id == row.id, jobs.c.status == "failed").values(
+                status="queued", error=None, result=None, finished_at=None, worker_id=reserved_for, claim=None,
+                heartbeat_at=None, started_at=None, attempts=0))
+
     def finish_job(self, job_id, result: dict, *, claim: str) -> None:
         """Store a job's complete result (once, under its claim)."""
         self._held_job_update(job_id, claim, status="finished", result=to_json(result, "job result"),
@@ -118,28 +158,34 @@ class SolutionsAPI:
         self._held_job_update(job_id, claim, status="failed", error=str(error), finished_at=time.time())
 
     def requeue_job(self, job_id, *, claim: str) -> None:
-        """A job its holder gives back unfinished (a worker stopping): queued again, to be computed whole."""
-        self._held_job_update(job_id, claim, status="queued", worker_id=None, claim=None, heartbeat_at=None)
+        """A job its holder gives back unfinished (a worker stopping): queued again, to be computed whole
+        (no attempt is charged: nothing went wrong with the job)."""
+        self._held_job_update(job_id, claim, status="queued", worker_id=None, claim=None, heartbeat_at=None,
+                              started_at=None)
 
-    def requeue_stale_jobs(self, stale_after_s: float, *, except_worker: str | None = None) -> list[int]:
-        """Running jobs whose heartbeat is older than stale_after_s go back to the queue; their ids.
-        `except_worker` skips the caller's own jobs, as requeue_stale does its runs: it watches their
-        process directly, and one still starting up (importing torch) has not heartbeaten yet."""
-        stale = (jobs.c.status == "running") & (jobs.c.heartbeat_at < time.time() - stale_after_s)
-        if except_worker is not None:
-            stale = stale & or_(jobs.c.worker_id.is_(None), jobs.c.worker_id != except_worker)
+    def requeue_stale_jobs(self, stale_after_s: float) -> list[int]:
+        """Running jobs whose heartbeat is older than stale_after_s, held by a worker that is not alive
+        either (a live worker accounts for its own job processes), are handled as job_process_died: back
+        to the queue, or failed once the one being computed has used its retries. Their ids."""
+        cutoff = time.time() - stale_after_s
+        live_workers = select(workers.c.id).where(workers.c.heartbeat_at >= cutoff)
+        stale = ((jobs.c.status == "running") & (jobs.c.heartbeat_at < cutoff)
+                 & or_(jobs.c.worker_id.is_(None), jobs.c.worker_id.not_in(live_workers)))
         with self._write() as conn:
-            ids = list(conn.execute(select(jobs.c.id).where(stale)).scalars())
-            if ids:
-                conn.execute(update(jobs).where(jobs.c.id.in_(ids), stale).values(
-                    status="queued", worker_id=None, claim=None, heartbeat_at=None))
-        return ids
+            rows = conn.execute(select(jobs).where(stale).order_by(jobs.c.id)).all()
+            for row in rows:
+                self._job_died(conn, row, "its process stopped heartbeating (its worker was killed?)", None)
+        return [row.id for row in rows]
 
     def _held_job_update(self, job_id, claim: str, **values) -> None:
+        """A write by the process holding the job under `claim`: ClaimLost (nothing written) once the job
+        was requeued, taken over, or deleted (with its run)."""
         with self._write() as conn:
-            self._require_job(conn, job_id)
             held = update(jobs).where(jobs.c.id == int(job_id), jobs.c.claim == claim, jobs.c.status == "running")
             if conn.execute(held.values(**values)).rowcount != 1:
+                if conn.execute(select(jobs.c.id).where(jobs.c.id == int(job_id))).first() is None:
+                    raise ClaimLost(f"job {job_id} was deleted (with its run) while this process worked on it: "
+                                    "stop, there is nothing left to write to")
                 raise ClaimLost(f"job {job_id} is no longer held by this process (it was requeued or taken over)")
 
     def _require_job(self, conn, job_id):
@@ -222,7 +268,8 @@ class StudiesAPI:
             fresh = conn.execute(update(runs).where(mine).values(status="queued", step=0, **cleared)).rowcount
             retried_jobs = conn.execute(update(jobs).where(jobs.c.study_id == row.id, jobs.c.status == "failed")
                                         .values(status="queued", error=None, result=None, finished_at=None,
-                                                claim=None, worker_id=None, heartbeat_at=None)).rowcount
+                                                claim=None, worker_id=None, heartbeat_at=None, started_at=None,
+                                                attempts=0)).rowcount   # a fresh count, as retry_job
         return resumable + fresh, retried_jobs
 
     def _require_study(self, conn, study_id):

@@ -564,7 +564,7 @@ def test_a_store_written_by_schema_version_1_opens_upgraded(tmp_path):
     assert {r["name"]: r["status"] for r in json.loads(listed.stdout)} == {"old queued": "queued",
                                                                           "old finished": "finished"}
     with Store(path) as store:
-        assert store.schema_version == migrations.current_version() == 4
+        assert store.schema_version == migrations.current_version() == 5
         queued, finished = store.get_run(1), store.get_run(2)
         assert queued.tags == ["kept"] and queued.imported_at is None and finished.claim is None
         assert finished.parent_id is None and store.checkpoints(2) == [] and store.list_jobs() == []
@@ -586,6 +586,169 @@ def test_a_postgresql_store_at_schema_version_1_opens_upgraded(postgres_url):
             conn.execute(text("DROP TABLE studies"))
             conn.execute(text("UPDATE meta SET value = '1' WHERE key = 'schema_version'"))
     with Store(postgres_url) as store:
-        assert store.schema_version == migrations.current_version() == 4
+        assert store.schema_version == migrations.current_version() == 5
         assert store.get_run(run_id).tags == ["kept"] and store.claim_next_run("w").id == run_id
         assert store.get_run(run_id).parent_id is None and store.checkpoints(run_id) == []
+
+
+# ---------------------------------------------------------------- issue 17 item 10: read-only stores
+
+def read_only_mount(folder: Path, *command: str) -> subprocess.CompletedProcess:
+    """`python -m engine COMMAND` with `folder` a private read-only bind mount (root ignores permissions)."""
+    out = subprocess.run(["unshare", "-rm", "sh", "-c", f'mount --bind "{folder}" "{folder}" && '
+                          f'mount -o remount,ro,bind "{folder}" "{folder}" && exec "$0" -m engine "$@"',
+                          sys.executable, *command], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    if "mount" in out.stderr and out.returncode != 0 and os.environ.get("CI", "").lower() != "true":
+        pytest.skip(f"no read-only mount here: {out.stderr.strip()[:200]}")
+    return out
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare for a read-only mount")
+def test_a_default_wal_store_on_a_read_only_mount_can_be_listed(tmp_path):
+    """Issue 17 item 10. Before: a default (WAL) store on a read-only file system could not even be
+    listed ('unable to open database file': readers of a WAL file need its -shm file), though README
+    says a read-only store can be. Now it is opened read-only and immutable: listed and read, and a
+    write or a worker is one line saying it is read-only."""
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    with Store(folder / "s.db") as store:
+        store.create_run({}, name="kept run")
+    raw = sqlite3.connect(folder / "s.db")
+    assert raw.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    raw.close()
+    assert sorted(os.listdir(folder)) == ["s.db"]       # closed cleanly: no -wal or -shm file to read through
+    listed = read_only_mount(folder, "runs", "--db", str(folder / "s.db"))
+    assert listed.returncode == 0 and "kept run" in listed.stdout, listed.stderr
+    refused(read_only_mount(folder, "tag", "1", "x", "--db", str(folder / "s.db")), "is read-only")
+    refused(read_only_mount(folder, "worker", "--once", "--db", str(folder / "s.db")), "is read-only")
+
+
+def test_a_worker_on_a_read_only_url_refuses_in_one_line(tmp_path):
+    """Issue 17 item 10, the worker. Before: `worker` on a `?mode=ro` store logged the read-only error
+    and retried it forever. Now it refuses at once: one line, exit 2, nothing written."""
+    path = tmp_path / "s.db"
+    with Store(path) as store:
+        run_id = store.create_run({}, name="queued run")
+    out = engine("worker", "--once", "--db", f"sqlite:///file:{path}?mode=ro&uri=true", timeout=60)
+    refused(out, "is read-only")
+    with Store(path) as store:
+        assert store.get_run(run_id).status == "queued" and store.live_workers() == []
+
+
+# ---------------------------------------------------------------- issue 17 item 6: bundles read in bounded memory
+
+def peak_memory_of(*args) -> tuple[subprocess.CompletedProcess, int]:
+    """`python -m engine ARGS` and the most memory it held (max RSS, bytes), measured by a parent of
+    its own (this test process's other children do not count)."""
+    measure = ("import json, resource, subprocess, sys; out = subprocess.run(sys.argv[1:], capture_output=True, "
+               "text=True); print(json.dumps([out.returncode, out.stdout, out.stderr, "
+               "resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024]))")
+    done = subprocess.run([sys.executable, "-c", measure, sys.executable, "-m", "engine", *args], capture_output=True,
+                          text=True, timeout=600, cwd=ROOT)
+    code, stdout, stderr, peak = json.loads(done.stdout)
+    return subprocess.CompletedProcess(args, code, stdout, stderr), peak
+
+
+def bomb(out: Path, manifest: bytes, parquet: bytes, parquet_compression=zipfile.ZIP_STORED) -> Path:
+    with zipfile.ZipFile(out, "w") as dst:
+        dst.writestr("manifest.json", manifest, compress_type=zipfile.ZIP_DEFLATED, compresslevel=9)
+        dst.writestr("metrics.parquet", parquet, compress_type=parquet_compression, compresslevel=9)
+    return out
+
+
+def test_a_small_bundle_that_inflates_is_refused_in_bounded_memory(good_bundle, tmp_path):
+    """Issue 17 item 6. Before: a 215 KB bundle reached 3.7 GB of memory before its one-line refusal
+    (a manifest of millions of tiny objects, inflated from a few KB and parsed whole; a metrics file
+    inflated in the zip). Now the manifest is counted as it inflates and refused before it is parsed,
+    and a metrics file compressed in the zip is refused: peak memory stays under 10x the bundle + 200 MB."""
+    with zipfile.ZipFile(good_bundle) as src:
+        parquet = src.read("metrics.parquet")
+    head = b'{"format": "spherelab-bundle", "version": 1, "sweep": null, "runs": ['
+    manifest_bomb = bomb(tmp_path / "manifest.zip", head + b"{}," * (20 << 20) + b"{}]}", parquet)
+    metrics_bomb = bomb(tmp_path / "metrics.zip", json.dumps({"format": "spherelab-bundle", "version": 1,
+                                                             "sweep": None, "runs": []}).encode(),
+                        parquet + b"\0" * (250 << 20), zipfile.ZIP_DEFLATED)
+    for bundle, phrase in ((manifest_bomb, "MB of memory"), (metrics_bomb, "compressed")):
+        size = bundle.stat().st_size
+        target = tmp_path / f"{bundle.stem}.db"
+        out, peak = peak_memory_of("import", str(bundle), "--db", str(target))
+        refused(out, phrase)
+        print(f"{bundle.name}: {size:,} bytes, peak memory {peak / 2**20:.0f} MB")
+        assert peak <= 10 * size + (200 << 20), (bundle.name, size, peak)
+        assert Store(target).list_runs() == []
+
+
+@pytest.mark.parametrize("field, value, phrase", [
+    ("elr", float("nan"), "--elr must be a positive finite number"),
+    ("elr", float("inf"), "--elr must be a positive finite number"),
+    ("seed", 10**30, "--seed must be a whole number"),
+    ("epochs", "x", "run #0 has a config `train` would refuse"),
+])
+def test_an_imported_config_follows_the_rules_of_train(good_bundle, tmp_path, field, value, phrase):
+    """Issue 17 item 6, the configs. Before: NaN or infinite ELRs, `seed: 10**30` and `"epochs": "x"` were
+    imported, and the Run page crashed on them. Now an imported config passes `train`'s checks, else the
+    import is one line and writes nothing."""
+    def edit(m):
+        m["runs"][0]["config"][field] = value
+    bad = rewrite(good_bundle, tmp_path / "bad.zip",
+                  manifest_bytes=None if not isinstance(value, float) else
+                  json.dumps(_edited(good_bundle, edit), allow_nan=True).encode(),
+                  manifest=edit if not isinstance(value, float) else None)
+    out = engine("import", str(bad), "--db", str(tmp_path / "t.db"))
+    refused(out, phrase)
+    assert Store(tmp_path / "t.db").list_runs() == []
+
+
+def _edited(bundle: Path, edit) -> dict:
+    with zipfile.ZipFile(bundle) as src:
+        data = json.loads(src.read("manifest.json"))
+    edit(data)
+    return data
+
+
+def test_an_imported_name_with_nul_is_refused(good_bundle, tmp_path):
+    """Issue 17 item 6: a NUL in a run's name or tags was imported (and broke the Run page)."""
+    bad = rewrite(good_bundle, tmp_path / "nul.zip", manifest=lambda m: m["runs"][0].update(name="a\0b"))
+    refused(engine("import", str(bad), "--db", str(tmp_path / "t.db")), "without NUL")
+    assert Store(tmp_path / "t.db").list_runs() == []
+
+
+def bundle_with_checkpoints(tmp_path, width: int) -> Path:
+    db = str(tmp_path / f"w{width}.db")
+    out = engine("train", "--width", str(width), "--epochs", "1", "--keep-every", "1", "--log-every", "20", "--db", db)
+    assert out.returncode == 0, out.stderr
+    bundle = tmp_path / f"w{width}.zip"
+    assert engine("bundle", out.stdout.split()[-1], "--with-checkpoints", "--out", str(bundle), "--db", db).returncode == 0
+    return bundle
+
+
+def test_a_bundled_checkpoint_must_fit_its_config(tmp_path):
+    """Issue 17 item 6, the checkpoints. Before: a 1.1 MB bundle declaring a 1 GiB checkpoint wrote a
+    1 GiB file, and a width-32 checkpoint under a width-64 config was imported (its fork was left
+    `running` with no process). Now a checkpoint larger than its config's model can take is refused
+    before anything is copied, one of another architecture after, and nothing is left behind."""
+    bundle = bundle_with_checkpoints(tmp_path, 32)
+    with zipfile.ZipFile(bundle) as src:
+        members = {name: src.read(name) for name in src.namelist()}
+    manifest = json.loads(members["manifest.json"])
+    [member] = [name for name in members if name.startswith("checkpoints/")]
+    target = tmp_path / "t.db"
+
+    huge = dict(members, **{member: members[member] + b"\0" * (40 << 20)})
+    grown = json.loads(members["manifest.json"])
+    grown["runs"][0]["checkpoints"][0]["bytes"] = len(huge[member])
+    huge["manifest.json"] = json.dumps(grown).encode()
+    too_big = tmp_path / "huge.zip"
+    with zipfile.ZipFile(too_big, "w") as dst:
+        for name, data in huge.items():
+            dst.writestr(name, data, compress_type=zipfile.ZIP_DEFLATED)
+    refused(engine("import", str(too_big), "--db", str(target)), "more than its model can take")
+
+    manifest["runs"][0]["config"]["width"] = 64
+    members["manifest.json"] = json.dumps(manifest).encode()
+    other = tmp_path / "other.zip"
+    with zipfile.ZipFile(other, "w") as dst:
+        for name, data in members.items():
+            dst.writestr(name, data)
+    refused(engine("import", str(other), "--db", str(target)), "does not fit its config", "width 64")
+    assert Store(target).list_runs() == [] and not list(Path(f"{target}.checkpoints").glob("*.pt"))

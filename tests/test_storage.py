@@ -385,7 +385,7 @@ def test_workers(store):
 # ---------------------------------------------------------------- opening databases
 
 def test_fresh_database_has_the_current_schema_version(sqlite_store):
-    assert sqlite_store.schema_version == 4 == migrations.current_version()
+    assert sqlite_store.schema_version == 5 == migrations.current_version()
     journal = sqlite3.connect(sqlite_store.url.removeprefix("sqlite:///")).execute("PRAGMA journal_mode").fetchone()
     assert journal == ("wal",)
 
