@@ -44,6 +44,20 @@ def stop(proc, timeout=60):
             proc.wait()
 
 
+class _Boom:
+    """Runs a command when unpickled: what a malicious checkpoint does."""
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def write_damaged_checkpoint(path, content) -> None:
+    """content "malicious": a checkpoint whose unpickling would run code; else these bytes."""
+    if content == "malicious":
+        torch.save({"model": _Boom()}, path)
+    else:
+        path.write_bytes(content)
+
+
 def test_deleting_a_running_run_leaves_the_worker_training_the_queue(tmp_path):
     """Item 1. Before: `delete` of a running run exited 0, its process hit "no run with id", the worker
     itself exited and the queued runs stayed queued with no worker. Now: the run process finds its run
@@ -148,16 +162,7 @@ def test_a_damaged_or_refused_checkpoint_fails_its_run_naming_the_file(tmp_path,
     store = Store(db)
     [run_id] = store.create_runs([{"config": RunConfig(epochs=2).to_dict(), "name": "damaged"}])
     path = tmp_path / "run.pt"
-    if content == "malicious":
-        import pickle
-
-        class Boom:
-            def __reduce__(self):
-                return (os.system, ("echo pwned > /dev/null",))
-
-        torch.save({"model": Boom()}, path)
-    else:
-        path.write_bytes(content)
+    write_damaged_checkpoint(path, content)
     info = store.claim_next_run("w")
     store.update_run(run_id, checkpoint_path=str(path), checkpoint_step=44)
     store.set_status(run_id, "interrupted")
@@ -475,13 +480,7 @@ def test_an_average_of_a_damaged_checkpoint_names_the_file_without_torchs_advice
     run_id = kept_run(db, epochs=2)
     path = Path(Store(db).checkpoints(run_id)[0].path)
     path.unlink()
-    if content == "malicious":
-        class Boom:
-            def __reduce__(self):
-                return (os.system, ("echo pwned > /dev/null",))
-        torch.save({"model": Boom()}, path)
-    else:
-        path.write_bytes(content)
+    write_damaged_checkpoint(path, content)
     out = engine("average", str(run_id), "--at", "1", "--db", db)
     assert out.returncode == 1
     job = Store(db).list_jobs(run_id=run_id)[0]
