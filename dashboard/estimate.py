@@ -23,7 +23,7 @@ CONV_SHARPNESS_S = 0.016 * 390 * CONV_STEP_S
 #   demo                      measured   this model   before (START_S 35, batch-linear steps)
 #   a 1-epoch digits run      ~1.5 s     4 s          35 s
 #   Three regimes on digits   ~3 s       5 s          36 s
-#   Periodic behaviour        ~2 s       6 s          42 s
+#   Periodic behaviour        ~2 s       6 s          42 s   (200 epochs; ~3 s at the preset's 300)
 #   Sharpness vs 2/ELR        ~10 s      8.5 s        40 s
 #   ELR sweep on digits (16)  ~6 s       10 s         41 s
 # The old figures were 4-7x the demos' times on screen; these err long by at most ~2-3x (a loaded

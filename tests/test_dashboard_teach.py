@@ -138,7 +138,7 @@ def test_the_study_steps_protocol_text_ends_in_whole_sentences(tmp_path, monkeyp
     [demo] = [m.value for m in at.markdown if m.value.startswith("**Demo")]
     words = re.sub(r"\\(.)", r"\1", demo)
     assert words.endswith(".") and words.count("(") == words.count(")"), words
-    assert re.search(r"About [^()]* \(BENCHMARKS\.md\)\.$", words), words
+    assert re.search(r"About [^()]* \([^()]*\)\.$", words), words         # the estimate, then its source
 
 
 @pytest.mark.science

@@ -136,7 +136,7 @@ def test_conv_nets_train_with_every_metric(model, width):
 def test_every_logged_key_is_in_the_registry():
     digits = single(RunConfig(mode="lrwd", lr=0.1, wd=0.01, sharpness_every=7, trace_samples=1, **FAST))
     ticks = single(RunConfig(dataset="ticks", norm="layer", width=8, depth=2, batch_size=16, epochs=1,
-                             log_every=16))
+                             log_every=16, validation=True))           # val_loss, val_acc: only with a split
     logged = {k for m in (digits, ticks) for _, _, _, values in m.recorder.rows for k in values}
     assert {f"feature_acc/{k}" for k in range(16)} <= logged
     assert all(registry.is_known(k) for k in logged), [k for k in logged if not registry.is_known(k)]
