@@ -304,6 +304,6 @@ def gains(report: dict) -> go.Figure | None:
     fig.add_hline(y=0, line=dict(color="#444", dash="dash", width=1.2))
     fig.update_yaxes(title_text="gain in test accuracy (percentage points)", zeroline=False)
     fig.update_layout(height=520, margin=dict(MARGIN, t=60), showlegend=False, uirevision="study-gains",
-                      title=dict(text=f"{verdict} · {gain['n']} pairs, {gain['fraction_positive']:.0%} gain",
+                      title=dict(text=f"{verdict} · {gain['n']} pair{'s' * (gain['n'] != 1)}, {gain['fraction_positive']:.0%} gain",
                                  font=dict(size=14, color=color)))
     return fig
