@@ -104,7 +104,7 @@ TICKS_DESCRIPTION = (
     "pairs gain); with ATEN_CPU_CAPABILITY=default (every chaotic run different) again, +3.1 points (+0.7 to +5.2, "
     "8 of 10). Single pairs ranged from -5 to +9 points. "
     "Verified by its test: the smallest PLR converges and the largest diverges on every seed, and the refinement "
-    "and the pairing follow each run's own labels. About 4 minutes of CPU on 2 cores (247 s measured; README).")
+    "and the pairing follow each run's own labels. About 2 minutes on 2 CPU cores (126 s measured from the CLI; README).")
 DIGITS_DESCRIPTION = (
     "The same protocol on scikit-learn's digits with mlp_si: pre-train 5 ELRs from 1e-3 to 0.1 for 40 epochs "
     "(5 seeds; 10% of the training images held out for validation), refine around the convergence threshold, "
