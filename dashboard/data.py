@@ -261,6 +261,7 @@ ACC_COLUMN = "%.1f%%"   # a table's accuracy column, holding percentages (acc_te
 
 # ---- what the Teach and Periodic texts say, read from the run shown ------------------------------------
 HOVER_RATIO = (0.7, 1.5)    # a median sharpness / line in this band: the run hovers around its line
+SETTLED_POINTS = 10         # fewer measurements: the reading is of a run still near its start
 
 
 @dataclass(frozen=True)
@@ -279,6 +280,8 @@ class SharpnessReading:
     def text(self) -> str:
         words = {"below": "well below its line", "around": "hovering around its line",
                  "above": "mostly above its line"}[self.reading]
+        if self.points < SETTLED_POINTS:     # a run still near its start: say what it shows so far, not where it sits
+            words = f"so far {words} (too few measurements to say where it settles)"
         return (f"{words}: above it at {self.above:.0%} of its {self.points} measurements, median sharpness / line "
                 f"{self.median_ratio:.2f}")
 

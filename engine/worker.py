@@ -171,8 +171,8 @@ class Worker:
         """Studies left to the workers (no owning CLI process): create what their finished pieces allow."""
         from .study import advance
         for study in store.list_studies(status="running"):
-            if study.owner is None and advance(store, study.id):
-                print(f"study {study.id}: finished", file=sys.stderr, flush=True)
+            if study.owner is None and advance(store, study.id):      # ended: finished, or failed with its pieces
+                print(f"study {study.id}: {store.get_study(study.id).status}", file=sys.stderr, flush=True)
 
     def _idle(self, store: Store) -> bool:
         return (not self.children and not self.jobs and not store.list_runs(status="queued")

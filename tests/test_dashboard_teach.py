@@ -49,10 +49,13 @@ def sharp_trace(ratios, line=100.0) -> pd.DataFrame:
 def test_sharpness_reading_counts_points_above_the_line_and_names_where_the_run_sits():
     around = data.sharpness_reading(sharp_trace([0.9, 1.1, 1.2, 1.3, 0.8]))
     assert (around.points, around.above, around.median_ratio, around.reading) == (5, 0.6, 1.1, "around")
-    assert around.text() == ("hovering around its line: above it at 60% of its 5 measurements, median "
-                             "sharpness / line 1.10")
+    assert around.text() == ("so far hovering around its line (too few measurements to say where it settles): "
+                             "above it at 60% of its 5 measurements, median sharpness / line 1.10")
+    settled = data.sharpness_reading(sharp_trace([0.9, 1.1, 1.2, 1.3, 0.8] * 2))     # 10 measurements
+    assert settled.text() == ("hovering around its line: above it at 60% of its 10 measurements, median "
+                              "sharpness / line 1.10")
     below = data.sharpness_reading(sharp_trace([0.1, 0.2, 0.3, 1.05]))
-    assert (below.above, below.reading) == (0.25, "below") and below.text().startswith("well below its line")
+    assert (below.above, below.reading) == (0.25, "below") and below.text().startswith("so far well below its line")
     assert data.sharpness_reading(sharp_trace([2.0, 3.0, 1.6])).reading == "above"
     assert data.sharpness_reading(sharp_trace([0.5])) is None                    # one measurement: no reading
     long = sharp_trace([0.9, 1.1, 1.2]).melt(id_vars="step", var_name="key").assign(run_id=7)
