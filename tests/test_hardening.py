@@ -530,7 +530,7 @@ def test_a_store_in_a_read_only_folder_can_be_listed(tmp_path):
             ["unshare", "-rm", "sh", "-c", f'mount --bind "{folder}" "{folder}" && '
              f'mount -o remount,ro,bind "{folder}" "{folder}" && exec "$0" -m engine runs --db "$1"',
              sys.executable, str(path)], capture_output=True, text=True, timeout=120, cwd=ROOT)
-        if "mount" in listed.stderr and listed.returncode != 0:
+        if "mount" in listed.stderr and listed.returncode != 0 and os.environ.get("CI", "").lower() != "true":
             pytest.skip(f"no read-only mount here: {listed.stderr.strip()[:200]}")
     assert listed.returncode == 0 and "kept run" in listed.stdout, listed.stderr
 
