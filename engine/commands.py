@@ -13,7 +13,7 @@ import uuid
 from storage import LIVE_STATUSES, Store, write_atomically
 from storage.records import solution_text
 
-from . import registry
+from . import registry, shutdown
 from .config import ConfigError, RunConfig, configs_from_flags, parse_values
 from .submission import queue_average, queue_fork, queue_geometry, queue_runs
 
@@ -73,6 +73,7 @@ def _claimer() -> str:
 def _run_here(store: Store, ids: list[int], claimer: str) -> int:
     """Train runs reserved for this process, here, and print their ids; whatever it never started
     (Ctrl-C, an error) is cancelled, not left for a worker."""
+    shutdown.stop_on_ctrl_c()
     try:
         statuses = _train_here(store, ids, claimer, report=True)
     finally:
@@ -90,6 +91,7 @@ def _train_here(store: Store, ids: list[int], claimer: str, report: bool = False
     configs = [RunConfig.from_dict(store.get_run(run_id).config) for run_id in ids]
     statuses: dict[int, str] = {}
     for group in pack_groups(configs):
+        shutdown.raise_if_requested()
         claimed = [info for info in (store.claim_next_run(claimer, run_ids=[ids[i]]) or
                                      store.claim_interrupted(claimer, run_ids=[ids[i]]) for i in group) if info]
         if not claimed:
@@ -100,6 +102,7 @@ def _train_here(store: Store, ids: list[int], claimer: str, report: bool = False
         try:
             with _progress(label) as bar:
                 statuses.update(execute(store, {info.id: info.claim for info in claimed}, progress=bar))
+            shutdown.raise_if_requested()  # the first Ctrl-C stopped the runs in order: end the command here
         except KeyboardInterrupt:      # also before training began: resumable, not left "running"
             for info in claimed:
                 if store.get_run(info.id).status in LIVE_STATUSES:
@@ -254,11 +257,14 @@ def _refuse_flags_on_resume(args) -> None:
 
 def _study_here(store: Store, study_id: int, claimer: str) -> None:
     """Advance the study and do its work in this process until it ends: its runs (packed where packing
-    pays), then the averages and geometries they allow. Ctrl-C leaves it resumable (--resume)."""
+    pays), then the averages and geometries they allow. Ctrl-C leaves it resumable (--resume): runs stop
+    at their next step, a job in progress finishes first (a second Ctrl-C stops it at once)."""
     import time
     from . import study
     from .jobs import execute_job
+    shutdown.stop_on_ctrl_c()
     while not study.advance(store, study_id, reserve_for=claimer):
+        shutdown.raise_if_requested()
         waiting = [r.id for r in store.list_runs(study_id=study_id, status=["queued", "interrupted"])]
         _train_here(store, sorted(waiting), claimer)
         done = 0
@@ -269,10 +275,11 @@ def _study_here(store: Store, study_id: int, claimer: str) -> None:
             if job is not None:
                 try:
                     execute_job(store, job.id, job.claim)
-                except KeyboardInterrupt:       # Ctrl-C mid-job: queued again, for --resume to compute whole
+                except KeyboardInterrupt:       # a second Ctrl-C mid-job: queued again, for --resume to compute whole
                     store.requeue_job(job.id, claim=job.claim)
                     raise
                 done += 1
+                shutdown.raise_if_requested()   # the first Ctrl-C: stop between jobs
         if not done and not waiting:
             # what is left is held by another process (a worker resuming a run), or by one that died
             # holding it (killed mid-job): its heartbeat stops, and as a worker would, this process

@@ -204,16 +204,26 @@ def test_the_2a_2b_boundary_is_per_pair_and_undetermined_when_pairs_disagree():
 
 
 def test_an_interrupted_study_resumes_where_it_stopped(tmp_path):
+    """Ctrl-C while the fine-tuning runs train: they stop in order at their next step (`interrupted`),
+    the command exits 130, and --resume finishes the study creating nothing twice. The fine-tuning
+    runs are long enough here (100 epochs, seconds) for the signal to land while they train; with 10
+    the rest of the study took 0.7 s and could end before the signal arrived."""
     db = str(tmp_path / "resume.db")
-    proc = subprocess.Popen([sys.executable, "-m", "engine", "study", *SMALL, "--seed", "0", "--db", db],
+    args = [*SMALL[:SMALL.index("--finetune-epochs") + 1], "100", *SMALL[SMALL.index("--finetune-epochs") + 2:]]
+    proc = subprocess.Popen([sys.executable, "-m", "engine", "study", *args, "--seed", "0", "--db", db],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     store = wait_for(lambda: os.path.exists(db) and Store(db))
-    wait_for(lambda: any(r.study_role.startswith("finetune") for r in store.list_runs()), timeout=300)
+    wait_for(lambda: any(r.study_role.startswith("finetune") and r.status == "running" for r in store.list_runs()),
+             timeout=300)
     proc.send_signal(signal.SIGINT)
-    proc.wait(timeout=120)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
     [info] = store.list_studies()
     assert info.status == "running"
+    stopped = [r for r in store.list_runs(study_id=info.id) if r.study_role.startswith("finetune")]
+    assert stopped and all(r.status in ("interrupted", "queued") for r in stopped)
+    assert any(r.status == "interrupted" for r in stopped)
     before = {r.study_role: r.id for r in store.list_runs(study_id=info.id)}
     engine("study", "--resume", str(info.id), db=db)
     assert store.get_study(info.id).status == "finished"
