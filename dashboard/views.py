@@ -302,7 +302,8 @@ def study_result(store: Store, study_id: int, key: str = "study") -> None:
                    "and average are done).")
     heat = study_charts.features(rep)
     if heat is not None:
-        st.markdown("**Per-feature test accuracy** (ticks: each of the 16 features alone informative)")
+        st.markdown(f"**Per-feature test accuracy** (ticks: each of the {study_charts.feature_count(rep)} features "
+                    "alone informative)")
         ui.chart(heat, key=f"{key}-features")
         st.caption("Each cell: accuracy on a probe set where only that feature is informative (mean over runs). "
                    "Bright: the model relies on that feature; dark (50%) is chance; the scale tops out at the "
