@@ -241,7 +241,7 @@ def geometry_result(store: Store, job_id: int) -> None:
     cols[0].metric(f"angle A–B ({math.degrees(angle):.1f}°)", f"{angle:.3g} rad",
                    help="arccos of the cosine between the two weight vectors (SI weights)")
     for col, key in zip(cols[1:], ("train_loss", "test_loss", "train_err", "test_err")):
-        col.metric(f"{key} barrier", charts.barrier_text(key, float(result["barrier"][key])),
+        col.metric(f"{registry.label(key)} barrier", charts.barrier_text(key, float(result["barrier"][key])),
                    help="The most the path rises above the straight line between its ends' values.")
     fig = charts.geometry(result, *labels)
     ui.chart(fig, key=f"geometry-{job.id}")

@@ -295,7 +295,9 @@ def test_solutions_page_shows_a_finished_geometry_from_the_store(family, monkeyp
     assert at.selectbox(key="job").value == job.id
     metrics = {m.label: m.value for m in at.metric}
     assert metrics["angle A–B (11.5°)"] == "0.2 rad"
-    assert metrics["test_loss barrier"] == "0.04" and metrics["train_loss barrier"] == "0"
+    # the same words as the chart's: the registry's labels
+    assert metrics["test loss barrier"] == "0.04" and metrics["train loss barrier"] == "0"
+    assert metrics["test error barrier"] == charts.barrier_text("test_err", job.result["barrier"]["test_err"])
     spec = page_charts(at)[0].proto.spec
     assert "test loss barrier 0.04" in spec and "no barrier: train loss" in spec
 
