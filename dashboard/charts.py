@@ -155,8 +155,8 @@ def scale(values, log: bool) -> dict:
 
 
 def metric_axis(values, key: str, log: bool) -> dict:
-    """A metric's y axis: scale() of its values, titled with its label and unit; a fraction's ticks as
-    percentages (a log axis keeps its explicit tick texts)."""
+    """A metric's axis (y, or x in a phase diagram): scale() of its values, titled with its label and
+    unit; a fraction's ticks as percentages (a log axis keeps its explicit tick texts)."""
     axis = {**scale(values, log), "title_text": registry.axis_title(key)}
     if registry.is_percent(key) and axis["type"] == "linear":
         axis["tickformat"] = ".0%"
