@@ -26,7 +26,8 @@ from storage.urls import sqlite_file
 from .series import group_mean, smooth_long, tail_mean, thin, with_x
 
 ENDED_VISIBLE_S = 600          # ended runs stay on the Live page this long, with their final curves
-SUMMARY_KEYS = [*ANALYSIS_KEYS, "test_acc"]
+# what a sweep's summary reads of each run: what the analysis needs and the regime map's panels
+SUMMARY_KEYS = list(dict.fromkeys([*ANALYSIS_KEYS, *registry.REGIME_MAP_KEYS]))
 TRACE_EVENTS = ["spike", "elr_change", "lr_change", "resume"]
 
 
@@ -193,7 +194,7 @@ def run_summary(store: Store, run: RunInfo) -> dict:
     row = {"run_id": run.id, "name": run.name, "status": run.status, "rate_key": rate_key,
            "rate": rate, "seed": run.config.get("seed"), "regime": result["regime"],
            **{key: tail_mean(trace[key]) if key in trace else float("nan")
-              for key in ("train_loss", "test_acc", "eff_grad_norm")},
+              for key in registry.REGIME_MAP_KEYS},
            "reason": result["evidence"].get("reason", "")}
     _SUMMARIES[(store.url, run.id)] = (version, row)
     return row
@@ -202,8 +203,7 @@ def run_summary(store: Store, run: RunInfo) -> dict:
 def sweep_summary(store: Store, sweep_id) -> pd.DataFrame:
     """One row per run of a sweep: its rate, regime (analysis of its trace) and tail means."""
     rows = [run_summary(store, run) for run in store.list_runs(sweep_id=sweep_id)]
-    columns = ["run_id", "name", "status", "rate_key", "rate", "seed", "regime", "train_loss", "test_acc",
-               "eff_grad_norm", "reason"]
+    columns = ["run_id", "name", "status", "rate_key", "rate", "seed", "regime", *registry.REGIME_MAP_KEYS, "reason"]
     return pd.DataFrame(rows, columns=columns).sort_values(["rate", "run_id"], ignore_index=True)
 
 

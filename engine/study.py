@@ -25,6 +25,7 @@ import numpy as np
 
 from storage import TERMINAL_STATUSES, Store
 
+from . import registry
 from .config import ConfigError, RunConfig
 from .submission import check_data, default_sweep_name
 
@@ -504,8 +505,7 @@ def _entry(store: Store, pre, elr: float, ds: int, seed: int, spec: dict, runs: 
     result = swa.result if swa is not None and swa.status == "finished" else None
     entry["average_test_acc"] = result["test_acc"] if result else None
     entry["average_val_acc"] = result.get("val_acc") if result else None
-    entry["average_feature_acc"] = ([result[f"feature_acc/{k}"] for k in range(16)]
-                                    if result and "feature_acc/0" in result else None)
+    entry["average_feature_acc"] = _feature_vector(result or {}, lambda key: result[key])
     held_out = "val_err" if spec["base"].get("validation") else "test_err"
     entry["geometry"] = [{"pair": list(j.spec.get("names", [])), "angle": j.result["angle"],
                           "barrier_test_err": j.result["barrier"]["test_err"],
@@ -518,13 +518,22 @@ def _entry(store: Store, pre, elr: float, ds: int, seed: int, spec: dict, runs: 
     return entry
 
 
+FEATURE_FAMILY = "feature_acc/<k>"
+
+
+def _feature_vector(values: dict, value) -> list[float] | None:
+    """The feature accuracies among `values` (a run's latest metrics, an average's result) in feature
+    order, value(key) each; as many as were measured (the dataset's feature count: 16 on ticks), None
+    when there are none (not ticks)."""
+    keys = registry.members(values, FEATURE_FAMILY)
+    return [value(key) for key in keys] or None
+
+
 def _features(store: Store, run) -> list[float] | None:
     if run is None or run.status != "finished":
         return None
     latest = store.latest_metrics(run.id)
-    if "feature_acc/0" not in latest:
-        return None
-    return [latest[f"feature_acc/{k}"][1] for k in range(16)]
+    return _feature_vector(latest, lambda key: latest[key][1])
 
 
 def _aggregate(elr: float, entries: list[dict], spec: dict, refined: bool = False) -> dict:

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 
+from engine import registry
 from storage import Store
 from tests.processes import copy_store
 
@@ -384,7 +385,8 @@ def test_teacher_runs_every_demo_on_the_teach_page(served):
         assert _check_log_ticks(page) > 0
         _screenshot(page, "teach_periodic")
 
-        # sharpness: each run drawn against its own 2(1+μ)/ELR line while it trains
+        # sharpness: each run drawn against its own 2(1+μ)/ELR line while it trains (legend: "<run> · <line>")
+        line = registry.label("sharpness_threshold")
         if FULL_DEMOS:
             took, runs = _run_demo(page, base, store, "sharpness", 400)
             timings["Sharpness vs 2/ELR"] = round(took, 1)
@@ -394,12 +396,12 @@ def test_teacher_runs_every_demo_on_the_teach_page(served):
             page.wait_for_function("""() => {
                 const plot = document.querySelector('.js-plotly-plot');
                 const lines = plot ? (plot._fullData || []).filter(t => t._length > 1) : [];
-                return lines.filter(t => String(t.name).includes('2(1+μ)/elr')).length === 3
-                    && lines.filter(t => !String(t.name).includes('2(1+μ)/elr')).length === 3;
-            }""", timeout=120_000)
+                return lines.filter(t => String(t.name).includes(LINE)).length === 3
+                    && lines.filter(t => !String(t.name).includes(LINE)).length === 3;
+            }""".replace("LINE", json.dumps(line)), timeout=120_000)
             _no_traceback(page, "teach sharpness")
         legend = page.locator(".js-plotly-plot").first.locator(".legendtext").all_text_contents()
-        assert sum("2(1+μ)/elr" in name for name in legend) == len(sharp_ids) == 3, legend
+        assert sum(line in name for name in legend) == len(sharp_ids) == 3, legend
         _screenshot(page, "teach_sharpness")
         for run_id in sharp_ids:   # the runs' job is done here: give the CPU back
             if not store.get_run(run_id).is_terminal:
@@ -527,7 +529,7 @@ def test_branch_twice_average_and_measure_the_geometry_from_the_dashboard(served
         [geometry] = _wait_for_jobs(store, [geometry.id], 10)
         shown = {"angle": _metric(page, next(t for t in page.get_by_test_id("stMetricLabel").all_inner_texts()
                                              if t.startswith("angle"))),
-                 **{f"{key} barrier": _metric(page, f"{key} barrier")
+                 **{f"{key} barrier": _metric(page, f"{registry.label(key)} barrier")
                     for key in ("train_loss", "test_loss", "train_err", "test_err")}}
         assert shown["angle"] == f"{geometry.result['angle']:.3g} rad", shown
         _screenshot(page, "branch_solutions")

@@ -241,7 +241,13 @@ def test_overlay_draws_raw_faintly_behind_the_smoothed_curve_on_per_panel_log_ax
     faint = [t for t in fig.data if t.opacity == 0.25]
     assert len(faint) == 4 and len(fig.data) == 8
     assert fig.layout.yaxis.type == "log" and fig.layout.yaxis2.type == "linear"   # log only where asked
-    assert fig.layout.yaxis.title.text == "train_loss" and fig.layout.xaxis2.title.text == "epoch"
+    # axes in words with units (the registry's), accuracies as percentages; the stored key in the hover
+    assert fig.layout.yaxis.title.text == "train loss (nats)" and fig.layout.xaxis2.title.text == "epoch"
+    assert fig.layout.yaxis2.title.text == "test accuracy (%)" and fig.layout.yaxis2.tickformat == ".0%"
+    assert fig.layout.yaxis.tickformat is None                    # a log axis keeps its explicit tick texts
+    front = [t for t in fig.data if t.name == "#1 a"]
+    assert "train loss · train_loss %{y:.4g}" in front[0].hovertemplate
+    assert "test accuracy · test_acc %{y:.1%}" in front[1].hovertemplate
     assert {t.line.color for t in fig.data if t.name == "#1 a"} == {charts.run_color(1)}
 
 
@@ -259,7 +265,9 @@ def test_a_phase_diagram_marks_each_runs_start_and_bands_show_seed_spread():
     circles = [t for t in both.data if t.marker.symbol == "circle-open"]
     assert len(circles) == 2 and sum(t.text is not None for t in circles) == 1
     assert [t.fill for t in fig.data if t.fill] == ["tonexty"]      # the ±1 std band
-    assert fig.layout.xaxis.type == "log" and fig.layout.xaxis.title.text == "eff_grad_norm"
+    assert fig.layout.xaxis.type == "log" and fig.layout.xaxis.title.text == "effective gradient norm"
+    [curve] = [t for t in fig.data if t.mode == "lines+markers"]
+    assert "effective gradient norm · eff_grad_norm %{x:.4g}" in curve.hovertemplate
 
 
 def test_overlay_ends_each_curve_with_its_regime():
@@ -326,7 +334,12 @@ def test_regime_map_puts_the_rate_on_a_log_axis_with_boundary_intervals():
                             "test_acc": [0.9, 0.8, 0.1], "eff_grad_norm": [1.0, 1.2, 100.0]})
     boundaries = series.regime_boundaries(summary["rate"], summary["regime"])
     fig = charts.regime_map(series.per_rate(summary), summary, boundaries, "elr")
-    assert fig.layout.xaxis.type == "log" and fig.layout.xaxis3.title.text == "elr"
+    assert fig.layout.xaxis.type == "log" and fig.layout.xaxis3.title.text == "effective LR"
+    # one panel per registry.REGIME_MAP_KEYS, each on the registry's scale, titled in words with its unit
+    assert [fig.layout[f"yaxis{i or ''}"].title.text for i in ("", 2, 3)] == [
+        "train loss (nats)", "test accuracy (%)", "effective gradient norm"]
+    assert [fig.layout[f"yaxis{i or ''}"].type for i in ("", 2, 3)] == ["log", "linear", "log"]
+    assert "effective LR · elr %{x:.3g}" in fig.data[0].hovertemplate
     assert {shape.type for shape in fig.layout.shapes} == {"rect", "line"}
     assert [shape.x0 for shape in fig.layout.shapes if shape.type == "line"] == pytest.approx([1e-2] * 3)
     # the estimate is written once, legibly, at the top of the first panel (log axis: x is log10)

@@ -10,6 +10,7 @@ import time
 import pytest
 
 from engine import study
+from engine.ticks import FEATURES
 from storage import Store
 from tests.processes import engine as run_engine, start_worker, wait_for
 
@@ -70,7 +71,8 @@ def test_the_report_aggregates_seeds_and_places_the_regimes(finished):
         labelled = {s for s in subs if s}
         chaotic = row["regime"] == "chaotic_equilibrium"
         assert row["subregime"] == (labelled.pop() if len(labelled) == 1 and chaotic else None)
-        assert len(row["feature_acc"]["pretrain"]) == 16
+        # one accuracy per feature of the toy, read from what the runs and averages logged
+        assert len(row["feature_acc"]["pretrain"]) == len(row["feature_acc"]["average"]) == FEATURES
     low, high = r["rows"][0], r["rows"][-1]
     assert low["regime"] == "convergence" and high["regime"] == "divergence"
     assert low["pretrain_test_acc"]["mean"] > high["pretrain_test_acc"]["mean"] + 0.1
@@ -85,6 +87,14 @@ def test_the_report_aggregates_seeds_and_places_the_regimes(finished):
     row = next(row for row in r["rows"] if row["pretrain_elr"] == best["pretrain_elr"])
     assert best["test_acc"] == row["chosen"]["test_acc"]
     assert r["verdict"] in ("win", "loss", "not separated", None) and len(r["pairs"]) <= 2
+
+
+def test_feature_vectors_are_what_was_logged_in_feature_order():
+    """However many feature_acc/<k> a run logged (ticks: 16), in feature order (10 after 9), and
+    nothing for a dataset without features."""
+    latest = {f"feature_acc/{k}": (320, k / 100) for k in range(12)} | {"test_acc": (320, 0.9)}
+    assert study._feature_vector(latest, lambda key: latest[key][1]) == [k / 100 for k in range(12)]
+    assert study._feature_vector({"test_acc": 0.9}, lambda key: 0.0) is None
 
 
 def test_sub_regimes_and_boundaries_from_made_up_rows():
