@@ -360,11 +360,14 @@ def _verdict_line(r: dict) -> str:
 
 
 def cmd_worker(args) -> int:
-    from .runtime import resolve_device
     from .worker import Worker
     if args.max_parallel < 1:
         raise ConfigError(f"--max-parallel must be at least 1, got {args.max_parallel}")
-    resolve_device(args.device)
+    if args.device == "cuda":
+        # the only choice that can be refused here; otherwise the worker process stays torch-free
+        # (its run processes import torch): it starts in a second less, and the app with it
+        from .runtime import resolve_device
+        resolve_device(args.device)
     return Worker(Store(args.db).url, max_parallel=args.max_parallel, device=args.device, poll_s=args.poll,
                   stale_after_s=args.stale_after, exit_when_idle=args.once).run()
 

@@ -32,7 +32,7 @@ ANALYSIS_SHARE_S = 0.5    # in a large pack each member's analysis comes round e
 # file per member per epoch cost more than the training (measured 3x on a 27-run ticks pack). A kill
 # then costs at most this much recomputation; kept checkpoints (forks, averages) are always written.
 CHECKPOINT_MIN_S = 5.0
-EX_TEMPFAIL = 75          # a run process's exit code when the store stayed locked and its runs' end went unrecorded
+EX_TEMPFAIL = shutdown.EX_TEMPFAIL
 
 
 class StoreRecorder:

@@ -10,6 +10,8 @@ import signal
 import sys
 import threading
 
+EX_TEMPFAIL = 75   # a run process's exit code when the store stayed locked and its runs' end went unrecorded
+
 _requested = threading.Event()
 
 
