@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from engine.config import RunConfig
 from engine.solutions import Evaluator, angle, average, barrier, checkpoint_weights, path
 from engine.trainer import Trainer
-from storage import MIN_STALE_AFTER_S, Store, StoreError
+from storage import HEARTBEAT_EVERY_S, MIN_STALE_AFTER_S, Store, StoreError
 from tests.helpers import assert_bitwise_rows, single
 from tests.processes import STALE_CHECK_S, engine as run_engine, start_worker, wait_for
 
@@ -294,14 +294,19 @@ def test_one_job_process_computes_a_batch_and_keeps_its_waiting_jobs_held(traine
     the ones waiting their turn heartbeat, so a stale check at the shortest --stale-after never takes
     them back. The test is that other worker: once the batch's process is up, it checks for stale jobs
     every STALE_CHECK_S until the batch is done, and at least one check comes while a job that waits
-    has been claimed for longer than the staleness floor (events, not a margin on the batch's time)."""
+    has been claimed for longer than the staleness floor (events, not a margin on the batch's time).
+    The worker heartbeats every 0.5 s here, so the floor is 1.5 s and jobs of 61 points (about 2 s
+    each) make a batch whose waiting jobs outlast it."""
     db, run, _ = trained
     store = Store(db)
-    ids = [int(engine("geometry", f"{run}@{a}", f"{run}@{b}", "--points", "201", "--submit", db=db).stdout.split()[-1])
+    heartbeat = 0.5
+    floor = MIN_STALE_AFTER_S / HEARTBEAT_EVERY_S * heartbeat      # the product's floor: 3 heartbeats
+    ids = [int(engine("geometry", f"{run}@{a}", f"{run}@{b}", "--points", "61", "--submit", db=db).stdout.split()[-1])
            for a, b in [(2, 4), (2, 6), (2, 8), (4, 6), (4, 8), (6, 8)]]
     log = tmp_path / "worker.log"
     with open(log, "w") as sink:
-        worker = start_worker(db, "--once", "--max-parallel", "1", log=sink)   # its own stale limit: 30 s
+        worker = start_worker(db, "--once", "--max-parallel", "1", log=sink,     # its own stale limit: 30 s
+                              env={"SPHERELAB_HEARTBEAT_S": str(heartbeat)})
         try:
             claimed = wait_for(lambda: all(store.get_job(i).status == "running" for i in ids)
                                and {i: store.get_job(i).heartbeat_at for i in ids})
@@ -312,8 +317,8 @@ def test_one_job_process_computes_a_batch_and_keeps_its_waiting_jobs_held(traine
             while worker.poll() is None and time.monotonic() < deadline:
                 now = time.time()
                 waiting = [j.id for j in map(store.get_job, ids) if j.status == "running"]
-                assert store.requeue_stale_jobs(MIN_STALE_AFTER_S) == [], waiting
-                telling += any(now - claimed[i] > MIN_STALE_AFTER_S for i in waiting[1:])
+                assert store.requeue_stale_jobs(floor) == [], waiting
+                telling += any(now - claimed[i] > floor for i in waiting[1:])
                 time.sleep(STALE_CHECK_S)
             assert worker.wait(timeout=300) == 0
         finally:
