@@ -12,9 +12,9 @@ import pytest
 
 from dashboard import data
 from engine.analysis import ELR_DROP, NORM_JUMP, analyze
-from engine.config import RunConfig
 from engine.presets import PRESETS
 from storage import Store
+from tests.helpers import store_traces
 from tests.test_dashboard import open_app, regime_badges, texts
 
 SEEDS = (0, 1, 2)
@@ -23,21 +23,6 @@ PERIODIC_SEEDS = range(5)
 
 def shown(at) -> str:
     return re.sub(r"\\(.)", r"\1", texts(at))
-
-
-def store_traces(db, named_traces: list[tuple[RunConfig, pd.DataFrame]]) -> list[int]:
-    """Write in-memory traces into a store as finished runs; their ids."""
-    store = Store(db)
-    ids = []
-    for cfg, trace in named_traces:
-        [run_id] = store.create_runs([{"config": cfg.to_dict(), "name": cfg.display_name()}])
-        keys = [c for c in trace.columns if c not in ("step", "epoch", "wall_time")]
-        store.log_metrics(run_id, [(int(r["step"]), float(r["epoch"]), float(r["wall_time"]),
-                                    {k: float(r[k]) for k in keys if pd.notna(r[k])})
-                                   for r in trace.to_dict("records")])
-        store.update_run(run_id, status="finished", step=int(trace["step"].max()))
-        ids.append(run_id)
-    return ids
 
 
 # ---- the readings, exactly, on synthetic traces ---------------------------------------------------------
