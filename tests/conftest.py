@@ -31,6 +31,19 @@ from tests.processes import engine
 torch.set_num_threads(1)
 
 
+# Under pytest-xdist's --dist loadfile (scripts/test.sh) a file is one unit of work, handed out in
+# collection order: the longest files go first, so that no long file starts last and runs alone while
+# the other worker idles (longest-processing-time-first). Measured CPU seconds per file, largest first.
+LONGEST_FIRST = ("test_hardening_worker.py", "test_browser.py", "test_presets.py", "test_worker.py",
+                 "test_solutions.py", "test_regimes.py", "test_packed.py", "test_study.py", "test_hardening.py",
+                 "test_cli.py", "test_dashboard_teach.py", "test_dashboard.py", "test_calibrate.py", "test_trainer.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))     # stable: each file keeps its order
+
+
 def _postgres_bindir() -> str | None:
     found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"),
                    key=lambda path: int(path.split("/")[4]) if path.split("/")[4].isdigit() else 0)

@@ -12,15 +12,55 @@ ROOT = Path(__file__).resolve().parents[1]
 STALE_CHECK_S = 0.5
 
 
-def engine(*args, db=None, check=False, timeout=600, env=None):
-    """`python -m engine ARGS [--db DB]` in the repository root, captured; with check, fail the test
-    (showing stderr) unless it exits 0. env entries are added to this process's environment."""
-    out = subprocess.run([sys.executable, "-m", "engine", *args, *(["--db", str(db)] if db else [])],
-                         capture_output=True, text=True, timeout=timeout, cwd=ROOT,
-                         env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+# Commands that run here (engine.cli.main in the test's own process) unless a test asks for a real
+# process: they are most of the suite's CLI calls, and each real one paid ~2 s of CPU importing torch
+# again. `worker` and `app` always get a process (they supervise processes and own their signals), as
+# does a call with its own environment (the product reads its timings from it at import).
+OWN_PROCESS = {"worker", "app"}
+
+
+def engine(*args, db=None, check=False, timeout=600, env=None, real_process=False):
+    """`python -m engine ARGS [--db DB]`, captured, as a CompletedProcess; with check, fail the test
+    (showing stderr) unless it exits 0. env entries are added to the environment of a real process
+    (`python -m engine` in the repository root, as with real_process=True); otherwise the command runs
+    in this process through engine.cli.main, with the same arguments, outputs and exit status."""
+    argv = [*map(str, args), *(["--db", str(db)] if db else [])]
+    if real_process or env or args[0] in OWN_PROCESS:
+        out = subprocess.run([sys.executable, "-m", "engine", *argv], capture_output=True, text=True,
+                             timeout=timeout, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+    else:
+        out = _in_this_process(argv)
     if check:
         assert out.returncode == 0, out.stderr[-3000:]
     return out
+
+
+def _in_this_process(argv: list[str]) -> subprocess.CompletedProcess:
+    """engine.cli.main(argv) with stdout and stderr captured; what a command sets for its whole process
+    (argv, cwd, the Ctrl-C handler, torch threads) is put back afterwards."""
+    import contextlib
+    import io
+    import signal
+
+    import torch
+
+    from engine.cli import main
+    out, err = io.StringIO(), io.StringIO()
+    saved = sys.argv, os.getcwd(), signal.getsignal(signal.SIGINT), torch.get_num_threads()
+    sys.argv = [str(ROOT / "engine" / "__main__.py"), *argv]     # how the CLI names itself in its messages
+    os.chdir(ROOT)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(argv)
+            except SystemExit as exc:                               # argparse: usage errors, --help
+                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:
+        sys.argv, cwd, handler, threads = saved
+        os.chdir(cwd)
+        signal.signal(signal.SIGINT, handler)
+        torch.set_num_threads(threads)
+    return subprocess.CompletedProcess([sys.executable, "-m", "engine", *argv], code, out.getvalue(), err.getvalue())
 
 
 def start_worker(db, *extra, log=None, env=None):
