@@ -453,12 +453,12 @@ def test_the_probe_chunk_rule_is_the_trainers(monkeypatch):
     341 ends with a 1-sample chunk, which mlp_si's BatchNorm cannot train on (before: the run ended
     `failed`); 340 trains. The conv nets' BatchNorm2d also averages over positions: one image is fine."""
     from engine.trainer import Trainer
-    assert Trainer(RunConfig(batch_size=340, epochs=1, log_every=2).validate()).run()[0].status == "finished"
+    assert Trainer(RunConfig(batch_size=340, epochs=1, log_every=2)).run()[0].status == "finished"
     conv = RunConfig(model="convnet_si", width=2, dataset="synthetic", synthetic_samples=6, synthetic_classes=2,
-                     synthetic_shape=(3, 32, 32), batch_size=1, probe_size=3, epochs=1, log_every=3).validate()
+                     synthetic_shape=(3, 32, 32), batch_size=1, probe_size=3, epochs=1, log_every=3)
     assert Trainer(conv).run()[0].status == "finished"
     with pytest.raises(ConfigError, match="probe chunk of 1 sample"):
-        RunConfig(batch_size=341).validate()
+        RunConfig(batch_size=341)
     monkeypatch.setattr(RunConfig, "check_against_data", lambda self, train_size: None)   # main's checks
     with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
         Trainer(RunConfig(batch_size=341, epochs=1, log_every=2)).run()
