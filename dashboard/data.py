@@ -19,7 +19,7 @@ import pandas as pd
 from engine import registry
 from engine.analysis import KEYS as ANALYSIS_KEYS
 from engine.analysis import analyze, analyze_stored
-from engine.config import RunConfig, num_classes
+from engine.config import OPTION, OPTIONS, RunConfig, num_classes
 from storage import LIVE_STATUSES, TERMINAL_STATUSES, RunInfo, Store
 from storage.urls import sqlite_file
 
@@ -88,11 +88,23 @@ def all_tags(runs: list[RunInfo]) -> list[str]:
 
 
 def config_diff(runs: list[RunInfo]) -> pd.DataFrame:
-    """Config keys whose values differ between the runs (rows) by run (columns)."""
-    keys = sorted(set().union(*(run.config for run in runs))) if runs else []
-    table = pd.DataFrame({run_label(run): [as_text(run.config.get(key)) for key in keys] for run in runs},
+    """The run options whose values differ between the runs (rows, in their declared order, with the
+    Launch form's label) by run (columns). An option a run's stored config lacks (a run made before the
+    option existed) counts as its default."""
+    present = set().union(*(run.config for run in runs)) if runs else set()
+    keys = [o.name for o in OPTIONS if o.name in present] + sorted(present - set(OPTION))
+
+    def value(run: RunInfo, key: str):
+        if key in run.config or key not in OPTION:
+            return run.config.get(key)
+        default = OPTION[key].default
+        return list(default) if isinstance(default, tuple) else default
+
+    table = pd.DataFrame({run_label(run): [as_text(value(run, key)) for key in keys] for run in runs},
                          index=pd.Index(keys, name="config"))
-    return table[table.nunique(axis=1) > 1]
+    table = table[table.nunique(axis=1) > 1]
+    table.insert(0, "option", [OPTION[key].label if key in OPTION else "" for key in table.index])
+    return table
 
 
 def as_text(value) -> str:

@@ -123,7 +123,17 @@ def test_config_diff_keeps_only_keys_that_differ(store):
                              {"config": {"mode": "sphere", "elr": 0.1, "seed": 0}, "name": "b"}])
     diff = data.config_diff(store.list_runs(ids=ids))
     assert list(diff.index) == ["elr"]
-    assert set(diff.loc["elr"]) == {"0.01", "0.1"}
+    assert diff.loc["elr", "option"] == "ELR" and set(diff.loc["elr"].drop("option")) == {"0.01", "0.1"}
+
+
+def test_config_diff_counts_an_option_a_run_lacks_as_its_default_and_keeps_the_declared_order(store):
+    """A run stored before an option existed (no `norm`) is not different from one with its default."""
+    ids = store.create_runs([{"config": {"seed": 1, "mode": "sphere", "model": "mlp_si"}, "name": "old"},
+                             {"config": {"seed": 2, "mode": "lrwd", "model": "mlp_si", "norm": "batch",
+                                         "tags": [], "legacy": 1}, "name": "new"}])
+    diff = data.config_diff(store.list_runs(ids=ids))
+    assert list(diff.index) == ["mode", "seed", "legacy"]     # model, mode, … seed: RunConfig's order
+    assert list(diff["option"]) == ["Mode", "Seed", ""]
 
 
 def test_config_filter_parses_and_matches_numbers_by_value():
