@@ -49,9 +49,9 @@ def group_label(runs: list[RunInfo]) -> str:
 def rate_of(config: dict) -> tuple[str, float]:
     """The rate the user set: ("elr", value) on the sphere, ("lr", value) under lrwd; a rate left
     unset reads as the engine's default."""
-    mode = config.get("mode", "sphere")
-    rate = RunConfig(mode=mode, elr=config.get("elr"), lr=config.get("lr")).base_rate
-    return ("lr" if mode == "lrwd" else "elr"), rate
+    key = "lr" if config.get("mode", "sphere") == "lrwd" else "elr"
+    rate = config.get(key)
+    return key, rate if rate is not None else RunConfig(mode="lrwd" if key == "lr" else "sphere").base_rate
 
 
 def parse_config_filter(text: str) -> dict[str, str]:
