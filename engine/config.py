@@ -173,11 +173,8 @@ class Option:
             bad(f"must be {'text' if kind is str else 'on or off (true or false)'}, got {value!r}")
         if self.choices and value not in self.choices:
             raise ConfigError(f"unknown {self.flag} {value!r}: choose one of {', '.join(self.choices)}", self.name)
-        if kind is int:
-            if self.low is not None and value < self.low:
-                bad(f"must be at least {_number(self.low)}, got {value}")
-            if self.high is not None and value > self.high:
-                bad(f"must be at most {_number(self.high)}, got {value}")
+        if kind is int and not ((self.low is None or value >= self.low) and (self.high is None or value <= self.high)):
+            bad(f"must be {'a whole number from ' if self.high is not None else ''}{self.bounds_text()}, got {value}")
         if kind is float:
             inside = (math.isfinite(value) and (self.low is None or value >= self.low)
                       and (self.above is None or value > self.above) and (self.high is None or value <= self.high)

@@ -32,14 +32,14 @@ def test_every_field_of_runconfig_is_a_declared_option_with_a_label_and_help():
 
 
 @pytest.mark.parametrize("changes, field, words", [
-    (dict(depth=0), "depth", "--depth must be at least 1, got 0"),
+    (dict(depth=0), "depth", "--depth must be a whole number from 1 to 1,000, got 0"),
     (dict(depth=2.5), "depth", "--depth must be a whole number"),
     (dict(momentum=1.0), "momentum", "--momentum must be in [0, 1)"),
     (dict(elr=float("nan")), "elr", "--elr must be a positive finite number"),
     (dict(model="vgg"), "model", "unknown --model 'vgg'"),
     (dict(norm="group"), "norm", "unknown --norm 'group'"),
-    (dict(seed=-1), "seed", "--seed must be at least 0"),
-    (dict(data_seed=2**63), "data_seed", "--data-seed must be at most 2**63-1"),
+    (dict(seed=-1), "seed", "--seed must be a whole number from 0 to 2**63-1"),
+    (dict(data_seed=2**63), "data_seed", "--data-seed must be a whole number from 0 to 2**63-1"),
     (dict(synthetic_shape=(3, 0)), "synthetic_shape", "--synthetic-shape must be 1 to 4 positive sizes"),
     (dict(tags=("ok", " ")), "tags", "--tags got an empty tag"),
     (dict(epochs=None), "epochs", "--epochs needs a value"),
