@@ -396,12 +396,12 @@ class RunConfig:
             if self.synthetic_samples * math.prod(shape) > MAX_DATA_VALUES:
                 bad(f"{self.synthetic_samples:,} synthetic samples of shape {'x'.join(map(str, shape))} are "
                     f"{self.synthetic_samples * math.prod(shape):,} values, more than {MAX_DATA_VALUES:,} "
-                    "(8 GiB of float32): use fewer --synthetic-samples or a smaller --synthetic-shape",
+                    "(MAX_DATA_VALUES, 8 GiB of float32): use fewer --synthetic-samples or a smaller --synthetic-shape",
                     "synthetic_samples")
         if self.parameter_count > MAX_PARAMETERS:
             bad(f"{self.model} with width {self.model_width}"
                 f"{f', depth {self.depth}' if self.model == 'mlp_si' else ''} on {self.dataset} has "
-                f"{self.parameter_count:,} weights, more than {MAX_PARAMETERS:,}: use a smaller "
+                f"{self.parameter_count:,} weights, more than {MAX_PARAMETERS:,} (MAX_PARAMETERS): use a smaller "
                 "--width" + (" or --depth" if self.model == "mlp_si" else ""), "width")
         if self.train_size is not None:
             self.check_against_data(self.train_size)
@@ -428,7 +428,7 @@ class RunConfig:
         steps = self.epochs * (train_size // batch)
         if steps > MAX_STEPS:
             raise ConfigError(f"--epochs {self.epochs} of {train_size // batch:,} batches are {steps:,} steps, more "
-                              f"than {MAX_STEPS:,}: use fewer --epochs or a larger --batch-size", "epochs")
+                              f"than {MAX_STEPS:,} (MAX_STEPS): use fewer --epochs or a larger --batch-size", "epochs")
 
     def _input_shape_text(self) -> str:
         if self.dataset == "digits":
