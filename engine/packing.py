@@ -81,7 +81,7 @@ def claim_pack_partners(store, worker_id: str, first, worker_device: str = "auto
     empty when packing is off or nothing fits.
     """
     try:
-        cfg = RunConfig.from_dict(first.config).validate()
+        cfg = RunConfig.from_dict(first.config)
     except (ConfigError, TypeError):
         return []
     if not packing_enabled(cfg, worker_device):

@@ -38,7 +38,7 @@ class Evaluator:
 
     def __init__(self, cfg: RunConfig, *, data: Dataset | None = None, device: torch.device | None = None,
                  group: int | None = None):
-        self.cfg = cfg.validate()
+        self.cfg = cfg
         self.device = device or resolve_device(cfg.device)
         self.data = data if data is not None else load_dataset(cfg, self.device)
         template = build_model(cfg, self.data.input_shape, self.data.num_classes).to(self.device)

@@ -122,10 +122,10 @@ def check_study(base: RunConfig, *, pretrain_elrs, pretrain_epochs, finetune_elr
     # split to select on
     base = base.replace(epochs=pretrain_epochs, keep_every=0, keep_last=average, name=None, validation=True,
                         data_seed=data_seeds[0])
-    configs = [base.replace(elr=elr, seed=seed, data_seed=ds).validate()
+    configs = [base.replace(elr=elr, seed=seed, data_seed=ds)
                for elr in pretrain_elrs for ds in data_seeds for seed in seeds]
     for flr in finetune_elrs:
-        base.replace(elr=flr, epochs=pretrain_epochs + finetune_epochs).validate()
+        base.replace(elr=flr, epochs=pretrain_epochs + finetune_epochs)
     check_data(configs[:1])
     spec = {"base": base.to_dict(), "pretrain_elrs": list(pretrain_elrs), "seeds": seeds, "data_seeds": data_seeds,
             "pretrain_epochs": pretrain_epochs, "finetune_elrs": list(finetune_elrs),
@@ -237,7 +237,7 @@ def _refine(store: Store, study_id: int, spec: dict, runs: dict, reserve_for: st
                 role = pretrain_role(elr, ds, seed)
                 if role in runs:
                     continue
-                cfg = base.replace(elr=elr, seed=seed, data_seed=ds).validate()
+                cfg = base.replace(elr=elr, seed=seed, data_seed=ds)
                 items.append({"config": cfg.to_dict(), "name": f"{cfg.display_name()} data={ds} (refined)",
                               "tags": list(cfg.tags), "reserved_for": reserve_for, "study_id": study_id,
                               "study_role": role})
@@ -273,7 +273,7 @@ def failures(store: Store, study_id: int) -> list[str]:
 def _fork(store: Store, study_id: int, pre, epoch: int, flr: float, spec: dict, role: str,
           reserve_for: str | None) -> None:
     cfg = RunConfig.from_dict(pre.config).replace(elr=flr, epochs=epoch + spec["finetune_epochs"], keep_last=1,
-                                                  name=None).validate()
+                                                  name=None)
     store.create_runs([{"config": cfg.to_dict(), "name": f"#{pre.id}@{epoch} FLR {flr:g}",
                         "tags": list(cfg.tags), "parent_id": pre.id, "fork_epoch": epoch,
                         "reserved_for": reserve_for, "study_id": study_id, "study_role": role}])

@@ -169,7 +169,6 @@ class Trainer:
         cfgs = [cfgs] if isinstance(cfgs, RunConfig) else list(cfgs)
         if not cfgs:
             raise ValueError("a pack needs at least one configuration")
-        cfgs = [c.validate() for c in cfgs]
         _check_packable(cfgs)
         self.device = device or resolve_device(cfgs[0].device)
         self.data = data if data is not None else load_dataset(cfgs[0], self.device)
@@ -546,7 +545,7 @@ def train_traces(cfgs: list[RunConfig], *, device: str | None = None) -> list:
     from .analysis import memory_trace
     from .packing import pack_groups
     from .runtime import configure_process
-    cfgs = [c.validate() if device is None else c.replace(device=device).validate() for c in cfgs]
+    cfgs = [c if device is None else c.replace(device=device) for c in cfgs]
     traces: list = [None] * len(cfgs)
     for group in pack_groups(cfgs):
         recorders = [MemoryRecorder() for _ in group]

@@ -123,7 +123,17 @@ def test_config_diff_keeps_only_keys_that_differ(store):
                              {"config": {"mode": "sphere", "elr": 0.1, "seed": 0}, "name": "b"}])
     diff = data.config_diff(store.list_runs(ids=ids))
     assert list(diff.index) == ["elr"]
-    assert set(diff.loc["elr"]) == {"0.01", "0.1"}
+    assert diff.loc["elr", "option"] == "ELR" and set(diff.loc["elr"].drop("option")) == {"0.01", "0.1"}
+
+
+def test_config_diff_counts_an_option_a_run_lacks_as_its_default_and_keeps_the_declared_order(store):
+    """A run stored before an option existed (no `norm`) is not different from one with its default."""
+    ids = store.create_runs([{"config": {"seed": 1, "mode": "sphere", "model": "mlp_si"}, "name": "old"},
+                             {"config": {"seed": 2, "mode": "lrwd", "model": "mlp_si", "norm": "batch",
+                                         "tags": [], "legacy": 1}, "name": "new"}])
+    diff = data.config_diff(store.list_runs(ids=ids))
+    assert list(diff.index) == ["mode", "seed", "legacy"]     # model, mode, … seed: RunConfig's order
+    assert list(diff["option"]) == ["Mode", "Seed", ""]
 
 
 def test_config_filter_parses_and_matches_numbers_by_value():
@@ -185,7 +195,7 @@ def test_selected_point_names_its_run():
 
 # ---- launch form ---------------------------------------------------------------------------------
 def test_launch_form_builds_a_log_sweep_over_seeds():
-    form = launch.LaunchForm(mode="lrwd", rate=0.1, wd=1e-3, sweep_rate=True, rate_start=1e-3, rate_stop=1e-1,
+    form = launch.LaunchForm(mode="lrwd", lr=0.1, wd=1e-3, sweep_rate=True, rate_start=1e-3, rate_stop=1e-1,
                              rate_points=3, seeds=2, epochs=1)
     configs, swept = launch.configs_of(form)
     assert swept == {"lr": [0.001, 0.01, 0.1], "seed": [0, 1]}
@@ -466,7 +476,7 @@ def test_figure_export_makes_real_files_in_every_offered_format():
 # ---- launch form, estimates, controls -------------------------------------------------------------
 def test_form_errors_name_the_forms_fields_not_cli_flags():
     for form in (launch.LaunchForm(model="convnet_si"), launch.LaunchForm(dataset="cifar10"),
-                 launch.LaunchForm(mode="lrwd", momentum=1.5), launch.LaunchForm(synthetic_shape="3x"),
+                 launch.LaunchForm(mode="lrwd", momentum=1.5), launch.LaunchForm(dataset="synthetic", synthetic_shape="3x"),
                  launch.LaunchForm(dataset="synthetic", synthetic_shape="3xA")):
         with pytest.raises(ConfigError) as caught:
             launch.configs_of(form)
@@ -475,7 +485,7 @@ def test_form_errors_name_the_forms_fields_not_cli_flags():
 
 
 def test_the_swept_rate_replaces_the_single_one_and_every_cli_option_reaches_the_config():
-    form = launch.LaunchForm(mode="lrwd", rate=-1.0, sweep_rate=True, rate_start=0.01, rate_stop=0.1, rate_points=2,
+    form = launch.LaunchForm(mode="lrwd", lr=-1.0, sweep_rate=True, rate_start=0.01, rate_stop=0.1, rate_points=2,
                              wd=1e-3, depth=2, batch_size=64, schedule="cosine", eval_every=20, probe_size=128,
                              trace_samples=2, sharpness_every=10, checkpoint_every=0, device="cpu")
     configs, swept = launch.configs_of(form)   # the hidden single LR (-1) plays no part

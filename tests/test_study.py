@@ -350,22 +350,22 @@ def test_the_validation_split_is_held_out_seeded_and_leaves_the_rest_alone():
     import torch
     from engine.config import RunConfig
     from engine.data import load_dataset
-    plain = load_dataset(RunConfig(dataset="ticks").validate(), "cpu")
-    ticks = load_dataset(RunConfig(dataset="ticks", validation=True).validate(), "cpu")
+    plain = load_dataset(RunConfig(dataset="ticks"), "cpu")
+    ticks = load_dataset(RunConfig(dataset="ticks", validation=True), "cpu")
     assert plain.x_val is None
     # ticks: a separate draw as large as the test set; training, test and probe data unchanged
     assert ticks.x_val.shape == ticks.x_test.shape and torch.equal(ticks.x_train, plain.x_train)
     assert torch.equal(ticks.x_test, plain.x_test) and torch.equal(ticks.feature_x, plain.feature_x)
     assert not torch.equal(ticks.x_val, ticks.x_test) and ticks.y_val.float().mean() == 0.5
-    other = load_dataset(RunConfig(dataset="ticks", validation=True, data_seed=1).validate(), "cpu")
+    other = load_dataset(RunConfig(dataset="ticks", validation=True, data_seed=1), "cpu")
     assert not torch.equal(other.x_val, ticks.x_val)
     # digits: 10% of the training images held out, chosen by the data seed; test unchanged
-    full = load_dataset(RunConfig(dataset="digits").validate(), "cpu")
-    held = load_dataset(RunConfig(dataset="digits", validation=True).validate(), "cpu")
+    full = load_dataset(RunConfig(dataset="digits"), "cpu")
+    held = load_dataset(RunConfig(dataset="digits", validation=True), "cpu")
     assert (held.train_size, len(held.y_val)) == (1294, 143) == (RunConfig(dataset="digits", validation=True).train_size, 143)
     assert torch.equal(held.x_test, full.x_test)
     rows = lambda x: {tuple(r) for r in x.tolist()}  # noqa: E731
     assert rows(held.x_train) | rows(held.x_val) == rows(full.x_train) and not rows(held.x_train) & rows(held.x_val)
-    again = load_dataset(RunConfig(dataset="digits", validation=True).validate(), "cpu")
-    moved = load_dataset(RunConfig(dataset="digits", validation=True, data_seed=3).validate(), "cpu")
+    again = load_dataset(RunConfig(dataset="digits", validation=True), "cpu")
+    moved = load_dataset(RunConfig(dataset="digits", validation=True, data_seed=3), "cpu")
     assert torch.equal(again.x_val, held.x_val) and not torch.equal(moved.x_val, held.x_val)
