@@ -23,11 +23,13 @@ def engine(*args, db=None, check=False, timeout=600, env=None):
     return out
 
 
-def start_worker(db, *extra, log=None, env=None):
+def start_worker(db, *extra, log=None, env=None, cwd=ROOT, new_session=False):
     """`python -m engine worker` on db, polling fast and checking for stale work every STALE_CHECK_S; env
-    entries are added to this process's environment."""
+    entries are added to this process's environment. new_session: its own process group (killpg stops
+    it with its run processes, as a machine going down would)."""
     return subprocess.Popen([sys.executable, "-m", "engine", "worker", "--db", str(db), "--poll", "0.2", *extra],
-                            stdout=subprocess.DEVNULL, stderr=log or subprocess.DEVNULL, cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=log or subprocess.DEVNULL, cwd=cwd,
+                            start_new_session=new_session,
                             env={**os.environ, "PYTHONUNBUFFERED": "1", "SPHERELAB_STALE_CHECK_S": str(STALE_CHECK_S),
                                  **(env or {})})
 
@@ -44,8 +46,9 @@ def wait_for(predicate, timeout=120.0, every=0.1):
 
 
 def copy_store(source, target) -> str:
-    """A consistent copy of a SQLite store (its WAL included) at target, for a test that writes; the
-    copy's runs keep pointing at the source's checkpoint files, which they only read."""
+    """A consistent copy of a SQLite store (its WAL included) at target, for a test that writes, with its
+    checkpoint files (hard links to the source's, in the copy's own artifact folder beside it)."""
+    import shutil
     import sqlite3
     src, dst = sqlite3.connect(str(source)), sqlite3.connect(str(target))
     try:
@@ -53,4 +56,7 @@ def copy_store(source, target) -> str:
     finally:
         src.close()
         dst.close()
+    folder = Path(f"{source}.checkpoints")
+    if folder.is_dir():
+        shutil.copytree(folder, f"{target}.checkpoints", copy_function=os.link)
     return str(target)
