@@ -282,7 +282,7 @@ def test_a_run_killed_on_one_host_resumes_on_another_from_its_checkpoint(tmp_pat
         a.wait()
     killed = store.get_run(run_id)
     checkpoint_step, steps_before = killed.checkpoint_step, trace(store, run_id)
-    assert killed.status == "running" and steps_before["step"].max() >= checkpoint_step
+    assert killed.status == "running" and 0 < checkpoint_step < killed.total_steps
     b = start_worker(db, "--stale-after", "3", **hosts["b"])     # it finds A's run stale, then resumes it
     try:
         wait_for(lambda: store.get_run(run_id).status in ("finished", "failed"), timeout=300)
