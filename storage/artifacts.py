@@ -53,6 +53,16 @@ def root_for(url: str, explicit: str | None = None) -> str | None:
         if given is not None and str(given).strip():
             return str(given).strip()
     db = sqlite_file(url)
+    if db is None:      # an SQLite URI filename (sqlite:///file:PATH?mode=ro&uri=true): its file
+        from sqlalchemy.engine import make_url
+        try:
+            parsed = make_url(url)
+        except Exception:
+            parsed = None
+        database = (parsed.database or "") if parsed is not None and parsed.get_backend_name() == "sqlite" else ""
+        if database.startswith("file:") and not database.startswith("file::memory:"):
+            from urllib.parse import unquote
+            db = Path(unquote(database[len("file:"):].split("?", 1)[0]))
     if db is not None:
         return str(db.parent / (db.name + DEFAULT_SUFFIX))
     return None
