@@ -334,6 +334,12 @@ def run_controls(store: Store, run: RunInfo) -> None:
         if st.button("Cancel", key=f"cancel-{run.id}", icon=":material/cancel:"):
             _act(lambda: store.cancel(run.id), "cancelled")
         return
+    if run.status == "interrupted" and run.waiting_for:     # its checkpoint is missing: no worker takes it
+        st.warning(md(run.error or f"waiting for its checkpoint {run.waiting_for}"))
+        if st.button("Resume", key=f"resume-{run.id}", icon=":material/play_arrow:",
+                     help="once the checkpoint is back under the artifact root: the workers take the run up again"):
+            _act(lambda: store.resume_run(run.id), "the workers will resume it")
+        return
     if run.status not in LIVE_STATUSES:
         return
     rate_key, rate = data.rate_of(run.config)

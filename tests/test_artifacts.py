@@ -297,3 +297,25 @@ def test_a_run_killed_on_one_host_resumes_on_another_from_its_checkpoint(tmp_pat
         steps_before[steps_before["step"] <= checkpoint_step].reset_index(drop=True))
     print(f"two hosts: {int(steps_before['step'].max())} steps logged on A before the kill, resumed on B "
           f"from step {checkpoint_step}, finished at step {done.step} of {done.total_steps}")
+
+
+def test_the_run_page_shows_a_waiting_run_and_its_resume_button_lets_workers_take_it(tmp_path, monkeypatch):
+    from dashboard.plain import md
+    from tests.test_dashboard import open_app, texts
+    db = str(tmp_path / "page.db")
+    store = Store(db)
+    run_id = half_trained(store, epochs=3, done=1)
+    key = store.get_run(run_id).checkpoint_path
+    file = Path(store.artifacts.path(key))
+    file.rename(tmp_path / "aside.pt")
+    assert start_worker(db, "--once").wait(timeout=180) == 0
+    at = open_app(db, monkeypatch, "run", run=run_id)
+    assert md(key) in texts(at) and "missing" in texts(at)
+    at.button(key=f"resume-{run_id}").click().run()
+    assert md(key) in " ".join(e.value for e in at.error)        # still missing: refused, nothing changed
+    assert store.get_run(run_id).waiting_for == key
+    (tmp_path / "aside.pt").rename(file)
+    at.button(key=f"resume-{run_id}").click().run()
+    assert not at.exception and store.get_run(run_id).waiting_for is None
+    assert store.get_run(run_id).status == "interrupted"         # claimable again
+    assert store.claim_interrupted("w").id == run_id
