@@ -181,12 +181,14 @@ class BundleAPI:
     def import_bundle(self, path, *, check_config=None, checkpoint_limit=None, check_checkpoint=None) -> list[int]:
         """Add a bundle's runs under new ids (uids kept) in one transaction; returns the new ids.
         Imported runs are data (see the module docstring): never claimable, and a status that had not
-        ended becomes `interrupted`. Checkpoint fields are cleared (checkpoints do not travel).
+        ended becomes `interrupted`. Resume checkpoint fields are cleared (a run's resume point does not
+        travel); kept checkpoints the bundle carries are written into this store's artifact root.
         check_config(config): raises (with a one-line message) for a run config `train` would refuse;
         the engine passes its own validation (this package never imports the engine).
         checkpoint_limit(config): the most bytes a checkpoint of that config's model can take; a bundled
-        checkpoint declared larger is refused before anything is copied. check_checkpoint(config, path):
-        raises for a copied checkpoint that is not of that config's model (another architecture)."""
+        checkpoint declared larger is refused before anything is copied. check_checkpoint(config, source):
+        raises for a copied checkpoint (source: its local path or its bytes in a buffer) that is not of
+        that config's model (another architecture)."""
         manifest, parquet = read_bundle(path)
         for index, entry in enumerate(manifest["runs"]):
             if check_config is not None:
