@@ -319,3 +319,30 @@ def test_the_run_page_shows_a_waiting_run_and_its_resume_button_lets_workers_tak
     assert not at.exception and store.get_run(run_id).waiting_for is None
     assert store.get_run(run_id).status == "interrupted"         # claimable again
     assert store.claim_interrupted("w").id == run_id
+
+
+def test_the_artifacts_flag_puts_checkpoints_under_its_root_and_an_empty_one_is_refused(tmp_path):
+    db, root = str(tmp_path / "f.db"), tmp_path / "elsewhere"
+    out = engine("train", "--epochs", "1", "--keep-every", "1", "--width", "16", "--artifacts", str(root), db=db,
+                 check=True)
+    run_id = int(out.stdout.split()[-1])
+    [kept] = Store(db, artifacts=str(root)).checkpoints(run_id)
+    assert (root / kept.path).is_file() and not os.path.exists(f"{db}.checkpoints")
+    empty = engine("runs", "--artifacts", " ", db=db)
+    assert empty.returncode == 2 and "--artifacts" in empty.stderr and len(empty.stderr.strip().splitlines()) == 1
+
+
+def test_a_failed_run_whose_damaged_checkpoint_was_replaced_resumes(tmp_path):
+    db = str(tmp_path / "d.db")
+    store = Store(db)
+    run_id = half_trained(store, epochs=3, done=1)
+    key = store.get_run(run_id).checkpoint_path
+    good = Path(store.artifacts.path(key)).read_bytes()
+    Path(store.artifacts.path(key)).write_bytes(b"PK\x03\x04 truncated")
+    assert start_worker(db, "--once").wait(timeout=180) == 0
+    failed = store.get_run(run_id)
+    assert failed.status == "failed" and key in failed.error and store.artifacts.root in failed.error
+    Path(store.artifacts.path(key)).write_bytes(good)
+    assert engine("resume", str(run_id), db=db).returncode == 0
+    assert start_worker(db, "--once").wait(timeout=180) == 0
+    assert store.get_run(run_id).status == "finished" and resume_events(store, run_id) == [failed.checkpoint_step]
