@@ -116,7 +116,7 @@ _RUN_FIELDS = {
 _CHECKPOINT_FIELDS = {
     "epoch": (lambda v: _count(v) and v >= 1, "a whole number from 1"),
     "step": (_count, _COUNT),
-    "bytes": (lambda v: _count(v) and v <= MAX_CHECKPOINT_BYTES, f"at most MAX_CHECKPOINT_BYTES"),
+    "bytes": (lambda v: _count(v) and v <= MAX_CHECKPOINT_BYTES, "at most MAX_CHECKPOINT_BYTES"),
 }
 _EVENT_FIELDS = {
     "step": (_count, _COUNT),

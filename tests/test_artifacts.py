@@ -16,7 +16,7 @@ from engine import runner
 from engine.config import RunConfig
 from engine.trainer import Trainer
 from storage import Store, StoreError
-from storage.artifacts import ENV_VAR, Artifacts
+from storage.artifacts import ENV_VAR
 from tests.processes import ROOT, engine, start_worker, wait_for
 
 TINY = dict(width=16, depth=2, log_every=5, device="cpu")
@@ -260,11 +260,12 @@ def test_gc_lists_then_removes_only_unreferenced_artifacts(tmp_path, s3_root):
 
 # ---- two hosts ---------------------------------------------------------------------------------------------
 
-def test_a_run_killed_on_one_host_resumes_on_another_from_its_checkpoint(tmp_path, s3_root):
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_a_run_killed_on_one_host_resumes_on_another_from_its_checkpoint(tmp_path, s3_root, kind, request):
     """Two workers with their own working folder and home, one store, one S3 artifact root: host A is
     killed (SIGKILL, its run process too) mid-run; host B resumes the run from A's last checkpoint and
     the trace continues from there (no restart, no truncation before it)."""
-    db = str(tmp_path / "shared.db")
+    db = str(tmp_path / "shared.db") if kind == "sqlite" else request.getfixturevalue("postgres_url")
     out = engine("submit", "--epochs", "40", "--width", "16", "--depth", "2", "--log-every", "5",
                  "--keep-every", "1", db=db, check=True)
     run_id = int(out.stdout.split()[-1])
@@ -295,7 +296,7 @@ def test_a_run_killed_on_one_host_resumes_on_another_from_its_checkpoint(tmp_pat
     after = trace(store, run_id)
     assert after[after["step"] <= checkpoint_step].reset_index(drop=True).equals(
         steps_before[steps_before["step"] <= checkpoint_step].reset_index(drop=True))
-    print(f"two hosts: {int(steps_before['step'].max())} steps logged on A before the kill, resumed on B "
+    print(f"two hosts ({kind}): {int(steps_before['step'].max())} steps logged on A before the kill, resumed on B "
           f"from step {checkpoint_step}, finished at step {done.step} of {done.total_steps}")
 
 
