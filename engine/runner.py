@@ -221,7 +221,7 @@ class DiskFull(StoreError):
     there is space), never `failed` (execute treats it as the store errors it is kin to)."""
 
 
-def _disk_full(exc: BaseException, folder=None) -> bool:
+def _disk_full(exc: BaseException) -> bool:
     """Whether a failed checkpoint write ran out of space. torch.save reports a short write as a
     RuntimeError ('unexpected pos N vs M', 'file write failed'), not as the OSError it was."""
     import errno
@@ -249,7 +249,7 @@ def save_checkpoint(store: Store, member: Member, keep: bool = False) -> None:
     try:
         artifacts.write(key, lambda target: torch.save(member.state_dict(), target), what="the checkpoint")
     except (StoreError, RuntimeError, OSError) as exc:
-        if not _disk_full(exc, None):
+        if not _disk_full(exc):
             raise
         # torch's writer, still open in the traceback's frames, holds the unlinked partial file's space:
         # free it, so that the store (often on the same disk) can still record the run's end
