@@ -3,6 +3,7 @@ states, the worker panel and the run controls."""
 from __future__ import annotations
 
 import functools
+import os
 import time
 from typing import Any, Callable
 
@@ -319,7 +320,12 @@ def worker_panel(store: Store) -> None:
         return
     st.warning(f"No worker is running, so queued runs wait.{waiting} Start one here, or in a shell:",
                icon=":material/warning:")
-    st.code(f"python -m engine worker --db {display_url(store.url)} --max-parallel 2", language="bash")
+    from storage.artifacts import ENV_VAR, root_for
+    from storage.urls import sqlite_file
+    root = root_for(store.url)
+    artifacts = "" if sqlite_file(store.url) is not None and not os.environ.get(ENV_VAR) else \
+        f" --artifacts {root or 'ROOT'}"      # a PostgreSQL store's workers need its checkpoints' root
+    st.code(f"python -m engine worker --db {display_url(store.url)}{artifacts} --max-parallel 2", language="bash")
     if st.button("Start a worker", icon=":material/play_arrow:", key="start_worker"):
         pid, log = launch.start_worker(store.url)
         st.session_state["worker_started"] = {"pid": pid, "log": str(log), "at": time.time()}

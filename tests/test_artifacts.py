@@ -347,3 +347,17 @@ def test_a_failed_run_whose_damaged_checkpoint_was_replaced_resumes(tmp_path):
     assert engine("resume", str(run_id), db=db).returncode == 0
     assert start_worker(db, "--once").wait(timeout=180) == 0
     assert store.get_run(run_id).status == "finished" and resume_events(store, run_id) == [failed.checkpoint_step]
+
+
+def test_the_worker_command_the_dashboard_shows_names_a_postgresql_stores_artifact_root(postgres_url, monkeypatch,
+                                                                                        tmp_path):
+    from tests.test_dashboard import open_app
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    shown = " ".join(c.value for c in open_app(postgres_url, monkeypatch, "launch").code)
+    assert "engine worker --db" in shown and "--artifacts ROOT" in shown
+    monkeypatch.setenv(ENV_VAR, str(tmp_path / "shared"))
+    shown = " ".join(c.value for c in open_app(postgres_url, monkeypatch, "launch").code)
+    assert f"--artifacts {tmp_path / 'shared'}" in shown
+    monkeypatch.delenv(ENV_VAR)
+    sqlite = " ".join(c.value for c in open_app(tmp_path / "s.db", monkeypatch, "launch").code)
+    assert "engine worker --db" in sqlite and "--artifacts" not in sqlite     # its folder is beside the file
