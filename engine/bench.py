@@ -340,17 +340,18 @@ def artifacts_bench(quick: bool = False) -> dict:
                         torch.save(state, f)
                     fs.mv(tmp, final)
 
+                key, save = "runs/1/resume-bench.pt", lambda target: torch.save(state, target)
                 ways = {"plain_file": plain, "fsspec_local": fsspec_local,
-                        "artifacts_local": lambda: local.write("runs/1/resume-bench.pt", lambda t: torch.save(state, t))}
+                        "artifacts_local": lambda: local.write(key, save)}
                 if s3 is not None:
-                    ways["artifacts_s3"] = lambda: s3.write("runs/1/resume-bench.pt", lambda t: torch.save(state, t))
+                    ways["artifacts_s3"] = lambda: s3.write(key, save)
                 times = {way: [] for way in ways}
                 for _ in range(repeats):
                     for way, write in ways.items():
                         start = time.perf_counter()
                         write()
                         times[way].append(time.perf_counter() - start)
-                out[name] = {"bytes": local.size("runs/1/resume-bench.pt"),
+                out[name] = {"bytes": local.size(key),
                              **{way: {"min_s": min(t), "median_s": statistics.median(t)} for way, t in times.items()}}
     finally:
         if server is not None:

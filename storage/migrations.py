@@ -108,7 +108,8 @@ def _to_v6(conn: Connection) -> None:
     restored elsewhere or shared between machines still finds them; runs.waiting_for marks an
     interrupted run whose recorded checkpoint is missing (no worker takes it until it is back)."""
     conn.execute(text("ALTER TABLE runs ADD COLUMN waiting_for TEXT"))
-    for table, column, key_columns in (("runs", "checkpoint_path", ("id",)), ("checkpoints", "path", ("run_id", "epoch"))):
+    for table, column, key_columns in (("runs", "checkpoint_path", ("id",)),
+                                       ("checkpoints", "path", ("run_id", "epoch"))):
         names = ", ".join(key_columns)
         rows = conn.execute(text(f"SELECT {names}, {column} FROM {table} WHERE {column} IS NOT NULL")).all()
         for row in rows:

@@ -299,8 +299,8 @@ def test_a_run_killed_on_one_host_resumes_on_another_from_its_checkpoint(tmp_pat
     after = trace(store, run_id)
     assert after[after["step"] <= checkpoint_step].reset_index(drop=True).equals(
         steps_before[steps_before["step"] <= checkpoint_step].reset_index(drop=True))
-    print(f"two hosts ({kind}): A logged metrics up to step {int(steps_before['step'].max())} before the kill, resumed on B "
-          f"from step {checkpoint_step}, finished at step {done.step} of {done.total_steps}")
+    print(f"two hosts ({kind}): A logged metrics up to step {int(steps_before['step'].max())} before the kill, "
+          f"resumed on B from step {checkpoint_step}, finished at step {done.step} of {done.total_steps}")
 
 
 def test_the_run_page_shows_a_waiting_run_and_its_resume_button_lets_workers_take_it(tmp_path, monkeypatch):
