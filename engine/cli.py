@@ -151,6 +151,17 @@ def _flag(opt: Option, sweep: bool, study: bool) -> dict:
 
 
 DB_HELP = "SQLAlchemy URL or SQLite path (default $SPHERELAB_DB, else ~/.spherelab/spherelab.db)"
+ARTIFACTS_HELP = ("where the store's checkpoints live: a folder or URL (s3://bucket/prefix) every machine using the "
+                  "store reaches (default $SPHERELAB_ARTIFACTS, else DB.checkpoints beside an SQLite file; "
+                  "required for PostgreSQL)")
+
+
+def _artifacts(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("is empty: pass a folder or URL, or leave --artifacts out to use "
+                                         "$SPHERELAB_ARTIFACTS, else the folder beside an SQLite file")
+    return text
+
 
 def program() -> str:
     """How the user started the CLI, for usage lines and errors: `spherelab` (the installed command) or
@@ -170,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
         parser.set_defaults(handler=getattr(commands, f"cmd_{name}"))
         if db:
             parser.add_argument("--db", type=_db, default=None, help=DB_HELP)
+            parser.add_argument("--artifacts", type=_artifacts, default=None, help=ARTIFACTS_HELP)
         return parser
 
     add_training_flags(cmd("train", "run one configuration in this process; prints the run id last"), sweep=False)
@@ -252,6 +264,12 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument("run", type=_id)
     c.add_argument("--with-children", action="store_true",
                    help="also cancel the run's branches that have not ended (they would have nothing to start from)")
+    rs = cmd("resume", "let the workers take up again a run that waits for its missing checkpoint (interrupted) "
+                       "or failed on a damaged one, once the file is back; refused while it is still missing")
+    rs.add_argument("run", type=_id)
+    gc = cmd("gc", "list (or with --delete remove) artifacts no run references: checkpoints left by deleted runs, "
+                   "crashed writes; files younger than an hour are left alone")
+    gc.add_argument("--delete", action="store_true", help="remove them (default: a dry run that lists them)")
     t = cmd("tag", "add tags to a run")
     t.add_argument("run", type=_id)
     t.add_argument("tags", nargs="+")
@@ -282,6 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "artifacts", None):      # every Store this command opens, its workers' included
+        os.environ["SPHERELAB_ARTIFACTS"] = args.artifacts
     try:
         return args.handler(args) or 0
     except (ConfigError, StoreError) as exc:

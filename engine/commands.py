@@ -54,15 +54,23 @@ def _check_runnable(configs: list[RunConfig]) -> None:
 def cmd_train(args) -> int:
     configs, _ = configs_from_flags(vars(args), single=True)
     _check_runnable(configs)
-    store, claimer = Store(args.db), _claimer()
+    store, claimer = _training_store(args), _claimer()
     return _run_here(store, queue_runs(store, configs, reserve_for=claimer), claimer)
 
 
 def cmd_sweep(args) -> int:
     configs, swept = configs_from_flags(vars(args), single=False)
     _check_runnable(configs)
-    store, claimer = Store(args.db), _claimer()
+    store, claimer = _training_store(args), _claimer()
     return _run_here(store, queue_runs(store, configs, swept, args.sweep_name, reserve_for=claimer), claimer)
+
+
+def _training_store(args) -> Store:
+    """The store, refused (one line, how to set it) before anything is queued when it has no artifact
+    root for checkpoints (a PostgreSQL store without --artifacts/$SPHERELAB_ARTIFACTS)."""
+    store = Store(args.db)
+    store.artifacts
+    return store
 
 
 def _claimer() -> str:
@@ -368,7 +376,7 @@ def cmd_worker(args) -> int:
         # (its run processes import torch): it starts in a second less, and the app with it
         from .runtime import resolve_device
         resolve_device(args.device)
-    return Worker(Store(args.db).url, max_parallel=args.max_parallel, device=args.device, poll_s=args.poll,
+    return Worker(_training_store(args).url, max_parallel=args.max_parallel, device=args.device, poll_s=args.poll,
                   stale_after_s=args.stale_after, exit_when_idle=args.once).run()
 
 
@@ -399,6 +407,25 @@ def cmd_cancel(args) -> int:
 
 def cmd_delete(args) -> int:
     Store(args.db).delete(args.run, with_children=args.with_children)       # with its checkpoint files
+    return 0
+
+
+def cmd_resume(args) -> int:
+    run = Store(args.db).resume_run(args.run)
+    print(f"run {run.id} is {run.status} again: a worker takes it up from its checkpoint")
+    return 0
+
+
+def cmd_gc(args) -> int:
+    """Artifacts no run references (checkpoints of deleted runs, writes that crashed): listed, or removed
+    with --delete. Files younger than GC_GRACE_S are left alone (a checkpoint is written just before
+    the row that records it)."""
+    found = Store(args.db).collect_garbage(delete=args.delete)
+    for key, size in found:
+        print(f"{size:>12,}  {key}")
+    total = sum(size for _, size in found)
+    verb = "removed" if args.delete else "unreferenced (dry run: --delete removes them)"
+    print(f"{len(found)} artifact(s), {total:,} bytes, {verb}")
     return 0
 
 
@@ -463,15 +490,19 @@ def imported_checkpoint_limit(config: dict) -> int:
 _SHAPES = {"digits": ((64,), 10), "ticks": ((32,), 2), "cifar10": ((3, 32, 32), 10), "cifar100": ((3, 32, 32), 100)}
 
 
-def check_imported_checkpoint(config: dict, path: str) -> None:
-    """A bundled checkpoint holds the weights of its run's model (model, width, depth, data shape)."""
+def check_imported_checkpoint(config: dict, source) -> None:
+    """A bundled checkpoint (a file path or a buffer) holds the weights of its run's model (model, width,
+    depth, data shape), and the safe loader reads it."""
     import torch
     from .models import build_model
-    from .runner import load_checkpoint
+    from .runner import _load_reason
     cfg = RunConfig.from_dict(config)
     shape, classes = _SHAPES.get(cfg.dataset, (tuple(cfg.synthetic_shape), cfg.synthetic_classes))
     expected = {k: tuple(v.shape) for k, v in build_model(cfg, shape, classes).state_dict().items()}
-    state = load_checkpoint(path, torch.device("cpu"), "the checkpoint")
+    try:
+        state = torch.load(source, map_location=torch.device("cpu"), weights_only=True)
+    except Exception as exc:      # truncated, damaged, or a pickle the safe loader refuses
+        raise ConfigError(f"it cannot be loaded ({type(exc).__name__}: {_load_reason(exc)})") from None
     model = state.get("model") if isinstance(state, dict) else None
     got = {k: tuple(v.shape) for k, v in model.items()} if isinstance(model, dict) else None
     if got != expected:

@@ -49,10 +49,6 @@ class Evaluator:
         # mlp_si: 2k weights) takes a whole 21-point path in one group, half the CPU time of three
         self.group = group or (32 if self.device.type == "cuda" or cfg.parameter_count < 100_000 else 8)
 
-    def load(self, path: str) -> torch.Tensor:
-        state = torch.load(path, map_location=self.device, weights_only=True)
-        return checkpoint_weights(state, self.layer_names)
-
     def _train_batches(self):
         """The training set in order, in batches of the run's size (a last batch of one sample is left
         out: BatchNorm has no variance to normalise it by). A network without BatchNorm (LayerNorm

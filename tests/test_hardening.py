@@ -565,7 +565,7 @@ def test_a_store_written_by_schema_version_1_opens_upgraded(tmp_path):
     assert {r["name"]: r["status"] for r in json.loads(listed.stdout)} == {"old queued": "queued",
                                                                           "old finished": "finished"}
     with Store(path) as store:
-        assert store.schema_version == migrations.current_version() == 5
+        assert store.schema_version == migrations.current_version() == 6
         queued, finished = store.get_run(1), store.get_run(2)
         assert queued.tags == ["kept"] and queued.imported_at is None and finished.claim is None
         assert finished.parent_id is None and store.checkpoints(2) == [] and store.list_jobs() == []
@@ -580,14 +580,14 @@ def test_a_postgresql_store_at_schema_version_1_opens_upgraded(postgres_url):
     with Store(postgres_url) as store:
         run_id = store.create_run({}, name="old", tags=["kept"])
         with store._write() as conn:
-            for column in ("imported_at", "claim", "parent_id", "fork_epoch", "study_id", "study_role"):
+            for column in ("imported_at", "claim", "parent_id", "fork_epoch", "study_id", "study_role", "waiting_for"):
                 conn.execute(text(f"ALTER TABLE runs DROP COLUMN {column}"))
             conn.execute(text("DROP TABLE checkpoints"))
             conn.execute(text("DROP TABLE jobs"))
             conn.execute(text("DROP TABLE studies"))
             conn.execute(text("UPDATE meta SET value = '1' WHERE key = 'schema_version'"))
     with Store(postgres_url) as store:
-        assert store.schema_version == migrations.current_version() == 5
+        assert store.schema_version == migrations.current_version() == 6
         assert store.get_run(run_id).tags == ["kept"] and store.claim_next_run("w").id == run_id
         assert store.get_run(run_id).parent_id is None and store.checkpoints(run_id) == []
 
@@ -752,4 +752,4 @@ def test_a_bundled_checkpoint_must_fit_its_config(tmp_path):
         for name, data in members.items():
             dst.writestr(name, data)
     refused(engine("import", str(other), "--db", str(target)), "does not fit its config", "width 64")
-    assert Store(target).list_runs() == [] and not list(Path(f"{target}.checkpoints").glob("*.pt"))
+    assert Store(target).list_runs() == [] and not [p for p in Path(f"{target}.checkpoints").rglob("*") if p.is_file()]

@@ -172,12 +172,13 @@ def test_kept_checkpoints_are_listed_and_go_with_delete(tmp_path):
     assert [c["epoch"] for c in listed] == [2, 4, 5]                  # every 2 epochs, and the last one
     assert [c["step"] for c in listed] == [88, 176, 220] and all(c["bytes"] > 1000 for c in listed)
     store = Store(db)
-    paths = [c.path for c in store.checkpoints(run)]
+    paths = [store.artifacts.path(c.path) for c in store.checkpoints(run)]
+    assert all(c.path.startswith(f"runs/{run}/epoch-") for c in store.checkpoints(run))    # keys, no host paths
     assert all(os.path.exists(p) for p in paths)
     assert store.get_run(run).checkpoint_path is None       # a finished run drops its resume checkpoint
     engine("delete", str(run), db=db)
     assert not any(os.path.exists(p) for p in paths)
-    assert os.listdir(store.checkpoint_dir) == []
+    assert store.artifacts.keys() == {}
 
 
 def test_a_failed_checkpoint_write_leaves_the_previous_files_and_records_nothing(tmp_path, monkeypatch):
@@ -192,7 +193,8 @@ def test_a_failed_checkpoint_write_leaves_the_previous_files_and_records_nothing
     for _ in range(m.steps_per_epoch):
         trainer.train_step()
     runner.save_checkpoint(store, m, keep=True)
-    before = {p: open(p, "rb").read() for p in [store.get_run(run).checkpoint_path, store.checkpoints(run)[0].path]}
+    before = {p: open(p, "rb").read() for p in [store.artifacts.path(store.get_run(run).checkpoint_path),
+                                                 store.artifacts.path(store.checkpoints(run)[0].path)]}
 
     def torn(obj, f):
         open(f, "wb").write(b"half a checkpoint")
@@ -349,8 +351,8 @@ def test_a_bundle_with_checkpoints_lets_a_colleague_branch_from_the_run(trained,
     store = Store(theirs)
     assert store.get_run(child).status == "finished" and store.get_run(child).parent_id == imported
     # the colleague's checkpoints are the very bytes of the original run's
-    mine = {c.epoch: open(c.path, "rb").read() for c in Store(db).checkpoints(run)}
-    assert {c.epoch: open(c.path, "rb").read() for c in store.checkpoints(imported)} == mine
+    mine = {c.epoch: open(Store(db).artifacts.path(c.path), "rb").read() for c in Store(db).checkpoints(run)}
+    assert {c.epoch: open(store.artifacts.path(c.path), "rb").read() for c in store.checkpoints(imported)} == mine
     assert store.read_metrics(child, ["train_loss"])["step"].iloc[0] == 352
     other = str(tmp_path / "other.db")
     [bare] = [int(x) for x in engine("import", plain, db=other).stdout.split()]
