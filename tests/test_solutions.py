@@ -2,8 +2,6 @@
 and real runs."""
 import io
 import os
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -15,7 +13,7 @@ from engine.config import RunConfig
 from engine.solutions import Evaluator, angle, average, barrier, checkpoint_weights, path
 from engine.trainer import Trainer
 from storage import HEARTBEAT_EVERY_S, MIN_STALE_AFTER_S, Store, StoreError
-from tests.helpers import assert_bitwise_rows, single
+from tests.helpers import assert_bitwise_rows
 from tests.processes import STALE_CHECK_S, engine as run_engine, start_worker, wait_for
 
 SMALL = dict(width=16, depth=2, epochs=6, log_every=5, device="cpu")
