@@ -726,7 +726,7 @@ def test_chart_texts_fit_their_charts_and_log_tick_labels_never_overlap(served_w
         store.log_metrics(run, [(s, s / 10, s / 10, {"train_loss": top * (0.26 + 0.74 * 0.97 ** (s / 10)),
                                                      "test_acc": 0.5 + s / 4000, "elr": 0.01, "si_norm": 3.0})
                                 for s in range(0, 1000, 10)])
-        store.record_checkpoint(run, 2, 20, "/nonexistent.pt", 1)
+        store.record_checkpoint(run, 2, 20, f"runs/{run}/epoch-2.pt", 1)
         store.update_run(run, status="finished", step=990)
     a, b = {"run": run_id, "epoch": 2}, {"run": other, "epochs": [2]}
     job = store.create_job("geometry", run_id, {"a": a, "b": b, "points": 5}, other_run_id=other)

@@ -29,9 +29,9 @@ def trace(store: Store, run_id: int, first: int, last: int, level: float) -> Non
                                for s in range(first, last + 1, 10)])
 
 
-def keep(store: Store, run_id: int, epochs, tmp_path) -> None:
+def keep(store: Store, run_id: int, epochs) -> None:
     for epoch in epochs:
-        store.record_checkpoint(run_id, epoch, epoch * STEPS_PER_EPOCH, str(tmp_path / f"run-{run_id}.e{epoch}.pt"), 1000)
+        store.record_checkpoint(run_id, epoch, epoch * STEPS_PER_EPOCH, f"runs/{run_id}/epoch-{epoch}.pt", 1000)
 
 
 def finish(store: Store, job_id: int, result: dict) -> None:
@@ -55,12 +55,12 @@ def family(tmp_path):
     store = Store(db)
     [parent] = store.create_runs([{"config": PARENT.to_dict(), "name": "parent"}])
     trace(store, parent, 0, 12 * STEPS_PER_EPOCH, 0.8)
-    keep(store, parent, range(2, 13, 2), tmp_path)
+    keep(store, parent, range(2, 13, 2))
     store.update_run(parent, status="finished", step=12 * STEPS_PER_EPOCH)
     forks = [solutions.branch(store, store.get_run(parent), at=8, rate=elr, epochs=4) for elr in (0.002, 0.0005)]
     for fork in forks:
         trace(store, fork, 8 * STEPS_PER_EPOCH, 12 * STEPS_PER_EPOCH, 0.05)
-        keep(store, fork, (10, 12), tmp_path)
+        keep(store, fork, (10, 12))
         store.update_run(fork, status="finished", step=12 * STEPS_PER_EPOCH)
     finish(store, solutions.average(store, parent, 5),
            {"run": parent, "epochs": [4, 6, 8, 10, 12], "train_loss": 0.5, "train_acc": 0.82, "test_loss": 0.47,
@@ -85,13 +85,13 @@ def every_end(family, tmp_path):
                             finetune_epochs=2, average=2, seeds=[0], points=5)
     [pre] = store.list_runs(study_id=study_id)
     trace(store, pre.id, 0, 3 * STEPS_PER_EPOCH, 0.6)
-    keep(store, pre.id, (2, 3), tmp_path)
+    keep(store, pre.id, (2, 3))
     store.update_run(pre.id, status="finished", step=3 * STEPS_PER_EPOCH)
     advance(store, study_id)                              # the forks and the average
     for run in store.list_runs(study_id=study_id):
         if run.id != pre.id:
             trace(store, run.id, 3 * STEPS_PER_EPOCH, 5 * STEPS_PER_EPOCH, 0.1)
-            keep(store, run.id, (5,), tmp_path)
+            keep(store, run.id, (5,))
             store.update_run(run.id, status="finished", step=5 * STEPS_PER_EPOCH)
     [average] = store.list_jobs(study_id=study_id, kind="average")
     finish(store, average.id, {"run": pre.id, "epochs": [2, 3], "train_loss": 0.4, "train_acc": 0.86,
@@ -323,7 +323,7 @@ def test_solutions_page_refuses_different_architectures_in_the_forms_words(famil
     db, parent, _ = family
     store = Store(db)
     [wide] = store.create_runs([{"config": PARENT.replace(width=32).to_dict(), "name": "wide"}])
-    keep(store, wide, (2,), tmp_path)
+    keep(store, wide, (2,))
     before = counts(store)
     at = open_app(db, monkeypatch, "solutions", a=parent, b=wide)
     at.button(key="measure").click().run()
@@ -361,7 +361,7 @@ def test_teach_demo_queues_each_step_when_the_one_before_has_ended(tmp_path, mon
     assert at.query_params["runs_solutions"] == str(parent.id) and "Step 1 of 3" in texts(at)
     assert solutions.advance_demo(store, parent.id).forks == []            # nothing more while it trains
     trace(store, parent.id, 0, 12 * STEPS_PER_EPOCH, 0.8)
-    keep(store, parent.id, range(2, 13, 2), tmp_path)
+    keep(store, parent.id, range(2, 13, 2))
     store.update_run(parent.id, status="finished")
     at.run()                                                             # the page queues the next step
     forks = solutions.children(store, parent.id)
@@ -370,7 +370,7 @@ def test_teach_demo_queues_each_step_when_the_one_before_has_ended(tmp_path, mon
     assert average.spec["epochs"] == [4, 6, 8, 10, 12] and "Step 2 of 3" in texts(at)
     assert not store.list_jobs(kind="geometry")
     for fork in forks:
-        keep(store, fork.id, (10, 12), tmp_path)
+        keep(store, fork.id, (10, 12))
         store.update_run(fork.id, status="finished")
     at.run()
     [geometry] = store.list_jobs(kind="geometry")
