@@ -243,10 +243,9 @@ def cmd_study(args) -> int:
 def _refuse_flags_on_resume(args) -> None:
     """--resume takes up a study as it was made: any other study or training flag would be ignored, so
     it is refused instead."""
-    from .cli import build_parser
-    defaults = vars(build_parser().parse_args(["study"]))
     ignored = [key for key, value in vars(args).items()
-               if key not in ("db", "resume", "submit", "handler", "command") and value != defaults.get(key)]
+               if key not in ("db", "resume", "submit", "handler", "flag_default", "command")
+               and value != args.flag_default(key)]
     if ignored:
         flag = "--" + ignored[0].replace("_", "-")
         raise ConfigError(f"{flag} cannot change a study being resumed (--resume takes it up as it was made): "
