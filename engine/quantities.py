@@ -303,6 +303,9 @@ class Sharpness(Quantity):
     at_fork_start = False
     carry_key = "sharpness_vec"
 
+    def __init__(self, iters: int | None = None):
+        self.iters = iters              # Lanczos iterations at most (None: the config's --lanczos-iters)
+
     def every(self, cfg, steps_per_epoch):
         return cfg.sharpness_every
 
@@ -313,7 +316,7 @@ class Sharpness(Quantity):
             if v0 is None or not torch.isfinite(v0).all() or v0.norm() == 0:
                 v0 = torch.randn(P, generator=torch.Generator(device=dev).manual_seed(cfg.seed), device=dev)
             starts.append(v0)
-        thetas, vecs, matvecs = lanczos_top(point.probe_hvp(), torch.stack(starts), iters=cfgs[0].lanczos_iters,
+        thetas, vecs, matvecs = lanczos_top(point.probe_hvp(), torch.stack(starts), iters=self.iters or cfgs[0].lanczos_iters,
                                             tol=cfgs[0].lanczos_tol)
         point.note("lanczos_matvecs", matvecs)
         rho2 = (point.weights().norm(dim=1) ** 2).tolist()

@@ -29,16 +29,11 @@ from .models import build_model, si_layer_names, si_parameters
 from .optim import PackUpdate, schedule_factor
 from .packing import MEMBER_FIELDS, pack_key
 from .packnet import BN_TYPES, PackedNet, member_losses
-from .quantities import QUANTITIES, Measuring, Schedule, StepProducts
+from .quantities import QUANTITIES, Measuring, Quantity, Schedule, StepProducts, check_quantities
 from .hessian import hvp_operator
 from .runtime import resolve_device
 
 PARKED_SLEEP_S = 0.1      # how often an all-paused pack looks at its controls
-# The per-step quantities and the columns of the step sums (a member's `sums`, the pack's SUMS): each
-# column a sum named by its quantity, so the loop and the quantities agree by name, never by position.
-PER_STEP = [q for q in QUANTITIES if q.sums]
-SUM_INDEX = [(i, name) for i, q in enumerate(PER_STEP) for name in q.sums]
-SUM_NAMES = [name for _, name in SUM_INDEX]
 LEGACY_SUM_NAMES = ("train_loss", "train_acc", "grad_norm", "eff_grad_norm", "angular_update")   # checkpoints before names
 
 
@@ -111,7 +106,8 @@ class Member:
     quantities keep their per-member state through Measuring.carry()."""
 
     def __init__(self, cfg: RunConfig, data: Dataset, *, recorder: Recorder | None = None,
-                 control: Control | None = None, checkpoint: Callable[["Member"], None] | None = None):
+                 control: Control | None = None, checkpoint: Callable[["Member"], None] | None = None,
+                 quantities: tuple[Quantity, ...] = QUANTITIES):
         self.cfg, self.recorder, self.control, self.checkpoint = cfg, recorder or MemoryRecorder(), control, checkpoint
         self.on_end: Callable[["Member"], None] | None = None
         self.state = "active"                        # active | parked | ended
@@ -126,7 +122,7 @@ class Member:
         self.needs_start_point = True                # a fresh run (or a fork) logs its starting point
         self.base_rate = cfg.base_rate
         self.sphere = cfg.mode == "sphere"
-        self.schedules = {q.name: Schedule(q.every(cfg, self.steps_per_epoch)) for q in QUANTITIES}
+        self.schedules = {q.name: Schedule(q.every(cfg, self.steps_per_epoch)) for q in quantities}
         self.carried: dict[str, object] = {}         # quantity name -> the state it carries (Measuring.carry)
         self.count = 0                               # steps summed since the last log point
         self.rho0 = 0.0
@@ -181,22 +177,31 @@ class Trainer:
 
     recorders / controls / checkpoints: one per member (None: MemoryRecorder / none / none).
     states: optional per-member checkpoints (Trainer.member_state) to resume from.
+    quantities: what is measured (default quantities.QUANTITIES, which the registry names).
     """
 
     def __init__(self, cfgs: RunConfig | list[RunConfig], *, data: Dataset | None = None, recorders=None,
                  controls=None, checkpoints=None, states=None, forks=None, device: torch.device | None = None,
-                 channels_last: bool = False):
+                 channels_last: bool = False, quantities: tuple[Quantity, ...] = QUANTITIES):
         cfgs = [cfgs] if isinstance(cfgs, RunConfig) else list(cfgs)
         if not cfgs:
             raise ValueError("a pack needs at least one configuration")
         cfgs = [c.validate() for c in cfgs]
         _check_packable(cfgs)
+        if quantities is not QUANTITIES:
+            check_quantities(quantities)
+        self.quantities = tuple(quantities)
+        # the columns of the step sums (a member's `sums`, the pack's SUMS), each a sum named by its
+        # per-step quantity: the loop and the quantities agree by name, never by position
+        self._per_step = [q for q in self.quantities if q.sums]
+        self._sum_index = [(i, name) for i, q in enumerate(self._per_step) for name in q.sums]
+        self.sum_names = [name for _, name in self._sum_index]
         self.device = device or resolve_device(cfgs[0].device)
         self.data = data if data is not None else load_dataset(cfgs[0], self.device)
         n = len(cfgs)
         recorders, controls = recorders or [None] * n, controls or [None] * n
         checkpoints, states = checkpoints or [None] * n, states or [None] * n
-        self.members = [Member(c, self.data, recorder=r, control=ctl, checkpoint=ck)
+        self.members = [Member(c, self.data, recorder=r, control=ctl, checkpoint=ck, quantities=self.quantities)
                         for c, r, ctl, ck in zip(cfgs, recorders, controls, checkpoints)]
         models = []
         for m in self.members:                   # global seed, build, move: the model a run alone gets
@@ -222,7 +227,7 @@ class Trainer:
         w = torch.cat([p.detach().reshape(-1) for p in si_parameters(model)])
         m.w, m.w0, m.rho0 = w, w.clone(), float(w.norm())
         m.buf = torch.zeros_like(w) if m.cfg.momentum else None
-        m.sums = torch.zeros(len(SUM_NAMES), dtype=torch.float64, device=self.device)
+        m.sums = torch.zeros(len(self.sum_names), dtype=torch.float64, device=self.device)
         m.stats = [(b.running_mean.detach().clone(), b.running_var.detach().clone())
                    for b in model.modules() if isinstance(b, BN_TYPES)]
         m.stream = BatchStream(self.data, m.cfg.batch, torch.Generator(device=self.device).manual_seed(m.cfg.seed))
@@ -261,7 +266,7 @@ class Trainer:
 
     def train_step(self) -> None:
         """One optimizer step for every active member, with the per-step quantities' sums (by name,
-        in the columns SUM_NAMES)."""
+        in the columns sum_names)."""
         self._sync()
         x, y, per_member = self._batch()
         W = self.W
@@ -276,8 +281,8 @@ class Trainer:
             self.update.step(W, G, self.BUF, self._neg_lrs())
             products = StepProducts(loss=loss, acc=acc, grad=G, grad_norm=norm(G, dim=1), rho=rho,
                                     u_before=u_before, w_after=W)
-            sums = [q.per_step(products) for q in PER_STEP]
-            self.SUMS.add_(torch.stack([sums[i][name] for i, name in SUM_INDEX], 1))
+            sums = [q.per_step(products) for q in self._per_step]
+            self.SUMS.add_(torch.stack([sums[i][name] for i, name in self._sum_index], 1))
         for m in self.active:
             m.count += 1
             m.step += 1
@@ -287,18 +292,21 @@ class Trainer:
         """Batched Hessian-vector products of the last sharpness measurement."""
         return self.diagnostics.get("lanczos_matvecs", 0)
 
-    def measure(self, names: list[str], members: list[Member] | None = None, start: bool = False) -> list[dict]:
+    def measure(self, names: list, members: list[Member] | None = None, start: bool = False) -> list[dict]:
         """Measure the named quantities (and those they require) now, for active members (default: all):
-        a probe for tests and benchmarks. Schedules and recorders are left alone; "averages" consumes
-        the step sums, unless start=True, which measures the start-point (probe) loss instead."""
+        a probe for tests and benchmarks. A Quantity instance in names is measured in place of the one of
+        its name (a variant, e.g. Sharpness(iters=N)). Schedules and recorders are left alone; "averages"
+        consumes the step sums, unless start=True, which measures the start-point (probe) loss instead."""
         self._sync()
         members = list(self.active) if members is None else members
-        needed = set(names)
-        for q in reversed(QUANTITIES):          # providers come first, so one backward pass finds them all
+        variants = {q.name: q for q in names if isinstance(q, Quantity)}
+        quantities = [variants.get(q.name, q) for q in self.quantities]
+        needed = {q.name if isinstance(q, Quantity) else q for q in names}
+        for q in reversed(quantities):          # providers come first, so one backward pass finds them all
             if q.name in needed:
-                needed |= {p.name for p in QUANTITIES if set(p.keys) & set(q.requires)}
+                needed |= {p.name for p in quantities if set(p.keys) & set(q.requires)}
         point = self._measuring(members, start)
-        for q in QUANTITIES:
+        for q in quantities:
             if q.name in needed:
                 q.measure(point)
         self._keep(point)
@@ -312,7 +320,7 @@ class Trainer:
         final = [m.step == m.total_steps for m in members]
         # a fork's first point measures what needs no state of its own, off the cadence it inherited
         forked = [start and m.start_step > 0 for m in members]
-        for q in QUANTITIES:
+        for q in self.quantities:
             due = [i for i, m in enumerate(members)
                    if ((q.at_fork_start and m.schedules[q.name].every > 0) if forked[i]
                        else m.schedules[q.name].due(m.step, final[i]))]
@@ -457,7 +465,7 @@ class Trainer:
         counts = torch.tensor([max(m.count, 1) for m in members], device=self.device, dtype=torch.float64)
         table = (self.SUMS[rows] / counts[:, None]).tolist()
         self.SUMS[rows] = 0.0
-        means = [dict(zip(SUM_NAMES, row)) if m.count else None for m, row in zip(members, table)]
+        means = [dict(zip(self.sum_names, row)) if m.count else None for m, row in zip(members, table)]
         for m in members:
             m.count = 0
         return means
@@ -531,8 +539,8 @@ class Trainer:
                 "update": {"base_rate": m.base_rate, "rho0": m.rho0, "buf": None if m.buf is None else m.buf.clone()},
                 "step": m.step, "start_step": m.start_step, "elapsed": m.elapsed,
                 "batch_gen": m.stream.gen.get_state(),
-                "averages": {"sums": m.sums.clone(), "count": m.count, "names": list(SUM_NAMES)},
-                "w0": m.w0.clone(), **{q.carry_key: m.carried.get(q.name) for q in QUANTITIES if q.carry_key},
+                "averages": {"sums": m.sums.clone(), "count": m.count, "names": list(self.sum_names)},
+                "w0": m.w0.clone(), **{q.carry_key: m.carried.get(q.name) for q in self.quantities if q.carry_key},
                 "schedules": {name: s.last for name, s in m.schedules.items()},
                 "config": {"mode": m.cfg.mode, "momentum": m.cfg.momentum, "seed": m.cfg.seed}}
 
@@ -553,10 +561,10 @@ class Trainer:
         m.stream.gen.set_state(state["batch_gen"])
         m.stream.pos = 0
         saved = dict(zip(state["averages"].get("names", LEGACY_SUM_NAMES), state["averages"]["sums"]))
-        m.sums.copy_(torch.stack([saved.get(name, m.sums.new_zeros(())) for name in SUM_NAMES]))
+        m.sums.copy_(torch.stack([saved.get(name, m.sums.new_zeros(())) for name in self.sum_names]))
         m.count = state["averages"]["count"]
         m.w0.copy_(state["w0"])
-        m.carried = {q.name: state.get(q.carry_key) for q in QUANTITIES if q.carry_key}
+        m.carried = {q.name: state.get(q.carry_key) for q in self.quantities if q.carry_key}
         # checkpoints written before quantities had names kept two schedules under their own keys
         lasts = state.get("schedules") or {"test": state.get("test_last"), "sharpness": state.get("sharpness_last"),
                                            "trace": state.get("sharpness_last")}
