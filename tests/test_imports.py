@@ -76,3 +76,40 @@ def test_the_cycle_finder_finds_cycles(tmp_path):
     assert find_cycle(graph) == ["a", "b", "c", "a"]
     (tmp_path / "c.py").write_text("import os\n")
     assert find_cycle(import_graph(tmp_path)) is None
+
+
+def member_writes(path: Path) -> list[str]:
+    """Assignments to an attribute of a training-loop member (a name `m` or `member`, or `<x>.member`)
+    in the module at `path`: `m.step = ...`, `member.recorder = ...`, `m.count += 1`, setattr(m, ...)
+    (not `m.control.ended = ...`: that writes the control, which its owner may)."""
+    def is_member(node) -> bool:
+        return (isinstance(node, ast.Name) and node.id in ("m", "member")) or \
+            (isinstance(node, ast.Attribute) and node.attr == "member")
+
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        targets = node.targets if isinstance(node, ast.Assign) else \
+            [node.target] if isinstance(node, (ast.AugAssign, ast.AnnAssign)) else []
+        for target in targets:
+            for part in target.elts if isinstance(target, ast.Tuple) else [target]:
+                if isinstance(part, ast.Attribute) and is_member(part.value):
+                    found.append(f"{path.name}:{node.lineno}: {ast.unparse(part)}")
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "setattr" and node.args \
+                and is_member(node.args[0]):
+            found.append(f"{path.name}:{node.lineno}: {ast.unparse(node)}")
+    return found
+
+
+def test_only_the_trainer_writes_a_members_state():
+    """Member's state has one owner, engine/trainer.py: the store's side connects a member through
+    Member.attach, a control changes its rate through set_rate, quantities carry state through Measuring."""
+    writes = [w for p in sorted(ENGINE.glob("*.py")) if p.name != "trainer.py" for w in member_writes(p)]
+    assert writes == [], writes
+    assert member_writes(ENGINE / "trainer.py")          # the scan sees writes where there are some
+
+
+def test_the_member_write_scan_finds_writes(tmp_path):
+    (tmp_path / "x.py").write_text("def f(m, c):\n    m.count += 1\n    c.member.step = 3\n    m.control.ended = True\n"
+                                   "    setattr(m, 'w', 0)\n    other.step = 1\n    d[m.run_id] = 2\n    m.a, x = 1, 2\n")
+    assert sorted(member_writes(tmp_path / "x.py")) == ["x.py:2: m.count", "x.py:3: c.member.step",
+                                                "x.py:5: setattr(m, 'w', 0)", "x.py:8: m.a"]
