@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from engine import registry
 from storage import Store
 
 from . import charts, data
@@ -47,11 +48,11 @@ def time_compare(store: Store, ids: list[int], smoothing: float) -> tuple[float,
     """(total seconds, of which reading and thinning the data)."""
     started = time.perf_counter()
     runs = store.list_runs(ids=ids)
-    front, faint = data.compare_frames(store, ids, ["train_loss", "test_acc"], max_points=MAX_POINTS,
-                                       smoothing=smoothing)
+    keys = ["train_loss", "test_acc"]
+    front, faint = data.compare_frames(store, ids, keys, max_points=MAX_POINTS, smoothing=smoothing)
     read = time.perf_counter() - started
-    fig = charts.overlay(front, ["train_loss", "test_acc"], {r.id: data.run_label(r) for r in runs},
-                         faint=faint, log_keys={"train_loss"})
+    fig = charts.overlay(front, keys, {r.id: data.run_label(r) for r in runs}, faint=faint,
+                         log_keys=registry.log_keys(keys))
     fig.to_json()  # what st.plotly_chart sends to the browser
     return time.perf_counter() - started, read
 

@@ -1,6 +1,8 @@
 """Plotly figure builders: pure functions from DataFrames to Figures (no Streamlit, no store).
 
-Axis titles and legends use the metric keys of engine/registry.py (README: *Metrics*), so a chart reads like the exported data.
+Axis titles, panel titles and legends use the labels and units of engine/registry.py ("train loss (nats)"),
+hover texts the label with the stored key beside it ("train loss · train_loss"), so a chart reads in
+words and still names the exported data's columns; accuracies and errors (unit "%") read as percentages.
 Every user-controlled string (run names) goes through plain.html: Plotly renders HTML in labels.
 Log axes carry explicit tick values and texts (log_axis), so a tick never reads as a bare mantissa
 ("2" for 0.02), on screen and in exported files alike.
@@ -30,8 +32,7 @@ REGIME_COLORS = {"convergence": "#1b9e4b", "chaotic_equilibrium": "#f28e00", "di
                  "periodic": "#7b2cbf", "undetermined": "#8c8c8c"}
 UNKNOWN_REGIME_COLOR = "#8c8c8c"
 SPIKE_COLOR = "rgba(214, 39, 40, 0.55)"
-INDEX_X = ("step", "epoch", "wall_time")
-X_TITLES = {"step": "step", "epoch": "epoch", "wall_time": "wall_time (s)"}
+INDEX_X = registry.INDEX_COLUMNS
 LEGEND = dict(orientation="h", yanchor="bottom", y=1.02, x=0, xanchor="left")
 # A grid of panels overlaying more runs than this has no legend (17 names beside it squeezed the
 # panels to a third of the page): a curve's hover names its run, and Live's table lists them.
@@ -153,12 +154,27 @@ def scale(values, log: bool) -> dict:
     return axis
 
 
+def metric_axis(values, key: str, log: bool) -> dict:
+    """A metric's axis (y, or x in a phase diagram): scale() of its values, titled with its label and
+    unit; a fraction's ticks as percentages (a log axis keeps its explicit tick texts)."""
+    axis = {**scale(values, log), "title_text": registry.axis_title(key)}
+    if registry.is_percent(key) and axis["type"] == "linear":
+        axis["tickformat"] = ".0%"
+    return axis
+
+
+def hover(key: str, axis: str = "y", fmt: str | None = None) -> str:
+    """A key's line in a hover template: "train loss · train_loss %{y:.4g}" (percentages for fractions)."""
+    return f"{html(registry.hover_name(key))} %{{{axis}:{fmt or registry.hover_format(key)}}}"
+
+
 def _grid(keys: list[str], cols: int, shared_x: bool | str, row_height: int, titles: bool = True,
           gap: float = 0.1):
-    """A grid of panels; shared_x True (within columns) or "all" shows x ticks on the lowest row only.
-    gap: the space between columns, as a fraction of the width."""
+    """A grid of panels (titled with the keys' labels); shared_x True (within columns) or "all" shows x
+    ticks on the lowest row only. gap: the space between columns, as a fraction of the width."""
     rows = max(1, math.ceil(len(keys) / cols))
-    fig = make_subplots(rows=rows, cols=cols, shared_xaxes=shared_x, subplot_titles=keys if titles else None,
+    fig = make_subplots(rows=rows, cols=cols, shared_xaxes=shared_x,
+                        subplot_titles=[registry.axis_title(k) for k in keys] if titles else None,
                         vertical_spacing=min(0.12, 0.3 / rows), horizontal_spacing=gap)
     fig.update_layout(height=max(320, row_height * rows), margin=MARGIN)
     return fig, [(i // cols + 1, i % cols + 1) for i in range(len(keys))]
@@ -232,7 +248,7 @@ def overlay(front: pd.DataFrame, keys: list[str], names: dict[int, str], *, x: s
                 x=points["x"], y=_finite(points["value"]), mode="lines+markers" if phase else "lines",
                 name=label, line=dict(color=color, width=1.8), marker=dict(size=3), legendgroup=str(run_id),
                 showlegend=first and legend, customdata=points["step"],
-                hovertemplate=f"{html(name)}<br>{x} %{{x:.4g}}<br>{key} %{{y:.4g}}<br>step %{{customdata}}"
+                hovertemplate=f"{html(name)}<br>{hover(x, 'x')}<br>{hover(key)}<br>step %{{customdata}}"
                               "<extra></extra>"), row=row, col=col)
             if phase:   # "start" written once per panel: the runs of a sweep start side by side
                 _mark_start(fig, whole, color, row, col, label=(row, col) not in started)
@@ -242,17 +258,19 @@ def overlay(front: pd.DataFrame, keys: list[str], names: dict[int, str], *, x: s
                 if not finite.empty:
                     ends.append((regimes[run_id], float(finite["x"].iloc[-1]), float(finite["value"].iloc[-1])))
         values = front.loc[front["key"] == key, "value"] if not front.empty else []
-        axis = scale(values, key in log_keys)
-        fig.update_yaxes(title_text=key, **axis, row=row, col=col)
+        axis = metric_axis(values, key, key in log_keys)
+        fig.update_yaxes(**axis, row=row, col=col)
         if key == keys[0] and ends:
             _label_regimes(fig, ends, axis, values, row_height - 50)
     xs = front["x"] if not front.empty else []
-    fig.update_xaxes(**scale(xs, log_x))
+    axis = metric_axis(xs, x, log_x)
+    x_title = axis.pop("title_text")
+    fig.update_xaxes(**axis)
     if regimes and not log_x and len(xs) and not phase:
         # room to the right of the curves for their regime labels
         low, high = float(np.nanmin(xs)), float(np.nanmax(xs))
         fig.update_xaxes(range=[low, high + LABEL_ROOM * (high - low or 1)])
-    _x_titles(fig, cells, cols, X_TITLES.get(x, x))
+    _x_titles(fig, cells, cols, x_title)
     # a grid has panel titles where a legend on top would go: there the legend goes to the right
     where = LEGEND if cols == 1 else dict(orientation="v", x=1.01, xanchor="left", y=1, yanchor="top")
     fig.update_layout(legend=where, showlegend=legend, hovermode="closest", uirevision="overlay")
@@ -328,8 +346,8 @@ def _lead(fig: go.Figure, lead: pd.DataFrame, own: pd.DataFrame, color: str, run
     fig.add_trace(go.Scatter(
         x=joined["x"], y=_finite(joined["value"]), mode="lines", line=dict(color=color, **LEAD_LINE), opacity=0.6,
         legendgroup=str(run_id), showlegend=False, customdata=np.stack([joined["step"].to_numpy(), source], axis=-1),
-        hovertemplate=f"{html(name)}, before it branched: run #%{{customdata[1]}}<br>{x} %{{x:.4g}}<br>"
-                      f"{key} %{{y:.4g}}<br>step %{{customdata[0]}}<extra></extra>"), row=row, col=col)
+        hovertemplate=f"{html(name)}, before it branched: run #%{{customdata[1]}}<br>{hover(x, 'x')}<br>"
+                      f"{hover(key)}<br>step %{{customdata[0]}}<extra></extra>"), row=row, col=col)
 
 
 def _mark_fork(fig: go.Figure, own: pd.DataFrame, color: str, text: str, row: int, col: int) -> None:
@@ -372,10 +390,13 @@ def run_curves(frame: pd.DataFrame, keys: list[str], *, run_id: int, spikes=(), 
     for (row, col), key in zip(cells, keys):
         steps, values = _series(frame, key)
         fig.add_trace(go.Scatter(x=steps, y=values, mode="lines",
-                                 name=key, line=dict(color=color, width=1.6), showlegend=False,
-                                 hovertemplate=f"step %{{x}}<br>{key} %{{y:.4g}}<extra></extra>"), row=row, col=col)
+                                 name=registry.label(key), line=dict(color=color, width=1.6), showlegend=False,
+                                 hovertemplate=f"step %{{x}}<br>{hover(key)}<extra></extra>"), row=row, col=col)
         _mark_kept(fig, steps, values, kept, registry.is_log(key), row, col, legend=(row, col) == cells[0])
-        fig.update_yaxes(**scale(values, registry.is_log(key)), row=row, col=col)
+        # the panel's title names the metric and its unit: no y title beside it
+        axis = metric_axis(values, key, registry.is_log(key))
+        del axis["title_text"]
+        fig.update_yaxes(**axis, row=row, col=col)
     _x_titles(fig, cells, cols, "step")
     _mark_steps(fig, spikes, rate_changes)
     if kept:
@@ -425,26 +446,25 @@ def _mark_steps(fig: go.Figure, spikes, rate_changes) -> None:
 
 
 # ---- sweeps -------------------------------------------------------------------------------------
-MAP_PANELS = [("train_loss", True), ("test_acc", False), ("eff_grad_norm", True)]
-
-
 def regime_map(per_rate: pd.DataFrame, runs: pd.DataFrame, boundaries: list[dict], rate_key: str) -> go.Figure:
     """Tail means against the swept rate (log axis). per_rate: one row per rate with the majority
     regime, the label agreement across seeds and mean/std of each panel's metric (error bars: ±1 std
     over seeds); runs: one row per run (small markers, each in its own regime's colour, when there
     are seeds). Boundaries are intervals (shaded) with an estimate (dashed). customdata is a run id,
     so a selected point names its run."""
-    fig = make_subplots(rows=3, cols=1, shared_xaxes=True, vertical_spacing=0.06,
-                        subplot_titles=[f"tail mean {key}" for key, _ in MAP_PANELS])
+    keys = registry.REGIME_MAP_KEYS
+    fig = make_subplots(rows=len(keys), cols=1, shared_xaxes=True, vertical_spacing=0.06,
+                        subplot_titles=[f"tail mean of the {registry.label(key)}" for key in keys])
     seeded = bool((per_rate["n"] > 1).any()) if not per_rate.empty else False
-    for row, (key, log) in enumerate(MAP_PANELS, start=1):
+    rate = hover(rate_key, "x", ".3g")
+    for row, key in enumerate(keys, start=1):
         if seeded:
             for regime, points in runs.groupby("regime", sort=False):
                 fig.add_trace(go.Scatter(
                     x=points["rate"], y=_finite(points[key]), mode="markers", showlegend=False,
                     marker=dict(color=regime_color(regime), size=6, opacity=0.45), customdata=points["run_id"],
-                    hovertemplate=f"run #%{{customdata}} ({html(regime)})<br>{rate_key} %{{x:.3g}}<br>"
-                                  f"{key} %{{y:.4g}}<extra></extra>"), row=row, col=1)
+                    hovertemplate=f"run #%{{customdata}} ({html(regime)})<br>{rate}<br>"
+                                  f"{hover(key)}<extra></extra>"), row=row, col=1)
         for regime, points in per_rate.groupby("regime", sort=False):
             std = _finite(points[f"{key}_std"])
             fig.add_trace(go.Scatter(
@@ -453,15 +473,15 @@ def regime_map(per_rate: pd.DataFrame, runs: pd.DataFrame, boundaries: list[dict
                 error_y=dict(type="data", array=np.nan_to_num(std), visible=seeded, color=regime_color(regime)),
                 marker=dict(color=regime_color(regime), size=12, line=dict(color="white", width=1)),
                 customdata=points["run_id"], text=points["agreement"],
-                hovertemplate=f"{rate_key} %{{x:.3g}}<br>{key} %{{y:.4g}}<br>labels agree: %{{text}}"
+                hovertemplate=f"{rate}<br>{hover(key)}<br>labels agree: %{{text}}"
                               f"<extra>{html(regime)}</extra>"), row=row, col=1)
         values = pd.concat([per_rate[f"{key}_mean"], runs[key]]) if seeded else per_rate[f"{key}_mean"]
-        fig.update_yaxes(title_text=key, **scale(values, log), row=row, col=1)
+        fig.update_yaxes(**metric_axis(values, key, registry.is_log(key)), row=row, col=1)
     fig.update_xaxes(**scale(per_rate["rate"], True))
-    fig.update_xaxes(title_text=rate_key, row=3, col=1)
+    fig.update_xaxes(title_text=registry.axis_title(rate_key), row=len(keys), col=1)
     for boundary in boundaries:
         lo, hi, estimate = boundary["lo"], boundary["hi"], boundary["estimate"]
-        for row in (1, 2, 3):
+        for row in range(1, len(keys) + 1):
             if lo is not None and hi is not None:
                 fig.add_vrect(x0=lo, x1=hi, row=row, col=1, fillcolor="rgba(80, 80, 80, 0.10)", line_width=0)
             if estimate is not None:
@@ -483,10 +503,10 @@ def periodic(frame: pd.DataFrame, spikes: list[int], period: int | None) -> go.F
     fig = make_subplots(rows=3, cols=1, shared_xaxes=True, vertical_spacing=0.05)
     for row, (key, color) in enumerate(panels, start=1):
         steps, values = _series(frame, key)
-        fig.add_trace(go.Scatter(x=steps, y=values, mode="lines", name=key, showlegend=False,
+        fig.add_trace(go.Scatter(x=steps, y=values, mode="lines", name=registry.label(key), showlegend=False,
                                  line=dict(width=1.5, color=color),
-                                 hovertemplate=f"step %{{x}}<br>{key} %{{y:.4g}}<extra></extra>"), row=row, col=1)
-        fig.update_yaxes(title_text=key, **scale(values, registry.is_log(key)), row=row, col=1)
+                                 hovertemplate=f"step %{{x}}<br>{hover(key)}<extra></extra>"), row=row, col=1)
+        fig.update_yaxes(**metric_axis(values, key, registry.is_log(key)), row=row, col=1)
     _mark_steps(fig, spikes, [])
     fig.update_xaxes(title_text="step", row=3, col=1)
     title = f"{len(spikes)} loss spike(s)" + (f", period ≈ {period} steps" if period else "") if spikes else None
@@ -503,7 +523,8 @@ def sharpness(long: pd.DataFrame, names: dict[int, str]) -> go.Figure:
     for run_id, name in names.items():
         color = colors[run_id]
         for key, style, suffix in (("sharpness", dict(width=2), ""),
-                                   ("sharpness_threshold", dict(width=1.5, dash="dash"), " · 2(1+μ)/elr")):
+                                   ("sharpness_threshold", dict(width=1.5, dash="dash"),
+                                    f" · {registry.label('sharpness_threshold')}")):
             points = series.get((run_id, key))
             if points is None:
                 continue
@@ -511,16 +532,18 @@ def sharpness(long: pd.DataFrame, names: dict[int, str]) -> go.Figure:
                                      mode="lines+markers" if key == "sharpness" else "lines",
                                      name=html(name) + suffix, legendgroup=str(run_id), line=dict(color=color, **style),
                                      marker=dict(size=4),
-                                     hovertemplate=f"{html(name)}<br>step %{{x}}<br>{key} %{{y:.4g}}<extra></extra>"))
-    fig.update_yaxes(title_text="sharpness  (dashed: 2(1+μ)/elr)", **log_axis(long["value"] if not long.empty else []))
+                                     hovertemplate=f"{html(name)}<br>step %{{x}}<br>{hover(key)}<extra></extra>"))
+    fig.update_yaxes(title_text=f"{registry.axis_title('sharpness')}  (dashed: {registry.label('sharpness_threshold')})",
+                     **log_axis(long["value"] if not long.empty else []))
     fig.update_xaxes(title_text="step")
     fig.update_layout(height=420, margin=MARGIN, legend=LEGEND, uirevision="sharpness")
     return fig
 
 
 # ---- solutions: the path between two of them ------------------------------------------------------
-GEOMETRY_PANELS = (("loss along the path", ("train_loss", "test_loss")),
-                   ("error (1 − accuracy) along the path", ("train_err", "test_err")))
+# (panel title, y axis name, the keys drawn: one unit per panel, the registry's)
+GEOMETRY_PANELS = (("loss along the path", "loss", ("train_loss", "test_loss")),
+                   ("error (1 − accuracy) along the path", "error", ("train_err", "test_err")))
 SPLIT_COLORS = {"train": "#1f77b4", "test": "#c2409e"}
 
 
@@ -548,7 +571,7 @@ def barrier_text(key: str, value: float) -> str:
     """A barrier as the page writes it: errors in percentage points, losses as numbers, none as 0."""
     if value == 0:
         return "0"
-    return f"{value:.2%}" if key.endswith("_err") else f"{value:.3g}"
+    return f"{value:.2%}" if registry.is_percent(key) else f"{value:.3g}"
 
 
 def geometry(result: dict, label_a: str, label_b: str) -> go.Figure:
@@ -558,40 +581,42 @@ def geometry(result: dict, label_a: str, label_b: str) -> go.Figure:
     and an arrow with the barrier's value. label_a, label_b: what A and B are (plain text)."""
     alphas = np.asarray(result["alphas"], dtype=np.float64)
     # a curve that never rises above its straight line has no barrier to point at: its panel's title says so
-    flat = {key: barrier_point(alphas, _finite(result[key]))[3] == 0 for _, keys in GEOMETRY_PANELS for key in keys}
+    flat = {key: barrier_point(alphas, _finite(result[key]))[3] == 0 for _, _, keys in GEOMETRY_PANELS for key in keys}
     # on a second line: beside the title it ran past the right edge of a half-width panel
-    titles = [title + (f"<br><span style='font-size:12px'>no barrier: {', '.join(k for k in keys if flat[k])}</span>"
+    titles = [title + (f"<br><span style='font-size:12px'>no barrier: "
+                       f"{', '.join(registry.label(k) for k in keys if flat[k])}</span>"
                        if any(flat[k] for k in keys) else "")
-              for title, keys in GEOMETRY_PANELS]
+              for title, _, keys in GEOMETRY_PANELS]
     fig = make_subplots(rows=1, cols=2, subplot_titles=titles, horizontal_spacing=0.09)
-    for col, (_, keys) in enumerate(GEOMETRY_PANELS, start=1):
+    for col, (_, quantity, keys) in enumerate(GEOMETRY_PANELS, start=1):
         raised = 0   # barrier labels drawn in this panel: the next one goes higher
         for key in keys:
             color = SPLIT_COLORS[key.split("_")[0]]
             values = _finite(result[key])
-            percent = key.endswith("_err")
-            shown = "%{y:.2%}" if percent else "%{y:.4g}"
-            fig.add_trace(go.Scatter(x=alphas, y=values, mode="lines+markers", name=key, legendgroup=key,
+            percent = registry.is_percent(key)
+            name = registry.label(key)
+            fig.add_trace(go.Scatter(x=alphas, y=values, mode="lines+markers", name=name, legendgroup=key,
                                      line=dict(color=color, width=2), marker=dict(size=5, color=color),
-                                     hovertemplate=f"α %{{x:.2f}}<br>{key} {shown}<extra></extra>"), row=1, col=col)
+                                     hovertemplate=f"α %{{x:.2f}}<br>{hover(key, fmt='.2%' if percent else None)}"
+                                                   "<extra></extra>"), row=1, col=col)
             line = straight_line(alphas, values)
             fig.add_trace(go.Scatter(x=[alphas[0], alphas[-1]], y=[line[0], line[-1]], mode="lines",
                                      line=dict(color=color, width=1.3, dash="dash"), legendgroup=key,
-                                     showlegend=False, hoverinfo="skip", name=f"{key} straight line"),
+                                     showlegend=False, hoverinfo="skip", name=f"{name} straight line"),
                           row=1, col=col)
             at, top, base, excess = barrier_point(alphas, values)
             if excess == 0:
                 continue
-            text = f"{key} barrier {barrier_text(key, excess)}"
+            text = f"{name} barrier {barrier_text(key, excess)}"
             fig.add_trace(go.Scatter(x=[at, at], y=[base, top], mode="lines", line=dict(color=color, width=3),
-                                     legendgroup=key, showlegend=False, name=f"{key} barrier",
+                                     legendgroup=key, showlegend=False, name=f"{name} barrier",
                                      hovertemplate=f"{text}<br>at α {at:.2f}<extra></extra>"), row=1, col=col)
             fig.add_annotation(x=at, y=top, xref=f"x{col if col > 1 else ''}", yref=f"y{col if col > 1 else ''}",
                                text=text, showarrow=True, arrowhead=2, arrowcolor=color, ax=0, ay=-34 - 22 * raised,
                                font=dict(color=color, size=12), bgcolor="rgba(255, 255, 255, 0.85)")
             raised += 1
-        fig.update_yaxes(title_text="loss" if col == 1 else "error", tickformat=".1%" if col == 2 else None,
-                         row=1, col=col)
+        fig.update_yaxes(title_text=f"{quantity} ({registry.unit(keys[0])})",
+                         tickformat=".1%" if registry.is_percent(keys[0]) else None, row=1, col=col)
     fig.update_xaxes(title_text="α along the straight path from A to B", range=[-0.03, 1.03],
                      tickvals=[0, 0.25, 0.5, 0.75, 1], ticktext=["0 · A", "0.25", "0.5", "0.75", "1 · B"])
     fig.update_layout(height=440, margin=dict(MARGIN, t=110), legend=dict(LEGEND, y=1.16), hovermode="closest",

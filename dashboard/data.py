@@ -19,14 +19,15 @@ import pandas as pd
 from engine import registry
 from engine.analysis import KEYS as ANALYSIS_KEYS
 from engine.analysis import analyze, analyze_stored
-from engine.config import RunConfig, num_classes
+from engine.config import OPTION, OPTIONS, RunConfig, num_classes
 from storage import LIVE_STATUSES, TERMINAL_STATUSES, RunInfo, Store
 from storage.urls import sqlite_file
 
 from .series import group_mean, smooth_long, tail_mean, thin, with_x
 
 ENDED_VISIBLE_S = 600          # ended runs stay on the Live page this long, with their final curves
-SUMMARY_KEYS = [*ANALYSIS_KEYS, "test_acc"]
+# what a sweep's summary reads of each run: what the analysis needs and the regime map's panels
+SUMMARY_KEYS = list(dict.fromkeys([*ANALYSIS_KEYS, *registry.REGIME_MAP_KEYS]))
 TRACE_EVENTS = ["spike", "elr_change", "lr_change", "resume"]
 
 
@@ -49,9 +50,9 @@ def group_label(runs: list[RunInfo]) -> str:
 def rate_of(config: dict) -> tuple[str, float]:
     """The rate the user set: ("elr", value) on the sphere, ("lr", value) under lrwd; a rate left
     unset reads as the engine's default."""
-    mode = config.get("mode", "sphere")
-    rate = RunConfig(mode=mode, elr=config.get("elr"), lr=config.get("lr")).base_rate
-    return ("lr" if mode == "lrwd" else "elr"), rate
+    key = "lr" if config.get("mode", "sphere") == "lrwd" else "elr"
+    rate = config.get(key)
+    return key, rate if rate is not None else RunConfig(mode="lrwd" if key == "lr" else "sphere").base_rate
 
 
 def parse_config_filter(text: str) -> dict[str, str]:
@@ -88,11 +89,23 @@ def all_tags(runs: list[RunInfo]) -> list[str]:
 
 
 def config_diff(runs: list[RunInfo]) -> pd.DataFrame:
-    """Config keys whose values differ between the runs (rows) by run (columns)."""
-    keys = sorted(set().union(*(run.config for run in runs))) if runs else []
-    table = pd.DataFrame({run_label(run): [as_text(run.config.get(key)) for key in keys] for run in runs},
+    """The run options whose values differ between the runs (rows, in their declared order, with the
+    Launch form's label) by run (columns). An option a run's stored config lacks (a run made before the
+    option existed) counts as its default."""
+    present = set().union(*(run.config for run in runs)) if runs else set()
+    keys = [o.name for o in OPTIONS if o.name in present] + sorted(present - set(OPTION))
+
+    def value(run: RunInfo, key: str):
+        if key in run.config or key not in OPTION:
+            return run.config.get(key)
+        default = OPTION[key].default
+        return list(default) if isinstance(default, tuple) else default
+
+    table = pd.DataFrame({run_label(run): [as_text(value(run, key)) for key in keys] for run in runs},
                          index=pd.Index(keys, name="config"))
-    return table[table.nunique(axis=1) > 1]
+    table = table[table.nunique(axis=1) > 1]
+    table.insert(0, "option", [OPTION[key].label if key in OPTION else "" for key in table.index])
+    return table
 
 
 def as_text(value) -> str:
@@ -193,7 +206,7 @@ def run_summary(store: Store, run: RunInfo) -> dict:
     row = {"run_id": run.id, "name": run.name, "status": run.status, "rate_key": rate_key,
            "rate": rate, "seed": run.config.get("seed"), "regime": result["regime"],
            **{key: tail_mean(trace[key]) if key in trace else float("nan")
-              for key in ("train_loss", "test_acc", "eff_grad_norm")},
+              for key in registry.REGIME_MAP_KEYS},
            "reason": result["evidence"].get("reason", "")}
     _SUMMARIES[(store.url, run.id)] = (version, row)
     return row
@@ -202,8 +215,7 @@ def run_summary(store: Store, run: RunInfo) -> dict:
 def sweep_summary(store: Store, sweep_id) -> pd.DataFrame:
     """One row per run of a sweep: its rate, regime (analysis of its trace) and tail means."""
     rows = [run_summary(store, run) for run in store.list_runs(sweep_id=sweep_id)]
-    columns = ["run_id", "name", "status", "rate_key", "rate", "seed", "regime", "train_loss", "test_acc",
-               "eff_grad_norm", "reason"]
+    columns = ["run_id", "name", "status", "rate_key", "rate", "seed", "regime", *registry.REGIME_MAP_KEYS, "reason"]
     return pd.DataFrame(rows, columns=columns).sort_values(["rate", "run_id"], ignore_index=True)
 
 

@@ -6,27 +6,16 @@ import os
 import re
 import subprocess
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine.config import ConfigError, RunConfig, expand_grid, parse_values
+from engine.config import OPTION, OPTIONS, ConfigError, Option, RunConfig, expand_grid, parse_values
 
 from .data import worker_log_path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 # The form's label for each CLI flag, so a ConfigError (worded for the CLI) names the form's field.
-FIELDS = {"--model": "Model", "--width": "Width", "--depth": "Depth", "--init-scale": "Head norm",
-          "--dataset": "Dataset", "--data-dir": "Data folder", "--synthetic-samples": "Samples",
-          "--synthetic-shape": "Input shape", "--synthetic-classes": "Classes", "--augment": "Augment",
-          "--mode": "Mode", "--elr": "ELR", "--lr": "LR", "--wd": "Weight decay", "--momentum": "Momentum",
-          "--schedule": "Schedule", "--epochs": "Epochs", "--batch-size": "Batch size", "--seed": "Seed",
-          "--log-every": "Log every", "--eval-every": "Test every", "--sharpness-every": "Sharpness every",
-          "--probe-size": "Probe size", "--lanczos-iters": "Lanczos iterations",
-          "--lanczos-tol": "Lanczos tolerance", "--trace-samples": "Trace vectors",
-          "--checkpoint-every": "Checkpoint every", "--keep-every": "Keep checkpoints every", "--device": "Device",
-          "--name": "Name", "--tags": "Tags",
-          "--sweep-name": "Sweep name"}
+FIELDS = {**{o.flag: o.label for o in OPTIONS}, "--sweep-name": "Sweep name"}
 _FLAG = re.compile(r"--[a-z][a-z-]*( [A-Z]{2,}\b)?")
 
 
@@ -37,98 +26,82 @@ def form_message(message: str, fields: dict[str, str] | None = None) -> str:
     return _FLAG.sub(lambda m: f"“{fields.get(m.group(0).split()[0], m.group(0))}”", str(message))
 
 
-@dataclass
+def form_start(opt: Option):
+    """The value an option's field starts at: its default in the form's terms (0 for "the default" of a
+    number whose default is None, text for a shape, a list for tags)."""
+    if opt.default is None:
+        return opt.start if opt.start is not None else 0 if opt.kind is int else ""
+    if opt.kind == "shape":
+        return "x".join(map(str, opt.default))
+    return list(opt.default) if opt.kind == "tags" else opt.default
+
+
+def config_value(opt: Option, value):
+    """A field's value as the RunConfig takes it (the inverse of form_start); ConfigError for a shape
+    that is not sizes joined by x."""
+    if opt.kind == "shape":
+        try:
+            return tuple(int(part) for part in str(value).lower().split("x"))
+        except ValueError:
+            raise ConfigError(f"{opt.flag} {value!r} is not sizes joined by x, e.g. 64 or 3x32x32", opt.name) from None
+    if opt.kind == "tags":
+        return tuple(value)
+    if opt.default is None and opt.kind is int:
+        return value or None
+    if opt.default is None and opt.kind is str:
+        return value.strip() or None
+    return value
+
+
 class LaunchForm:
-    """What the Launch page asks for: every training option of the CLI. A rate range (start, stop,
-    points) sweeps the ELR (sphere) or LR (lrwd) log-spaced with both ends included, in place of the
-    single rate; seeds > 1 repeats every point with seeds seed..seed+n-1. 0 in width, batch_size
-    and eval_every means the engine's default."""
-    model: str = "mlp_si"
-    width: int = 0
-    depth: int = 3
-    init_scale: float = 10.0
-    dataset: str = "digits"
-    data_dir: str = ""
-    synthetic_samples: int = 2048
-    synthetic_shape: str = "64"
-    synthetic_classes: int = 10
-    augment: bool = False
-    mode: str = "sphere"
-    rate: float = 0.01             # ELR (sphere) or LR (lrwd)
-    wd: float = 0.0
-    momentum: float = 0.0
-    schedule: str = "constant"
-    epochs: int = 10
-    batch_size: int = 0
-    seed: int = 0
-    seeds: int = 1
-    log_every: int = 10
-    eval_every: int = 0
-    sharpness_every: int = 0
-    probe_size: int = 1024
-    lanczos_iters: int = 20
-    lanczos_tol: float = 1e-3
-    trace_samples: int = 0
-    checkpoint_every: int = 1
-    keep_every: int = 0
-    device: str = "auto"
-    sweep_rate: bool = False
-    rate_start: float = 1e-4
-    rate_stop: float = 1.0
-    rate_points: int = 6
-    name: str = ""
-    sweep_name: str = ""
-    tags: list[str] = field(default_factory=list)
+    """What the Launch page asks for: every run option (engine.config.OPTIONS, in `values`, by name, in
+    the form's terms: see form_start), and the sweep builder. A rate range (start, stop, points) sweeps
+    the ELR (sphere) or LR (lrwd) log-spaced with both ends included, in place of the single rate;
+    seeds > 1 repeats every point with seeds seed..seed+n-1. Options that do not apply (Option.when: the
+    LR on the sphere, the data folder on digits…) are hidden and take their defaults."""
+
+    def __init__(self, *, sweep_rate: bool = False, rate_start: float = 1e-4, rate_stop: float = 1.0,
+                 rate_points: int = 6, seeds: int = 1, sweep_name: str = "", **values):
+        unknown = sorted(set(values) - set(OPTION))
+        if unknown:
+            raise TypeError(f"LaunchForm has no field {', '.join(unknown)}")
+        self.values = {**{o.name: form_start(o) for o in OPTIONS}, **values}
+        self.sweep_rate, self.rate_start, self.rate_stop, self.rate_points = sweep_rate, rate_start, rate_stop, rate_points
+        self.seeds, self.sweep_name = seeds, sweep_name
 
     @property
     def rate_key(self) -> str:
-        return "elr" if self.mode == "sphere" else "lr"
+        return "elr" if self.values["mode"] == "sphere" else "lr"
 
     def base(self) -> RunConfig:
-        rates = {"elr": self.rate} if self.mode == "sphere" else {"lr": self.rate, "wd": self.wd,
-                                                                   "momentum": self.momentum}
-        try:
-            shape = tuple(int(part) for part in self.synthetic_shape.lower().split("x"))
-        except ValueError:
-            raise ConfigError(f"--synthetic-shape {self.synthetic_shape!r} is not sizes joined by x, "
-                              "e.g. 64 or 3x32x32") from None
-        return RunConfig(model=self.model, width=self.width or None, depth=self.depth, init_scale=self.init_scale,
-                         dataset=self.dataset, data_dir=self.data_dir.strip() or None,
-                         synthetic_samples=self.synthetic_samples, synthetic_shape=shape,
-                         synthetic_classes=self.synthetic_classes, augment=self.augment, mode=self.mode,
-                         schedule=self.schedule, epochs=self.epochs, batch_size=self.batch_size or None,
-                         seed=self.seed, log_every=self.log_every, eval_every=self.eval_every or None,
-                         sharpness_every=self.sharpness_every, probe_size=self.probe_size,
-                         lanczos_iters=self.lanczos_iters, lanczos_tol=self.lanczos_tol,
-                         trace_samples=self.trace_samples, checkpoint_every=self.checkpoint_every,
-                         keep_every=self.keep_every, device=self.device, name=self.name.strip() or None,
-                         tags=tuple(self.tags), **rates)
+        """The config of the fields that apply (the first point of a swept rate)."""
+        values = dict(self.values)
+        if self.sweep_rate:
+            values[self.rate_key] = self.swept()[self.rate_key][0]
+        return RunConfig(**{o.name: config_value(o, values[o.name]) for o in OPTIONS if o.applies(values)})
 
     def swept(self) -> dict[str, list]:
         swept = {}
         if self.sweep_rate:
             swept[self.rate_key] = parse_values(f"{self.rate_start}:{self.rate_stop}:{self.rate_points}")
         if self.seeds > 1:
-            swept["seed"] = list(range(self.seed, self.seed + self.seeds))
+            seed = self.values["seed"]
+            swept["seed"] = list(range(seed, seed + self.seeds))
         return swept
 
 
 def configs_of(form: LaunchForm) -> tuple[list[RunConfig], dict]:
-    """The validated configs the form describes and what it sweeps. ConfigError (one line, naming
+    """The checked configs the form describes and what it sweeps. ConfigError (one line, naming
     the form's fields) on bad input."""
     try:
         swept = form.swept()
         base = form.base()
-        if form.sweep_rate:
-            # the range replaces the single rate field, which the form hides while sweeping
-            base = base.replace(**{form.rate_key: swept[form.rate_key][0]})
-        base = base.validate()
         if swept and base.name:
             # one name for many runs would make them indistinguishable in every list
             base = base.replace(name=None)
         return (expand_grid(base, swept) if swept else [base]), swept
     except ConfigError as exc:
-        raise ConfigError(form_message(exc)) from None
+        raise ConfigError(form_message(exc), exc.field) from None
 
 
 def start_worker(url: str, max_parallel: int = 2) -> tuple[int, Path]:

@@ -10,6 +10,7 @@ import math
 import numpy as np
 import pandas as pd
 
+from engine import registry
 from storage import downsample_extremes
 
 SERIES = ["run_id", "key"]
@@ -102,7 +103,6 @@ def group_mean(long: pd.DataFrame, groups: dict[int, list[int]], log_keys=()) ->
 
 # ---- regime maps ---------------------------------------------------------------------------------
 ORDERED = ("convergence", "chaotic_equilibrium", "divergence")   # along the rate axis
-MAP_KEYS = ("train_loss", "test_acc", "eff_grad_norm")
 
 
 def per_rate(summary: pd.DataFrame) -> pd.DataFrame:
@@ -113,8 +113,8 @@ def per_rate(summary: pd.DataFrame) -> pd.DataFrame:
         counts = runs["regime"].value_counts()
         rows.append({"rate": rate, "n": len(runs), "regime": counts.index[0],
                      "agreement": f"{counts.iloc[0]}/{len(runs)}", "run_id": int(runs["run_id"].iloc[0]),
-                     **{f"{key}_{stat}": getattr(runs[key], stat)() for key in MAP_KEYS for stat in ("mean", "std")}})
-    columns = ["rate", "n", "regime", "agreement", "run_id", *(f"{k}_{s}" for k in MAP_KEYS for s in ("mean", "std"))]
+                     **{f"{key}_{stat}": getattr(runs[key], stat)() for key in registry.REGIME_MAP_KEYS for stat in ("mean", "std")}})
+    columns = ["rate", "n", "regime", "agreement", "run_id", *(f"{k}_{s}" for k in registry.REGIME_MAP_KEYS for s in ("mean", "std"))]
     return pd.DataFrame(rows, columns=columns)
 
 

@@ -167,7 +167,7 @@ class DemoState:
 
 def start_demo(store: Store) -> int:
     """Queue the demo's parent run; the page that shows the demo queues the next steps (advance)."""
-    [run_id] = store.create_runs([{"config": DEMO_PARENT.validate().to_dict(), "name": DEMO_PARENT.name,
+    [run_id] = store.create_runs([{"config": DEMO_PARENT.to_dict(), "name": DEMO_PARENT.name,
                                    "tags": list(DEMO_PARENT.tags)}])
     return run_id
 

@@ -287,7 +287,7 @@ def study_args(form: StudyForm) -> dict:
     base = RunConfig(model=form.model, width=form.width or None, depth=form.depth, norm=form.norm,
                      dataset=form.dataset, data_dir=form.data_dir.strip() or None, mode="sphere",
                      batch_size=form.batch_size or None, log_every=form.log_every, eval_every=form.eval_every or None,
-                     tags=("study",))
+                     validation=True, tags=("study",))   # a study selects on a validation split
     return {"base": base, "pretrain_elrs": _values(form.pretrain_elrs, "--pretrain-elr"),
             "pretrain_epochs": int(form.pretrain_epochs),
             "finetune_elrs": _values(form.finetune_elrs, "--finetune-elr"), "finetune_epochs": int(form.finetune_epochs),

@@ -15,6 +15,8 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from engine import registry
+
 from . import charts
 from .plain import html
 
@@ -25,9 +27,23 @@ FINETUNE_COLORS = ("#1f77b4", "#0097a7", "#3949ab", "#8c564b", "#827717", "#0d47
 BEST_COLOR = "#ffc107"
 BAND_ALPHA = 0.13
 BOUNDARIES = (("convergence_chaotic", "1 | 2"), ("2A_2B", "2A | 2B"), ("chaotic_divergence", "2 | 3"))
-GEOMETRY_PANELS = (("angle", "angle (rad)"), ("barrier_test_err", "test_err barrier"),
-                   ("barrier_train_loss", "train_loss barrier"))
+# (report key, the quantity it measures: the registry's label and unit), top to bottom
+GEOMETRY_PANELS = (("angle", "angle"), ("barrier_test_err", "test_err"), ("barrier_train_loss", "train_loss"))
+ACCURACY_KEY = "test_acc"     # what the accuracy chart shows (the report's *_test_acc)
+FEATURE_FAMILY = "feature_acc/<k>"
+FEATURE_PREFIX = FEATURE_FAMILY.split("<")[0]      # "feature_acc/": a feature's key is this and its index
 MARGIN = dict(l=10, r=10, t=90, b=10)
+
+
+def panel_name(key: str, quantity: str) -> str:
+    """"angle", "test error barrier", "train loss barrier"."""
+    return registry.label(quantity) + (" barrier" if key.startswith("barrier_") else "")
+
+
+def panel_title(key: str, quantity: str) -> str:
+    """"angle (rad)", "test error barrier (%)", "train loss barrier (nats)"."""
+    unit = registry.unit(quantity)
+    return f"{panel_name(key, quantity)} ({unit})" if unit else panel_name(key, quantity)
 
 
 def plrs(report: dict) -> list[float]:
@@ -160,8 +176,8 @@ def accuracy(report: dict) -> go.Figure:
             marker=dict(color=color, size=8, symbol="circle" if kind != "average" else "diamond"),
             error_y=dict(type="data", array=stds, visible=True, color=color, thickness=1.3, width=4),
             customdata=np.stack([stds, ns], axis=-1) if xs else None,
-            hovertemplate=f"{html(label)}<br>PLR %{{x:.3g}}<br>test_acc %{{y:.2%}} ± %{{customdata[0]:.2%}}"
-                          f" (%{{customdata[1]}} seed(s))<extra></extra>"))
+            hovertemplate=f"{html(label)}<br>PLR %{{x:.3g}}<br>{charts.hover(ACCURACY_KEY, fmt='.2%')} ± "
+                          f"%{{customdata[0]:.2%}} (%{{customdata[1]}} seed(s))<extra></extra>"))
     best = report.get("best")
     if best:
         mean = best["test_acc"]["mean"]
@@ -181,7 +197,7 @@ def accuracy(report: dict) -> go.Figure:
     fig.update_xaxes(**x_axis(report))
     lo, hi = (min(values), max(values)) if values else (0.0, 1.0)
     # room above the highest point for the best model's label and the boundaries' labels
-    fig.update_yaxes(title_text="test_acc (mean ± std over runs)", tickformat=".0%",
+    fig.update_yaxes(title_text=f"{registry.axis_title(ACCURACY_KEY)}, mean ± std over runs", tickformat=".0%",
                      range=[max(0.0, lo - 0.06), min(1.05, hi + 0.06 + 0.35 * (hi - lo + 0.05))])
     fig.update_layout(height=520, margin=MARGIN, legend=dict(charts.LEGEND, y=1.03), hovermode="closest",
                       uirevision="study-accuracy")
@@ -203,28 +219,31 @@ def geometry(report: dict) -> go.Figure:
     """Angle and the test-error and train-loss barriers between each pair of a PLR's solutions, against
     the PLR (mean ± std over seeds), one colour per pair, over the same bands and boundaries."""
     fig = make_subplots(rows=len(GEOMETRY_PANELS), cols=1, shared_xaxes=True, vertical_spacing=0.07,
-                        subplot_titles=[title for _, title in GEOMETRY_PANELS])
+                        subplot_titles=[panel_title(*panel) for panel in GEOMETRY_PANELS])
     rows = sorted(report["rows"], key=lambda r: r["pretrain_elr"])
     colors = (*FINETUNE_COLORS, AVERAGE_COLOR, PRETRAIN_COLOR)
     for i, pair in enumerate(geometry_pairs(report)):
         color = colors[i % len(colors)]
         points = [(row["pretrain_elr"], g) for row in rows for g in row["geometry"] if " vs ".join(g["pair"]) == pair]
-        for panel, (key, title) in enumerate(GEOMETRY_PANELS, start=1):
+        for panel, (key, quantity) in enumerate(GEOMETRY_PANELS, start=1):
             have = [(x, g[key]) for x, g in points if g.get(key)]
+            fmt = ".2%" if registry.is_percent(quantity) else ".4g"
             fig.add_trace(go.Scatter(
                 x=[x for x, _ in have], y=[s["mean"] for _, s in have], mode="lines+markers", name=html(pair),
                 legendgroup=pair, showlegend=panel == 1, line=dict(color=color, width=2), marker=dict(color=color, size=7),
                 error_y=dict(type="data", array=[s["std"] for _, s in have], visible=True, color=color, width=3),
-                hovertemplate=f"{html(pair)}<br>PLR %{{x:.3g}}<br>{title} %{{y:.4g}}<extra></extra>"),
+                hovertemplate=f"{html(pair)}<br>PLR %{{x:.3g}}<br>{panel_name(key, quantity)} · {key}: "
+                              f"%{{y:{fmt}}}<extra></extra>"),
                 row=panel, col=1)
     add_regime_context(fig, report, rows=len(GEOMETRY_PANELS))
     axis = x_axis(report)
     title = axis.pop("title_text", None)
     fig.update_xaxes(**axis)
     fig.update_xaxes(title_text=title, row=len(GEOMETRY_PANELS), col=1)
-    fig.update_yaxes(title_text="rad", row=1, col=1)
-    fig.update_yaxes(title_text="error", tickformat=".1%", row=2, col=1)
-    fig.update_yaxes(title_text="loss", row=3, col=1)
+    for panel, (_, quantity) in enumerate(GEOMETRY_PANELS, start=1):
+        # a barrier is in its quantity's unit
+        fig.update_yaxes(title_text=registry.axis_title(quantity),
+                         tickformat=".1%" if registry.is_percent(quantity) else None, row=panel, col=1)
     fig.update_layout(height=720, margin=MARGIN, legend=dict(charts.LEGEND, y=1.06), hovermode="closest",
                       uirevision="study-geometry")
     return fig
@@ -236,11 +255,17 @@ def feature_kinds(report: dict) -> list[str]:
     return [k for k in kinds if any((row.get("feature_acc") or {}).get(k) for row in report["rows"])]
 
 
+def feature_count(report: dict) -> int:
+    """How many features the study's models were probed on: the length of its feature-accuracy vectors
+    (the engine stores one entry per feature_acc/<k> the runs logged); 0 when there are none yet."""
+    return max((len(v) for row in report["rows"] for v in (row.get("feature_acc") or {}).values() if v), default=0)
+
+
 def features(report: dict) -> go.Figure | None:
     """Per-feature test accuracy (ticks only): one heatmap per model kind, PLR (rows, smallest at the
-    bottom) by feature 0…15, one colour scale from 0.5 (chance on two classes) to the largest value
-    seen (at least 0.75, at most 1). None when the
-    study has no feature accuracies (its dataset is not ticks, or nothing has finished)."""
+    bottom) by feature 0…N−1 (N: the length of the report's vectors, what the runs logged; ticks has 16),
+    one colour scale from 0.5 (chance on two classes) to the largest value seen (at least 0.75, at most
+    1). None when the study has no feature accuracies (its dataset is not ticks, or nothing has finished)."""
     kinds = feature_kinds(report)
     if not kinds:
         return None
@@ -248,17 +273,20 @@ def features(report: dict) -> go.Figure | None:
     fig = make_subplots(rows=1, cols=len(kinds), shared_yaxes=True, horizontal_spacing=0.03,
                         subplot_titles=[html(kind_label(k, report)) for k in kinds])
     labels = [charts.tick_text(row["pretrain_elr"]) for row in rows]
-    grids = {kind: [row["feature_acc"].get(kind) or [None] * 16 for row in rows] for kind in kinds}
+    count = feature_count(report)
+    grids = {kind: [row["feature_acc"].get(kind) or [None] * count for row in rows] for kind in kinds}
     seen = [v for z in grids.values() for line in z for v in line if v is not None]
     # the top of the scale follows the data (a toy's features reach ~0.75): a few bright cells must stand out
     top = min(1.0, max(0.75, math.ceil(max(seen, default=0.75) * 20) / 20))
     for col, kind in enumerate(kinds, start=1):
         z = grids[kind]
-        fig.add_trace(go.Heatmap(z=z, x=list(range(16)), y=labels, zmin=0.5, zmax=top, colorscale="Viridis",
-                                 showscale=col == len(kinds), colorbar=dict(title="accuracy", tickformat=".0%"),
-                                 hovertemplate=f"{html(kind_label(kind, report))}<br>PLR %{{y}}<br>feature %{{x}}<br>"
-                                               "accuracy %{z:.1%}<extra></extra>"), row=1, col=col)
-        fig.update_xaxes(title_text="feature", tickvals=[0, 5, 10, 15], row=1, col=col)
+        fig.add_trace(go.Heatmap(z=z, x=list(range(count)), y=labels, zmin=0.5, zmax=top, colorscale="Viridis",
+                                 showscale=col == len(kinds),
+                                 colorbar=dict(title=registry.axis_title(FEATURE_FAMILY), tickformat=".0%"),
+                                 hovertemplate=f"{html(kind_label(kind, report))}<br>PLR %{{y}}<br>"
+                                               f"{registry.label(FEATURE_FAMILY)} · {FEATURE_PREFIX}%{{x}}: "
+                                               "%{z:.1%}<extra></extra>"), row=1, col=col)
+        fig.update_xaxes(title_text="feature", tickvals=list(range(0, count, 5)), row=1, col=col)
     fig.update_yaxes(type="category")          # every panel: numeric-looking labels would make a linear axis
     fig.update_yaxes(title_text="PLR", row=1, col=1)
     fig.update_layout(height=max(320, 60 + 34 * len(rows)), margin=dict(MARGIN, t=50))

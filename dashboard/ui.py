@@ -3,6 +3,7 @@ states, the worker panel and the run controls."""
 from __future__ import annotations
 
 import functools
+import os
 import time
 from typing import Any, Callable
 
@@ -319,7 +320,12 @@ def worker_panel(store: Store) -> None:
         return
     st.warning(f"No worker is running, so queued runs wait.{waiting} Start one here, or in a shell:",
                icon=":material/warning:")
-    st.code(f"python -m engine worker --db {display_url(store.url)} --max-parallel 2", language="bash")
+    from storage.artifacts import ENV_VAR, root_for
+    from storage.urls import sqlite_file
+    root = root_for(store.url)
+    artifacts = "" if sqlite_file(store.url) is not None and not os.environ.get(ENV_VAR) else \
+        f" --artifacts {root or 'ROOT'}"      # a PostgreSQL store's workers need its checkpoints' root
+    st.code(f"python -m engine worker --db {display_url(store.url)}{artifacts} --max-parallel 2", language="bash")
     if st.button("Start a worker", icon=":material/play_arrow:", key="start_worker"):
         pid, log = launch.start_worker(store.url)
         st.session_state["worker_started"] = {"pid": pid, "log": str(log), "at": time.time()}
@@ -333,6 +339,12 @@ def run_controls(store: Store, run: RunInfo) -> None:
     if run.status == "queued":
         if st.button("Cancel", key=f"cancel-{run.id}", icon=":material/cancel:"):
             _act(lambda: store.cancel(run.id), "cancelled")
+        return
+    if run.status == "interrupted" and run.waiting_for:     # its checkpoint is missing: no worker takes it
+        st.warning(md(run.error or f"waiting for its checkpoint {run.waiting_for}"))
+        if st.button("Resume", key=f"resume-{run.id}", icon=":material/play_arrow:",
+                     help="once the checkpoint is back under the artifact root: the workers take the run up again"):
+            _act(lambda: store.resume_run(run.id), "the workers will resume it")
         return
     if run.status not in LIVE_STATUSES:
         return

@@ -84,7 +84,7 @@ def runs_overlay(store: Store, runs: list[RunInfo], keys, *, cols: int = 2, row_
         st.caption("Waiting for the first log points…")
         return
     fig = charts.overlay(front.assign(x=front["step"]), list(keys), {r.id: data.run_label(r) for r in runs},
-                         log_keys={k for k in keys if registry.is_log(k)},
+                         log_keys=registry.log_keys(keys),
                          regimes={r.id: r.regime for r in runs if r.regime}, row_height=row_height, cols=cols)
     ui.chart(fig, key=key)
 
@@ -98,8 +98,8 @@ def cycle(store: Store, run: RunInfo) -> None:
     if front.empty:
         st.caption("The cycle picture needs elr and eff_grad_norm logged.")
         return
-    fig = charts.overlay(front, ["elr"], {run.id: data.run_label(run)}, x="eff_grad_norm", log_x=True,
-                         log_keys={"elr"}, row_height=560)
+    fig = charts.overlay(front, ["elr"], {run.id: data.run_label(run)}, x="eff_grad_norm",
+                         log_x=registry.is_log("eff_grad_norm"), log_keys=registry.log_keys(["elr"]), row_height=560)
     ui.chart(fig, key="cycle")
     st.caption("Cycle picture: between spikes the ELR climbs while the effective gradient norm shrinks; "
                "a spike throws the run back down (a loop per period).")
@@ -175,7 +175,7 @@ def family_overlay(store: Store, runs: list[RunInfo], key: str) -> None:
         return
     forks = {r.id: f"{data.run_label(r)} branched from #{r.parent_id} at epoch {r.fork_epoch}"
              for r in runs if r.parent_id is not None}
-    fig = charts.overlay(front, FAMILY_KEYS, {r.id: data.run_label(r) for r in runs}, log_keys={"train_loss"},
+    fig = charts.overlay(front, FAMILY_KEYS, {r.id: data.run_label(r) for r in runs}, log_keys=registry.log_keys(FAMILY_KEYS),
                          cols=2, row_height=340, forks=forks)
     ui.chart(fig, key=key)
 
@@ -241,7 +241,7 @@ def geometry_result(store: Store, job_id: int) -> None:
     cols[0].metric(f"angle A–B ({math.degrees(angle):.1f}°)", f"{angle:.3g} rad",
                    help="arccos of the cosine between the two weight vectors (SI weights)")
     for col, key in zip(cols[1:], ("train_loss", "test_loss", "train_err", "test_err")):
-        col.metric(f"{key} barrier", charts.barrier_text(key, float(result["barrier"][key])),
+        col.metric(f"{registry.label(key)} barrier", charts.barrier_text(key, float(result["barrier"][key])),
                    help="The most the path rises above the straight line between its ends' values.")
     fig = charts.geometry(result, *labels)
     ui.chart(fig, key=f"geometry-{job.id}")
@@ -302,7 +302,8 @@ def study_result(store: Store, study_id: int, key: str = "study") -> None:
                    "and average are done).")
     heat = study_charts.features(rep)
     if heat is not None:
-        st.markdown("**Per-feature test accuracy** (ticks: each of the 16 features alone informative)")
+        st.markdown(f"**Per-feature test accuracy** (ticks: each of the {study_charts.feature_count(rep)} features "
+                    "alone informative)")
         ui.chart(heat, key=f"{key}-features")
         st.caption("Each cell: accuracy on a probe set where only that feature is informative (mean over runs). "
                    "Bright: the model relies on that feature; dark (50%) is chance; the scale tops out at the "

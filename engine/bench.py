@@ -11,6 +11,10 @@ Figures:
   packed (K = 1, 8, 16, 32), plain / with the standard metrics / with sharpness every epoch, and an
   8-member mlp_si digits sweep end to end (the CPU packing policy).
   `python -m engine.bench packed [--json] [--quick] [--device D]` runs this section alone.
+- artifacts (`python -m engine.bench artifacts`, a section of its own): the time of one checkpoint
+  write, a plain file (torch.save aside, then rename: what spherelab did before storage.artifacts)
+  against fsspec's local file system and the artifact store itself (local folder, and S3 through a
+  local moto server when moto is installed), alternating on every repeat so all see the same load.
 """
 from __future__ import annotations
 
@@ -277,14 +281,105 @@ def _print_packed(p: dict) -> None:
           f"packed {s['packed_s']:.2f} s ({s['speedup']:.2f}x)")
 
 
+# ---- checkpoint writes ---------------------------------------------------------------------------
+
+def artifacts_bench(quick: bool = False) -> dict:
+    """Seconds per checkpoint write (min and median over repeats) of a digits mlp_si member and a
+    convnet_si-32 member: plain files, fsspec local, the artifact store (local; S3 on a local moto
+    server if moto is installed)."""
+    import statistics
+    import uuid
+
+    import fsspec
+
+    from storage.artifacts import Artifacts
+    repeats = 3 if quick else 15
+    members = {"mlp_si digits": RunConfig(device="cpu"),
+               "convnet_si-32": RunConfig(model="convnet_si", dataset="synthetic", synthetic_samples=256,
+                                          synthetic_shape=(3, 32, 32), device="cpu")}
+    server = endpoint = None
+    try:
+        from moto.server import ThreadedMotoServer
+        import socket
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+        server.start()
+        endpoint = f"http://127.0.0.1:{port}"
+        os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1",
+                          AWS_ENDPOINT_URL=endpoint)
+        fsspec.filesystem("s3", skip_instance_cache=True).mkdir("bench")
+    except ImportError:
+        pass
+    out = {"repeats": repeats, "s3": "local moto server (loopback HTTP)" if endpoint else "not measured: no moto"}
+    try:
+        with tempfile.TemporaryDirectory() as folder:
+            local = Artifacts(os.path.join(folder, "store"))
+            fs = fsspec.filesystem("file")
+            s3 = Artifacts("s3://bench/spherelab") if endpoint else None
+            for name, cfg in members.items():
+                state = Trainer([cfg]).members[0].state_dict()
+
+                def plain():
+                    final = os.path.join(folder, "plain.pt")
+                    tmp = f"{final}.{uuid.uuid4().hex[:8]}.tmp"
+                    torch.save(state, tmp)
+                    os.replace(tmp, final)
+
+                def fsspec_local():
+                    final = os.path.join(folder, "fsspec.pt")
+                    tmp = f"{final}.{uuid.uuid4().hex[:8]}.tmp"
+                    with fs.open(tmp, "wb") as f:
+                        torch.save(state, f)
+                    fs.mv(tmp, final)
+
+                key, save = "runs/1/resume-bench.pt", lambda target: torch.save(state, target)
+                ways = {"plain_file": plain, "fsspec_local": fsspec_local,
+                        "artifacts_local": lambda: local.write(key, save)}
+                if s3 is not None:
+                    ways["artifacts_s3"] = lambda: s3.write(key, save)
+                times = {way: [] for way in ways}
+                for _ in range(repeats):
+                    for way, write in ways.items():
+                        start = time.perf_counter()
+                        write()
+                        times[way].append(time.perf_counter() - start)
+                out[name] = {"bytes": local.size(key),
+                             **{way: {"min_s": min(t), "median_s": statistics.median(t)} for way, t in times.items()}}
+    finally:
+        if server is not None:
+            server.stop()
+    return out
+
+
+def _print_artifacts(a: dict) -> None:
+    print(f"checkpoint writes ({a['repeats']} repeats, alternating; S3: {a['s3']}): min / median ms")
+    for name, row in a.items():
+        if not isinstance(row, dict):
+            continue
+        ways = "   ".join(f"{way} {t['min_s'] * 1e3:.2f} / {t['median_s'] * 1e3:.2f}" for way, t in row.items()
+                          if isinstance(t, dict))
+        print(f"  {name:14} {row['bytes']:>10,} B   {ways}")
+
+
 def _main(argv=None) -> int:
     import argparse
     parser = argparse.ArgumentParser(prog="python -m engine.bench", description="benchmark sections")
-    parser.add_argument("section", choices=["packed"])
+    parser.add_argument("section", choices=["packed", "artifacts"])
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
+    if args.section == "artifacts":
+        result = {"device": _device_name(torch.device("cpu")), "torch": torch.__version__,
+                  "artifacts": artifacts_bench(args.quick)}
+        if args.json:
+            print(json.dumps(result, indent=2))
+        else:
+            print(f"device: {result['device']}   torch {result['torch']}")
+            _print_artifacts(result["artifacts"])
+        return 0
     device = resolve_device(args.device)
     result = {"device": _device_name(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
               "packed": packed_bench(device, args.quick)}

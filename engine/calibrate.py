@@ -125,7 +125,7 @@ def configs(spec: dict) -> list[RunConfig]:
     epochs = REFERENCE_FACTOR * max(spec["horizons"])
     return [RunConfig(model="mlp_si", dataset="digits", mode="sphere", width=w, depth=d, batch_size=b, seed=s,
                       elr=e, epochs=epochs, log_every=spec["log_every"], checkpoint_every=0,
-                      device=spec["device"]).validate()
+                      device=spec["device"])
             for w, d, b, s, e in itertools.product(spec["widths"], spec["depths"], spec["batch_sizes"],
                                                     spec["seeds"], spec["elrs"])]
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from storage import HEARTBEAT_EVERY_S, MAX_ID, MIN_STALE_AFTER_S, StoreError
 
 from . import calibrate, commands
-from .config import DEVICES, ConfigError, RunConfig
+from .config import DEVICES, OPTIONS, ConfigError, Option, RunConfig
 
 EXIT_BAD_INPUT = 2
 DEBUG_ENV = "SPHERELAB_DEBUG"   # =1: an unexpected error prints its traceback as well
@@ -113,68 +113,55 @@ def _stale_after(text: str) -> float:
 
 
 def add_training_flags(p: argparse.ArgumentParser, sweep: bool, study: bool = False) -> None:
-    """The training flags of train/sweep/submit; a study sets the rates, epochs and kept checkpoints itself."""
-    many = dict(nargs="+")   # train accepts one value; several get a clear "use sweep" error
-    vals = "one or more values, or a log range START:STOP:N" if sweep else "one value"
-    g = p.add_argument_group("model and data")
-    g.add_argument("--model", default=D.model, help="mlp_si | convnet_si | resnet18_si")
-    g.add_argument("--width", default=None, **many,
-                   help=f"channels (conv nets, default 32) or hidden units (mlp_si, default 64); {vals}")
-    g.add_argument("--depth", type=int, default=D.depth, help="hidden blocks of mlp_si")
-    g.add_argument("--init-scale", type=float, default=D.init_scale, help="Frobenius norm of the frozen head")
-    g.add_argument("--norm", default=D.norm, help="batch | layer: the normalisation after each mlp_si layer")
-    g.add_argument("--dataset", default=D.dataset, help="digits | synthetic | ticks | cifar10 | cifar100")
-    g.add_argument("--data-dir", default=None, help="folder with cifar-10-batches-py/ or cifar-100-python/")
-    g.add_argument("--synthetic-samples", type=int, default=D.synthetic_samples, help="synthetic train samples")
-    g.add_argument("--synthetic-shape", type=_shape, default=D.synthetic_shape,
-                   help="input shape of synthetic samples, e.g. 64 or 3x32x32 (default 64)")
-    g.add_argument("--synthetic-classes", type=int, default=D.synthetic_classes, help="synthetic classes")
-    g.add_argument("--augment", action="store_true", help="random crop (pad 4) + horizontal flip, images only")
-    if study:
-        g.add_argument("--data-seed", type=int, nargs="+", default=None,
-                       help=f"data seeds, each a replicate of the study (ticks: the data; others: the validation "
-                            f"split) (default {D.data_seed})")
-    else:
-        g.add_argument("--data-seed", type=int, default=D.data_seed, help="the ticks data's seed")
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--mode", default=D.mode, help="sphere (fixed ELR on the sphere) | lrwd (LR + weight decay)")
-    if not study:
-        g.add_argument("--elr", default=None, **many, help=f"effective learning rate, sphere mode (default 0.01); {vals}")
-        g.add_argument("--lr", default=None, **many, help=f"learning rate, lrwd mode (default 0.1); {vals}")
-        g.add_argument("--wd", default=None, **many, help=f"weight decay, lrwd mode (default 0); {vals}")
-    g.add_argument("--momentum", default=None, **many, help=f"heavy-ball momentum (default 0); {vals}")
-    g.add_argument("--schedule", default=D.schedule,
-                   help="constant | cosine (half cosine to 0) | step (x0.1 at 50%% and 75%% of training)")
-    if not study:
-        g.add_argument("--epochs", type=int, default=D.epochs, help="passes over the training set")
-    g.add_argument("--batch-size", default=None, **many, help=f"mini-batch size (default 32 on digits, 128 elsewhere); {vals}")
-    g.add_argument("--seed", default=None, **many, type=int if study else None,
-                   help=f"seed for init and batch order (default {D.seed}); {vals}")
-    g = p.add_argument_group("measurement (frequencies in optimizer steps; 0 = off)")
-    g.add_argument("--log-every", type=int, default=D.log_every, help="steps between log points")
-    g.add_argument("--eval-every", type=int, default=None,
-                   help="steps between test-set evaluations (default once per epoch)")
-    g.add_argument("--sharpness-every", type=int, default=D.sharpness_every,
-                   help="steps between sharpness (Lanczos) measurements")
-    g.add_argument("--probe-size", type=int, default=D.probe_size, help="train samples in the fixed sharpness probe")
-    g.add_argument("--lanczos-iters", type=int, default=D.lanczos_iters, help="Lanczos iteration cap")
-    g.add_argument("--lanczos-tol", type=float, default=D.lanczos_tol, help="Lanczos relative residual tolerance")
-    g.add_argument("--trace-samples", type=int, default=D.trace_samples,
-                   help="Hutchinson vectors for hessian_trace at sharpness steps (0 = off)")
-    g.add_argument("--checkpoint-every", type=int, default=D.checkpoint_every,
-                   help="epochs between the checkpoints a run resumes from")
-    if not study:
-        g.add_argument("--keep-every", type=int, default=D.keep_every,
-                       help="epochs between kept checkpoints (forks, averages), and the last one; 0 keeps only the latest")
-        g.add_argument("--keep-last", type=int, default=D.keep_last,
-                       help="also keep a checkpoint at each of the last K epochs (what an SWA average of K needs)")
-    g = p.add_argument_group("where")
-    g.add_argument("--device", default=D.device, help="auto | cpu | cuda")
-    g.add_argument("--name", default=None, help="run name (default built from the config)")
-    g.add_argument("--tags", nargs="*", default=[], help="labels for finding runs later")
+    """The training flags of train/sweep/submit, one per run option (engine.config.OPTIONS, in its
+    groups); a study takes several seeds and data seeds and sets the rates, epochs and kept checkpoints
+    itself."""
+    groups = {}
+    for opt in OPTIONS:
+        if study and opt.study == "set":
+            continue
+        if opt.group not in groups:
+            groups[opt.group] = p.add_argument_group(opt.group)
+        argument = _flag(opt, sweep, study)
+        groups[opt.group].add_argument(opt.flag, **{**argument, "help": argument["help"].replace("%", "%%")})
+
+
+def _flag(opt: Option, sweep: bool, study: bool) -> dict:
+    """argparse's arguments for one run option. Values are checked when the RunConfig is made, in the
+    same words on every surface; argparse only turns the text into the option's kind."""
+    default = opt.default_text()
+    text = opt.help
+    if opt.when:
+        text += f"; {opt.when_text()} only"
+    if study and opt.study == "list":
+        return dict(type=opt.kind, nargs="+", default=None,
+                    help=f"{text}; one or more values, each a replicate of the study (default {default})")
+    if opt.sweep:   # text, read by parse_values; train takes one value and says "use sweep" for more
+        values = "one or more values, or a log range START:STOP:N" if sweep else "one value"
+        return dict(nargs="+", default=None, help=f"{text}; {values} (default {default})")
+    if opt.kind is bool:
+        return dict(action="store_true", help=text)
+    if opt.kind == "tags":
+        return dict(nargs="*", default=[], help=text)
+    kind = _shape if opt.kind == "shape" else opt.kind
+    if opt.default is None or opt.kind == "shape":
+        text += f" (default {default})"
+    choices = dict(metavar="{" + ",".join(opt.choices) + "}") if opt.choices else {}
+    return dict(type=kind, default=opt.default, help=text, **choices)
 
 
 DB_HELP = "SQLAlchemy URL or SQLite path (default $SPHERELAB_DB, else ~/.spherelab/spherelab.db)"
+ARTIFACTS_HELP = ("where the store's checkpoints live: a folder or URL (s3://bucket/prefix) every machine using the "
+                  "store reaches (default $SPHERELAB_ARTIFACTS, else DB.checkpoints beside an SQLite file; "
+                  "required for PostgreSQL)")
+
+
+def _artifacts(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("is empty: pass a folder or URL, or leave --artifacts out to use "
+                                         "$SPHERELAB_ARTIFACTS, else the folder beside an SQLite file")
+    return text
+
 
 def program() -> str:
     """How the user started the CLI, for usage lines and errors: `spherelab` (the installed command) or
@@ -194,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
         parser.set_defaults(handler=getattr(commands, f"cmd_{name}"), flag_default=parser.get_default)
         if db:
             parser.add_argument("--db", type=_db, default=None, help=DB_HELP)
+            parser.add_argument("--artifacts", type=_artifacts, default=None, help=ARTIFACTS_HELP)
         return parser
 
     add_training_flags(cmd("train", "run one configuration in this process; prints the run id last"), sweep=False)
@@ -276,6 +264,12 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument("run", type=_id)
     c.add_argument("--with-children", action="store_true",
                    help="also cancel the run's branches that have not ended (they would have nothing to start from)")
+    rs = cmd("resume", "let the workers take up again a run that waits for its missing checkpoint (interrupted) "
+                       "or failed on a damaged one, once the file is back; refused while it is still missing")
+    rs.add_argument("run", type=_id)
+    gc = cmd("gc", "list (or with --delete remove) artifacts no run references: checkpoints left by deleted runs, "
+                   "crashed writes; files younger than an hour are left alone")
+    gc.add_argument("--delete", action="store_true", help="remove them (default: a dry run that lists them)")
     t = cmd("tag", "add tags to a run")
     t.add_argument("run", type=_id)
     t.add_argument("tags", nargs="+")
@@ -306,6 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "artifacts", None):      # every Store this command opens, its workers' included
+        os.environ["SPHERELAB_ARTIFACTS"] = args.artifacts
     try:
         return args.handler(args) or 0
     except (ConfigError, StoreError) as exc:

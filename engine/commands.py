@@ -13,7 +13,7 @@ import uuid
 from storage import LIVE_STATUSES, Store, write_atomically
 from storage.records import solution_text
 
-from . import registry
+from . import registry, shutdown
 from .config import ConfigError, RunConfig, configs_from_flags, parse_values
 from .submission import queue_average, queue_fork, queue_geometry, queue_runs
 
@@ -54,15 +54,23 @@ def _check_runnable(configs: list[RunConfig]) -> None:
 def cmd_train(args) -> int:
     configs, _ = configs_from_flags(vars(args), single=True)
     _check_runnable(configs)
-    store, claimer = Store(args.db), _claimer()
+    store, claimer = _training_store(args), _claimer()
     return _run_here(store, queue_runs(store, configs, reserve_for=claimer), claimer)
 
 
 def cmd_sweep(args) -> int:
     configs, swept = configs_from_flags(vars(args), single=False)
     _check_runnable(configs)
-    store, claimer = Store(args.db), _claimer()
+    store, claimer = _training_store(args), _claimer()
     return _run_here(store, queue_runs(store, configs, swept, args.sweep_name, reserve_for=claimer), claimer)
+
+
+def _training_store(args) -> Store:
+    """The store, refused (one line, how to set it) before anything is queued when it has no artifact
+    root for checkpoints (a PostgreSQL store without --artifacts/$SPHERELAB_ARTIFACTS)."""
+    store = Store(args.db)
+    store.artifacts
+    return store
 
 
 def _claimer() -> str:
@@ -73,6 +81,7 @@ def _claimer() -> str:
 def _run_here(store: Store, ids: list[int], claimer: str) -> int:
     """Train runs reserved for this process, here, and print their ids; whatever it never started
     (Ctrl-C, an error) is cancelled, not left for a worker."""
+    shutdown.stop_on_ctrl_c()
     try:
         statuses = _train_here(store, ids, claimer, report=True)
     finally:
@@ -91,6 +100,7 @@ def _train_here(store: Store, ids: list[int], claimer: str, report: bool = False
     statuses: dict[int, str] = {}
     left = list(ids)
     while left:
+        shutdown.raise_if_requested()
         claimed = claim_pack(store, claimer, run_ids=left, spread=False)
         if not claimed:
             break
@@ -101,6 +111,7 @@ def _train_here(store: Store, ids: list[int], claimer: str, report: bool = False
         try:
             with _progress(label) as bar:
                 statuses.update(execute(store, {info.id: info.claim for info in claimed}, progress=bar))
+            shutdown.raise_if_requested()  # the first Ctrl-C stopped the runs in order: end the command here
         except KeyboardInterrupt:      # also before training began: resumable, not left "running"
             for info in claimed:
                 if store.get_run(info.id).status in LIVE_STATUSES:
@@ -211,7 +222,7 @@ def cmd_study(args) -> int:
         store.hand_over_study(study_id, claimer)
     else:
         flags = {**vars(args), "elr": None, "seed": None, "epochs": args.pretrain_epochs,
-                 "data_seed": (args.data_seed or [RunConfig.data_seed])[0]}
+                 "data_seed": (args.data_seed or [RunConfig.data_seed])[0], "validation": True}   # what it selects on
         [base], _ = configs_from_flags(flags, single=True)
         pretrain = [v for text in args.pretrain_elr for v in parse_values(text)]
         finetune = [v for text in args.finetune_elr for v in parse_values(text)]
@@ -254,11 +265,14 @@ def _refuse_flags_on_resume(args) -> None:
 
 def _study_here(store: Store, study_id: int, claimer: str) -> None:
     """Advance the study and do its work in this process until it ends: its runs (packed where packing
-    pays), then the averages and geometries they allow. Ctrl-C leaves it resumable (--resume)."""
+    pays), then the averages and geometries they allow. Ctrl-C leaves it resumable (--resume): runs stop
+    at their next step, a job in progress finishes first (a second Ctrl-C stops it at once)."""
     import time
     from . import study
     from .jobs import execute_job
+    shutdown.stop_on_ctrl_c()
     while not study.advance(store, study_id, reserve_for=claimer):
+        shutdown.raise_if_requested()
         waiting = [r.id for r in store.list_runs(study_id=study_id, status=["queued", "interrupted"])]
         _train_here(store, sorted(waiting), claimer)
         done = 0
@@ -269,10 +283,11 @@ def _study_here(store: Store, study_id: int, claimer: str) -> None:
             if job is not None:
                 try:
                     execute_job(store, job.id, job.claim)
-                except KeyboardInterrupt:       # Ctrl-C mid-job: queued again, for --resume to compute whole
+                except KeyboardInterrupt:       # a second Ctrl-C mid-job: queued again, for --resume to compute whole
                     store.requeue_job(job.id, claim=job.claim)
                     raise
                 done += 1
+                shutdown.raise_if_requested()   # the first Ctrl-C: stop between jobs
         if not done and not waiting:
             # what is left is held by another process (a worker resuming a run), or by one that died
             # holding it (killed mid-job): its heartbeat stops, and as a worker would, this process
@@ -353,12 +368,15 @@ def _verdict_line(r: dict) -> str:
 
 
 def cmd_worker(args) -> int:
-    from .runtime import resolve_device
     from .worker import Worker
     if args.max_parallel < 1:
         raise ConfigError(f"--max-parallel must be at least 1, got {args.max_parallel}")
-    resolve_device(args.device)
-    return Worker(Store(args.db).url, max_parallel=args.max_parallel, device=args.device, poll_s=args.poll,
+    if args.device == "cuda":
+        # the only choice that can be refused here; otherwise the worker process stays torch-free
+        # (its run processes import torch): it starts in a second less, and the app with it
+        from .runtime import resolve_device
+        resolve_device(args.device)
+    return Worker(_training_store(args).url, max_parallel=args.max_parallel, device=args.device, poll_s=args.poll,
                   stale_after_s=args.stale_after, exit_when_idle=args.once).run()
 
 
@@ -389,6 +407,25 @@ def cmd_cancel(args) -> int:
 
 def cmd_delete(args) -> int:
     Store(args.db).delete(args.run, with_children=args.with_children)       # with its checkpoint files
+    return 0
+
+
+def cmd_resume(args) -> int:
+    run = Store(args.db).resume_run(args.run)
+    print(f"run {run.id} is {run.status} again: a worker takes it up from its checkpoint")
+    return 0
+
+
+def cmd_gc(args) -> int:
+    """Artifacts no run references (checkpoints of deleted runs, writes that crashed): listed, or removed
+    with --delete. Files younger than GC_GRACE_S are left alone (a checkpoint is written just before
+    the row that records it)."""
+    found = Store(args.db).collect_garbage(delete=args.delete)
+    for key, size in found:
+        print(f"{size:>12,}  {key}")
+    total = sum(size for _, size in found)
+    verb = "removed" if args.delete else "unreferenced (dry run: --delete removes them)"
+    print(f"{len(found)} artifact(s), {total:,} bytes, {verb}")
     return 0
 
 
@@ -440,7 +477,7 @@ def cmd_bundle(args) -> int:
 
 def check_imported_config(config: dict) -> None:
     """An imported run's config passes the rules `train` applies (the Run page reads every field)."""
-    RunConfig.from_dict(config).validate()
+    RunConfig.from_dict(config)
 
 
 def imported_checkpoint_limit(config: dict) -> int:
@@ -453,15 +490,19 @@ def imported_checkpoint_limit(config: dict) -> int:
 _SHAPES = {"digits": ((64,), 10), "ticks": ((32,), 2), "cifar10": ((3, 32, 32), 10), "cifar100": ((3, 32, 32), 100)}
 
 
-def check_imported_checkpoint(config: dict, path: str) -> None:
-    """A bundled checkpoint holds the weights of its run's model (model, width, depth, data shape)."""
+def check_imported_checkpoint(config: dict, source) -> None:
+    """A bundled checkpoint (a file path or a buffer) holds the weights of its run's model (model, width,
+    depth, data shape), and the safe loader reads it."""
     import torch
     from .models import build_model
-    from .runner import load_checkpoint
+    from .runner import _load_reason
     cfg = RunConfig.from_dict(config)
     shape, classes = _SHAPES.get(cfg.dataset, (tuple(cfg.synthetic_shape), cfg.synthetic_classes))
     expected = {k: tuple(v.shape) for k, v in build_model(cfg, shape, classes).state_dict().items()}
-    state = load_checkpoint(path, torch.device("cpu"), "the checkpoint")
+    try:
+        state = torch.load(source, map_location=torch.device("cpu"), weights_only=True)
+    except Exception as exc:      # truncated, damaged, or a pickle the safe loader refuses
+        raise ConfigError(f"it cannot be loaded ({type(exc).__name__}: {_load_reason(exc)})") from None
     model = state.get("model") if isinstance(state, dict) else None
     got = {k: tuple(v.shape) for k, v in model.items()} if isinstance(model, dict) else None
     if got != expected:

@@ -1,4 +1,5 @@
-"""Run configuration: one frozen dataclass, its validation, and grid expansion.
+"""Run configuration: every run option declared once (RunConfig's fields and their Options), the
+checks made when a RunConfig is created, grid expansion, and README's option table.
 
 Everything a run needs to be reproduced lives here and is stored as JSON with the run.
 Validation raises ConfigError with a one-line message that says what is wrong and how to fix it;
@@ -9,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import numbers
 from dataclasses import dataclass, field
 
 MODELS = ("mlp_si", "convnet_si", "resnet18_si")
@@ -67,55 +69,240 @@ def num_classes(config: dict) -> int | None:
 
 
 class ConfigError(ValueError):
-    """Bad user input. The message is one line: what is wrong and how to fix it."""
+    """Bad user input. The message is one line: what is wrong and how to fix it, worded for the CLI
+    (`--flag`); `field` names the run option at fault (None when it is not one option), and a form
+    rewords the flags as its labels (dashboard.launch.form_message)."""
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
+
+
+# ---- the run options, declared once ------------------------------------------------------------
+# Each RunConfig field carries an Option: from this one table come the CLI's training flags
+# (engine/cli.py), the checks made when a RunConfig is created, the Launch form (dashboard/pages/launch.py),
+# the Compare page's table of config differences and README's option table (`python -m engine.config
+# --markdown`). Adding a run option is one field here (and its use in the engine).
+
+MODEL_DATA, OPTIMISATION, MEASUREMENT, CHECKPOINTS, WHERE = (
+    "model and data", "optimisation", "measurement (frequencies in optimizer steps; 0 = off)", "checkpoints", "where")
+GROUPS = (MODEL_DATA, OPTIMISATION, MEASUREMENT, CHECKPOINTS, WHERE)
+
+
+@dataclass(frozen=True)
+class Option:
+    """One run option. kind: int, float, str, bool, "shape" (sizes like 3x32x32) or "tags" (words).
+    Bounds are inclusive (low, high) or exclusive (above, below); None as a value is allowed only where
+    it is the default, and `unset` says what it means. `when` limits where the option applies, e.g.
+    {"mode": ("lrwd",)}: the form shows it only then, and the CLI and README say so."""
+    kind: object
+    default: object
+    label: str                      # the form's words for it (error messages use these in the form)
+    group: str
+    help: str
+    choices: tuple = ()
+    low: float | None = None
+    high: float | None = None
+    above: float | None = None
+    below: float | None = None
+    when: tuple = ()                # ((option, (values…)),) …: applies only where each holds
+    sweep: bool = False             # sweep/submit take several values or a log range START:STOP:N
+    study: str = "flag"             # `study`: "flag" as in train, "list" several values, "set" the study sets it
+    unset: str = ""                 # what the default None means
+    start: object = None            # the form's first value where the default is None and 0 cannot stand for it
+    hint: str = ""                  # the form's words after the label, e.g. "0 = off"
+    widget: str = ""                # the form's hint: "radio", "log" (a number in 1e-3 notation), "more" (folded)
+    name: str = ""                  # the RunConfig field (filled in from it)
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    def applies(self, values: dict) -> bool:
+        """Whether the option plays a part in a config with these values (a dict or a RunConfig)."""
+        get = values.get if isinstance(values, dict) else lambda k, d=None: getattr(values, k, d)
+        return all(get(key, OPTION[key].default) in allowed for key, allowed in self.when)
+
+    def when_text(self) -> str:
+        return "; ".join(f"{OPTION[key].flag} {', '.join(allowed)}" for key, allowed in self.when)
+
+    def default_text(self) -> str:
+        if self.default is None:
+            return self.unset
+        if self.kind is bool:
+            return "off" if not self.default else "on"
+        if self.kind == "shape":
+            return "x".join(map(str, self.default))
+        if self.kind == "tags":
+            return "none"
+        return f"{self.default:g}" if self.kind is float else str(self.default)
+
+    def bounds_text(self) -> str:
+        """The values allowed, in words (README, error messages)."""
+        if self.choices:
+            return ", ".join(self.choices)
+        if self.kind is int:
+            if self.high is None:
+                return f"at least {_number(self.low)}" if self.low is not None else "a whole number"
+            return f"{_number(self.low)} to {_number(self.high)}"
+        if self.kind is float:
+            if self.high is None and self.below is None:
+                return "a positive number" if self.above == 0 else "a non-negative number"
+            left = f"[{self.low:g}" if self.low is not None else f"({self.above:g}"
+            right = f"{self.high:g}]" if self.high is not None else f"{self.below:g})"
+            return f"in {left}, {right}"
+        if self.kind == "shape":
+            return f"1 to {MAX_SYNTHETIC_DIMS} sizes joined by x"
+        return {bool: "given or not", str: "text", "tags": "words"}[self.kind]
+
+    def check(self, value) -> None:
+        """ConfigError naming the flag unless value is of the option's kind and within its bounds."""
+        def bad(text: str):
+            raise ConfigError(f"{self.flag} {text}", self.name)
+
+        if value is None:
+            if self.default is not None:
+                bad(f"needs a value ({self.default_text()} by default)")
+            return
+        kind = self.kind
+        if kind is int and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+            bad(f"must be a whole number, got {value!r}")
+        if kind is float and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
+            bad(f"must be a number, got {value!r}")
+        if kind is str and not isinstance(value, str) or kind is bool and not isinstance(value, bool):
+            bad(f"must be {'text' if kind is str else 'on or off (true or false)'}, got {value!r}")
+        if self.choices and value not in self.choices:
+            raise ConfigError(f"unknown {self.flag} {value!r}: choose one of {', '.join(self.choices)}", self.name)
+        if kind is int and not ((self.low is None or value >= self.low) and (self.high is None or value <= self.high)):
+            bad(f"must be {'a whole number from ' if self.high is not None else ''}{self.bounds_text()}, got {value}")
+        if kind is float:
+            inside = (math.isfinite(value) and (self.low is None or value >= self.low)
+                      and (self.above is None or value > self.above) and (self.high is None or value <= self.high)
+                      and (self.below is None or value < self.below))
+            if not inside:
+                text = self.bounds_text()
+                bad(f"must be {text if text.startswith('in ') else text.replace(' number', ' finite number')}, "
+                    f"got {value}")
+        if kind == "shape":
+            if (not isinstance(value, tuple) or not 1 <= len(value) <= MAX_SYNTHETIC_DIMS
+                    or any(isinstance(d, bool) or not isinstance(d, numbers.Integral) or d < 1 for d in value)):
+                bad(f"must be 1 to {MAX_SYNTHETIC_DIMS} positive sizes like 64 or 3x32x32, "
+                    f"got {'x'.join(map(str, value)) if isinstance(value, tuple) else value!r}")
+        if kind == "tags":
+            for tag in value if isinstance(value, tuple) else [value]:
+                if not isinstance(tag, str) or not tag.strip():
+                    bad(f"got an empty tag {tag!r}: tags are words like baseline")
+
+
+def _number(x) -> str:
+    return "2**63-1" if x == MAX_SEED else f"{x:,}"
+
+
+def option(kind, default, label: str, group: str, help: str, **more):
+    """A RunConfig field and its Option."""
+    return field(default=default, metadata={"option": Option(kind, default, label, group, help, **more)})
+
+
+MLP_ONLY = (("model", ("mlp_si",)),)
+SPHERE_ONLY, LRWD_ONLY = (("mode", ("sphere",)),), (("mode", ("lrwd",)),)
+SYNTHETIC_ONLY = (("dataset", ("synthetic",)),)
 
 
 @dataclass(frozen=True)
 class RunConfig:
-    # model
-    model: str = "mlp_si"
-    width: int | None = None          # None: the model's default (mlp 64, conv nets 32)
-    depth: int = 3                    # mlp_si hidden blocks
-    init_scale: float = 10.0          # Frobenius norm of the frozen head
-    norm: str = "batch"               # mlp_si: BatchNorm (batch) or LayerNorm (layer) after each linear layer
-    # data
-    dataset: str = "digits"
-    data_dir: str | None = None       # CIFAR: folder holding cifar-10-batches-py/ or cifar-100-python/
-    synthetic_samples: int = 2048     # synthetic: train samples (test = a quarter of it)
-    synthetic_shape: tuple[int, ...] = (64,)
-    synthetic_classes: int = 10
-    augment: bool = False
-    data_seed: int = 0                # ticks: the seed of the data (the run seed fixes init and batch order);
-                                      # with validation, also the seed of the held-out split of other data
-    validation: bool = False          # a validation split (val_loss/val_acc): ticks a separate draw as large
-                                      # as the test set; other data hold out VALIDATION_FRACTION of the
-                                      # training set (engine/data.py). Learning-rate studies select on it.
-    # optimisation
-    mode: str = "sphere"
-    elr: float | None = None          # sphere: effective learning rate (default 0.01)
-    lr: float | None = None           # lrwd: learning rate (default 0.1)
-    wd: float = 0.0
-    momentum: float = 0.0
-    schedule: str = "constant"
-    epochs: int = 30
-    batch_size: int | None = None     # None: 32 on digits (its 1,437 images need noisy steps to
-                                      # show a chaotic band), 128 elsewhere (the papers' value)
-    seed: int = 0
-    # measurement (frequencies in optimizer steps; 0 turns a measurement off)
-    log_every: int = 10
-    eval_every: int | None = None     # test-set evaluation; None: once per epoch
-    sharpness_every: int = 0
-    probe_size: int = 1024
-    lanczos_iters: int = 20
-    lanczos_tol: float = 1e-3
-    trace_samples: int = 0            # Hutchinson vectors for hessian_trace at sharpness steps
-    checkpoint_every: int = 1         # epochs between checkpoints (worker runs); 0 = off
-    keep_every: int = 0               # epochs between kept checkpoints (forks, averages); 0 = only the latest
-    keep_last: int = 0                # also keep a checkpoint at each of the last K epochs (SWA)
-    device: str = "auto"
-    # bookkeeping
-    name: str | None = None
-    tags: tuple[str, ...] = field(default_factory=tuple)
+    """Everything a run needs to be reproduced (stored as JSON with the run). Checked when it is made:
+    an invalid RunConfig cannot exist (ConfigError), and replace() returns a checked one."""
+    model: str = option(str, "mlp_si", "Model", MODEL_DATA, "the network (the conv nets need 3x32x32 images)",
+                        choices=MODELS)
+    width: int | None = option(int, None, "Width", MODEL_DATA, "hidden units (mlp_si) or base channels (conv nets)",
+                               low=1, sweep=True, unset="64 (mlp_si) / 32 (conv nets)",
+                               hint="0 = the model's default")
+    depth: int = option(int, 3, "Depth", MODEL_DATA, "hidden blocks of mlp_si", low=1, high=MAX_DEPTH,
+                        when=MLP_ONLY, hint="hidden blocks")
+    norm: str = option(str, "batch", "Normalisation", MODEL_DATA,
+                       "the normalisation after each mlp_si layer: batch (BatchNorm) or layer (LayerNorm)",
+                       choices=NORMS, when=MLP_ONLY)
+    init_scale: float = option(float, 10.0, "Head norm", MODEL_DATA, "Frobenius norm of the frozen head", above=0,
+                               widget="more")
+    dataset: str = option(str, "digits", "Dataset", MODEL_DATA, "the data (see Models and data)", choices=DATASETS)
+    data_dir: str | None = option(str, None, "Data folder", MODEL_DATA,
+                                  "the folder holding cifar-10-batches-py/ or cifar-100-python/ (python-pickle "
+                                  "layout); nothing is downloaded", when=(("dataset", IMAGE_DATASETS),), unset="none")
+    synthetic_samples: int = option(int, 2048, "Samples", MODEL_DATA,
+                                    "synthetic training samples (and a quarter as many test samples)",
+                                    low=2, high=MAX_SYNTHETIC_SAMPLES, when=SYNTHETIC_ONLY)
+    synthetic_shape: tuple[int, ...] = option("shape", (64,), "Input shape", MODEL_DATA,
+                                              "the shape of a synthetic sample, e.g. 64 or 3x32x32",
+                                              when=SYNTHETIC_ONLY)
+    synthetic_classes: int = option(int, 10, "Classes", MODEL_DATA, "synthetic classes", low=2, when=SYNTHETIC_ONLY)
+    augment: bool = option(bool, False, "Augment", MODEL_DATA,
+                           "random crop (pad 4) and horizontal flip of whole batches; images only",
+                           when=(("dataset", (*IMAGE_DATASETS, "synthetic")),), hint="random crop + flip")
+    data_seed: int = option(int, 0, "Data seed", MODEL_DATA,
+                            "the seed of the ticks data, and of the validation split of other data (the run's "
+                            "--seed fixes the initialisation and batch order)", low=0, high=MAX_SEED, study="list")
+    validation: bool = option(bool, False, "Validation split", MODEL_DATA,
+                              "hold out a validation split (val_loss, val_acc): ticks draws a separate set as large "
+                              "as its test set, other data hold out 10% of the training set (chosen by --data-seed); "
+                              "learning-rate studies select on it", study="set", widget="more")
+    mode: str = option(str, "sphere", "Mode", OPTIMISATION,
+                       "sphere (a fixed ELR on the sphere) or lrwd (a learning rate and weight decay; the ELR is "
+                       "measured)", choices=MODES, widget="radio")
+    elr: float | None = option(float, None, "ELR", OPTIMISATION, "the effective learning rate", above=0, sweep=True,
+                               when=SPHERE_ONLY, study="set", unset="0.01", start=0.01, widget="log")
+    lr: float | None = option(float, None, "LR", OPTIMISATION, "the learning rate", above=0, sweep=True,
+                              when=LRWD_ONLY, study="set", unset="0.1", start=0.1, widget="log")
+    wd: float = option(float, 0.0, "Weight decay", OPTIMISATION, "weight decay (refused on the sphere)", low=0,
+                       sweep=True, when=LRWD_ONLY, study="set", widget="log")
+    momentum: float = option(float, 0.0, "Momentum", OPTIMISATION, "heavy-ball momentum", low=0, below=1, sweep=True)
+    schedule: str = option(str, "constant", "Schedule", OPTIMISATION,
+                           "constant, cosine (half a cosine down to 0) or step (x0.1 at 50% and 75% of training)",
+                           choices=SCHEDULES)
+    epochs: int = option(int, 30, "Epochs", OPTIMISATION, "passes over the training set", low=1, high=MAX_EPOCHS,
+                         study="set")
+    batch_size: int | None = option(int, None, "Batch size", OPTIMISATION,
+                                    "the mini-batch size (digits needs noisy steps to show a chaotic band)", low=1,
+                                    sweep=True, unset="32 on digits, 128 elsewhere", hint="0 = default")
+    seed: int = option(int, 0, "Seed", OPTIMISATION, "the seed of the initialisation and batch order", low=0,
+                       high=MAX_SEED, sweep=True, study="list")
+    log_every: int = option(int, 10, "Log every", MEASUREMENT, "steps between log points", low=1)
+    eval_every: int | None = option(int, None, "Test every", MEASUREMENT,
+                                    "steps between test-set evaluations (at the first log point at or after each "
+                                    "multiple)", low=1, unset="once per epoch", hint="steps, 0 = once per epoch",
+                                    widget="more")
+    sharpness_every: int = option(int, 0, "Sharpness every", MEASUREMENT,
+                                  "steps between sharpness (Lanczos) measurements; 0 = off", low=0, hint="0 = off")
+    probe_size: int = option(int, 1024, "Probe size", MEASUREMENT,
+                             "train samples in the fixed sharpness probe (capped at the train size)", low=1,
+                             hint="sharpness samples", widget="more")
+    lanczos_iters: int = option(int, 20, "Lanczos iterations", MEASUREMENT, "Lanczos iteration cap", low=2,
+                                high=MAX_LANCZOS_ITERS, widget="more")
+    lanczos_tol: float = option(float, 1e-3, "Lanczos tolerance", MEASUREMENT, "Lanczos relative residual tolerance",
+                                above=0, below=1, widget="more")
+    trace_samples: int = option(int, 0, "Trace vectors", MEASUREMENT,
+                                "Hutchinson vectors for hessian_trace at sharpness steps; 0 = off", low=0,
+                                high=MAX_TRACE_SAMPLES, hint="Hutchinson, 0 = off", widget="more")
+    checkpoint_every: int = option(int, 1, "Checkpoint every", CHECKPOINTS,
+                                   "epochs between the checkpoints a run resumes from (a stored run writes at most "
+                                   "one per 5 s); 0 = off", low=0, hint="epochs, 0 = off", widget="more")
+    keep_every: int = option(int, 0, "Keep checkpoints every", CHECKPOINTS,
+                             "epochs between kept checkpoints, and the last epoch: what fork, average and geometry "
+                             "start from; 0 keeps only the latest", low=0, study="set",
+                             hint="epochs, 0 = only the latest")
+    keep_last: int = option(int, 0, "Keep the last", CHECKPOINTS,
+                            "also keep a checkpoint at each of the last K epochs (what an average of K needs)", low=0,
+                            study="set", hint="epochs")
+    device: str = option(str, "auto", "Device", WHERE, "auto (CUDA if present), cpu or cuda", choices=DEVICES,
+                         widget="more")
+    name: str | None = option(str, None, "Name", WHERE, "the run's name", unset="built from the config",
+                              hint="optional")
+    tags: tuple[str, ...] = option("tags", (), "Tags", WHERE, "labels for finding runs later",
+                                   hint="comma separated")
+
+    def __post_init__(self):
+        for opt in OPTIONS:
+            opt.check(getattr(self, opt.name))
+        self._check_together()
 
     # ---- derived -------------------------------------------------------------------------
     @property
@@ -173,137 +360,75 @@ class RunConfig:
                 rate += f" mom={self.momentum:.3g}"
         return f"{self.model}-{self.model_width} {self.dataset} {self.mode} {rate} seed={self.seed}"
 
-    # ---- validation ------------------------------------------------------------------------
-    def validate(self) -> "RunConfig":
-        def bad(msg: str) -> None:
-            raise ConfigError(msg)
+    # ---- the checks between options (each option's own are its Option's) ---------------------
+    def _check_together(self) -> None:
+        def bad(msg: str, field: str) -> None:
+            raise ConfigError(msg, field)
 
-        if self.model not in MODELS:
-            bad(f"unknown model {self.model!r}: choose one of {', '.join(MODELS)}")
-        if self.dataset not in DATASETS:
-            bad(f"unknown dataset {self.dataset!r}: choose one of {', '.join(DATASETS)}")
-        if self.mode not in MODES:
-            bad(f"unknown mode {self.mode!r}: choose sphere (fixed ELR) or lrwd (LR + weight decay)")
-        if self.schedule not in SCHEDULES:
-            bad(f"unknown schedule {self.schedule!r}: choose one of {', '.join(SCHEDULES)}")
-        if self.device not in DEVICES:
-            bad(f"unknown device {self.device!r}: choose auto, cpu or cuda")
         if self.model in ("convnet_si", "resnet18_si"):
             image_ok = self.dataset in IMAGE_DATASETS or (
                 self.dataset == "synthetic" and tuple(self.synthetic_shape) == (3, 32, 32))
             if not image_ok:
                 bad(f"model {self.model} needs 3x32x32 images but dataset {self.dataset} "
                     f"has shape {self._input_shape_text()}: use {self.model} with cifar10, cifar100 "
-                    f"or synthetic --synthetic-shape 3x32x32, or mlp_si with any dataset")
-        if self.norm not in NORMS:
-            bad(f"unknown --norm {self.norm!r}: choose batch (BatchNorm) or layer (LayerNorm, mlp_si only)")
+                    f"or synthetic --synthetic-shape 3x32x32, or mlp_si with any dataset", "model")
         if self.norm == "layer" and self.model != "mlp_si":
-            bad(f"--norm layer is an mlp_si option: {self.model} normalises with BatchNorm; drop --norm")
-        if not 0 <= self.data_seed <= MAX_SEED:
-            bad(f"--data-seed must be a whole number from 0 to 2**63-1, got {self.data_seed}")
-        if self.width is not None and self.width < 1:
-            bad(f"--width must be a positive integer, got {self.width}")
-        if self.depth < 1:
-            bad(f"--depth must be at least 1, got {self.depth}")
-        if self.depth > MAX_DEPTH:
-            bad(f"--depth must be at most {MAX_DEPTH:,} (MAX_DEPTH), got {self.depth}")
-        if not 0 <= self.seed <= MAX_SEED:
-            bad(f"--seed must be a whole number from 0 to 2**63-1 (a signed 64-bit integer), got {self.seed}")
-        for tag in self.tags:
-            if not isinstance(tag, str) or not tag.strip():
-                bad(f"--tags got an empty tag {tag!r}: tags are words like baseline")
-        if not (math.isfinite(self.init_scale) and self.init_scale > 0):
-            bad(f"--init-scale must be a positive finite number, got {self.init_scale}")
+            bad(f"--norm layer is an mlp_si option: {self.model} normalises with BatchNorm; drop --norm", "norm")
         if self.mode == "sphere":
             if self.lr is not None:
-                bad("--lr is for --mode lrwd; on the sphere set the effective learning rate with --elr")
+                bad("--lr is for --mode lrwd; on the sphere set the effective learning rate with --elr", "lr")
             if self.wd != 0:
                 bad(f"--wd {self.wd} is meaningless with --mode sphere (the norm is fixed): "
-                    "drop --wd or use --mode lrwd")
-        else:
-            if self.elr is not None:
-                bad("--elr is for --mode sphere; under --mode lrwd set --lr and --wd (the ELR is measured)")
-        rate_flag = "--elr" if self.mode == "sphere" else "--lr"
-        rate = self.base_rate
-        if not (math.isfinite(rate) and rate > 0):
-            bad(f"{rate_flag} must be a positive finite number, got {rate}")
-        if not (math.isfinite(self.wd) and self.wd >= 0):
-            bad(f"--wd must be a non-negative finite number, got {self.wd}")
-        if not (math.isfinite(self.momentum) and 0 <= self.momentum < 1):
-            bad(f"--momentum must be in [0, 1), got {self.momentum}")
-        if self.epochs < 1:
-            bad(f"--epochs must be at least 1, got {self.epochs}")
-        if self.epochs > MAX_EPOCHS:
-            bad(f"--epochs must be at most {MAX_EPOCHS:,} (MAX_EPOCHS), got {self.epochs}")
+                    "drop --wd or use --mode lrwd", "wd")
+        elif self.elr is not None:
+            bad("--elr is for --mode sphere; under --mode lrwd set --lr and --wd (the ELR is measured)", "elr")
         if self.batch < self.min_batch:
             bad(f"--batch-size must be at least {self.min_batch} for {self.model} (its BatchNorm normalises "
-                f"by the variance over the batch, which one sample does not have), got {self.batch}")
-        for flag, value, unit in (("--sharpness-every", self.sharpness_every, "steps"),
-                                  ("--checkpoint-every", self.checkpoint_every, "epochs"),
-                                  ("--keep-every", self.keep_every, "epochs"),
-                                  ("--keep-last", self.keep_last, "epochs"),
-                                  ("--trace-samples", self.trace_samples, "Hutchinson vectors")):
-            if value < 0:
-                bad(f"{flag} must be 0 (off) or a positive number of {unit}, got {value}")
-        if self.trace_samples > MAX_TRACE_SAMPLES:
-            bad(f"--trace-samples must be at most {MAX_TRACE_SAMPLES:,} vectors (MAX_TRACE_SAMPLES), "
-                f"got {self.trace_samples}")
-        if self.log_every < 1:
-            bad(f"--log-every must be at least 1 step, got {self.log_every}")
-        if self.eval_every is not None and self.eval_every < 1:
-            bad(f"--eval-every must be at least 1 step, got {self.eval_every}")
+                f"by the variance over the batch, which one sample does not have), got {self.batch}", "batch_size")
         if self.probe_size < self.min_batch:
-            bad(f"--probe-size must be at least {self.min_batch} samples for {self.model}, got {self.probe_size}")
-        if not 2 <= self.lanczos_iters <= MAX_LANCZOS_ITERS:
-            bad(f"--lanczos-iters must be from 2 to {MAX_LANCZOS_ITERS} (MAX_LANCZOS_ITERS), got {self.lanczos_iters}")
-        if not (math.isfinite(self.lanczos_tol) and 0 < self.lanczos_tol < 1):
-            bad(f"--lanczos-tol must be a relative residual between 0 and 1, got {self.lanczos_tol}")
+            bad(f"--probe-size must be at least {self.min_batch} samples for {self.model}, got {self.probe_size}",
+                "probe_size")
         if self.dataset == "synthetic":
-            if not 2 <= self.synthetic_samples <= MAX_SYNTHETIC_SAMPLES:
-                bad(f"--synthetic-samples must be from 2 to {MAX_SYNTHETIC_SAMPLES:,} (MAX_SYNTHETIC_SAMPLES), "
-                    f"got {self.synthetic_samples}")
-            if not 2 <= self.synthetic_classes <= self.synthetic_samples:
+            if self.synthetic_classes > self.synthetic_samples:
                 bad(f"--synthetic-classes must be from 2 to --synthetic-samples ({self.synthetic_samples}: "
-                    f"every class needs a sample), got {self.synthetic_classes}")
+                    f"every class needs a sample), got {self.synthetic_classes}", "synthetic_classes")
             shape = tuple(self.synthetic_shape)
-            if not 1 <= len(shape) <= MAX_SYNTHETIC_DIMS or any(d < 1 for d in shape):
-                bad(f"--synthetic-shape must be 1 to {MAX_SYNTHETIC_DIMS} positive sizes like 64 or 3x32x32, "
-                    f"got {'x'.join(map(str, shape))}")
             if self.synthetic_samples * math.prod(shape) > MAX_DATA_VALUES:
                 bad(f"{self.synthetic_samples:,} synthetic samples of shape {'x'.join(map(str, shape))} are "
                     f"{self.synthetic_samples * math.prod(shape):,} values, more than {MAX_DATA_VALUES:,} "
-                    "(MAX_DATA_VALUES, 8 GiB of float32): use fewer or smaller samples")
+                    "(MAX_DATA_VALUES, 8 GiB of float32): use fewer --synthetic-samples or a smaller --synthetic-shape",
+                    "synthetic_samples")
         if self.parameter_count > MAX_PARAMETERS:
             bad(f"{self.model} with width {self.model_width}"
                 f"{f', depth {self.depth}' if self.model == 'mlp_si' else ''} on {self.dataset} has "
                 f"{self.parameter_count:,} weights, more than {MAX_PARAMETERS:,} (MAX_PARAMETERS): use a smaller "
-                "--width" + (" or --depth" if self.model == "mlp_si" else ""))
+                "--width" + (" or --depth" if self.model == "mlp_si" else ""), "width")
         if self.train_size is not None:
             self.check_against_data(self.train_size)
         if self.dataset in IMAGE_DATASETS and not self.data_dir:
             bad(f"dataset {self.dataset} is read from a local folder: pass --data-dir DIR holding "
                 f"{'cifar-10-batches-py/' if self.dataset == 'cifar10' else 'cifar-100-python/'} "
-                "(python-pickle layout); nothing is downloaded")
-        return self
+                "(python-pickle layout); nothing is downloaded", "data_dir")
 
     def check_against_data(self, train_size: int) -> None:
-        """The checks that need the number of training samples: validate() makes them where that is
+        """The checks that need the number of training samples: made on creation where that is
         known from the config, load_dataset() for a CIFAR folder once read. ConfigError if a training
         batch or a probe chunk could not be trained (see BN_MIN_BATCH) or the run could not finish."""
         batch = self.batch
         if batch > train_size:
             raise ConfigError(f"--batch-size {batch} is larger than the {train_size} training samples of "
-                              f"{self.dataset}: use at most {train_size}")
+                              f"{self.dataset}: use at most {train_size}", "batch_size")
         probe = min(self.probe_size, train_size)
         if self.min_batch > 1 and probe % batch == 1:
             raise ConfigError(
                 f"--probe-size {self.probe_size} with --batch-size {batch} leaves a probe chunk of 1 sample (the "
                 f"{probe}-sample probe is evaluated in batch-sized chunks, and {self.model}'s BatchNorm needs at "
-                f"least {self.min_batch}): use --probe-size {probe - 1 if probe > 2 else 2} or another --batch-size")
+                f"least {self.min_batch}): use --probe-size {probe - 1 if probe > 2 else 2} or another --batch-size",
+                "probe_size")
         steps = self.epochs * (train_size // batch)
         if steps > MAX_STEPS:
             raise ConfigError(f"--epochs {self.epochs} of {train_size // batch:,} batches are {steps:,} steps, more "
-                              f"than {MAX_STEPS:,} (MAX_STEPS): use fewer --epochs or a larger --batch-size")
+                              f"than {MAX_STEPS:,} (MAX_STEPS): use fewer --epochs or a larger --batch-size", "epochs")
 
     def _input_shape_text(self) -> str:
         if self.dataset == "digits":
@@ -335,12 +460,18 @@ class RunConfig:
         return cls(**d)
 
     def replace(self, **changes) -> "RunConfig":
+        """A copy with these changes, checked like any new RunConfig (ConfigError)."""
         return dataclasses.replace(self, **changes)
+
+
+OPTIONS: tuple[Option, ...] = tuple(dataclasses.replace(f.metadata["option"], name=f.name)
+                                    for f in dataclasses.fields(RunConfig))
+OPTION: dict[str, Option] = {o.name: o for o in OPTIONS}
 
 
 # ---- grids --------------------------------------------------------------------------------
 
-SWEEPABLE = ("elr", "lr", "wd", "momentum", "seed", "width", "batch_size")
+SWEEPABLE = tuple(o.name for o in OPTIONS if o.sweep)
 
 
 def parse_values(text: str, kind=float) -> list:
@@ -370,7 +501,7 @@ def parse_values(text: str, kind=float) -> list:
 
 
 def expand_grid(base: RunConfig, swept: dict[str, list]) -> list[RunConfig]:
-    """Cartesian product of the swept values over base; every member is validated."""
+    """Cartesian product of the swept values over base; every member is checked (ConfigError)."""
     keys = [k for k in swept if len(swept[k]) > 0]
     for k in keys:
         if k not in SWEEPABLE:
@@ -378,8 +509,7 @@ def expand_grid(base: RunConfig, swept: dict[str, list]) -> list[RunConfig]:
     check_grid_size(math.prod(len(swept[k]) for k in keys), " x ".join(f"{len(swept[k])} {k}" for k in keys))
     configs = []
     for combo in itertools.product(*(swept[k] for k in keys)):
-        cfg = base.replace(**dict(zip(keys, combo)))
-        configs.append(cfg.validate())
+        configs.append(base.replace(**dict(zip(keys, combo))))
     return configs
 
 
@@ -388,10 +518,6 @@ def check_grid_size(runs: int, shape: str = "") -> None:
     if runs > MAX_GRID_RUNS:
         raise ConfigError(f"the grid has {runs:,} runs{f' ({shape})' if shape else ''}, more than {MAX_GRID_RUNS:,} "
                           "(MAX_GRID_RUNS): sweep fewer values, or split it into several sweeps")
-
-
-_SWEPT_TYPES = {"elr": float, "lr": float, "wd": float, "momentum": float, "seed": int, "width": int,
-                "batch_size": int}
 
 
 def configs_from_flags(flags: dict, *, single: bool) -> tuple[list[RunConfig], dict]:
@@ -404,20 +530,57 @@ def configs_from_flags(flags: dict, *, single: bool) -> tuple[list[RunConfig], d
         if raw is None:
             continue
         raw = raw if isinstance(raw, list) else [raw]
-        values = [v for text in raw for v in parse_values(str(text), _SWEPT_TYPES[key])]
+        values = [v for text in raw for v in parse_values(str(text), OPTION[key].kind)]
         if len(values) == 1:
             fixed[key] = values[0]
         elif single:
             raise ConfigError(f"--{key.replace('_', '-')} got {len(values)} values: `train` runs one "
-                              "configuration; use `sweep` or `submit` for a grid")
+                              "configuration; use `sweep` or `submit` for a grid", key)
         else:
             swept[key] = values
-    given = {f.name: flags[f.name] for f in dataclasses.fields(RunConfig) if f.name in flags and f.name not in SWEEPABLE}
-    given["synthetic_shape"] = tuple(given.get("synthetic_shape", RunConfig.synthetic_shape))
+    given = {o.name: flags[o.name] for o in OPTIONS if o.name in flags and o.name not in SWEEPABLE}
+    given["synthetic_shape"] = tuple(given.get("synthetic_shape", OPTION["synthetic_shape"].default))
     given["tags"] = tuple(given.get("tags") or ())
-    base = RunConfig(**given, **fixed)
-    configs = expand_grid(base, swept) if swept else [base.validate()]
+    # the base takes each swept option's first value: its default might not fit the others
+    base = RunConfig(**given, **fixed, **{k: v[0] for k, v in swept.items()})
+    configs = expand_grid(base, swept) if swept else [base]
     if swept and base.name:
         configs = [c.replace(name=f"{base.name} {' '.join(f'{k}={getattr(c, k):g}' for k in swept)}")
                    for c in configs]
     return configs, swept
+
+
+# ---- README's option table ------------------------------------------------------------------------
+
+def markdown_table() -> str:
+    """README's table of the run options (tests/test_config.py checks README holds exactly this)."""
+    rows = ["| flag | form field | default | values | applies to | what |", "|---|---|---|---|---|---|"]
+    for o in OPTIONS:
+        flag = f"`{o.flag}`" + (" …" if o.sweep else "")
+        applies = o.when_text()
+        rows.append(f"| {flag} | {o.label} | {o.default_text()} | {o.bounds_text()} | "
+                    f"{f'`{applies}`' if applies else 'all runs'} | {o.help.replace('|', '/')} |")
+    return "\n".join(rows) + "\n"
+
+
+README_START = "<!-- run options: generated by `python -m engine.config --markdown` -->\n"
+README_END = "<!-- end of run options -->"
+
+
+def update_readme(path) -> None:
+    """Write the generated table into README between its two markers."""
+    from pathlib import Path
+    text = Path(path).read_text()
+    head, rest = text.split(README_START)
+    Path(path).write_text(head + README_START + markdown_table() + README_END + rest.split(README_END, 1)[1])
+
+
+if __name__ == "__main__":
+    import sys
+    if sys.argv[1:] == ["--markdown"]:
+        sys.stdout.write(markdown_table())
+    elif sys.argv[1:2] == ["--update-readme"] and len(sys.argv) == 3:
+        update_readme(sys.argv[2])
+    else:
+        sys.exit("usage: python -m engine.config --markdown (prints README's table of run options) | "
+                 "--update-readme README.md (writes it there)")

@@ -19,7 +19,7 @@ from .runner import HEARTBEAT_EVERY_S, load_checkpoint
 from .solutions import Evaluator, average, checkpoint_weights, geometry
 
 
-def checkpoint_path(store: Store, run_id: int, epoch: int) -> str:
+def checkpoint_key(store: Store, run_id: int, epoch: int) -> str:
     kept = {c.epoch: c for c in store.checkpoints(run_id)}
     if epoch not in kept:
         raise ConfigError(f"run {run_id} has no kept checkpoint at epoch {epoch} (kept: "
@@ -29,13 +29,13 @@ def checkpoint_path(store: Store, run_id: int, epoch: int) -> str:
 
 def load_kept(store: Store, evaluator: Evaluator, run_id: int, epoch: int) -> torch.Tensor:
     """The SI weights of a run's kept checkpoint; a file that cannot be read is a ConfigError naming it."""
-    path = checkpoint_path(store, run_id, epoch)
+    key = checkpoint_key(store, run_id, epoch)
     what = f"run {run_id}'s kept checkpoint at epoch {epoch}"
-    state = load_checkpoint(path, evaluator.device, what)
+    state = load_checkpoint(store, key, evaluator.device, what)
     try:
         return checkpoint_weights(state, evaluator.layer_names)
     except (KeyError, TypeError, AttributeError, RuntimeError) as exc:
-        raise ConfigError(f"{what} {path} is not a checkpoint of this run's model "
+        raise ConfigError(f"{what} {store.artifacts.describe(key)} is not a checkpoint of this run's model "
                           f"({type(exc).__name__}: {exc})") from None
 
 
@@ -111,6 +111,8 @@ def execute_job(store: Store, job_id: int, claim: str, device: str | None = None
         return _end(store, job_id, claim, str(exc))
     except RunNotFound:                # its run was deleted while it computed: the job went with it
         return _end(store, job_id, claim, "its run was deleted")
+    except StoreError as exc:          # a kept checkpoint missing from the artifact root, the root unreachable
+        return _end(store, job_id, claim, str(exc))
     except Exception as exc:           # a bug or an OOM fails the job, never the worker
         return _end(store, job_id, claim, f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
     finally:

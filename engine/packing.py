@@ -36,11 +36,13 @@ def packing_enabled(cfg: RunConfig, worker_device: str = "auto") -> bool:
         return False
     if env == "force":
         return True
+    if cfg.model in CPU_PACK_MODELS:
+        return True                     # on any device: no need to ask torch (a worker stays torch-free)
     device = cfg.device if worker_device in (None, "auto") else worker_device
     if device == "auto":
         import torch
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    return device == "cuda" or cfg.model in CPU_PACK_MODELS
+    return device == "cuda"
 
 
 def max_pack_size() -> int:
@@ -88,7 +90,7 @@ def claim_pack(store, claimer: str, *, run_ids=None, worker_device: str = "auto"
     if first is None:
         return []
     try:
-        cfg = RunConfig.from_dict(first.config).validate()
+        cfg = RunConfig.from_dict(first.config)
     except (ConfigError, TypeError):
         return [first]                  # trained alone: its process reports the bad config as the run's error
     if not packing_enabled(cfg, worker_device):

@@ -11,18 +11,18 @@ from .config import RunConfig, expand_grid
 class Preset:
     name: str
     description: str
-    base: RunConfig
+    base: dict                                 # RunConfig's fields (the CIFAR preset's lack its folder)
     swept: dict = field(default_factory=dict)
     expected_regimes: tuple[str, ...] = ()     # in the order of the grid, for the verifying test
     needs_data_dir: bool = False
 
     def configs(self, **overrides) -> list[RunConfig]:
-        base = self.base.replace(**overrides)
-        return expand_grid(base, self.swept) if self.swept else [base.validate()]
+        # the base takes each swept value's first value, as `sweep` does
+        base = RunConfig(**{**self.base, **overrides, **{k: v[0] for k, v in self.swept.items()}})
+        return expand_grid(base, self.swept) if self.swept else [base]
 
 
-DIGITS_SPHERE = RunConfig(model="mlp_si", dataset="digits", mode="sphere", epochs=30, log_every=10,
-                          tags=("preset",))
+DIGITS_SPHERE = dict(model="mlp_si", dataset="digits", mode="sphere", epochs=30, log_every=10, tags=("preset",))
 
 PRESETS = {p.name: p for p in (
     Preset("Three regimes on digits",
@@ -39,18 +39,18 @@ PRESETS = {p.name: p for p in (
            "until training destabilises, the loss spikes, the norm jumps back and the effective LR drops — and "
            "again, about every 350 steps, the spacing varying from cycle to cycle. Reads `periodic` for every seed. "
            "About 5 s on one CPU core.",
-           RunConfig(model="mlp_si", dataset="digits", mode="lrwd", lr=0.05, wd=0.03, batch_size=128,
-                     epochs=300, log_every=5, tags=("preset",))),
+           dict(model="mlp_si", dataset="digits", mode="lrwd", lr=0.05, wd=0.03, batch_size=128,
+                epochs=300, log_every=5, tags=("preset",))),
     Preset("Sharpness vs 2/ELR",
            "Sharpness (top Hessian eigenvalue at unit norm) measured during training at three ELRs, against "
            "the 2/ELR stability line: the two small ELRs train well below their line, the largest one (a "
            "chaotic equilibrium) is pushed up to it and hovers around it.",
-           DIGITS_SPHERE.replace(sharpness_every=22, probe_size=256), {"elr": [1e-3, 3e-3, 1e-2]}),
+           {**DIGITS_SPHERE, "sharpness_every": 22, "probe_size": 256}, {"elr": [1e-3, 3e-3, 1e-2]}),
     Preset("ConvNet on CIFAR-10",
            "ConvNetSI-32 on CIFAR-10 on the sphere at ELR 1e-3 (chaotic equilibrium in the papers). Needs the "
            "CIFAR-10 python files in a local folder; hours on a CPU, minutes per epoch on a GPU.",
-           RunConfig(model="convnet_si", dataset="cifar10", mode="sphere", elr=1e-3, epochs=200, log_every=50,
-                     sharpness_every=390, tags=("preset",)), needs_data_dir=True),
+           dict(model="convnet_si", dataset="cifar10", mode="sphere", elr=1e-3, epochs=200, log_every=50,
+                sharpness_every=390, tags=("preset",)), needs_data_dir=True),
 )}
 
 
@@ -118,6 +118,6 @@ STUDY_PRESETS = {p.name: p for p in (
                 TICKS_DESCRIPTION, TICKS_STUDY, (1e-3, 3.16e-3, 5.62e-3, 1e-2, 3.16e-2, 0.1), 312, (1e-4, 1e-3), 156, 5,
                 (0, 1, 2, 3, 4), data_seeds=(0, 1)),
     StudyPreset("Where do large learning rates lead us? (digits)",
-                DIGITS_DESCRIPTION, DIGITS_SPHERE.replace(tags=("preset", "study"), eval_every=40),
+                DIGITS_DESCRIPTION, RunConfig(**{**DIGITS_SPHERE, "tags": ("preset", "study"), "eval_every": 40}),
                 _log_grid(1e-3, 0.1, 5), 40, (1e-4,), 20, 5, (0, 1, 2, 3, 4)),
 )}

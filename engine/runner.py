@@ -7,16 +7,14 @@ trace), resume from the last checkpoint with the trace truncated to it, status a
 """
 from __future__ import annotations
 
-import os
-import shutil
 import threading
 import time
 import traceback
-from pathlib import Path
 
 import torch
 
-from storage import HEARTBEAT_EVERY_S, ClaimLost, RunNotFound, Store, StoreError, write_atomically
+from storage import HEARTBEAT_EVERY_S, ClaimLost, RunNotFound, Store, StoreError
+from storage.artifacts import ArtifactMissing
 from storage.timings import seconds
 
 from . import shutdown
@@ -32,7 +30,7 @@ ANALYSIS_SHARE_S = 0.5    # in a large pack each member's analysis comes round e
 # file per member per epoch cost more than the training (measured 3x on a 27-run ticks pack). A kill
 # then costs at most this much recomputation; kept checkpoints (forks, averages) are always written.
 CHECKPOINT_MIN_S = 5.0
-EX_TEMPFAIL = 75          # a run process's exit code when the store stayed locked and its runs' end went unrecorded
+EX_TEMPFAIL = shutdown.EX_TEMPFAIL
 
 
 class StoreRecorder:
@@ -223,7 +221,7 @@ class DiskFull(StoreError):
     there is space), never `failed` (execute treats it as the store errors it is kin to)."""
 
 
-def _disk_full(exc: BaseException, folder: Path) -> bool:
+def _disk_full(exc: BaseException) -> bool:
     """Whether a failed checkpoint write ran out of space. torch.save reports a short write as a
     RuntimeError ('unexpected pos N vs M', 'file write failed'), not as the OSError it was."""
     import errno
@@ -238,20 +236,20 @@ def _disk_full(exc: BaseException, folder: Path) -> bool:
 
 def save_checkpoint(store: Store, member: Member, keep: bool = False) -> None:
     """The run's resume checkpoint, and with keep a kept one for forks and averages (a hard link to the
-    same bytes). Metrics are flushed first, so a checkpoint never points past the stored trace; files
-    appear whole or not at all (written aside, then renamed), and carry the claim in their names, so a
-    process that lost its run never overwrites its successor's files (the store's writes are fenced)."""
+    same bytes, or a server-side copy), written as artifacts (storage.artifacts) by key. Metrics are
+    flushed first, so a checkpoint never points past the stored trace; files appear whole or not at all,
+    and carry the claim in their keys, so a process that lost its run never overwrites its successor's
+    files (the store's writes are fenced)."""
     member.recorder.flush()
-    folder = store.checkpoint_dir
-    folder.mkdir(parents=True, exist_ok=True)
-    tag = f"run-{member.run_id}-{(member.claim or 'here')[:12]}"
-    path = folder / f"{tag}.pt"
+    artifacts = store.artifacts
+    tag = (member.claim or "here")[:12]
+    key = f"runs/{member.run_id}/resume-{tag}.pt"
     previous = store.get_run(member.run_id).checkpoint_path
     full = False
     try:
-        write_atomically(path, lambda tmp: torch.save(member.state_dict(), tmp), what="the checkpoint")
+        artifacts.write(key, lambda target: torch.save(member.state_dict(), target), what="the checkpoint")
     except (StoreError, RuntimeError, OSError) as exc:
-        if not _disk_full(exc, folder):
+        if not _disk_full(exc):
             raise
         # torch's writer, still open in the traceback's frames, holds the unlinked partial file's space:
         # free it, so that the store (often on the same disk) can still record the run's end
@@ -260,22 +258,16 @@ def save_checkpoint(store: Store, member: Member, keep: bool = False) -> None:
     if full:
         import gc
         gc.collect()
-        raise DiskFull(f"disk full at {path}: free space and resume")
-    store.update_run(member.run_id, checkpoint_path=str(path), checkpoint_step=member.step)
-    if previous and previous != str(path):      # the file of an earlier claim of this run
-        Path(previous).unlink(missing_ok=True)
+        raise DiskFull(f"disk full at {artifacts.path(key) if artifacts.local else artifacts.describe(key)}: "
+                       "free space and resume")
+    store.update_run(member.run_id, checkpoint_path=key, checkpoint_step=member.step)
+    if previous and previous != key:      # the file of an earlier claim of this run
+        artifacts.delete(previous)
     if keep:
         epoch = member.step // member.steps_per_epoch
-        kept = folder / f"{tag}.e{epoch}.pt"
-
-        def link(tmp: Path) -> None:
-            try:
-                os.link(path, tmp)
-            except OSError:           # a file system without hard links
-                shutil.copyfile(path, tmp)
-
-        write_atomically(kept, link, what="the kept checkpoint")
-        store.record_checkpoint(member.run_id, epoch, member.step, str(kept), kept.stat().st_size)
+        kept = f"runs/{member.run_id}/epoch-{epoch}-{tag}.pt"
+        size = artifacts.link(key, kept, what="the kept checkpoint")
+        store.record_checkpoint(member.run_id, epoch, member.step, kept, size)
 
 
 def execute(store: Store, claims: dict[int, str], *, device: str | None = None, progress=None) -> dict[int, str]:
@@ -294,11 +286,24 @@ def execute(store: Store, claims: dict[int, str], *, device: str | None = None, 
         if device:
             cfgs = [c.replace(device=device) for c in cfgs]
         target = resolve_device(cfgs[0].device)
-        starts = [start_state(store, info, target) for info in infos]
+        starts = []
+        for info, cfg in list(zip(infos, cfgs)):
+            try:
+                starts.append(start_state(store, info, target))
+            except CheckpointMissing as exc:     # never a fresh start: the run waits for its file
+                statuses[info.id] = _wait_for_checkpoint(store, info.id, exc)
+                infos.remove(info)
+                cfgs.remove(cfg)
+        if not infos:
+            return statuses
         trainer = Trainer(cfgs, states=[s for s, _ in starts], forks=[f for _, f in starts], device=target)
     except ConfigError as exc:
         for info in infos:
             statuses[info.id] = _end_run(store, info.id, "failed", str(exc))
+        return statuses
+    except StoreError as exc:      # the artifact root unreachable (no root, no network): resumable later
+        for info in infos:
+            statuses[info.id] = _end_run(store, info.id, "interrupted", str(exc))
         return statuses
 
     poller = PackPoller(store)
@@ -362,48 +367,76 @@ def _end_run(store: Store, run_id: int, status: str, error: str | None = None, r
         return "unrecorded"
 
 
+def _wait_for_checkpoint(store: Store, run_id: int, missing: "CheckpointMissing") -> str:
+    """The run's recorded checkpoint is missing: it becomes interrupted, waiting for that key (no worker
+    claims it until `resume` finds it back), its error the one line naming the key and the root, its
+    stored trace untouched."""
+    try:
+        error = f"{missing}; then `python -m engine resume {run_id}`"
+        store.update_run(run_id, status="interrupted", error=error, waiting_for=missing.key)
+        return "interrupted"
+    except ClaimLost:
+        return "lost"
+    except StoreError:
+        return "unrecorded"
+
+
 def _drop_resume_checkpoint(store: Store, run_id: int) -> None:
     """A finished run never resumes: its resume checkpoint goes (200 tiny runs kept 24 MB of them). Its
     kept checkpoints (--keep-every, --keep-last: other files, hard links to the same bytes) stay for
     forks, averages and geometries. The row forgets the file first, so it never points at nothing."""
     try:
-        path = store.get_run(run_id).checkpoint_path
-        if path:
+        key = store.get_run(run_id).checkpoint_path
+        if key:
             store.update_run(run_id, checkpoint_path=None, checkpoint_step=None)
-            Path(path).unlink(missing_ok=True)
+            store.artifacts.delete(key)
     except (StoreError, OSError):
-        pass          # a lock past the store's patience, a vanished run: the file stays, harmless
+        pass          # a lock past the store's patience, a vanished run: the file stays (engine gc removes it)
+
+
+class CheckpointMissing(StoreError):
+    """A recorded checkpoint a run starts from is not under the artifact root: the run waits for it
+    (interrupted, RunInfo.waiting_for), it never starts afresh."""
+
+    def __init__(self, message: str, key: str):
+        super().__init__(message)
+        self.key = key
 
 
 def start_state(store: Store, info, device: torch.device) -> tuple[dict | None, bool]:
     """(checkpoint, is_fork) a stored run starts from: its own latest checkpoint (a resume), else, for a
-    fork, its parent's kept checkpoint at the fork epoch, else nothing (a fresh run). A file that cannot
-    be read (truncated, damaged, refused by the safe loader) is a ConfigError naming it."""
-    if info.checkpoint_path and Path(info.checkpoint_path).exists():
-        return _load(info.checkpoint_path, device, f"run {info.id}'s checkpoint"), False
+    fork, its parent's kept checkpoint at the fork epoch, else nothing (a fresh run: only a run with no
+    recorded checkpoint). A recorded checkpoint that is missing is CheckpointMissing (never a fresh
+    start); one that cannot be read (truncated, damaged, refused by the safe loader) is a ConfigError
+    naming it."""
+    if info.checkpoint_path:
+        return load_checkpoint(store, info.checkpoint_path, device, f"run {info.id}'s checkpoint"), False
     if info.parent_id is None:
         if info.fork_epoch is not None:      # a fork whose parent was deleted: never a fresh start
             raise ConfigError(f"run {info.id} branches from a run that was deleted, at epoch {info.fork_epoch}, "
                               "whose kept checkpoint is gone")
         return None, False
     kept = {c.epoch: c.path for c in store.checkpoints(info.parent_id)}
-    if info.fork_epoch not in kept or not Path(kept[info.fork_epoch]).exists():
+    if info.fork_epoch not in kept:
         raise ConfigError(f"run {info.id} branches from run {info.parent_id} at epoch {info.fork_epoch}, "
                           "whose kept checkpoint is gone")
-    return _load(kept[info.fork_epoch], device, f"run {info.parent_id}'s kept checkpoint"), True
+    return load_checkpoint(store, kept[info.fork_epoch], device, f"run {info.parent_id}'s kept checkpoint"), True
 
 
-def load_checkpoint(path: str, device: torch.device, what: str) -> dict:
-    """torch.load with the safe loader; a file that cannot be read (missing, truncated, damaged, a pickle
-    the safe loader refuses) is a ConfigError naming `what` and the file, in one line."""
+def load_checkpoint(store: Store, key: str, device: torch.device, what: str) -> dict:
+    """torch.load of an artifact with the safe loader. A missing one is CheckpointMissing (one line naming
+    the key and the root); one that cannot be read (truncated, damaged, a pickle the safe loader refuses)
+    is a ConfigError naming `what` and the key, in one line."""
+    artifacts = store.artifacts
     try:
-        return torch.load(path, map_location=device, weights_only=True)
+        source = artifacts.source(key, what)
+    except ArtifactMissing as exc:
+        raise CheckpointMissing(str(exc), key) from None
+    try:
+        return torch.load(source, map_location=device, weights_only=True)
     except Exception as exc:      # truncated, damaged, or a pickle the safe loader refuses
-        raise ConfigError(f"{what} {path} cannot be loaded ({type(exc).__name__}: {_load_reason(exc)}): "
-                          "it is damaged or not a spherelab checkpoint") from None
-
-
-_load = load_checkpoint
+        raise ConfigError(f"{what} {artifacts.describe(key)} cannot be loaded ({type(exc).__name__}: "
+                          f"{_load_reason(exc)}): it is damaged or not a spherelab checkpoint") from None
 
 
 def _load_reason(exc: Exception) -> str:

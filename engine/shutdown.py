@@ -6,7 +6,11 @@ ignored" and training simply goes on — a worker then waits on a child that nev
 """
 from __future__ import annotations
 
+import signal
+import sys
 import threading
+
+EX_TEMPFAIL = 75   # a run process's exit code when the store stayed locked and its runs' end went unrecorded
 
 _requested = threading.Event()
 
@@ -18,3 +22,20 @@ def request(*_signal_args) -> None:
 
 def requested() -> bool:
     return _requested.is_set()
+
+
+def stop_on_ctrl_c() -> None:
+    """For a command that trains here (train, sweep, study): the first Ctrl-C asks for the same orderly
+    stop as SIGTERM (the runs end `interrupted`, resumable, and the command exits at the next safe
+    point); a second one interrupts at once."""
+    def first(*_signal_args) -> None:
+        request()
+        sys.stderr.write("stopping at the next step, resumable (Ctrl-C again to stop at once)\n")
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGINT, first)
+
+
+def raise_if_requested() -> None:
+    """At a safe point (no store transaction open): end the command as Ctrl-C would."""
+    if requested():
+        raise KeyboardInterrupt

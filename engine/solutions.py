@@ -38,7 +38,7 @@ class Evaluator:
 
     def __init__(self, cfg: RunConfig, *, data: Dataset | None = None, device: torch.device | None = None,
                  group: int | None = None):
-        self.cfg = cfg.validate()
+        self.cfg = cfg
         self.device = device or resolve_device(cfg.device)
         self.data = data if data is not None else load_dataset(cfg, self.device)
         template = build_model(cfg, self.data.input_shape, self.data.num_classes).to(self.device)
@@ -48,10 +48,6 @@ class Evaluator:
         # members evaluated at once: 8 bounds memory for conv nets on a CPU; a small network (a ticks
         # mlp_si: 2k weights) takes a whole 21-point path in one group, half the CPU time of three
         self.group = group or (32 if self.device.type == "cuda" or cfg.parameter_count < 100_000 else 8)
-
-    def load(self, path: str) -> torch.Tensor:
-        state = torch.load(path, map_location=self.device, weights_only=True)
-        return checkpoint_weights(state, self.layer_names)
 
     def _train_batches(self):
         """The training set in order, in batches of the run's size (a last batch of one sample is left

@@ -25,6 +25,7 @@ import numpy as np
 
 from storage import TERMINAL_STATUSES, Store
 
+from . import registry
 from .config import ConfigError, RunConfig
 from .submission import check_data, default_sweep_name
 
@@ -121,10 +122,10 @@ def check_study(base: RunConfig, *, pretrain_elrs, pretrain_epochs, finetune_elr
     # split to select on
     base = base.replace(epochs=pretrain_epochs, keep_every=0, keep_last=average, name=None, validation=True,
                         data_seed=data_seeds[0])
-    configs = [base.replace(elr=elr, seed=seed, data_seed=ds).validate()
+    configs = [base.replace(elr=elr, seed=seed, data_seed=ds)
                for elr in pretrain_elrs for ds in data_seeds for seed in seeds]
     for flr in finetune_elrs:
-        base.replace(elr=flr, epochs=pretrain_epochs + finetune_epochs).validate()
+        base.replace(elr=flr, epochs=pretrain_epochs + finetune_epochs)
     check_data(configs[:1])
     spec = {"base": base.to_dict(), "pretrain_elrs": list(pretrain_elrs), "seeds": seeds, "data_seeds": data_seeds,
             "pretrain_epochs": pretrain_epochs, "finetune_elrs": list(finetune_elrs),
@@ -236,7 +237,7 @@ def _refine(store: Store, study_id: int, spec: dict, runs: dict, reserve_for: st
                 role = pretrain_role(elr, ds, seed)
                 if role in runs:
                     continue
-                cfg = base.replace(elr=elr, seed=seed, data_seed=ds).validate()
+                cfg = base.replace(elr=elr, seed=seed, data_seed=ds)
                 items.append({"config": cfg.to_dict(), "name": f"{cfg.display_name()} data={ds} (refined)",
                               "tags": list(cfg.tags), "reserved_for": reserve_for, "study_id": study_id,
                               "study_role": role})
@@ -272,7 +273,7 @@ def failures(store: Store, study_id: int) -> list[str]:
 def _fork(store: Store, study_id: int, pre, epoch: int, flr: float, spec: dict, role: str,
           reserve_for: str | None) -> None:
     cfg = RunConfig.from_dict(pre.config).replace(elr=flr, epochs=epoch + spec["finetune_epochs"], keep_last=1,
-                                                  name=None).validate()
+                                                  name=None)
     store.create_runs([{"config": cfg.to_dict(), "name": f"#{pre.id}@{epoch} FLR {flr:g}",
                         "tags": list(cfg.tags), "parent_id": pre.id, "fork_epoch": epoch,
                         "reserved_for": reserve_for, "study_id": study_id, "study_role": role}])
@@ -504,8 +505,7 @@ def _entry(store: Store, pre, elr: float, ds: int, seed: int, spec: dict, runs: 
     result = swa.result if swa is not None and swa.status == "finished" else None
     entry["average_test_acc"] = result["test_acc"] if result else None
     entry["average_val_acc"] = result.get("val_acc") if result else None
-    entry["average_feature_acc"] = ([result[f"feature_acc/{k}"] for k in range(16)]
-                                    if result and "feature_acc/0" in result else None)
+    entry["average_feature_acc"] = _feature_vector(result or {}, lambda key: result[key])
     held_out = "val_err" if spec["base"].get("validation") else "test_err"
     entry["geometry"] = [{"pair": list(j.spec.get("names", [])), "angle": j.result["angle"],
                           "barrier_test_err": j.result["barrier"]["test_err"],
@@ -518,13 +518,22 @@ def _entry(store: Store, pre, elr: float, ds: int, seed: int, spec: dict, runs: 
     return entry
 
 
+FEATURE_FAMILY = "feature_acc/<k>"
+
+
+def _feature_vector(values: dict, value) -> list[float] | None:
+    """The feature accuracies among `values` (a run's latest metrics, an average's result) in feature
+    order, value(key) each; as many as were measured (the dataset's feature count: 16 on ticks), None
+    when there are none (not ticks)."""
+    keys = registry.members(values, FEATURE_FAMILY)
+    return [value(key) for key in keys] or None
+
+
 def _features(store: Store, run) -> list[float] | None:
     if run is None or run.status != "finished":
         return None
     latest = store.latest_metrics(run.id)
-    if "feature_acc/0" not in latest:
-        return None
-    return [latest[f"feature_acc/{k}"][1] for k in range(16)]
+    return _feature_vector(latest, lambda key: latest[key][1])
 
 
 def _aggregate(elr: float, entries: list[dict], spec: dict, refined: bool = False) -> dict:

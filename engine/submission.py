@@ -23,7 +23,7 @@ def queue_runs(store: Store, configs: list[RunConfig], swept: dict | None = None
                sweep_name: str | None = None, *, reserve_for: str | None = None) -> list[int]:
     """Store the runs as queued (as one sweep when several values were swept); returns their ids.
     reserve_for: a claimer id (the CLI training them itself); no other claimer takes these runs."""
-    configs = [c.validate() for c in configs]
+    configs = list(configs)
     check_grid_size(len(configs))
     check_data(configs)
     items = [{"config": c.to_dict(), "name": c.display_name(), "tags": list(c.tags), "reserved_for": reserve_for}
@@ -92,7 +92,7 @@ def fork_config(store: Store, parent_id: int, *, at: int | None = None, changes:
             raise ConfigError(f"run {parent_id} ends at epoch {cfg.epochs}: give the fork's own --epochs N")
     if epochs < 1:
         raise ConfigError(f"--epochs must be at least 1 (the fork's own epochs after epoch {at}), got {epochs}")
-    return cfg.replace(**changes, epochs=at + epochs, name=None).validate(), at
+    return cfg.replace(**changes, epochs=at + epochs, name=None), at
 
 
 def queue_fork(store: Store, parent_id: int, *, at: int | None = None, changes: dict | None = None,

@@ -186,7 +186,6 @@ class Trainer:
         cfgs = [cfgs] if isinstance(cfgs, RunConfig) else list(cfgs)
         if not cfgs:
             raise ValueError("a pack needs at least one configuration")
-        cfgs = [c.validate() for c in cfgs]
         _check_packable(cfgs)
         if quantities is not QUANTITIES:
             check_quantities(quantities)
@@ -610,7 +609,7 @@ def train_traces(cfgs: list[RunConfig], *, device: str | None = None) -> list:
     from .analysis import memory_trace
     from .packing import pack_groups
     from .runtime import configure_process
-    cfgs = [c.validate() if device is None else c.replace(device=device).validate() for c in cfgs]
+    cfgs = [c if device is None else c.replace(device=device) for c in cfgs]
     traces: list = [None] * len(cfgs)
     for group in pack_groups(cfgs):
         recorders = [MemoryRecorder() for _ in group]

@@ -93,8 +93,7 @@ def _job_main(url: str, batch: dict[int, str], device: str, threads: int, parent
 
 def _exit_cause(code: int | None) -> tuple[str, str]:
     """(status, reason) for a run whose process exited without recording its end."""
-    from .runner import EX_TEMPFAIL
-    if code == EX_TEMPFAIL:
+    if code == shutdown.EX_TEMPFAIL:
         return "interrupted", "its process could not record its end: the store stayed locked past its patience"
     if code is not None and code < 0:
         name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else f"signal {-code}"

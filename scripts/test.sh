@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs everything the test suite needs on a fresh machine (skipping what is already there), then
-# runs it in two passes:
+# runs it in two passes at once:
 #   1. the whole suite, spread over the CPU cores (pytest-xdist, one worker per core, at most 2 here);
 #   2. the `science` tests again under ATEN_CPU_CAPABILITY=default: PyTorch's scalar kernels, which
 #      every CPU has and which round differently from the vectorised ones pass 1 used, so a test that
@@ -26,12 +26,22 @@ if ! python3 scripts/requirements_met.py requirements-test.txt; then
 fi
 
 workers=$(python3 -c "import os; print(max(1, min(2, len(os.sched_getaffinity(0)))))")
+# The two passes run at the same time: the first one's waits (on a worker, a browser, a heartbeat)
+# leave the cores idle often enough for the second one's training. The second pass has its own
+# temporary folder (its own trained runs: another kernel path) and prints when the first is done.
+pass2_dir=$(mktemp -d)
+echo "== pass 2 (in the background): the science tests on the scalar kernels (ATEN_CPU_CAPABILITY=default)"
+ATEN_CPU_CAPABILITY=default python3 -m pytest -m science --basetemp "$pass2_dir/tmp" -p no:cacheprovider "$@" \
+  > "$pass2_dir/log" 2>&1 &
+pass2=$!
 echo "== pass 1: the whole suite on $workers worker(s)"
 python3 -m pytest -n "$workers" --dist loadfile "$@"
 main=$?
-echo "== pass 2: the science tests on the scalar kernels (ATEN_CPU_CAPABILITY=default)"
-ATEN_CPU_CAPABILITY=default python3 -m pytest -n "$workers" --dist loadfile -m science "$@"
+wait "$pass2"
 science=$?
+echo "== pass 2: the science tests on the scalar kernels (ATEN_CPU_CAPABILITY=default)"
+cat "$pass2_dir/log"
+rm -rf "$pass2_dir"
 if [ "$science" = 5 ]; then
   echo "pass 2 selected no test: the science marker must select the seed-sensitive tests" >&2
 fi

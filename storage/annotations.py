@@ -67,7 +67,8 @@ class AnnotationsAPI:
                 raise StoreError(f"sweep {row.id} has runs being trained ({', '.join(map(str, live))}): "
                                  "stop them first, then delete the sweep")
             files = run_files(conn, [run.id for run in members])
+            artifacts = self.artifacts if files else None    # no root to remove them from: nothing deleted
             conn.execute(delete(runs).where(runs.c.sweep_id == row.id))
             conn.execute(delete(sweeps).where(sweeps.c.id == row.id))
-        remove_files(files)
+        remove_files(artifacts, files)
         return members

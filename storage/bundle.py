@@ -15,6 +15,7 @@ import io
 import json
 import math
 import re
+import shutil
 import time
 import zipfile
 import zlib
@@ -115,7 +116,7 @@ _RUN_FIELDS = {
 _CHECKPOINT_FIELDS = {
     "epoch": (lambda v: _count(v) and v >= 1, "a whole number from 1"),
     "step": (_count, _COUNT),
-    "bytes": (lambda v: _count(v) and v <= MAX_CHECKPOINT_BYTES, f"at most MAX_CHECKPOINT_BYTES"),
+    "bytes": (lambda v: _count(v) and v <= MAX_CHECKPOINT_BYTES, "at most MAX_CHECKPOINT_BYTES"),
 }
 _EVENT_FIELDS = {
     "step": (_count, _COUNT),
@@ -166,24 +167,28 @@ class BundleAPI:
                 entry["checkpoints"] = []
                 for kept in self.checkpoints(row.id):
                     member = f"checkpoints/{row.uid}/e{kept.epoch}.pt"
-                    if not Path(kept.path).is_file():
-                        raise StoreError(f"run {row.id}'s kept checkpoint {kept.path} is missing: bundle without "
+                    if not self.artifacts.exists(kept.path):
+                        raise StoreError(f"run {row.id}'s kept checkpoint {kept.path} is missing from the artifact "
+                                         f"root {self.artifacts.root}: put it back, or bundle without "
                                          "--with-checkpoints")
                     files[member] = kept.path
                     entry["checkpoints"].append({"epoch": kept.epoch, "step": kept.step,
-                                                 "bytes": Path(kept.path).stat().st_size})
+                                                 "bytes": self.artifacts.size(kept.path)})
         manifest = {"format": FORMAT, "version": FORMAT_VERSION, "sweep": sweep, "runs": entries}
-        write_bundle(path, manifest, _metrics_table(metric_rows, uid_of), files)
+        write_bundle(path, manifest, _metrics_table(metric_rows, uid_of), files,
+                     self.artifacts if files else None)
 
     def import_bundle(self, path, *, check_config=None, checkpoint_limit=None, check_checkpoint=None) -> list[int]:
         """Add a bundle's runs under new ids (uids kept) in one transaction; returns the new ids.
         Imported runs are data (see the module docstring): never claimable, and a status that had not
-        ended becomes `interrupted`. Checkpoint fields are cleared (checkpoints do not travel).
+        ended becomes `interrupted`. Resume checkpoint fields are cleared (a run's resume point does not
+        travel); kept checkpoints the bundle carries are written into this store's artifact root.
         check_config(config): raises (with a one-line message) for a run config `train` would refuse;
         the engine passes its own validation (this package never imports the engine).
         checkpoint_limit(config): the most bytes a checkpoint of that config's model can take; a bundled
-        checkpoint declared larger is refused before anything is copied. check_checkpoint(config, path):
-        raises for a copied checkpoint that is not of that config's model (another architecture)."""
+        checkpoint declared larger is refused before anything is copied. check_checkpoint(config, source):
+        raises for a copied checkpoint (source: its local path or its bytes in a buffer) that is not of
+        that config's model (another architecture)."""
         manifest, parquet = read_bundle(path)
         for index, entry in enumerate(manifest["runs"]):
             if check_config is not None:
@@ -200,15 +205,17 @@ class BundleAPI:
                         f"run #{index} has a checkpoint of {item['bytes']:,} bytes, more than its model can take "
                         f"({limit:,})"))
         now = time.time()
-        written: list[Path] = []
+        written: list[str] = []
+        artifacts = self.artifacts if any(e.get("checkpoints") for e in manifest["runs"]) else None
         try:
-            return self._import(path, manifest, parquet, now, written, check_checkpoint)
+            return self._import(path, manifest, parquet, now, written, check_checkpoint, artifacts)
         except BaseException:
-            for file in written:      # nothing half-imported: the transaction rolled back, files go too
-                file.unlink(missing_ok=True)
+            for key in written:      # nothing half-imported: the transaction rolled back, files go too
+                artifacts.delete(key)
             raise
 
-    def _import(self, path, manifest: dict, parquet, now: float, written: list[Path], check_checkpoint=None) -> list[int]:
+    def _import(self, path, manifest: dict, parquet, now: float, written: list[str], check_checkpoint=None,
+                artifacts=None) -> list[int]:
         with self._write() as conn:
             for entry in manifest["runs"]:
                 existing = conn.execute(select(runs.c.id).where(runs.c.uid == entry["uid"])).scalar()
@@ -236,58 +243,60 @@ class BundleAPI:
             except IntegrityError:
                 raise _not_a_bundle(path, ValueError(f"{METRICS_NAME} has a (run, key, step) twice")) from None
             for entry in manifest["runs"]:
-                _import_checkpoints(conn, path, entry, new_ids[entry["uid"]], self.checkpoint_dir, written, now,
+                _import_checkpoints(conn, path, entry, new_ids[entry["uid"]], artifacts, written, now,
                                     check_checkpoint)
         return list(new_ids.values())
 
 
-def write_bundle(path, manifest: dict, table: pa.Table, files: dict[str, str] | None = None) -> None:
-    """Write the bundle file (with `files`: zip member name -> file to store); it appears complete or
-    not at all (write_atomically)."""
+def write_bundle(path, manifest: dict, table: pa.Table, files: dict[str, str] | None = None, artifacts=None) -> None:
+    """Write the bundle file (with `files`: zip member name -> artifact key to store, read from
+    `artifacts`); it appears complete or not at all (write_atomically)."""
     def write(temporary: Path) -> None:
         parquet = io.BytesIO()
         pq.write_table(table, parquet)
         with zipfile.ZipFile(temporary, "x", allowZip64=True) as archive:
             archive.writestr(MANIFEST_NAME, json.dumps(manifest, indent=1), compress_type=zipfile.ZIP_DEFLATED)
             archive.writestr(METRICS_NAME, parquet.getvalue())  # parquet is compressed already
-            for member, source in (files or {}).items():
-                archive.write(source, member)                    # torch files are zip archives already
+            for member, key in (files or {}).items():          # torch files are zip archives already
+                source = artifacts.source(key, "a kept checkpoint")
+                if isinstance(source, str):
+                    archive.write(source, member)
+                else:
+                    with archive.open(member, "w", force_zip64=True) as sink:
+                        shutil.copyfileobj(source, sink, 1 << 20)
 
     write_atomically(path, write, what="the bundle", fix="choose a writable --out path")
 
 
-def _import_checkpoints(conn, path, entry: dict, run_id: int, folder: Path, written: list[Path], now: float,
+def _import_checkpoints(conn, path, entry: dict, run_id: int, artifacts, written: list[str], now: float,
                         check=None) -> None:
-    """Copy the entry's kept checkpoints out of the bundle (streamed, each within its declared size) and
-    record them for the new run."""
+    """Copy the entry's kept checkpoints out of the bundle into the artifact store (streamed, each within
+    its declared size) and record their keys for the new run."""
     kept = entry.get("checkpoints") or []
     if not kept:
         return
-    folder.mkdir(parents=True, exist_ok=True)
     with zipfile.ZipFile(path) as archive:
         for item in kept:
-            target = folder / f"run-{run_id}-imported.e{item['epoch']}.pt"
+            key = f"runs/{run_id}/epoch-{item['epoch']}-imported.pt"
             info = archive.getinfo(f"checkpoints/{entry['uid']}/e{item['epoch']}.pt")
             if info.file_size != item["bytes"]:
                 raise _not_a_bundle(path, ValueError(f"a checkpoint of run {entry['uid']} is not the size its "
                                                      "manifest says"))
-            written.append(target)
-            with archive.open(info) as source, open(target, "wb") as sink:
-                copied = 0
-                while chunk := source.read(1 << 20):
-                    copied += len(chunk)
-                    if copied > item["bytes"]:
-                        raise _not_a_bundle(path, ValueError("a checkpoint is larger than its manifest says"))
-                    sink.write(chunk)
+            written.append(key)
+            with archive.open(info) as source:
+                try:
+                    artifacts.put(key, source, limit=item["bytes"], what="a checkpoint")
+                except ValueError as exc:
+                    raise _not_a_bundle(path, exc) from None
             if check is not None:
                 try:
-                    check(entry["config"], str(target))
+                    check(entry["config"], artifacts.source(key, "the imported checkpoint"))
                 except Exception as exc:
                     reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
                     raise _not_a_bundle(path, ValueError(f"the checkpoint of epoch {item['epoch']} of run "
                                                          f"{entry['uid']} does not fit its config: {reason}")) from None
             conn.execute(insert(checkpoints).values(run_id=run_id, epoch=item["epoch"], step=item["step"],
-                                                    path=str(target), bytes=item["bytes"], created_at=now))
+                                                    path=key, bytes=item["bytes"], created_at=now))
 
 
 def read_bundle(path) -> tuple[dict, pq.ParquetFile]:

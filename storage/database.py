@@ -57,11 +57,15 @@ class Database:
     """Connection handling shared by every part of the Store.
 
     busy_timeout_s and lock_wait_s default to BUSY_TIMEOUT_MS and LOCK_WAIT_S (tests lower them).
+    artifacts: the root of its checkpoint files (storage.artifacts.root_for: else $SPHERELAB_ARTIFACTS,
+    else beside an SQLite file).
     """
 
     def __init__(self, url: str | None = None, *, busy_timeout_s: float | None = None,
-                 lock_wait_s: float | None = None):
+                 lock_wait_s: float | None = None, artifacts: str | None = None):
         self.url = resolve_db_url(url)
+        self._artifact_root = artifacts    # storage.artifacts: the root given, else the environment's or default
+        self._artifacts = None
         self._where = display_url(self.url)
         self.lock_wait_s = LOCK_WAIT_S if lock_wait_s is None else float(lock_wait_s)
         busy_ms = BUSY_TIMEOUT_MS if busy_timeout_s is None else int(busy_timeout_s * 1000)

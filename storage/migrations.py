@@ -10,7 +10,8 @@ written by version N-1 (tests/test_hardening.py keeps version 1 as the SQL SQLit
 History: 1 the first schema; 2 runs.imported_at and runs.claim (imported runs are inert, claims are fenced);
 3 runs.parent_id and runs.fork_epoch, the checkpoints and jobs tables (forks, kept checkpoints, analysis jobs);
 4 the studies table, runs' and jobs' study_id and study_role (learning-rate studies);
-5 jobs.started_at and jobs.attempts (a job whose process dies is retried a bounded number of times).
+5 jobs.started_at and jobs.attempts (a job whose process dies is retried a bounded number of times);
+6 checkpoints recorded as artifact keys, not host paths (storage.artifacts), and runs.waiting_for.
 """
 
 from collections.abc import Callable
@@ -95,7 +96,32 @@ def _to_v5(conn: Connection) -> None:
     conn.execute(text("ALTER TABLE jobs ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0"))
 
 
-MIGRATIONS: dict[int, Callable[[Connection], None]] = {2: _to_v2, 3: _to_v3, 4: _to_v4, 5: _to_v5}
+def legacy_key(path: str) -> str:
+    """The artifact key of a checkpoint an older spherelab recorded by its absolute path. Every such file
+    was written flat into the store's one checkpoint folder (<db>.checkpoints beside an SQLite file,
+    ~/.spherelab/checkpoints for PostgreSQL), which is the artifact root now: its key is its name."""
+    return path.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+
+
+def _to_v6(conn: Connection) -> None:
+    """Checkpoints are artifacts recorded by key under the store's artifact root, so a store moved,
+    restored elsewhere or shared between machines still finds them; runs.waiting_for marks an
+    interrupted run whose recorded checkpoint is missing (no worker takes it until it is back)."""
+    conn.execute(text("ALTER TABLE runs ADD COLUMN waiting_for TEXT"))
+    for table, column, key_columns in (("runs", "checkpoint_path", ("id",)),
+                                       ("checkpoints", "path", ("run_id", "epoch"))):
+        names = ", ".join(key_columns)
+        rows = conn.execute(text(f"SELECT {names}, {column} FROM {table} WHERE {column} IS NOT NULL")).all()
+        for row in rows:
+            old = row[-1]
+            new = legacy_key(old)
+            if new != old:
+                where = " AND ".join(f"{name} = :{name}" for name in key_columns)
+                conn.execute(text(f"UPDATE {table} SET {column} = :value WHERE {where}"),
+                             {"value": new, **dict(zip(key_columns, row[:-1]))})
+
+
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {2: _to_v2, 3: _to_v3, 4: _to_v4, 5: _to_v5, 6: _to_v6}
 
 # Any constant: serialises schema creation between PostgreSQL clients opening a fresh database together.
 _PG_LOCK_KEY = 0x5350484C

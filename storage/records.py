@@ -25,7 +25,7 @@ class RunInfo:
     worker_id: str | None
     step: int
     total_steps: int | None
-    checkpoint_path: str | None
+    checkpoint_path: str | None        # the artifact key of its resume checkpoint (storage.artifacts)
     checkpoint_step: int | None
     imported_at: float | None = None   # set for runs imported from a bundle: data, never claimable
     claim: str | None = None           # token of the latest claim (see Store.hold)
@@ -33,6 +33,7 @@ class RunInfo:
     fork_epoch: int | None = None     # and the epoch of the kept checkpoint it started at
     study_id: int | None = None       # the learning-rate study it belongs to
     study_role: str | None = None     # and its role there (engine.study)
+    waiting_for: str | None = None    # interrupted: the missing checkpoint it waits for (Store.resume_run)
 
     @property
     def progress(self) -> float:
@@ -56,7 +57,7 @@ class RunInfo:
                    total_steps=m["total_steps"], checkpoint_path=m["checkpoint_path"],
                    checkpoint_step=m["checkpoint_step"], imported_at=m["imported_at"], claim=m["claim"],
                    parent_id=m["parent_id"], fork_epoch=m["fork_epoch"], study_id=m["study_id"],
-                   study_role=m["study_role"])
+                   study_role=m["study_role"], waiting_for=m["waiting_for"])
 
 
 @dataclass

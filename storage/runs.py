@@ -3,11 +3,11 @@
 import json
 import time
 import uuid
-from pathlib import Path
 
 from sqlalchemy import delete, func, insert, or_, select, update
 
 from .database import as_id
+from .artifacts import check_key
 from .errors import StoreError
 from .jsontext import to_json
 from .records import RunInfo, SweepInfo
@@ -26,7 +26,7 @@ MIN_STALE_AFTER_S = 3 * HEARTBEAT_EVERY_S
 RUN_FIELDS = ("config", "name", "tags", "sweep_id", "status", "total_steps", "parent_id", "fork_epoch", "reserved_for",
               "study_id", "study_role")
 UPDATABLE_FIELDS = ("status", "regime", "device", "error", "step", "total_steps", "started_at", "finished_at",
-                    "checkpoint_path", "checkpoint_step", "worker_id", "heartbeat_at", "name")
+                    "checkpoint_path", "checkpoint_step", "worker_id", "heartbeat_at", "name", "waiting_for")
 
 
 def new_uid() -> str:
@@ -165,6 +165,9 @@ class RunsAPI:
                              f"allowed are {', '.join(UPDATABLE_FIELDS)}")
         if "status" in fields:
             check_status(fields["status"])
+        for field in ("checkpoint_path", "waiting_for"):     # artifact keys, never a machine's paths
+            if fields.get(field) is not None:
+                check_key(fields[field])
         with self._write() as conn:
             row = self._run_for_write(conn, run_id)
             values = dict(fields)
@@ -220,7 +223,8 @@ class RunsAPI:
         return self._claim(worker_id, "interrupted", run_ids)
 
     def _claim(self, worker_id: str, from_status: str, run_ids) -> RunInfo | None:
-        candidates = select(runs.c.id).where(runs.c.status == from_status, runs.c.imported_at.is_(None))
+        candidates = select(runs.c.id).where(runs.c.status == from_status, runs.c.imported_at.is_(None),
+                                             runs.c.waiting_for.is_(None))   # its checkpoint is missing: resume_run
         if from_status == "queued":   # a queued run reserved for a claimer (a CLI's own runs) is its alone
             candidates = candidates.where(or_(runs.c.worker_id.is_(None), runs.c.worker_id == worker_id))
         if run_ids is not None:
@@ -244,6 +248,28 @@ class RunsAPI:
             if won:
                 self.hold(run_id, token)
                 return RunInfo.from_row(row)
+
+    def resume_run(self, run_id) -> RunInfo:
+        """Let workers take up again an interrupted run that waits for its missing checkpoint (RunInfo.
+        waiting_for), or a failed run that has a checkpoint (one that was damaged and has been replaced):
+        the artifact is looked for first, and while it is still missing nothing changes (ArtifactMissing,
+        one line naming the key and the root). Returns the run as it is now."""
+        with self._read() as conn:
+            row = self._require_run(conn, run_id)
+        needs = row.waiting_for or row.checkpoint_path
+        if row.imported_at is not None:
+            raise StoreError(f"run {row.id} was imported from a bundle: it cannot resume here (fork it instead)")
+        if row.status not in ("interrupted", "failed") or (row.status == "failed" and not needs):
+            raise StoreError(f"run {row.id} is {row.status}: only an interrupted run, or a failed one with a "
+                             "checkpoint, can be resumed")
+        if needs and not self.artifacts.exists(needs):
+            raise self.artifacts.missing(needs, f"run {row.id}'s checkpoint")
+        with self._write() as conn:
+            conn.execute(update(runs).where(runs.c.id == row.id, runs.c.status == row.status)
+                         .values(status="interrupted", waiting_for=None, error=None, finished_at=None))
+            if row.status != "interrupted":
+                self._status_event(conn, row.id, row.step, "interrupted")
+            return RunInfo.from_row(self._require_run(conn, row.id))
 
     def cancel_reserved(self, worker_id: str, reason: str) -> list[int]:
         """Queued runs reserved for worker_id that it never claimed (its process is ending) become
@@ -328,8 +354,9 @@ class RunsAPI:
             for child in children:
                 self._cancel_row(conn, child)
             files = run_files(conn, [row.id])
+            artifacts = self.artifacts if files else None    # no root to remove them from: nothing deleted
             conn.execute(delete(runs).where(runs.c.id == row.id))
-        remove_files(files)
+        remove_files(artifacts, files)
 
     def add_tags(self, run_id, tags: list[str]) -> None:
         new = clean_tags(tags)
@@ -372,16 +399,20 @@ def _unfinished_children(run_id: int):
 
 
 def run_files(conn, run_ids: list[int]) -> list[str]:
-    """The checkpoint files of runs (latest and kept), read before the runs' rows go."""
+    """The artifact keys of runs' checkpoints (latest and kept), read before the runs' rows go."""
     latest = conn.execute(select(runs.c.checkpoint_path).where(runs.c.id.in_(run_ids))).scalars()
     kept = conn.execute(select(checkpoints.c.path).where(checkpoints.c.run_id.in_(run_ids))).scalars()
     return [path for path in (*latest, *kept) if path]
 
 
-def remove_files(paths: list[str]) -> None:
-    """After the rows are gone (a failed delete leaves the files a run still points at)."""
-    for path in paths:
-        Path(path).unlink(missing_ok=True)
+def remove_files(artifacts, keys: list[str]) -> None:
+    """After the rows are gone (a failed delete leaves the files a run still points at); a file that
+    cannot be removed now is left for `engine gc`."""
+    for key in keys:
+        try:
+            artifacts.delete(key)
+        except StoreError:
+            pass
 
 
 def _new_run_row(item: dict, now: float) -> dict:

@@ -77,6 +77,10 @@ runs = Table(
     # version 4: the study a run belongs to and its role there (unique in the study: engine.study)
     Column("study_id", Integer, ForeignKey("studies.id", ondelete="SET NULL")),
     Column("study_role", String(128)),
+    # version 6: checkpoint_path and checkpoints.path hold artifact keys (storage.artifacts), no host paths;
+    # an interrupted run whose recorded checkpoint is missing names it here, and no claim takes it
+    # until `resume` finds it back
+    Column("waiting_for", Text),
     UniqueConstraint("study_id", "study_role", name="uq_runs_study_role"),
     Index("ix_runs_status", "status"),
     Index("ix_runs_sweep", "sweep_id"),

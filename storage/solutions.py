@@ -1,27 +1,26 @@
 """Kept checkpoints of runs (--keep-every) and the analysis jobs computed on them (SWA averages, the
 geometry between two solutions). The engine writes checkpoint files and job results; the dashboard
-queues jobs and reads results. Checkpoint files live beside an SQLite database (so a copied folder
-keeps them), else under ~/.spherelab/checkpoints.
+queues jobs and reads results. Checkpoint files are artifacts (storage.artifacts): the rows record
+their keys under the store's artifact root, never a machine's paths.
 
 A job is claimed atomically (a conditional UPDATE) with a fresh claim token; its process heartbeats
 while it computes and writes its result once, complete, under that token. A job whose heartbeat went
 stale (a killed worker) is queued again, never left half-written.
 """
 
-import os
 import time
 import uuid
-from pathlib import Path
 
 from sqlalchemy import insert, or_, select, update
 
+from .artifacts import GC_GRACE_S, HOW_TO_SET, Artifacts, check_key, root_for
 from .errors import ClaimLost, StoreError
 from .jsontext import to_json
 from .records import CheckpointInfo, JobInfo, StudyInfo
 from .runs import _new_run_row, _study_duplicate, new_uid
+from .timings import seconds
 from .schema import JOB_KINDS, checkpoints, jobs, runs, studies, sweeps, workers
 from .upsert import upsert
-from .urls import sqlite_file
 
 # A job whose process dies while computing it (killed, out of memory) is computed again this many times,
 # then fails with the cause; the jobs of the same process that were waiting their turn are not charged.
@@ -29,26 +28,53 @@ MAX_JOB_RETRIES = 2
 
 
 class SolutionsAPI:
-    # ---- kept checkpoints
+    # ---- artifacts and kept checkpoints
     @property
-    def checkpoint_dir(self) -> Path:
-        db = sqlite_file(self.url)
-        if db is not None:
-            return db.parent / (db.name + ".checkpoints")
-        return Path(os.path.expanduser("~/.spherelab/checkpoints"))
+    def artifacts(self) -> Artifacts:
+        """The store's artifact store (storage.artifacts); StoreError (how to set one) where it has none."""
+        if self._artifacts is None:
+            root = root_for(self.url, self._artifact_root)
+            if root is None:
+                raise StoreError(f"{self._where} has no artifact root for its checkpoints: {HOW_TO_SET}")
+            self._artifacts = Artifacts(root)
+        return self._artifacts
 
-    def record_checkpoint(self, run_id, epoch: int, step: int, path: str, size: int) -> None:
-        """Record a kept checkpoint file (fenced like every write for a held run). A file it replaces
-        (the same epoch kept again after a resume) is removed."""
+    def record_checkpoint(self, run_id, epoch: int, step: int, key: str, size: int) -> None:
+        """Record a kept checkpoint (its artifact key; fenced like every write for a held run). An
+        artifact it replaces (the same epoch kept again after a resume) is removed."""
+        check_key(key)
         with self._write() as conn:
             run = self._run_for_write(conn, run_id)
             before = conn.execute(select(checkpoints.c.path).where(checkpoints.c.run_id == run.id,
                                                                     checkpoints.c.epoch == int(epoch))).scalar()
-            upsert(conn, checkpoints, [dict(run_id=run.id, epoch=int(epoch), step=int(step), path=str(path),
+            upsert(conn, checkpoints, [dict(run_id=run.id, epoch=int(epoch), step=int(step), path=key,
                                             bytes=int(size), created_at=time.time())],
                    key=("run_id", "epoch"), replace=("step", "path", "bytes", "created_at"))
-        if before and before != str(path):
-            Path(before).unlink(missing_ok=True)
+        if before and before != key:
+            self.artifacts.delete(before)
+
+    def collect_garbage(self, *, delete: bool = False, grace_s: float | None = None) -> list[tuple[str, int]]:
+        """Artifacts under the root that no run references (its resume checkpoint or a kept one), older
+        than grace_s (default GC_GRACE_S, $SPHERELAB_GC_GRACE_S): (key, bytes) pairs, removed with
+        delete. The root should be this store's alone."""
+        if grace_s is None:
+            grace_s = seconds("SPHERELAB_GC_GRACE_S", GC_GRACE_S)
+        artifacts = self.artifacts
+        found = artifacts.keys()
+        with self._read() as conn:
+            used = set(conn.execute(select(runs.c.checkpoint_path).where(runs.c.checkpoint_path.is_not(None)))
+                       .scalars())
+            used |= set(conn.execute(select(runs.c.waiting_for).where(runs.c.waiting_for.is_not(None))).scalars())
+            used |= set(conn.execute(select(checkpoints.c.path)).scalars())
+        cutoff = time.time() - grace_s
+        garbage = []
+        for key, (modified, size) in sorted(found.items()):
+            if key in used or modified > cutoff:
+                continue
+            garbage.append((key, size))
+            if delete:
+                artifacts.remove_path(key)
+        return garbage
 
     def checkpoints(self, run_id) -> list[CheckpointInfo]:
         """A run's kept checkpoints, oldest first."""

@@ -1,15 +1,18 @@
 """Shared fixtures: a throwaway PostgreSQL server (initdb + pg_ctl in a temp dir, on a free port), a
-new SQLite store, an empty store's path, and a small study trained once for the whole session.
+new SQLite store, an empty store's path, a small study trained once for the whole session, and
+in-memory training whose traces are shared by every test that trains the same configurations.
 
 The test process trains on one torch thread: the models under test are tiny, and on a 2-core
 machine shared with worker subprocesses extra threads only spin.
 
 Under pytest-xdist (scripts/test.sh) each worker process has its own session: its own PostgreSQL
-server on its own free port, its own tmp_path. What is trained once for everybody (small_study) is
-trained by the first worker that asks, under a file lock, in the run's shared temporary folder.
+server on its own free port, its own tmp_path. What is trained once for everybody (small_study,
+`trained`) is trained by the first worker that asks, under a file lock, in the run's shared temporary folder.
 """
 
 import glob
+import hashlib
+import json
 import os
 import shutil
 import socket
@@ -17,6 +20,7 @@ import subprocess
 import tempfile
 import uuid
 
+import pandas as pd
 import pytest
 import torch
 from filelock import FileLock
@@ -25,6 +29,19 @@ from storage import Store
 from tests.processes import engine
 
 torch.set_num_threads(1)
+
+
+# Under pytest-xdist's --dist loadfile (scripts/test.sh) a file is one unit of work, handed out in
+# collection order: the longest files go first, so that no long file starts last and runs alone while
+# the other worker idles (longest-processing-time-first). Measured CPU seconds per file, largest first.
+LONGEST_FIRST = ("test_hardening_worker.py", "test_browser.py", "test_presets.py", "test_worker.py",
+                 "test_solutions.py", "test_regimes.py", "test_packed.py", "test_study.py", "test_hardening.py",
+                 "test_cli.py", "test_dashboard_teach.py", "test_dashboard.py", "test_calibrate.py", "test_trainer.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))     # stable: each file keeps its order
 
 
 def _postgres_bindir() -> str | None:
@@ -140,3 +157,35 @@ def small_study(tmp_path_factory):
     with open(done) as mark:
         return db, int(mark.read())
 
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """engine.trainer.train_traces, shared by the whole test run: a preset's test and its Teach demo's
+    check different promises of the same runs, and train them once. Keyed by the configurations in
+    their order, so runs pack exactly as in an uncached call; the kernel path is the run's own."""
+    from engine.trainer import train_traces
+    root = os.path.join(_shared_dir(tmp_path_factory), "traces")
+    os.makedirs(root, exist_ok=True)
+
+    def train(cfgs) -> list[pd.DataFrame]:
+        key = hashlib.sha256(json.dumps([c.to_dict() for c in cfgs], sort_keys=True).encode()).hexdigest()[:24]
+        path = os.path.join(root, f"{key}.pkl")
+        with FileLock(f"{path}.lock"):
+            if not os.path.exists(path):
+                pd.to_pickle(train_traces(cfgs), f"{path}.part")
+                os.replace(f"{path}.part", path)
+        return pd.read_pickle(path)
+    return train
+
+
+@pytest.fixture(scope="session")
+def preset_traces(trained):
+    """(configs, traces) of a preset's runs for the given seeds, seed by seed, through `trained`: the
+    preset tests and the Teach demos' tests ask for the same seeds and share one training."""
+    from engine.presets import PRESETS
+
+    def traces(name: str, seeds) -> tuple[list, list[pd.DataFrame]]:
+        cfgs = [cfg.replace(seed=seed) for seed in seeds for cfg in PRESETS[name].configs()]
+        return cfgs, trained(cfgs)
+    return traces

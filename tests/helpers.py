@@ -1,8 +1,13 @@
-"""Helpers shared by the engine tests: a run alone, comparing traces, scripted controls."""
+"""Helpers shared by the engine tests: a run alone, comparing traces, scripted controls, traces
+written into a store."""
 import numpy as np
+import pandas as pd
 import torch
 
+from engine.analysis import analyze
+from engine.submission import queue_runs
 from engine.trainer import Member, Trainer
+from storage import Store
 
 
 def single(cfg, control=None) -> Member:
@@ -52,3 +57,19 @@ class Script:
                     continue
                 return action
         return None
+
+
+def store_traces(db, named_traces, swept=None, sweep_name=None) -> list[int]:
+    """Write in-memory traces ([(RunConfig, trace)]) into a store as finished runs labelled with their
+    regime, as a worker would have left them (queued as the dashboard queues them: one sweep when
+    `swept`); their ids."""
+    store = Store(db)
+    ids = queue_runs(store, [cfg for cfg, _ in named_traces], swept, sweep_name)
+    for run_id, (_, trace) in zip(ids, named_traces):
+        keys = [c for c in trace.columns if c not in ("step", "epoch", "wall_time")]
+        store.log_metrics(run_id, [(int(r["step"]), float(r["epoch"]), float(r["wall_time"]),
+                                    {k: float(r[k]) for k in keys if pd.notna(r[k])})
+                                   for r in trace.to_dict("records")])
+        store.update_run(run_id, status="finished", step=int(trace["step"].max()),
+                         regime=analyze(trace, 10)["regime"])
+    return ids

@@ -433,7 +433,7 @@ def test_teach_draws_the_demo_runs_on_the_same_page(runs_db, monkeypatch):
     at = open_app(runs_db, monkeypatch, "teach", topic="regimes", runs_regimes=",".join(map(str, sweep.run_ids)))
     overlay, regime_map = charts(at)
     assert all(f"#{i} " in overlay.proto.spec for i in sweep.run_ids)       # every run of the demo, labelled
-    assert "tail mean train_loss" in regime_map.proto.spec
+    assert "tail mean of the train loss" in regime_map.proto.spec
     assert len(regime_badges(at)) == len(sweep.run_ids)
     assert f"The demo's {len(sweep.run_ids)} run(s) have ended: {len(sweep.run_ids)} finished." in texts(at)
 

@@ -295,9 +295,11 @@ def test_solutions_page_shows_a_finished_geometry_from_the_store(family, monkeyp
     assert at.selectbox(key="job").value == job.id
     metrics = {m.label: m.value for m in at.metric}
     assert metrics["angle A–B (11.5°)"] == "0.2 rad"
-    assert metrics["test_loss barrier"] == "0.04" and metrics["train_loss barrier"] == "0"
+    # the same words as the chart's: the registry's labels
+    assert metrics["test loss barrier"] == "0.04" and metrics["train loss barrier"] == "0"
+    assert metrics["test error barrier"] == charts.barrier_text("test_err", job.result["barrier"]["test_err"])
     spec = page_charts(at)[0].proto.spec
-    assert "test_loss barrier 0.04" in spec and "no barrier: train_loss" in spec
+    assert "test loss barrier 0.04" in spec and "no barrier: train loss" in spec
 
 
 def test_solutions_page_queues_the_picked_pair_once_and_follows_it(family, monkeypatch):
@@ -400,17 +402,22 @@ def test_barrier_is_where_the_path_rises_furthest_above_the_straight_line():
 
 def test_geometry_chart_draws_the_straight_line_between_the_ends_and_marks_the_barrier():
     fig = charts.geometry(GEOMETRY, "#2 a at epoch 12", "#3 <b>x</b> at epoch 12")
-    for key in ("train_loss", "test_loss", "train_err", "test_err"):
-        [line] = [t for t in fig.data if t.name == f"{key} straight line"]
+    # legends and labels in the registry's words, the stored key in the hover
+    names = {"train_loss": "train loss", "test_loss": "test loss", "train_err": "train error", "test_err": "test error"}
+    for key, name in names.items():
+        [curve] = [t for t in fig.data if t.name == name]
+        assert f"{name} · {key} %{{y:" in curve.hovertemplate
+        [line] = [t for t in fig.data if t.name == f"{name} straight line"]
         assert list(line.x) == [0.0, 1.0] and list(line.y) == [GEOMETRY[key][0], GEOMETRY[key][-1]]
         assert line.line.dash == "dash"
     # test_loss rises above its line most at α = 0.5 (0.2 against 0.16): a bar there and an arrow
-    [bar] = [t for t in fig.data if t.name == "test_loss barrier"]
+    [bar] = [t for t in fig.data if t.name == "test loss barrier"]
     assert list(bar.x) == [0.5, 0.5] and list(bar.y) == pytest.approx([0.16, 0.2])
-    [arrow] = [a for a in fig.layout.annotations if a.text.startswith("test_loss barrier")]
-    assert (arrow.x, arrow.y, arrow.showarrow, arrow.text) == (0.5, 0.2, True, "test_loss barrier 0.04")
-    assert not [t for t in fig.data if t.name == "train_loss barrier"]     # convex: none, and the title says so
-    assert "no barrier: train_loss" in fig.layout.annotations[0].text
+    [arrow] = [a for a in fig.layout.annotations if a.text.startswith("test loss barrier")]
+    assert (arrow.x, arrow.y, arrow.showarrow, arrow.text) == (0.5, 0.2, True, "test loss barrier 0.04")
+    assert not [t for t in fig.data if t.name == "train loss barrier"]     # convex: none, and the title says so
+    assert "no barrier: train loss" in fig.layout.annotations[0].text
+    assert (fig.layout.yaxis.title.text, fig.layout.yaxis2.title.text) == ("loss (nats)", "error (%)")
     assert "&lt;b&gt;x&lt;/b&gt;" in fig.layout.title.text                # names stay plain text
 
 

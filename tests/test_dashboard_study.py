@@ -109,7 +109,12 @@ def test_accuracy_chart_of_a_study_with_nothing_finished():
 
 def test_geometry_chart_has_angle_and_both_barriers_per_pair_against_the_plr():
     fig = study_charts.geometry(REPORT)
-    assert [a.text for a in fig.layout.annotations][:3] == ["angle (rad)", "test_err barrier", "train_loss barrier"]
+    # the registry's labels and units: a barrier is in its quantity's unit, an error as a percentage
+    assert [a.text for a in fig.layout.annotations][:3] == ["angle (rad)", "test error barrier (%)",
+                                                            "train loss barrier (nats)"]
+    assert [fig.layout[f"yaxis{i or ''}"].title.text for i in ("", 2, 3)] == ["angle (rad)", "test error (%)",
+                                                                              "train loss (nats)"]
+    assert fig.layout.yaxis2.tickformat == ".1%" and fig.layout.yaxis3.tickformat is None
     pairs = [t for t in fig.data if t.mode == "lines+markers"]
     assert len(pairs) == 2 * 3 and {t.name for t in pairs} == {"finetune@0.0001 vs average",
                                                                "finetune@0.0001 vs finetune@0.001"}
@@ -129,6 +134,17 @@ def test_feature_heatmaps_one_per_model_with_features():
     assert maps[0].zmin == 0.5 and maps[0].zmax == max(0.75, seen) and all(t.zmax == maps[0].zmax for t in maps)
     # every panel's PLR axis is categorical: numeric-looking labels on a linear axis squashed the rows
     assert all(fig.layout[f"yaxis{i or ''}"].type == "category" for i in ("", 2, 3))
+    assert "feature accuracy · feature_acc/%{x}" in maps[0].hovertemplate
+
+
+def test_feature_heatmaps_take_the_feature_count_from_the_report():
+    """The count is what the runs logged (the length of the report's vectors), not a literal 16."""
+    six = copy.deepcopy(REPORT)
+    for row in six["rows"]:
+        row["feature_acc"] = {kind: v[:6] if v else v for kind, v in row["feature_acc"].items()}
+    assert study_charts.feature_count(six) == 6 and study_charts.feature_count(REPORT) == 16
+    maps = [t for t in study_charts.features(six).data if t.type == "heatmap"]
+    assert all(list(t.x) == list(range(6)) and {len(line) for line in t.z} == {6} for t in maps)
 
 
 def test_the_table_and_geometry_table_read_the_rows():
@@ -233,7 +249,7 @@ def test_study_page_shows_a_finished_study(finished_study, monkeypatch):
     if paired:
         assert "mean gain, bootstrap 95% interval" in drawn[1].proto.spec
     assert '"type":"log"' in accuracy.proto.spec.replace(" ", "") and "best model" in accuracy.proto.spec
-    assert "test_err barrier" in geometry.proto.spec and '"heatmap"' in features.proto.spec
+    assert "test error barrier" in geometry.proto.spec and '"heatmap"' in features.proto.spec
     assert "The best model comes from PLR" in shown(at) and "So far" not in shown(at)
     [progress] = at.get("progress")
     assert progress.value == 100 and progress.proto.text == "Finished: 18 of 18 runs ended, 24 of 24 averages and geometries done."

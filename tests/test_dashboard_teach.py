@@ -12,31 +12,17 @@ import pytest
 
 from dashboard import data
 from engine.analysis import ELR_DROP, NORM_JUMP, analyze
-from engine.config import RunConfig
 from engine.presets import PRESETS
 from storage import Store
+from tests.helpers import store_traces
 from tests.test_dashboard import open_app, regime_badges, texts
 
 SEEDS = (0, 1, 2)
+PERIODIC_SEEDS = range(5)
 
 
 def shown(at) -> str:
     return re.sub(r"\\(.)", r"\1", texts(at))
-
-
-def store_traces(db, named_traces: list[tuple[RunConfig, pd.DataFrame]]) -> list[int]:
-    """Write in-memory traces into a store as finished runs; their ids."""
-    store = Store(db)
-    ids = []
-    for cfg, trace in named_traces:
-        [run_id] = store.create_runs([{"config": cfg.to_dict(), "name": cfg.display_name()}])
-        keys = [c for c in trace.columns if c not in ("step", "epoch", "wall_time")]
-        store.log_metrics(run_id, [(int(r["step"]), float(r["epoch"]), float(r["wall_time"]),
-                                    {k: float(r[k]) for k in keys if pd.notna(r[k])})
-                                   for r in trace.to_dict("records")])
-        store.update_run(run_id, status="finished", step=int(trace["step"].max()))
-        ids.append(run_id)
-    return ids
 
 
 # ---- the readings, exactly, on synthetic traces ---------------------------------------------------------
@@ -73,14 +59,12 @@ def test_periodic_text_names_each_spikes_jump_and_drop_and_the_period_with_its_s
 
 # ---- the demos' own data ---------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def sharpness_demo(tmp_path_factory):
+def sharpness_demo(tmp_path_factory, preset_traces):
     """The sharpness demo's three runs for each seed, in a store: (db, {seed: [run ids by ELR]})."""
-    from engine.trainer import train_traces       # noqa: PLC0415 (torch only where a test trains)
-    preset = PRESETS["Sharpness vs 2/ELR"]
-    cfgs = [cfg.replace(seed=seed) for seed in SEEDS for cfg in preset.configs()]
+    cfgs, traces = preset_traces("Sharpness vs 2/ELR", SEEDS)
     db = tmp_path_factory.mktemp("teach") / "sharpness.db"
-    ids = store_traces(db, list(zip(cfgs, train_traces(cfgs))))
-    per = len(preset.swept["elr"])
+    ids = store_traces(db, list(zip(cfgs, traces)))
+    per = len(PRESETS["Sharpness vs 2/ELR"].swept["elr"])
     return db, {seed: ids[i * per:(i + 1) * per] for i, seed in enumerate(SEEDS)}
 
 
@@ -104,17 +88,16 @@ def test_sharpness_demo_small_elrs_stay_below_their_line_the_largest_hovers_arou
 
 
 @pytest.fixture(scope="module")
-def periodic_demo(tmp_path_factory):
-    """The periodic demo's run for each seed, in a store: (db, {seed: run id})."""
-    from engine.trainer import train_traces       # noqa: PLC0415
-    [base] = PRESETS["Periodic behaviour"].configs()
-    cfgs = [base.replace(seed=seed) for seed in SEEDS]
+def periodic_demo(tmp_path_factory, preset_traces):
+    """The periodic demo's run for each seed, in a store: (db, {seed: run id}); seeds 0-4, the runs the
+    preset's own test (test_regimes.py) reads."""
+    cfgs, traces = preset_traces("Periodic behaviour", PERIODIC_SEEDS)
     db = tmp_path_factory.mktemp("teach") / "periodic.db"
-    return db, dict(zip(SEEDS, store_traces(db, list(zip(cfgs, train_traces(cfgs))))))
+    return db, dict(zip(PERIODIC_SEEDS, store_traces(db, list(zip(cfgs, traces)))))
 
 
 @pytest.mark.science
-@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("seed", PERIODIC_SEEDS)
 def test_periodic_demo_reads_periodic_with_a_jump_and_a_drop_at_every_spike_and_a_spread_period(
         periodic_demo, monkeypatch, seed):
     """The step's text: the run reads `periodic`; each loss spike comes with a si_norm jump and an elr
@@ -145,15 +128,13 @@ def test_the_study_steps_protocol_text_ends_in_whole_sentences(tmp_path, monkeyp
 
 
 @pytest.mark.science
-def test_regimes_demo_reads_as_the_step_says_for_every_seed():
+def test_regimes_demo_reads_as_the_step_says_for_every_seed(preset_traces):
     """Step 3's reading guide, on the demo's own three runs for seeds 0-2: convergence — the loss and the
     effective gradient norm keep falling; chaotic equilibrium — the loss stops above zero, the effective
     gradient norm goes flat; divergence — the loss stays near its untrained level, the effective
     gradient norm the largest of the three."""
-    from engine.trainer import train_traces       # noqa: PLC0415
     preset = PRESETS["Three regimes on digits"]
-    cfgs = [cfg.replace(seed=seed) for seed in SEEDS for cfg in preset.configs()]
-    results = [analyze(trace, 10) for trace in train_traces(cfgs)]
+    results = [analyze(trace, 10) for trace in preset_traces("Three regimes on digits", SEEDS)[1]]
     for i, seed in enumerate(SEEDS):
         converge, chaotic, diverge = (r["evidence"] for r in results[3 * i:3 * i + 3])
         assert [r["regime"] for r in results[3 * i:3 * i + 3]] == list(preset.expected_regimes), seed

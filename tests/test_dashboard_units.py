@@ -123,7 +123,17 @@ def test_config_diff_keeps_only_keys_that_differ(store):
                              {"config": {"mode": "sphere", "elr": 0.1, "seed": 0}, "name": "b"}])
     diff = data.config_diff(store.list_runs(ids=ids))
     assert list(diff.index) == ["elr"]
-    assert set(diff.loc["elr"]) == {"0.01", "0.1"}
+    assert diff.loc["elr", "option"] == "ELR" and set(diff.loc["elr"].drop("option")) == {"0.01", "0.1"}
+
+
+def test_config_diff_counts_an_option_a_run_lacks_as_its_default_and_keeps_the_declared_order(store):
+    """A run stored before an option existed (no `norm`) is not different from one with its default."""
+    ids = store.create_runs([{"config": {"seed": 1, "mode": "sphere", "model": "mlp_si"}, "name": "old"},
+                             {"config": {"seed": 2, "mode": "lrwd", "model": "mlp_si", "norm": "batch",
+                                         "tags": [], "legacy": 1}, "name": "new"}])
+    diff = data.config_diff(store.list_runs(ids=ids))
+    assert list(diff.index) == ["mode", "seed", "legacy"]     # model, mode, … seed: RunConfig's order
+    assert list(diff["option"]) == ["Mode", "Seed", ""]
 
 
 def test_config_filter_parses_and_matches_numbers_by_value():
@@ -185,7 +195,7 @@ def test_selected_point_names_its_run():
 
 # ---- launch form ---------------------------------------------------------------------------------
 def test_launch_form_builds_a_log_sweep_over_seeds():
-    form = launch.LaunchForm(mode="lrwd", rate=0.1, wd=1e-3, sweep_rate=True, rate_start=1e-3, rate_stop=1e-1,
+    form = launch.LaunchForm(mode="lrwd", lr=0.1, wd=1e-3, sweep_rate=True, rate_start=1e-3, rate_stop=1e-1,
                              rate_points=3, seeds=2, epochs=1)
     configs, swept = launch.configs_of(form)
     assert swept == {"lr": [0.001, 0.01, 0.1], "seed": [0, 1]}
@@ -241,7 +251,13 @@ def test_overlay_draws_raw_faintly_behind_the_smoothed_curve_on_per_panel_log_ax
     faint = [t for t in fig.data if t.opacity == 0.25]
     assert len(faint) == 4 and len(fig.data) == 8
     assert fig.layout.yaxis.type == "log" and fig.layout.yaxis2.type == "linear"   # log only where asked
-    assert fig.layout.yaxis.title.text == "train_loss" and fig.layout.xaxis2.title.text == "epoch"
+    # axes in words with units (the registry's), accuracies as percentages; the stored key in the hover
+    assert fig.layout.yaxis.title.text == "train loss (nats)" and fig.layout.xaxis2.title.text == "epoch"
+    assert fig.layout.yaxis2.title.text == "test accuracy (%)" and fig.layout.yaxis2.tickformat == ".0%"
+    assert fig.layout.yaxis.tickformat is None                    # a log axis keeps its explicit tick texts
+    front = [t for t in fig.data if t.name == "#1 a"]
+    assert "train loss · train_loss %{y:.4g}" in front[0].hovertemplate
+    assert "test accuracy · test_acc %{y:.1%}" in front[1].hovertemplate
     assert {t.line.color for t in fig.data if t.name == "#1 a"} == {charts.run_color(1)}
 
 
@@ -259,7 +275,9 @@ def test_a_phase_diagram_marks_each_runs_start_and_bands_show_seed_spread():
     circles = [t for t in both.data if t.marker.symbol == "circle-open"]
     assert len(circles) == 2 and sum(t.text is not None for t in circles) == 1
     assert [t.fill for t in fig.data if t.fill] == ["tonexty"]      # the ±1 std band
-    assert fig.layout.xaxis.type == "log" and fig.layout.xaxis.title.text == "eff_grad_norm"
+    assert fig.layout.xaxis.type == "log" and fig.layout.xaxis.title.text == "effective gradient norm"
+    [curve] = [t for t in fig.data if t.mode == "lines+markers"]
+    assert "effective gradient norm · eff_grad_norm %{x:.4g}" in curve.hovertemplate
 
 
 def test_overlay_ends_each_curve_with_its_regime():
@@ -326,7 +344,12 @@ def test_regime_map_puts_the_rate_on_a_log_axis_with_boundary_intervals():
                             "test_acc": [0.9, 0.8, 0.1], "eff_grad_norm": [1.0, 1.2, 100.0]})
     boundaries = series.regime_boundaries(summary["rate"], summary["regime"])
     fig = charts.regime_map(series.per_rate(summary), summary, boundaries, "elr")
-    assert fig.layout.xaxis.type == "log" and fig.layout.xaxis3.title.text == "elr"
+    assert fig.layout.xaxis.type == "log" and fig.layout.xaxis3.title.text == "effective LR"
+    # one panel per registry.REGIME_MAP_KEYS, each on the registry's scale, titled in words with its unit
+    assert [fig.layout[f"yaxis{i or ''}"].title.text for i in ("", 2, 3)] == [
+        "train loss (nats)", "test accuracy (%)", "effective gradient norm"]
+    assert [fig.layout[f"yaxis{i or ''}"].type for i in ("", 2, 3)] == ["log", "linear", "log"]
+    assert "effective LR · elr %{x:.3g}" in fig.data[0].hovertemplate
     assert {shape.type for shape in fig.layout.shapes} == {"rect", "line"}
     assert [shape.x0 for shape in fig.layout.shapes if shape.type == "line"] == pytest.approx([1e-2] * 3)
     # the estimate is written once, legibly, at the top of the first panel (log axis: x is log10)
@@ -453,7 +476,7 @@ def test_figure_export_makes_real_files_in_every_offered_format():
 # ---- launch form, estimates, controls -------------------------------------------------------------
 def test_form_errors_name_the_forms_fields_not_cli_flags():
     for form in (launch.LaunchForm(model="convnet_si"), launch.LaunchForm(dataset="cifar10"),
-                 launch.LaunchForm(mode="lrwd", momentum=1.5), launch.LaunchForm(synthetic_shape="3x"),
+                 launch.LaunchForm(mode="lrwd", momentum=1.5), launch.LaunchForm(dataset="synthetic", synthetic_shape="3x"),
                  launch.LaunchForm(dataset="synthetic", synthetic_shape="3xA")):
         with pytest.raises(ConfigError) as caught:
             launch.configs_of(form)
@@ -462,7 +485,7 @@ def test_form_errors_name_the_forms_fields_not_cli_flags():
 
 
 def test_the_swept_rate_replaces_the_single_one_and_every_cli_option_reaches_the_config():
-    form = launch.LaunchForm(mode="lrwd", rate=-1.0, sweep_rate=True, rate_start=0.01, rate_stop=0.1, rate_points=2,
+    form = launch.LaunchForm(mode="lrwd", lr=-1.0, sweep_rate=True, rate_start=0.01, rate_stop=0.1, rate_points=2,
                              wd=1e-3, depth=2, batch_size=64, schedule="cosine", eval_every=20, probe_size=128,
                              trace_samples=2, sharpness_every=10, checkpoint_every=0, device="cpu")
     configs, swept = launch.configs_of(form)   # the hidden single LR (-1) plays no part

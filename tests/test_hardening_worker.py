@@ -79,7 +79,7 @@ def test_deleting_a_running_run_leaves_the_worker_training_the_queue(tmp_path):
     text = log.read()
     assert "Traceback" not in text, text[-3000:]
     assert [r.id for r in store.list_runs()] == [next_run]
-    assert not [p for p in os.listdir(store.checkpoint_dir) if p.startswith(f"run-{doomed}-")]
+    assert not [key for key in store.artifacts.keys() if key.startswith(f"runs/{doomed}/")]
 
 
 def test_a_run_process_that_lost_its_claim_stops_and_the_run_is_trained_once(tmp_path):
@@ -161,16 +161,18 @@ def test_a_damaged_or_refused_checkpoint_fails_its_run_naming_the_file(tmp_path,
     db = str(tmp_path / "damaged.db")
     store = Store(db)
     [run_id] = store.create_runs([{"config": RunConfig(epochs=2).to_dict(), "name": "damaged"}])
-    path = tmp_path / "run.pt"
+    key = f"runs/{run_id}/resume-damaged.pt"
+    path = Path(store.artifacts.path(key))
+    path.parent.mkdir(parents=True)
     write_damaged_checkpoint(path, content)
     info = store.claim_next_run("w")
-    store.update_run(run_id, checkpoint_path=str(path), checkpoint_step=44)
+    store.update_run(run_id, checkpoint_path=key, checkpoint_step=44)
     store.set_status(run_id, "interrupted")
     store.release(run_id)
     proc = start_worker(db, "--once")
     assert proc.wait(timeout=180) == 0
     failed = store.get_run(run_id)
-    assert failed.status == "failed" and failed.error.startswith(f"run {run_id}'s checkpoint {path} cannot be loaded")
+    assert failed.status == "failed" and failed.error.startswith(f"run {run_id}'s checkpoint {key} under {store.artifacts.root} cannot be loaded")
     assert "out of memory" not in failed.error and "\n" not in failed.error
     assert info.claim
 
@@ -465,8 +467,8 @@ def test_a_finished_run_drops_its_resume_checkpoint_and_keeps_its_kept_ones(tmp_
     for run_id in [*plain, kept]:
         run = store.get_run(run_id)
         assert run.status == "finished" and run.checkpoint_path is None and run.checkpoint_step is None
-    files = sorted(os.listdir(store.checkpoint_dir))
-    assert files == sorted(Path(c.path).name for c in store.checkpoints(kept)) and len(files) == 2, files
+    files = sorted(store.artifacts.keys())
+    assert files == sorted(c.path for c in store.checkpoints(kept)) and len(files) == 2, files
     child = engine("fork", str(kept), "--at", "1", "--epochs", "1", "--db", db)   # what kept ones are for
     assert child.returncode == 0 and store.get_run(int(child.stdout.split()[-1])).status == "finished"
 
@@ -478,14 +480,16 @@ def test_an_average_of_a_damaged_checkpoint_names_the_file_without_torchs_advice
     weights_only=False (which would run the file's code) and a traceback. Now: one line naming the file."""
     db = str(tmp_path / "bad.db")
     run_id = kept_run(db, epochs=2)
-    path = Path(Store(db).checkpoints(run_id)[0].path)
+    key = Store(db).checkpoints(run_id)[0].path
+    path = Path(Store(db).artifacts.path(key))
     path.unlink()
     write_damaged_checkpoint(path, content)
     out = engine("average", str(run_id), "--at", "1", "--db", db)
     assert out.returncode == 1
     job = Store(db).list_jobs(run_id=run_id)[0]
     assert job.status == "failed" and "\n" not in job.error, job.error
-    assert job.error.startswith(f"run {run_id}'s kept checkpoint at epoch 1 {path} cannot be loaded"), job.error
+    assert job.error.startswith(f"run {run_id}'s kept checkpoint at epoch 1 {key} under {Store(db).artifacts.root} "
+                                "cannot be loaded"), job.error
     assert "weights_only" not in job.error and "Re-running" not in job.error
 
 
@@ -560,7 +564,7 @@ def test_a_full_disk_at_a_checkpoint_ends_the_run_interrupted_not_failed(tmp_pat
     lines = out.stdout.splitlines()
     status, error, checkpoint = json.loads(lines[-1])
     assert (status, lines[-2]) == ("interrupted", "exit 0"), (lines, out.stderr[-3000:])
-    assert error.startswith(f"disk full at {folder}/s.db.checkpoints/run-1-") and \
+    assert error.startswith(f"disk full at {folder}/s.db.checkpoints/runs/1/resume-") and \
         error.endswith(".pt: free space and resume"), error
     assert checkpoint is None and "Traceback" not in out.stderr, out.stderr[-3000:]
 

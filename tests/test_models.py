@@ -152,13 +152,16 @@ def test_init_scale_sets_head_norm():
 
 @pytest.mark.parametrize("model_name", ["convnet_si", "resnet18_si"])
 def test_conv_net_on_non_image_data_names_the_working_pairs(model_name):
-    cfg = RunConfig(model=model_name, dataset="digits")
-    with pytest.raises(ConfigError) as err:
+    with pytest.raises(ConfigError) as err:      # such a config cannot be made
+        RunConfig(model=model_name, dataset="digits")
+    # and the model refuses inputs of another shape than the config's (data read from elsewhere)
+    cfg = RunConfig(model=model_name, dataset="synthetic", synthetic_shape=(3, 32, 32))
+    with pytest.raises(ConfigError) as built:
         build_model(cfg, (64,), 10)
-    message = str(err.value)
-    assert "\n" not in message and "3x32x32" in message
-    for pair_part in ("cifar10", "cifar100", "synthetic", "mlp_si"):
-        assert pair_part in message
+    for message in (str(err.value), str(built.value)):
+        assert "\n" not in message and "3x32x32" in message
+        for pair_part in ("cifar10", "cifar100", "synthetic", "mlp_si"):
+            assert pair_part in message
 
 
 @pytest.mark.parametrize("model", ["mlp_si", "convnet_si", "resnet18_si"])

@@ -69,13 +69,13 @@ def elr_drop_after(frame, step, epochs=5.0):
 
 @pytest.mark.science
 @pytest.mark.parametrize("seed", range(5))
-def test_periodic_preset_reads_periodic_for_every_seed(seed):
+def test_periodic_preset_reads_periodic_for_every_seed(preset_traces, seed):
     """What the preset's text promises, for seeds 0-4 (and on every CPU kernel path: CI runs this again
     with scalar kernels): `periodic`, a spike at least every ~450 steps (each seed's median spacing
     measured 240-430 steps over 10 seeds on the AVX-512, AVX2 and scalar paths), each spike with a norm
     jump and an ELR drop. The spacing varies from cycle to cycle (10-64 epochs measured), so it is not
     asserted."""
-    frame = run_memory(PRESETS["Periodic behaviour"].configs(seed=seed)[0])
+    frame = preset_traces("Periodic behaviour", range(5))[1][seed]      # the Teach demo's test reads them too
     result = analyze(frame, 10)
     spikes, period = result["spikes"], result["period"]
     assert result["regime"] == "periodic", result["evidence"]["reason"]

@@ -2,8 +2,6 @@
 and real runs."""
 import io
 import os
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -14,8 +12,8 @@ import torch.nn.functional as F
 from engine.config import RunConfig
 from engine.solutions import Evaluator, angle, average, barrier, checkpoint_weights, path
 from engine.trainer import Trainer
-from storage import MIN_STALE_AFTER_S, Store, StoreError
-from tests.helpers import assert_bitwise_rows, single
+from storage import HEARTBEAT_EVERY_S, MIN_STALE_AFTER_S, Store, StoreError
+from tests.helpers import assert_bitwise_rows
 from tests.processes import STALE_CHECK_S, engine as run_engine, start_worker, wait_for
 
 SMALL = dict(width=16, depth=2, epochs=6, log_every=5, device="cpu")
@@ -172,12 +170,13 @@ def test_kept_checkpoints_are_listed_and_go_with_delete(tmp_path):
     assert [c["epoch"] for c in listed] == [2, 4, 5]                  # every 2 epochs, and the last one
     assert [c["step"] for c in listed] == [88, 176, 220] and all(c["bytes"] > 1000 for c in listed)
     store = Store(db)
-    paths = [c.path for c in store.checkpoints(run)]
+    paths = [store.artifacts.path(c.path) for c in store.checkpoints(run)]
+    assert all(c.path.startswith(f"runs/{run}/epoch-") for c in store.checkpoints(run))    # keys, no host paths
     assert all(os.path.exists(p) for p in paths)
     assert store.get_run(run).checkpoint_path is None       # a finished run drops its resume checkpoint
     engine("delete", str(run), db=db)
     assert not any(os.path.exists(p) for p in paths)
-    assert os.listdir(store.checkpoint_dir) == []
+    assert store.artifacts.keys() == {}
 
 
 def test_a_failed_checkpoint_write_leaves_the_previous_files_and_records_nothing(tmp_path, monkeypatch):
@@ -192,7 +191,8 @@ def test_a_failed_checkpoint_write_leaves_the_previous_files_and_records_nothing
     for _ in range(m.steps_per_epoch):
         trainer.train_step()
     runner.save_checkpoint(store, m, keep=True)
-    before = {p: open(p, "rb").read() for p in [store.get_run(run).checkpoint_path, store.checkpoints(run)[0].path]}
+    before = {p: open(p, "rb").read() for p in [store.artifacts.path(store.get_run(run).checkpoint_path),
+                                                 store.artifacts.path(store.checkpoints(run)[0].path)]}
 
     def torn(obj, f):
         open(f, "wb").write(b"half a checkpoint")
@@ -294,14 +294,19 @@ def test_one_job_process_computes_a_batch_and_keeps_its_waiting_jobs_held(traine
     the ones waiting their turn heartbeat, so a stale check at the shortest --stale-after never takes
     them back. The test is that other worker: once the batch's process is up, it checks for stale jobs
     every STALE_CHECK_S until the batch is done, and at least one check comes while a job that waits
-    has been claimed for longer than the staleness floor (events, not a margin on the batch's time)."""
+    has been claimed for longer than the staleness floor (events, not a margin on the batch's time).
+    The worker heartbeats every 0.5 s here, so the floor is 1.5 s and jobs of 61 points (about 2 s
+    each) make a batch whose waiting jobs outlast it."""
     db, run, _ = trained
     store = Store(db)
-    ids = [int(engine("geometry", f"{run}@{a}", f"{run}@{b}", "--points", "201", "--submit", db=db).stdout.split()[-1])
+    heartbeat = 0.5
+    floor = MIN_STALE_AFTER_S / HEARTBEAT_EVERY_S * heartbeat      # the product's floor: 3 heartbeats
+    ids = [int(engine("geometry", f"{run}@{a}", f"{run}@{b}", "--points", "61", "--submit", db=db).stdout.split()[-1])
            for a, b in [(2, 4), (2, 6), (2, 8), (4, 6), (4, 8), (6, 8)]]
     log = tmp_path / "worker.log"
     with open(log, "w") as sink:
-        worker = start_worker(db, "--once", "--max-parallel", "1", log=sink)   # its own stale limit: 30 s
+        worker = start_worker(db, "--once", "--max-parallel", "1", log=sink,     # its own stale limit: 30 s
+                              env={"SPHERELAB_HEARTBEAT_S": str(heartbeat)})
         try:
             claimed = wait_for(lambda: all(store.get_job(i).status == "running" for i in ids)
                                and {i: store.get_job(i).heartbeat_at for i in ids})
@@ -312,8 +317,8 @@ def test_one_job_process_computes_a_batch_and_keeps_its_waiting_jobs_held(traine
             while worker.poll() is None and time.monotonic() < deadline:
                 now = time.time()
                 waiting = [j.id for j in map(store.get_job, ids) if j.status == "running"]
-                assert store.requeue_stale_jobs(MIN_STALE_AFTER_S) == [], waiting
-                telling += any(now - claimed[i] > MIN_STALE_AFTER_S for i in waiting[1:])
+                assert store.requeue_stale_jobs(floor) == [], waiting
+                telling += any(now - claimed[i] > floor for i in waiting[1:])
                 time.sleep(STALE_CHECK_S)
             assert worker.wait(timeout=300) == 0
         finally:
@@ -344,8 +349,8 @@ def test_a_bundle_with_checkpoints_lets_a_colleague_branch_from_the_run(trained,
     store = Store(theirs)
     assert store.get_run(child).status == "finished" and store.get_run(child).parent_id == imported
     # the colleague's checkpoints are the very bytes of the original run's
-    mine = {c.epoch: open(c.path, "rb").read() for c in Store(db).checkpoints(run)}
-    assert {c.epoch: open(c.path, "rb").read() for c in store.checkpoints(imported)} == mine
+    mine = {c.epoch: open(Store(db).artifacts.path(c.path), "rb").read() for c in Store(db).checkpoints(run)}
+    assert {c.epoch: open(store.artifacts.path(c.path), "rb").read() for c in store.checkpoints(imported)} == mine
     assert store.read_metrics(child, ["train_loss"])["step"].iloc[0] == 352
     other = str(tmp_path / "other.db")
     [bare] = [int(x) for x in engine("import", plain, db=other).stdout.split()]

@@ -229,7 +229,7 @@ def test_status_lifecycle_records_times_and_events(store):
     assert started is not None and store.get_run(run).heartbeat_at is not None
     store.heartbeat(run, 50)
     assert store.get_run(run).progress == 0.25
-    store.update_run(run, regime="chaotic_equilibrium", device="cpu", checkpoint_path="/tmp/c.pt", checkpoint_step=50)
+    store.update_run(run, regime="chaotic_equilibrium", device="cpu", checkpoint_path="runs/1/resume-c.pt", checkpoint_step=50)
     store.set_status(run, "failed", error="CUDA out of memory")
     info = store.get_run(run)
     assert (info.status, info.error, info.regime, info.checkpoint_step) == ("failed", "CUDA out of memory",
@@ -385,7 +385,7 @@ def test_workers(store):
 # ---------------------------------------------------------------- opening databases
 
 def test_fresh_database_has_the_current_schema_version(sqlite_store):
-    assert sqlite_store.schema_version == 5 == migrations.current_version()
+    assert sqlite_store.schema_version == 6 == migrations.current_version()
     journal = sqlite3.connect(sqlite_store.url.removeprefix("sqlite:///")).execute("PRAGMA journal_mode").fetchone()
     assert journal == ("wal",)
 
@@ -512,7 +512,7 @@ def make_sweep_with_runs(store):
         store.log_metrics(run, [(s, s / 10, 1000.0 + s, {"train_loss": 1.0 / (s + 1), "si_norm": 12.5})
                                 for s in range(50)])
         store.set_status(run, "running")
-        store.update_run(run, checkpoint_path="/ckpt/run.pt", checkpoint_step=40, regime="convergence")
+        store.update_run(run, checkpoint_path="runs/1/resume-x.pt", checkpoint_step=40, regime="convergence")
     store.log_metrics(ids[1], [(50, 5.0, 1050.0, {"train_loss": math.nan, "si_norm": math.inf, "elr": -math.inf})])
     store.add_event(ids[1], 50, "nonfinite", {"key": "train_loss"})
     store.set_status(ids[1], "nonfinite")

@@ -5,11 +5,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
 from engine import study
+from engine.ticks import FEATURES
 from storage import Store
 from tests.processes import engine as run_engine, start_worker, wait_for
 
@@ -70,7 +70,8 @@ def test_the_report_aggregates_seeds_and_places_the_regimes(finished):
         labelled = {s for s in subs if s}
         chaotic = row["regime"] == "chaotic_equilibrium"
         assert row["subregime"] == (labelled.pop() if len(labelled) == 1 and chaotic else None)
-        assert len(row["feature_acc"]["pretrain"]) == 16
+        # one accuracy per feature of the toy, read from what the runs and averages logged
+        assert len(row["feature_acc"]["pretrain"]) == len(row["feature_acc"]["average"]) == FEATURES
     low, high = r["rows"][0], r["rows"][-1]
     assert low["regime"] == "convergence" and high["regime"] == "divergence"
     assert low["pretrain_test_acc"]["mean"] > high["pretrain_test_acc"]["mean"] + 0.1
@@ -85,6 +86,14 @@ def test_the_report_aggregates_seeds_and_places_the_regimes(finished):
     row = next(row for row in r["rows"] if row["pretrain_elr"] == best["pretrain_elr"])
     assert best["test_acc"] == row["chosen"]["test_acc"]
     assert r["verdict"] in ("win", "loss", "not separated", None) and len(r["pairs"]) <= 2
+
+
+def test_feature_vectors_are_what_was_logged_in_feature_order():
+    """However many feature_acc/<k> a run logged (ticks: 16), in feature order (10 after 9), and
+    nothing for a dataset without features."""
+    latest = {f"feature_acc/{k}": (320, k / 100) for k in range(12)} | {"test_acc": (320, 0.9)}
+    assert study._feature_vector(latest, lambda key: latest[key][1]) == [k / 100 for k in range(12)]
+    assert study._feature_vector({"test_acc": 0.9}, lambda key: 0.0) is None
 
 
 def test_sub_regimes_and_boundaries_from_made_up_rows():
@@ -204,16 +213,26 @@ def test_the_2a_2b_boundary_is_per_pair_and_undetermined_when_pairs_disagree():
 
 
 def test_an_interrupted_study_resumes_where_it_stopped(tmp_path):
+    """Ctrl-C while the fine-tuning runs train: they stop in order at their next step (`interrupted`),
+    the command exits 130, and --resume finishes the study creating nothing twice. The fine-tuning
+    runs are long enough here (100 epochs, seconds) for the signal to land while they train; with 10
+    the rest of the study took 0.7 s and could end before the signal arrived."""
     db = str(tmp_path / "resume.db")
-    proc = subprocess.Popen([sys.executable, "-m", "engine", "study", *SMALL, "--seed", "0", "--db", db],
+    args = [*SMALL[:SMALL.index("--finetune-epochs") + 1], "100", *SMALL[SMALL.index("--finetune-epochs") + 2:]]
+    proc = subprocess.Popen([sys.executable, "-m", "engine", "study", *args, "--seed", "0", "--db", db],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     store = wait_for(lambda: os.path.exists(db) and Store(db))
-    wait_for(lambda: any(r.study_role.startswith("finetune") for r in store.list_runs()), timeout=300)
+    wait_for(lambda: any(r.study_role.startswith("finetune") and r.status == "running" for r in store.list_runs()),
+             timeout=300)
     proc.send_signal(signal.SIGINT)
-    proc.wait(timeout=120)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
     [info] = store.list_studies()
     assert info.status == "running"
+    stopped = [r for r in store.list_runs(study_id=info.id) if r.study_role.startswith("finetune")]
+    assert stopped and all(r.status in ("interrupted", "queued") for r in stopped)
+    assert any(r.status == "interrupted" for r in stopped)
     before = {r.study_role: r.id for r in store.list_runs(study_id=info.id)}
     engine("study", "--resume", str(info.id), db=db)
     assert store.get_study(info.id).status == "finished"
@@ -330,22 +349,22 @@ def test_the_validation_split_is_held_out_seeded_and_leaves_the_rest_alone():
     import torch
     from engine.config import RunConfig
     from engine.data import load_dataset
-    plain = load_dataset(RunConfig(dataset="ticks").validate(), "cpu")
-    ticks = load_dataset(RunConfig(dataset="ticks", validation=True).validate(), "cpu")
+    plain = load_dataset(RunConfig(dataset="ticks"), "cpu")
+    ticks = load_dataset(RunConfig(dataset="ticks", validation=True), "cpu")
     assert plain.x_val is None
     # ticks: a separate draw as large as the test set; training, test and probe data unchanged
     assert ticks.x_val.shape == ticks.x_test.shape and torch.equal(ticks.x_train, plain.x_train)
     assert torch.equal(ticks.x_test, plain.x_test) and torch.equal(ticks.feature_x, plain.feature_x)
     assert not torch.equal(ticks.x_val, ticks.x_test) and ticks.y_val.float().mean() == 0.5
-    other = load_dataset(RunConfig(dataset="ticks", validation=True, data_seed=1).validate(), "cpu")
+    other = load_dataset(RunConfig(dataset="ticks", validation=True, data_seed=1), "cpu")
     assert not torch.equal(other.x_val, ticks.x_val)
     # digits: 10% of the training images held out, chosen by the data seed; test unchanged
-    full = load_dataset(RunConfig(dataset="digits").validate(), "cpu")
-    held = load_dataset(RunConfig(dataset="digits", validation=True).validate(), "cpu")
+    full = load_dataset(RunConfig(dataset="digits"), "cpu")
+    held = load_dataset(RunConfig(dataset="digits", validation=True), "cpu")
     assert (held.train_size, len(held.y_val)) == (1294, 143) == (RunConfig(dataset="digits", validation=True).train_size, 143)
     assert torch.equal(held.x_test, full.x_test)
     rows = lambda x: {tuple(r) for r in x.tolist()}  # noqa: E731
     assert rows(held.x_train) | rows(held.x_val) == rows(full.x_train) and not rows(held.x_train) & rows(held.x_val)
-    again = load_dataset(RunConfig(dataset="digits", validation=True).validate(), "cpu")
-    moved = load_dataset(RunConfig(dataset="digits", validation=True, data_seed=3).validate(), "cpu")
+    again = load_dataset(RunConfig(dataset="digits", validation=True), "cpu")
+    moved = load_dataset(RunConfig(dataset="digits", validation=True, data_seed=3), "cpu")
     assert torch.equal(again.x_val, held.x_val) and not torch.equal(moved.x_val, held.x_val)

@@ -58,7 +58,7 @@ PHASES = {"phase": ("Phase: train_loss vs eff_grad_norm", "train_loss", "eff_gra
 def show_phase(name: str) -> None:
     """One click to the papers' pictures: log-log, start point marked."""
     _, y, x = PHASES[name]
-    st.session_state.update(metric=[y], x=x, log=["x", y])
+    st.session_state.update(metric=[y], x=x, log=log_defaults([y], x))
 
 
 def log_defaults(keys: list[str], x: str) -> list[str]:

@@ -4,12 +4,14 @@ import streamlit as st
 from dashboard import estimate, launch, ui
 from dashboard import study as studies
 from dashboard.plain import md
-from engine.config import DATASETS, DEVICES, IMAGE_DATASETS, MODELS, NORMS, SCHEDULES, ConfigError
+from engine.config import (CHECKPOINTS, DATASETS, IMAGE_DATASETS, MEASUREMENT, MODEL_DATA, MODELS, NORMS, OPTIMISATION,
+                           OPTIONS, WHERE, ConfigError, Option)
 from engine.presets import PRESETS, STUDY_PRESETS
 from engine.submission import queue_runs
 from storage import Store
 
-# Upper bounds on the form's numbers: what a laptop-and-lecture tool can sensibly queue in one click.
+# Upper bounds on the sweep builder's and the study form's numbers: what a laptop-and-lecture tool can
+# sensibly queue in one click.
 MAX_POINTS, MAX_SEEDS, MAX_EPOCHS, MAX_WIDTH, MAX_DEPTH = 64, 20, 100_000, 4096, 64
 
 
@@ -60,94 +62,87 @@ def preset_section(store: Store) -> None:
                                preset.swept, preset.name))
 
 
-def model_and_data(form: launch.LaunchForm) -> None:
-    st.markdown("**Model and data**")
-    form.model = st.selectbox("Model", MODELS, key="f_model")
-    form.width = st.number_input("Width (0 = the model's default)", min_value=0, max_value=MAX_WIDTH, value=0,
-                                 step=8, key="f_width")
-    if form.model == "mlp_si":
-        form.depth = st.number_input("Depth (hidden blocks)", min_value=1, max_value=MAX_DEPTH, value=3, key="f_depth")
-    form.dataset = st.selectbox("Dataset", DATASETS, key="f_dataset")
-    if form.dataset in IMAGE_DATASETS:
-        form.data_dir = st.text_input("Data folder", key="f_data_dir", placeholder="/data/cifar",
-                                      help="Holds cifar-10-batches-py/ or cifar-100-python/ "
-                                           "(python-pickle layout). Nothing is downloaded.")
-        form.augment = st.checkbox("Augment (random crop + flip)", key="f_augment")
-    if form.dataset == "synthetic":
-        form.synthetic_samples = st.number_input("Samples", min_value=2, max_value=1_000_000, value=2048,
-                                                 key="f_samples")
-        form.synthetic_shape = st.text_input("Input shape", value="64", key="f_shape", help="e.g. 64 or 3x32x32")
-        form.synthetic_classes = st.number_input("Classes", min_value=2, max_value=1000, value=10, key="f_classes")
+# The form's numbers stay within what a browser holds exactly (2**53 - 1); the checks made when the
+# config is created say what is allowed beyond that.
+BROWSER_MAX_INT = 2**53 - 1
 
 
-def optimisation(form: launch.LaunchForm) -> None:
-    st.markdown("**Optimisation**")
-    form.mode = st.radio("Mode", ("sphere", "lrwd"), key="f_mode", horizontal=True,
-                         captions=("fixed ELR on the sphere", "LR + weight decay, ELR measured"))
-    form.sweep_rate = st.toggle(f"Sweep the {form.rate_key.upper()} over a log range", key="f_sweep")
-    if form.sweep_rate:
-        start, stop, points = st.columns(3)
-        form.rate_start = start.number_input(f"{form.rate_key.upper()} from", min_value=0.0, value=1e-4,
-                                             format="%.1e", key="f_start")
-        form.rate_stop = stop.number_input("to", min_value=0.0, value=1.0, format="%.1e", key="f_stop")
-        form.rate_points = points.number_input("points", min_value=2, max_value=MAX_POINTS, value=6, key="f_points",
-                                               help="log-spaced, both ends included")
-    elif form.mode == "sphere":
-        form.rate = st.number_input("ELR", min_value=0.0, value=0.01, format="%.2e", key="f_elr")
+def option_field(form: launch.LaunchForm, opt: Option) -> None:
+    """The field of one run option, made from its declaration (engine.config.OPTIONS)."""
+    key, label, start = f"f_{opt.name}", f"{opt.label} ({opt.hint})" if opt.hint else opt.label, launch.form_start(opt)
+    if opt.choices:
+        if opt.widget == "radio":
+            value = st.radio(label, opt.choices, key=key, horizontal=True, help=opt.help)
+        else:
+            value = st.selectbox(label, opt.choices, key=key, help=opt.help)
+    elif opt.kind is bool:
+        value = st.checkbox(label, value=start, key=key, help=opt.help)
+    elif opt.kind is int:
+        low = 0 if opt.default is None else opt.low
+        high = min(opt.high, BROWSER_MAX_INT) if opt.high is not None else None
+        value = st.number_input(label, min_value=low, max_value=high, value=start, key=key, help=opt.help)
+    elif opt.kind is float:
+        low = opt.low if opt.low is not None else opt.above
+        value = st.number_input(label, min_value=None if low is None else float(low), value=float(start), key=key,
+                                help=opt.help, format="%.2e" if opt.widget == "log" else None)
+    elif opt.kind == "tags":
+        value = ui.str_list(st.text_input(label, key=key, help=opt.help))
     else:
-        form.rate = st.number_input("LR", min_value=0.0, value=0.1, format="%.2e", key="f_lr")
-    if form.mode == "lrwd":
-        form.wd = st.number_input("Weight decay", min_value=0.0, value=1e-3, format="%.2e", key="f_wd")
-        form.momentum = st.number_input("Momentum", min_value=0.0, max_value=0.99, value=0.0, key="f_momentum")
-    form.schedule = st.selectbox("Schedule", SCHEDULES, key="f_schedule",
-                                 help="constant; cosine: half cosine to 0; step: ×0.1 at 50% and 75%")
-    epochs, batch = st.columns(2, vertical_alignment="bottom")   # the batch label takes two lines
-    form.epochs = epochs.number_input("Epochs", min_value=1, max_value=MAX_EPOCHS, value=10, key="f_epochs")
-    form.batch_size = batch.number_input("Batch size (0 = default)", min_value=0, max_value=100_000, value=0,
-                                         key="f_batch", help="default: 32 on digits, 128 elsewhere")
-    seed, seeds = st.columns(2)
-    form.seed = seed.number_input("Seed", min_value=0, max_value=2**31 - 1, value=0, key="f_seed")
-    form.seeds = seeds.number_input("Seeds per point", min_value=1, max_value=MAX_SEEDS, value=1, key="f_seeds",
-                                    help="seed, seed+1, …: every point repeated")
-    form.keep_every = st.number_input("Keep checkpoints every (epochs, 0 = only the latest)", min_value=0,
-                                      max_value=MAX_EPOCHS, value=0, key="f_keep_every",
-                                      help="Kept checkpoints let you branch the run from that epoch with another "
-                                           "rate, average its late checkpoints and measure the geometry between "
-                                           "solutions (Run and Solutions pages); the last epoch is kept too.")
+        value = st.text_input(label, value=start, key=key, help=opt.help, max_chars=200)
+    form.values[opt.name] = value
 
 
-def measurement(form: launch.LaunchForm) -> None:
-    st.markdown("**Measurement (in optimizer steps)**")
-    form.log_every = st.number_input("Log every", min_value=1, value=10, key="f_log_every")
-    form.sharpness_every = st.number_input("Sharpness every (0 = off)", min_value=0, value=0,
-                                           key="f_sharpness_every")
-    form.name = st.text_input("Name (optional)", key="f_name", max_chars=200)
-    form.sweep_name = st.text_input("Sweep name (optional)", key="f_sweep_name", max_chars=200)
-    form.tags = ui.str_list(st.text_input("Tags (comma separated)", key="f_tags"))
+def rate_range(form: launch.LaunchForm) -> None:
+    start, stop, points = st.columns(3)
+    form.rate_start = start.number_input(f"{form.rate_key.upper()} from", min_value=0.0, value=1e-4,
+                                         format="%.1e", key="f_start")
+    form.rate_stop = stop.number_input("to", min_value=0.0, value=1.0, format="%.1e", key="f_stop")
+    form.rate_points = points.number_input("points", min_value=2, max_value=MAX_POINTS, value=6, key="f_points",
+                                           help="log-spaced, both ends included")
+
+
+def group_fields(form: launch.LaunchForm, group: str) -> None:
+    """The fields of one group of options that apply to what the form says so far (the rate range in
+    place of the rate while sweeping it, seeds per point after the seed). Folded options wait for
+    More options."""
+    for opt in OPTIONS:
+        if opt.group != group or opt.widget == "more" or not opt.applies(form.values):
+            continue
+        if opt.name == form.rate_key and form.sweep_rate:
+            rate_range(form)
+            continue
+        option_field(form, opt)
+        if opt.name == "mode":
+            form.sweep_rate = st.toggle(f"Sweep the {form.rate_key.upper()} over a log range", key="f_sweep")
+        if opt.name == "seed":
+            form.seeds = st.number_input("Seeds per point", min_value=1, max_value=MAX_SEEDS, value=1, key="f_seeds",
+                                         help="seed, seed+1, …: every point repeated")
+
+
+def more_options(form: launch.LaunchForm) -> None:
     with st.expander("More options"):
-        form.eval_every = st.number_input("Test every (steps, 0 = once per epoch)", min_value=0, value=0,
-                                          key="f_eval_every")
-        form.probe_size = st.number_input("Probe size (sharpness samples)", min_value=1, value=1024, key="f_probe")
-        form.lanczos_iters = st.number_input("Lanczos iterations", min_value=2, value=20, key="f_lanczos_iters")
-        form.lanczos_tol = st.number_input("Lanczos tolerance", min_value=0.0, value=1e-3, format="%.1e",
-                                           key="f_lanczos_tol")
-        form.trace_samples = st.number_input("Trace vectors (Hutchinson, 0 = off)", min_value=0, value=0,
-                                             key="f_trace")
-        form.init_scale = st.number_input("Head norm", min_value=0.0, value=10.0, key="f_init_scale")
-        form.checkpoint_every = st.number_input("Checkpoint every (epochs, 0 = off)", min_value=0, value=1,
-                                                key="f_checkpoint")
-        form.device = st.selectbox("Device", DEVICES, key="f_device")
+        for opt in OPTIONS:
+            if opt.widget == "more" and opt.applies(form.values):
+                option_field(form, opt)
 
 
 def custom_section(store: Store) -> None:
     form = launch.LaunchForm()
     left, middle, right = st.columns(3)
     with left:
-        model_and_data(form)
+        st.markdown("**Model and data**")
+        group_fields(form, MODEL_DATA)
     with middle:
-        optimisation(form)
+        st.markdown("**Optimisation**")
+        group_fields(form, OPTIMISATION)
+        st.markdown("**Checkpoints**")
+        group_fields(form, CHECKPOINTS)
     with right:
-        measurement(form)
+        st.markdown("**Measurement (in optimizer steps)**")
+        group_fields(form, MEASUREMENT)
+        group_fields(form, WHERE)
+        form.sweep_name = st.text_input("Sweep name (optional)", key="f_sweep_name", max_chars=200)
+        more_options(form)
     try:
         configs, swept = launch.configs_of(form)
     except ConfigError as exc:
