@@ -18,7 +18,6 @@ Figures:
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import platform
@@ -30,6 +29,7 @@ import torch
 from .config import RunConfig
 from .packnet import member_losses
 from .runtime import configure_process, resolve_device, set_tf32, tf32_state
+from .quantities import Sharpness
 from .trainer import MemoryRecorder, Trainer
 
 
@@ -83,13 +83,7 @@ def _figures(cfgs: list[RunConfig], data, device, *, steps: int, warmup: int = 3
     out["test_eval_s"] = _time(lambda: trainer.evaluate(rows, data.x_test[:part], data.y_test[:part]), device) \
         * len(data.y_test) / part
     if sharp:
-        members = list(trainer.active)
-        full = [m.cfg for m in members]
-        for m in members:
-            m.cfg = dataclasses.replace(m.cfg, lanczos_iters=cold_iters or m.cfg.lanczos_iters)
-        out["sharpness_cold_s"] = _time(lambda: trainer.measure(["sharpness"]), device)
-        for m, cfg in zip(members, full):
-            m.cfg = cfg
+        out["sharpness_cold_s"] = _time(lambda: trainer.measure([Sharpness(iters=cold_iters)]), device)
         for _ in range(max(1, steps // 2)):             # move on a little, then warm-start
             trainer.train_step()
         out["sharpness_warm_s"] = _time(lambda: trainer.measure(["sharpness"]), device)

@@ -178,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def cmd(name, help_text, db=True):
         parser = sub.add_parser(name, help=help_text, description=help_text, formatter_class=fmt)
-        parser.set_defaults(handler=getattr(commands, f"cmd_{name}"))
+        parser.set_defaults(handler=getattr(commands, f"cmd_{name}"), flag_default=parser.get_default)
         if db:
             parser.add_argument("--db", type=_db, default=None, help=DB_HELP)
             parser.add_argument("--artifacts", type=_artifacts, default=None, help=ARTIFACTS_HELP)

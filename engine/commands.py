@@ -91,20 +91,21 @@ def _run_here(store: Store, ids: list[int], claimer: str) -> int:
 
 def _train_here(store: Store, ids: list[int], claimer: str, report: bool = False) -> dict[int, str]:
     """Train the runs (queued ones reserved for claimer, or interrupted ones to resume) in this process:
-    compatible runs as packs where packing pays on this device (as the worker does), the others one after
-    another; returns their final statuses. With report, each run's end goes to stderr and its id to stdout."""
-    from .packing import pack_groups
+    packs claimed as the worker claims them (packing.claim_pack: compatible runs together where packing
+    pays on this device), one after another; returns their final statuses. With report, each run's end
+    goes to stderr and its id to stdout."""
+    from .packing import claim_pack
     from .runner import execute
     from .runtime import configure_process, resolve_device
-    configs = [RunConfig.from_dict(store.get_run(run_id).config) for run_id in ids]
     statuses: dict[int, str] = {}
-    for group in pack_groups(configs):
+    left = list(ids)
+    while left:
         shutdown.raise_if_requested()
-        claimed = [info for info in (store.claim_next_run(claimer, run_ids=[ids[i]]) or
-                                     store.claim_interrupted(claimer, run_ids=[ids[i]]) for i in group) if info]
+        claimed = claim_pack(store, claimer, run_ids=left, spread=False)
         if not claimed:
-            continue
-        cfg = configs[group[0]]
+            break
+        left = [i for i in left if i not in {info.id for info in claimed}]     # each run is tried once
+        cfg = RunConfig.from_dict(claimed[0].config)
         configure_process(resolve_device(cfg.device), cfg.model)
         label = claimed[0].name + (f" (+{len(claimed) - 1} packed)" if len(claimed) > 1 else "")
         try:
@@ -253,10 +254,9 @@ def cmd_study(args) -> int:
 def _refuse_flags_on_resume(args) -> None:
     """--resume takes up a study as it was made: any other study or training flag would be ignored, so
     it is refused instead."""
-    from .cli import build_parser
-    defaults = vars(build_parser().parse_args(["study"]))
     ignored = [key for key, value in vars(args).items()
-               if key not in ("db", "resume", "submit", "handler", "command") and value != defaults.get(key)]
+               if key not in ("db", "resume", "submit", "handler", "flag_default", "command")
+               and value != args.flag_default(key)]
     if ignored:
         flag = "--" + ignored[0].replace("_", "-")
         raise ConfigError(f"{flag} cannot change a study being resumed (--resume takes it up as it was made): "

@@ -69,40 +69,53 @@ def pack_groups(cfgs: list[RunConfig]) -> list[list[int]]:
     return order
 
 
-def claim_pack_partners(store, worker_id: str, first, worker_device: str = "auto", free_slots: int = 1,
-                        status: str = "queued") -> list:
-    """Claim runs of `status` (queued, or interrupted ones to resume) that can share a pack with the
-    claimed run `first` (a RunInfo), oldest first.
+def claim_pack(store, claimer: str, *, run_ids=None, worker_device: str = "auto", free_slots: int = 1,
+               spread: bool = True) -> list:
+    """Claim the next pack for `claimer` and return its RunInfos (each with its own claim token), oldest
+    first; empty when there is nothing to claim. The one place runs are grouped and claimed for
+    training: the worker (engine/worker.py) and the CLI's in-process path (commands._train_here) both
+    call it.
 
-    The compatible queue is spread evenly over the free slots: this worker's (free_slots, counting
-    the one `first` is about to take) plus other live workers' (max_parallel minus the runs they
-    hold), so a sweep is not packed into one process while other slots or machines stand idle.
-    At most max_pack_size() runs per pack. Returns the claimed RunInfos (with their claim tokens);
-    empty when packing is off or nothing fits.
+    The pack starts with the oldest interrupted run the claimer may take (resumed first), else the
+    oldest queued one, among run_ids when given; where packing pays on the device (packing_enabled),
+    runs of the same status that share its pack_key join it, oldest first, at most max_pack_size().
+    spread: share the compatible queue evenly over the free slots, the claimer's (free_slots, counting
+    the one this pack takes) and other live workers' (max_parallel minus the runs they hold), so a
+    sweep is not packed into one process while other slots or machines stand idle. A CLI process
+    training its own (reserved) runs passes spread=False: no one else may take them.
     """
+    first, status = store.claim_interrupted(claimer, run_ids=run_ids), "interrupted"
+    if first is None:
+        first, status = store.claim_next_run(claimer, run_ids=run_ids), "queued"
+    if first is None:
+        return []
     try:
         cfg = RunConfig.from_dict(first.config)
     except (ConfigError, TypeError):
-        return []
+        return [first]                  # trained alone: its process reports the bad config as the run's error
     if not packing_enabled(cfg, worker_device):
-        return []
+        return [first]
     key, compatible = pack_key(cfg), []
+    wanted = None if run_ids is None else set(run_ids)
     for info in sorted(store.list_runs(status=status), key=lambda r: r.id):
+        if wanted is not None and info.id not in wanted:
+            continue
         try:
             if pack_key(RunConfig.from_dict(info.config)) == key:
                 compatible.append(info.id)
         except (ConfigError, TypeError):
             continue
-    others = sum(max(0, w["max_parallel"] - len(w["run_ids"])) for w in store.live_workers()
-                 if w["id"] != worker_id)
-    slots = max(1, free_slots) + others
+    slots = max(1, free_slots)
+    if spread:
+        slots += sum(max(0, w["max_parallel"] - len(w["run_ids"])) for w in store.live_workers()
+                     if w["id"] != claimer)
     size = min(max_pack_size(), math.ceil((len(compatible) + 1) / slots))
     claim = store.claim_interrupted if status == "interrupted" else store.claim_next_run
-    chosen = []
+    pack = [first]
     for run_id in compatible:
-        if len(chosen) >= size - 1:
+        if len(pack) >= size:
             break
-        claimed = claim(worker_id, run_ids=[run_id])
+        claimed = claim(claimer, run_ids=[run_id])
         if claimed is not None:
-            chosen.append(claimed)
-    return chosen
+            pack.append(claimed)
+    return pack

@@ -453,15 +453,14 @@ def _load_reason(exc: Exception) -> str:
 def _attach(store: Store, info, m: Member, claim: str, finish, poller: PackPoller) -> None:
     """Connect a member to its stored run: recorder, control, checkpoints, the trace cut back to where
     it resumes (the stored trace is exactly one trajectory), status running."""
-    m.run_id, m.claim = info.id, claim
     resumed_from = m.step if not m.needs_start_point else None
     store.truncate_after(info.id, m.step if resumed_from is not None else -1)
-    m.recorder = StoreRecorder(store, info.id)
-    m.control = StoreControl(store, info.id, m.recorder, poller)
-    m.control.member = m          # heartbeats start before its first step (which may be a long measurement)
+    recorder = StoreRecorder(store, info.id)
+    control = StoreControl(store, info.id, recorder, poller)
+    control.member = m            # heartbeats start before its first step (which may be a long measurement)
     if resumed_from is not None:   # what was already announced before the checkpoint stays announced
-        m.control.regime = info.regime
-        m.control.spikes = {e.step for e in store.events(info.id, ["spike"])}
+        control.regime = info.regime
+        control.spikes = {e.step for e in store.events(info.id, ["spike"])}
     written_at = -CHECKPOINT_MIN_S
 
     def checkpoint(member: Member, keep: bool) -> None:
@@ -469,8 +468,7 @@ def _attach(store: Store, info, m: Member, claim: str, finish, poller: PackPolle
         if keep or time.monotonic() - written_at >= CHECKPOINT_MIN_S:
             written_at = time.monotonic()
             member.recorder.guard(save_checkpoint, store, member, keep)
-    m.checkpoint = checkpoint
-    m.on_end = finish
+    m.attach(run_id=info.id, claim=claim, recorder=recorder, control=control, checkpoint=checkpoint, on_end=finish)
     store.update_run(info.id, device=str(m.trainer.device), total_steps=m.total_steps, step=m.step)
     store.set_status(info.id, "running")
     if resumed_from is not None:

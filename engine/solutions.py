@@ -97,7 +97,8 @@ class Evaluator:
             keys += ("val_loss", "val_acc")
         rows = [dict(zip(keys, row)) for row in torch.cat(parts, 1).tolist()]
         if features and self.data.feature_x is not None:      # the ticks toy: which features the solution relies on
-            features = feature_accuracy(self.net, W, stats, self.data.feature_x, self.data.feature_y).tolist()
+            features = feature_accuracy(lambda x: self.net(W, x, mode="eval", stats=stats), len(W),
+                                        self.data.feature_x, self.data.feature_y).tolist()
             for row, accs in zip(rows, features):
                 row.update({f"feature_acc/{k}": acc for k, acc in enumerate(accs)})
         return rows

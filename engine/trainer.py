@@ -3,7 +3,8 @@
 A single run is a pack of one; a packed sweep is the same loop with K members. Every member is its
 own run: its own config (rate, weight decay, momentum, mode, seed), batch order, recorder, control,
 checkpoints and log points. The vectorised network is engine/packnet.py, the update rule
-engine/optim.py, what is measured engine/quantities.py; where values go is the recorder's business
+engine/optim.py, what is measured engine/quantities.py (which sees the loop only through a
+quantities.Measuring: this module is its Source); where values go is the recorder's business
 (memory, the store) and who may pause or steer a member is its control's (the worker's command
 poller, a test). The loop itself, `Trainer.run`, is one short page.
 
@@ -28,11 +29,12 @@ from .models import build_model, si_layer_names, si_parameters
 from .optim import PackUpdate, schedule_factor
 from .packing import MEMBER_FIELDS, pack_key
 from .packnet import BN_TYPES, PackedNet, member_losses
-from .quantities import QUANTITIES, LogPoint, Schedule, StepAverages
+from .quantities import QUANTITIES, Measuring, Quantity, Schedule, StepProducts, check_quantities
 from .hessian import hvp_operator
 from .runtime import resolve_device
 
 PARKED_SLEEP_S = 0.1      # how often an all-paused pack looks at its controls
+LEGACY_SUM_NAMES = ("train_loss", "train_acc", "grad_norm", "eff_grad_norm", "angular_update")   # checkpoints before names
 
 
 class Recorder(Protocol):
@@ -99,10 +101,13 @@ class BatchStream:
 
 class Member:
     """One run inside the loop. Its tensors are row views into the pack's tensors while it is active,
-    and its own copies while it is parked or after it has ended."""
+    and its own copies while it is parked or after it has ended. Only this module writes its state:
+    the store's side connects it through attach(), a control changes its rate through set_rate(), and
+    quantities keep their per-member state through Measuring.carry()."""
 
     def __init__(self, cfg: RunConfig, data: Dataset, *, recorder: Recorder | None = None,
-                 control: Control | None = None, checkpoint: Callable[["Member"], None] | None = None):
+                 control: Control | None = None, checkpoint: Callable[["Member"], None] | None = None,
+                 quantities: tuple[Quantity, ...] = QUANTITIES):
         self.cfg, self.recorder, self.control, self.checkpoint = cfg, recorder or MemoryRecorder(), control, checkpoint
         self.on_end: Callable[["Member"], None] | None = None
         self.state = "active"                        # active | parked | ended
@@ -117,8 +122,8 @@ class Member:
         self.needs_start_point = True                # a fresh run (or a fork) logs its starting point
         self.base_rate = cfg.base_rate
         self.sphere = cfg.mode == "sphere"
-        self.schedules = {q.name: Schedule(q.every(self)) for q in QUANTITIES}
-        self.sharp_vec: torch.Tensor | None = None
+        self.schedules = {q.name: Schedule(q.every(cfg, self.steps_per_epoch)) for q in quantities}
+        self.carried: dict[str, object] = {}         # quantity name -> the state it carries (Measuring.carry)
         self.count = 0                               # steps summed since the last log point
         self.rho0 = 0.0
         # set by the Trainer: weights, initial weights, momentum buffer, step sums, BN statistics
@@ -126,6 +131,17 @@ class Member:
         self.stats: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.stream: BatchStream | None = None
         self.trainer: "Trainer | None" = None
+
+    def attach(self, *, run_id=None, claim: str | None = None, recorder: Recorder | None = None,
+               control: Control | None = None, checkpoint: Callable[["Member", bool], None] | None = None,
+               on_end: Callable[["Member"], None] | None = None) -> None:
+        """Connect the member to where it is stored (engine/runner.py): the arguments given replace
+        its run id, claim, recorder, control, checkpoint writer and end callback."""
+        given = dict(run_id=run_id, claim=claim, recorder=recorder, control=control, checkpoint=checkpoint,
+                     on_end=on_end)
+        for name, value in given.items():
+            if value is not None:
+                setattr(self, name, value)
 
     @property
     def epoch(self) -> float:
@@ -161,21 +177,30 @@ class Trainer:
 
     recorders / controls / checkpoints: one per member (None: MemoryRecorder / none / none).
     states: optional per-member checkpoints (Trainer.member_state) to resume from.
+    quantities: what is measured (default quantities.QUANTITIES, which the registry names).
     """
 
     def __init__(self, cfgs: RunConfig | list[RunConfig], *, data: Dataset | None = None, recorders=None,
                  controls=None, checkpoints=None, states=None, forks=None, device: torch.device | None = None,
-                 channels_last: bool = False):
+                 channels_last: bool = False, quantities: tuple[Quantity, ...] = QUANTITIES):
         cfgs = [cfgs] if isinstance(cfgs, RunConfig) else list(cfgs)
         if not cfgs:
             raise ValueError("a pack needs at least one configuration")
         _check_packable(cfgs)
+        if quantities is not QUANTITIES:
+            check_quantities(quantities)
+        self.quantities = tuple(quantities)
+        # the columns of the step sums (a member's `sums`, the pack's SUMS), each a sum named by its
+        # per-step quantity: the loop and the quantities agree by name, never by position
+        self._per_step = [q for q in self.quantities if q.sums]
+        self._sum_index = [(i, name) for i, q in enumerate(self._per_step) for name in q.sums]
+        self.sum_names = [name for _, name in self._sum_index]
         self.device = device or resolve_device(cfgs[0].device)
         self.data = data if data is not None else load_dataset(cfgs[0], self.device)
         n = len(cfgs)
         recorders, controls = recorders or [None] * n, controls or [None] * n
         checkpoints, states = checkpoints or [None] * n, states or [None] * n
-        self.members = [Member(c, self.data, recorder=r, control=ctl, checkpoint=ck)
+        self.members = [Member(c, self.data, recorder=r, control=ctl, checkpoint=ck, quantities=self.quantities)
                         for c, r, ctl, ck in zip(cfgs, recorders, controls, checkpoints)]
         models = []
         for m in self.members:                   # global seed, build, move: the model a run alone gets
@@ -193,7 +218,7 @@ class Trainer:
         self._probes: dict[int, torch.Tensor] = {}
         self.active: list[Member] = []
         self._dirty, self._lr_key = True, None
-        self.lanczos_matvecs = 0             # batched Hessian-vector products of the last sharpness measurement
+        self.diagnostics: dict = {}          # what measurements noted (Measuring.note), e.g. lanczos_matvecs
         self.on_step: Callable[["Trainer"], None] | None = None       # after every step (progress bars)
 
     def _adopt(self, m: Member, model: nn.Module) -> None:
@@ -201,7 +226,7 @@ class Trainer:
         w = torch.cat([p.detach().reshape(-1) for p in si_parameters(model)])
         m.w, m.w0, m.rho0 = w, w.clone(), float(w.norm())
         m.buf = torch.zeros_like(w) if m.cfg.momentum else None
-        m.sums = torch.zeros(len(StepAverages.SUMMED), dtype=torch.float64, device=self.device)
+        m.sums = torch.zeros(len(self.sum_names), dtype=torch.float64, device=self.device)
         m.stats = [(b.running_mean.detach().clone(), b.running_var.detach().clone())
                    for b in model.modules() if isinstance(b, BN_TYPES)]
         m.stream = BatchStream(self.data, m.cfg.batch, torch.Generator(device=self.device).manual_seed(m.cfg.seed))
@@ -239,7 +264,8 @@ class Trainer:
         return [m.result for m in self.members]
 
     def train_step(self) -> None:
-        """One optimizer step for every active member, with the per-step sums of quantities.StepAverages."""
+        """One optimizer step for every active member, with the per-step quantities' sums (by name,
+        in the columns sum_names)."""
         self._sync()
         x, y, per_member = self._batch()
         W = self.W
@@ -252,40 +278,48 @@ class Trainer:
             rho = norm(W, dim=1)
             u_before = W / rho[:, None]
             self.update.step(W, G, self.BUF, self._neg_lrs())
-            gn = norm(G, dim=1)
-            angle = angular_update(u_before, W)
-            self.SUMS.add_(torch.stack([loss.detach(), acc, gn, gn * rho, angle], 1))
+            products = StepProducts(loss=loss, acc=acc, grad=G, grad_norm=norm(G, dim=1), rho=rho,
+                                    u_before=u_before, w_after=W)
+            sums = [q.per_step(products) for q in self._per_step]
+            self.SUMS.add_(torch.stack([sums[i][name] for i, name in self._sum_index], 1))
         for m in self.active:
             m.count += 1
             m.step += 1
 
-    def measure(self, names: list[str], members: list[Member] | None = None, start: bool = False) -> list[dict]:
+    @property
+    def lanczos_matvecs(self) -> int:
+        """Batched Hessian-vector products of the last sharpness measurement."""
+        return self.diagnostics.get("lanczos_matvecs", 0)
+
+    def measure(self, names: list, members: list[Member] | None = None, start: bool = False) -> list[dict]:
         """Measure the named quantities (and those they require) now, for active members (default: all):
-        a probe for tests and benchmarks. Schedules and recorders are left alone; "averages" consumes
-        the step sums, unless start=True, which measures the start-point (probe) loss instead."""
+        a probe for tests and benchmarks. A Quantity instance in names is measured in place of the one of
+        its name (a variant, e.g. Sharpness(iters=N)). Schedules and recorders are left alone; "averages"
+        consumes the step sums, unless start=True, which measures the start-point (probe) loss instead."""
         self._sync()
         members = list(self.active) if members is None else members
-        needed = set(names)
-        for q in reversed(QUANTITIES):          # providers come first, so one backward pass finds them all
+        variants = {q.name: q for q in names if isinstance(q, Quantity)}
+        quantities = [variants.get(q.name, q) for q in self.quantities]
+        needed = {q.name if isinstance(q, Quantity) else q for q in names}
+        for q in reversed(quantities):          # providers come first, so one backward pass finds them all
             if q.name in needed:
-                needed |= {p.name for p in QUANTITIES if set(p.keys) & set(q.requires)}
-        rows = torch.tensor([self.active.index(m) for m in members], device=self.device)
-        point = LogPoint(self, members, rows, [{} for _ in members], start)
-        for q in QUANTITIES:
+                needed |= {p.name for p in quantities if set(p.keys) & set(q.requires)}
+        point = self._measuring(members, start)
+        for q in quantities:
             if q.name in needed:
                 q.measure(point)
+        self._keep(point)
         return point.values
 
     def log_point(self, members: list[Member], start: bool = False) -> list[dict]:
         """Measure the members' due quantities, record the values, end members that went non-finite."""
         self._sync()
-        rows = torch.tensor([self.active.index(m) for m in members], device=self.device)
-        values: list[dict] = [{} for _ in members]
-        point = LogPoint(self, members, rows, values, start)
+        point = self._measuring(members, start)
+        values = point.values
         final = [m.step == m.total_steps for m in members]
         # a fork's first point measures what needs no state of its own, off the cadence it inherited
         forked = [start and m.start_step > 0 for m in members]
-        for q in QUANTITIES:
+        for q in self.quantities:
             due = [i for i, m in enumerate(members)
                    if ((q.at_fork_start and m.schedules[q.name].every > 0) if forked[i]
                        else m.schedules[q.name].due(m.step, final[i]))]
@@ -294,6 +328,9 @@ class Trainer:
                 for i in due:
                     if not forked[i]:
                         members[i].schedules[q.name].last = members[i].step
+        if not start:               # the step sums are taken at every log point, whoever reads them
+            point.step_means()
+        self._keep(point)
         for m, v in zip(members, values):
             m.needs_start_point = False
             m.recorder.metrics(m.step, m.epoch, time.perf_counter() - m.started, v)
@@ -303,6 +340,17 @@ class Trainer:
                 m.recorder.event(m.step, "nonfinite", {k: str(v[k]) for k in bad})
                 self._end(m, "nonfinite")
         return values
+
+    def _measuring(self, members: list[Member], start: bool) -> Measuring:
+        rows = torch.tensor([self.active.index(m) for m in members], device=self.device)
+        return Measuring(self, members, rows, start)
+
+    def _keep(self, point: Measuring) -> None:
+        """What the quantities carry for their members, and what they noted."""
+        carried, notes = point.outcome()
+        for (m, name), value in carried.items():
+            m.carried[name] = value
+        self.diagnostics.update(notes)
 
     def _checkpoint(self, m: Member) -> None:
         """At an epoch end: the resume checkpoint every --checkpoint-every epochs, and a kept one (for
@@ -403,7 +451,29 @@ class Trainer:
         x = self.data.x_train[idx]
         return (self.data.augment(x, stream.gen) if augment else x), self.data.y_train[idx]
 
-    # ---- what quantities measure with ----------------------------------------------------------------
+    # ---- what quantities measure with (quantities.Source) ----------------------------------------------
+    def weights(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.W[rows]
+
+    def initial_weights(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.W0[rows]
+
+    def take_step_means(self, members: list[Member], rows: torch.Tensor) -> list[dict[str, float] | None]:
+        """Per member, the means of its step sums since its last log point by name (None: no step summed);
+        the sums start again from zero."""
+        counts = torch.tensor([max(m.count, 1) for m in members], device=self.device, dtype=torch.float64)
+        table = (self.SUMS[rows] / counts[:, None]).tolist()
+        self.SUMS[rows] = 0.0
+        means = [dict(zip(self.sum_names, row)) if m.count else None for m, row in zip(members, table)]
+        for m in members:
+            m.count = 0
+        return means
+
+    @torch.no_grad()
+    def eval_logits(self, rows: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """[b, n, C]: the logits of the active members `rows` on x [b, ...], BN in eval mode."""
+        return self.net(self.W[rows], x, mode="eval", stats=self._stats(rows))
+
     def _probe_chunks(self, members: list[Member]):
         """Each member's fixed probe in training-sized chunks: ([(x [b, ...], y [b])], False) when the
         members share one probe (same seed), else ([(x [b, K, ...], y [b, K])], True)."""
@@ -467,8 +537,9 @@ class Trainer:
         return {"model": model,
                 "update": {"base_rate": m.base_rate, "rho0": m.rho0, "buf": None if m.buf is None else m.buf.clone()},
                 "step": m.step, "start_step": m.start_step, "elapsed": m.elapsed,
-                "batch_gen": m.stream.gen.get_state(), "averages": {"sums": m.sums.clone(), "count": m.count},
-                "w0": m.w0.clone(), "sharpness_vec": m.sharp_vec,
+                "batch_gen": m.stream.gen.get_state(),
+                "averages": {"sums": m.sums.clone(), "count": m.count, "names": list(self.sum_names)},
+                "w0": m.w0.clone(), **{q.carry_key: m.carried.get(q.name) for q in self.quantities if q.carry_key},
                 "schedules": {name: s.last for name, s in m.schedules.items()},
                 "config": {"mode": m.cfg.mode, "momentum": m.cfg.momentum, "seed": m.cfg.seed}}
 
@@ -488,10 +559,11 @@ class Trainer:
         m.start_step = state.get("start_step", 0)
         m.stream.gen.set_state(state["batch_gen"])
         m.stream.pos = 0
-        m.sums.copy_(state["averages"]["sums"])
+        saved = dict(zip(state["averages"].get("names", LEGACY_SUM_NAMES), state["averages"]["sums"]))
+        m.sums.copy_(torch.stack([saved.get(name, m.sums.new_zeros(())) for name in self.sum_names]))
         m.count = state["averages"]["count"]
         m.w0.copy_(state["w0"])
-        m.sharp_vec = state["sharpness_vec"]
+        m.carried = {q.name: state.get(q.carry_key) for q in self.quantities if q.carry_key}
         # checkpoints written before quantities had names kept two schedules under their own keys
         lasts = state.get("schedules") or {"test": state.get("test_last"), "sharpness": state.get("sharpness_last"),
                                            "trace": state.get("sharpness_last")}
@@ -518,14 +590,6 @@ class Trainer:
             m.buf.zero_()
         if parent.get("seed") != m.cfg.seed:
             m.stream.gen.manual_seed(m.cfg.seed)
-
-
-def angular_update(u_before: torch.Tensor, w_after: torch.Tensor) -> torch.Tensor:
-    """Per row, the angle between u_before (unit) and the direction of w_after, as 2*asin(|u' - u|/2):
-    exact for tiny angles, where the arccos of a float32 cosine reads 0 (the whole convergence regime)."""
-    norm = torch.linalg.vector_norm
-    chord = norm(w_after / norm(w_after, dim=1, keepdim=True) - u_before, dim=1)
-    return chord.mul_(0.5).clamp_(max=1.0).asin_().mul_(2)
 
 
 def _check_packable(cfgs: list[RunConfig]) -> None:

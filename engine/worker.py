@@ -143,6 +143,7 @@ class Worker:
 
     def _tick(self, ctx, store: Store) -> None:
         """One look at the store: heartbeat, reap, requeue stale work, start what fits."""
+        from .packing import claim_pack
         store.worker_heartbeat(self.id, host=socket.gethostname(), pid=os.getpid(),
                                device=self.device, max_parallel=self.max_parallel)
         self._reap(store)
@@ -154,11 +155,10 @@ class Worker:
             self.next_stale_check = time.monotonic() + STALE_CHECK_EVERY_S
         self._advance_studies(store)
         while self._processes() < self.max_parallel:
-            info, source = store.claim_interrupted(self.id), "interrupted"
-            if info is None:
-                info, source = store.claim_next_run(self.id), "queued"
-            if info is not None:
-                self._start_claimed(ctx, store, info, source)
+            claimed = claim_pack(store, self.id, worker_device=self.device,
+                                 free_slots=self.max_parallel - self._processes())
+            if claimed:
+                self._start_claimed(ctx, claimed)
                 continue
             batch = self._claim_jobs(store)
             if not batch:
@@ -206,12 +206,8 @@ class Worker:
         print(f"job(s) {', '.join(str(j.id) for j in batch)} ({', '.join(sorted({j.kind for j in batch}))}): "
               f"started in process {proc.pid}", file=sys.stderr, flush=True)
 
-    def _start_claimed(self, ctx, store: Store, info, source: str) -> None:
-        """Start a claimed run in its own process, packed with compatible runs of the same source
-        (queued, or interrupted packs resuming together) when packing pays on this device."""
-        from .packing import claim_pack_partners
-        claimed = [info] + claim_pack_partners(store, self.id, info, self.device,
-                                               free_slots=self.max_parallel - self._processes(), status=source)
+    def _start_claimed(self, ctx, claimed: list) -> None:
+        """Start a claimed pack (packing.claim_pack; one run: a pack of one) in its own process."""
         run_ids = [r.id for r in claimed]
         proc = ctx.Process(target=_child_main, name=f"spherelab-run-{run_ids[0]}",
                            args=(self.url, {r.id: r.claim for r in claimed}, self.device, self.threads, os.getpid()))

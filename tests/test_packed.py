@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from engine.config import ConfigError, RunConfig
-from engine.packing import claim_pack_partners, pack_key, packing_enabled
+from engine.packing import claim_pack, pack_key, packing_enabled
 from engine.runtime import set_tf32, tf32_state
 from engine.trainer import Trainer, train_traces
 from storage import Store
@@ -154,7 +154,7 @@ def test_probes_never_touch_running_statistics():
     for (m0, v0), (m1, v1) in zip(before, pack.STATS):
         assert torch.equal(m0, m1) and torch.equal(v0, v1)
     assert torch.equal(w, pack.W)
-    assert all(m.sharp_vec is not None for m in pack.members)     # the warm start is kept per member
+    assert all(m.carried["sharpness"] is not None for m in pack.members)     # the warm start is kept per member
 
 
 # ---- control ------------------------------------------------------------------------------------
@@ -289,17 +289,32 @@ def test_pack_key_and_policy(monkeypatch):
     assert not packing_enabled(cpu, "cuda")
 
 
-def test_claim_pack_partners_spreads_the_queue_over_free_slots(tmp_path, monkeypatch):
+def test_claim_pack_spreads_the_queue_over_free_slots(tmp_path, monkeypatch):
     monkeypatch.setenv("SPHERELAB_PACK", "1")
     store = Store(str(tmp_path / "claim.db"))
     ids = store.create_runs([{"config": RunConfig(elr=e).to_dict(), "name": f"r{e}"} for e in (1e-3, 1e-2, 0.1, 1.0)]
                             + [{"config": RunConfig(elr=0.1, width=8).to_dict(), "name": "other width"}])
-    first = store.claim_next_run("w1")
-    assert [r.id for r in claim_pack_partners(store, "w1", first, "cpu", free_slots=2)] == [ids[1]]  # 4 runs, 2 slots
-    second = store.claim_next_run("w1")
-    [partner] = claim_pack_partners(store, "w1", second, "cpu", free_slots=1)
-    assert partner.id == ids[3] and partner.claim and partner.claim != second.claim     # each its own claim
+    assert [r.id for r in claim_pack(store, "w1", worker_device="cpu", free_slots=2)] == ids[:2]   # 4 runs, 2 slots
+    pack = claim_pack(store, "w1", worker_device="cpu", free_slots=1)
+    assert [r.id for r in pack] == ids[2:4] and len({r.claim for r in pack}) == 2       # each its own claim
     assert store.get_run(ids[4]).status == "queued"                 # never packed with another width
+    assert [r.id for r in claim_pack(store, "w1", worker_device="cpu")] == [ids[4]]
+    assert claim_pack(store, "w1", worker_device="cpu") == []
+
+
+def test_claim_pack_resumes_interrupted_packs_first_and_keeps_to_the_runs_asked(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPHERELAB_PACK", "1")
+    store = Store(str(tmp_path / "claim.db"))
+    ids = store.create_runs([{"config": RunConfig(elr=e).to_dict(), "name": f"r{e}"} for e in (1e-3, 1e-2, 0.1, 1.0)])
+    for run_id in ids[2:]:
+        store.set_status(run_id, "interrupted")          # as requeue_stale leaves a dead process's runs
+    resumed = claim_pack(store, "w1", worker_device="cpu")
+    assert [r.id for r in resumed] == ids[2:]                       # interrupted first, and only with their kind
+    assert [r.id for r in claim_pack(store, "cli", run_ids=[ids[1]], spread=False)] == [ids[1]]
+    assert [r.id for r in claim_pack(store, "cli", spread=False)] == [ids[0]]
+    monkeypatch.setenv("SPHERELAB_PACK", "0")
+    more = store.create_runs([{"config": RunConfig(elr=e).to_dict(), "name": f"s{e}"} for e in (1e-3, 1e-2)])
+    assert [r.id for r in claim_pack(store, "w1", worker_device="cpu")] == [more[0]]    # packing off: alone
 
 
 # ---- the worker ---------------------------------------------------------------------------------

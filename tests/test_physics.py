@@ -10,7 +10,8 @@ import torch
 from engine.config import RunConfig
 from engine.hessian import hutchinson_trace, hvp_operator, lanczos_top
 from engine.packnet import _PackedBN, member_losses
-from engine.trainer import Trainer, angular_update
+from engine.quantities import angular_update
+from engine.trainer import Trainer
 from tests.helpers import single
 
 TINY = dict(width=6, depth=2, batch_size=32, probe_size=64, log_every=5, epochs=2)
@@ -152,7 +153,7 @@ def test_sharpness_unchanged_when_weights_rescaled():
     before = t.measure(["sharpness"])[0]["sharpness"]
     with torch.no_grad():
         t.W.mul_(3.0)
-    t.members[0].sharp_vec = None
+    t.members[0].carried.clear()          # a cold start
     after = t.measure(["sharpness"])[0]["sharpness"]
     assert before > 0
     assert after == pytest.approx(before, rel=1e-3)
@@ -169,7 +170,7 @@ def test_probes_leave_the_model_unchanged():
     for (m0, v0), (m1, v1) in zip(stats, t.STATS):
         assert torch.equal(m0, m1) and torch.equal(v0, v1)
     assert torch.equal(w, t.W)
-    assert t.members[0].sharp_vec is not None     # the warm start is kept
+    assert t.members[0].carried["sharpness"] is not None     # the warm start is kept
 
 
 @pytest.mark.science

@@ -186,7 +186,7 @@ def test_a_failed_checkpoint_write_leaves_the_previous_files_and_records_nothing
     [run] = store.create_runs([{"config": cfg.to_dict(), "name": "atomic"}])
     trainer = Trainer([cfg])
     m = trainer.members[0]
-    m.run_id, m.recorder = run, runner.StoreRecorder(store, run)
+    m.attach(run_id=run, recorder=runner.StoreRecorder(store, run))
     trainer.measure([])
     for _ in range(m.steps_per_epoch):
         trainer.train_step()

@@ -156,3 +156,54 @@ def test_quantity_order_and_registry_are_checked():
     with pytest.raises(RuntimeError, match="registry"):
         check_quantities([Unknown()])
     check_quantities(QUANTITIES)
+
+
+class BatchLoss(Quantity):
+    """A per-step quantity declared here, outside engine/: the mini-batch loss summed under a name of its
+    own, and a count of the steps it saw."""
+    name, keys, sums = "batch_loss", ("batch_loss", "steps_seen"), ("batch_loss", "one")
+
+    def per_step(self, step):
+        return {"batch_loss": step.loss.detach(), "one": torch.ones_like(step.rho)}
+
+    def measure(self, point):
+        if point.start:
+            return
+        for values, means in zip(point.values, point.step_means()):
+            if means is not None:
+                values.update(batch_loss=means["batch_loss"], steps_seen=means["one"])
+
+
+def test_a_per_step_quantity_sums_by_name_and_leaves_every_other_value_bit_for_bit(monkeypatch):
+    for key in BatchLoss.keys:
+        monkeypatch.setitem(registry._BY_KEY, key, registry.Metric(key, key, "a test's", False, "loss"))
+    cfgs = [RunConfig(elr=0.01, **FAST), RunConfig(elr=0.05, seed=3, **FAST)]
+    torch.set_num_threads(1)
+    plain = Trainer(cfgs)
+    plain.run()
+    # listed first: its sums take the first columns, and StepAverages' move along; nothing is by position
+    extra = Trainer(cfgs, quantities=(BatchLoss(), *QUANTITIES))
+    assert extra.sum_names[:2] == ["batch_loss", "one"] and plain.sum_names == list(QUANTITIES[0].sums)
+    extra.run()
+    for a, b in zip(plain.members, extra.members):
+        assert [r[0] for r in a.recorder.rows] == [r[0] for r in b.recorder.rows]
+        for (step, _, _, want), (_, _, _, have) in zip(a.recorder.rows, b.recorder.rows):
+            assert {k: have[k] for k in want} == want, step                    # exactly, NaN-free here
+            if step:
+                assert have["batch_loss"] == have["train_loss"] and have["steps_seen"] == 1.0
+            else:
+                assert "batch_loss" not in have                                 # nothing summed at the start
+
+
+def test_per_step_quantities_are_checked():
+    class Scheduled(BatchLoss):
+        def every(self, cfg, steps_per_epoch):
+            return 5
+
+    class Twin(BatchLoss):
+        name, keys, sums = "twin", ("train_acc",), ("train_loss",)
+
+    with pytest.raises(RuntimeError, match="every log point"):
+        check_quantities([Scheduled()])
+    with pytest.raises(RuntimeError, match="sums' names"):
+        check_quantities([*QUANTITIES, Twin()])
