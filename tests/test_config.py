@@ -62,7 +62,7 @@ def test_an_invalid_config_cannot_be_made_and_the_error_names_its_field(changes,
 def test_the_cli_the_launch_form_and_readme_list_the_same_options(tmp_path):
     flags = {o.flag for o in OPTIONS}
     for command in ("train", "sweep", "submit"):
-        assert _training_flags(command) - {"--help", "--db", "--sweep-name"} == flags, command
+        assert _training_flags(command) - {"--help", "--db", "--artifacts", "--sweep-name"} == flags, command
     # the study sets its rates, epochs, kept checkpoints and validation split itself
     assert _training_flags("study") >= {o.flag for o in OPTIONS if o.study != "set"}
     from dashboard.launch import FIELDS, LaunchForm
