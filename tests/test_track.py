@@ -247,3 +247,57 @@ def test_a_killed_tracking_process_leaves_its_run_interrupted(tmp_path):
         trace = store.read_metrics(run_id)
         assert list(trace["step"][:5]) == [1, 2, 3, 4, 5]
         assert store.claim_interrupted("some-worker") is None
+
+
+def tracked_sweep(db, lrs=(0.05, 0.5), steps=24):
+    """Tiny mlp_si runs on random data, tracked into one sweep; their ids."""
+    torch.manual_seed(0)
+    x, y = torch.randn(256, 8), torch.randint(0, 3, (256,))
+    ids = []
+    for lr in lrs:
+        model = mlp_si(8, 3, width=8, depth=2)
+        optimizer = torch.optim.SGD(model.parameters(), lr=lr, weight_decay=0.01)
+        with spherelab.track(model, optimizer, db=db, sweep="tracked", log_every=2, steps_per_epoch=4) as run:
+            for step in range(steps):
+                idx = slice(32 * (step % 8), 32 * (step % 8 + 1))
+                loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+                optimizer.zero_grad()
+                loss.backward()
+                run.before_step()
+                optimizer.step()
+                run.after_step(train_loss=loss)
+            run.log(test_loss=loss.detach(), test_acc=0.5)
+        ids.append(run.run_id)
+    return ids
+
+
+def test_tracked_runs_read_like_engine_runs_on_the_pages_and_the_cli(tmp_path, monkeypatch, capsys):
+    from engine.cli import main
+    from tests.test_dashboard import charts, open_app
+    db = tmp_path / "store.db"
+    first, second = tracked_sweep(db)
+    assert main(["analyze", str(first), "--db", str(db)]) in (0, None)
+    assert '"regime"' in capsys.readouterr().out
+    at = open_app(db, monkeypatch, "run", run=second)
+    import json
+    [heatmap] = [c for c in charts(at) if c.key == "run-layer-heatmap"]
+    [trace] = json.loads(heatmap.proto.spec)["data"]
+    assert trace["type"] == "heatmap" and trace["y"] == ["fc0", "fc1"]
+    with Store(db) as store:
+        sweep = store.get_run(first).sweep_id
+    at = open_app(db, monkeypatch, "regime_map", sweep=sweep)
+    assert charts(at)
+    open_app(db, monkeypatch, "periodic", run=second)
+
+
+def test_layer_heatmap_rows_are_layers_and_colours_log_values():
+    import math
+    import pandas as pd
+    from dashboard.charts import layer_heatmap
+    frame = pd.DataFrame({"step": [1, 2, 3], "layer_elr/fc10": [1e-3, 1e-2, 1e-1],
+                          "layer_elr/fc2": [1.0, 1.0, float("inf")], "si_norm": [1.0, 2.0, 3.0]})
+    fig = layer_heatmap(frame)
+    heat = fig.data[0]
+    assert list(heat.y) == ["fc2", "fc10"] and list(heat.x) == [1, 2, 3]
+    assert heat.z[1][0] == pytest.approx(-3) and heat.z[0][1] == pytest.approx(0) and math.isnan(heat.z[0][2])
+    assert "0.01" in heat.colorbar.ticktext
