@@ -68,6 +68,7 @@ class Tracker:
         self.device = next(model.parameters()).device
         self.sums = torch.zeros(len(SUMMED), dtype=torch.float64, device=self.device)
         self.counts = 0
+        self._given: set[str] = set()      # the step values the loop passed since the last log point
         self.step = 0
         self._before = None
         self._sharp_vec = None
@@ -144,8 +145,7 @@ class Tracker:
             row[2:] = torch.stack([gn, gn * rho, angle]).double()
             self._before = None
         self.sums += row
-        self._has = getattr(self, "_has", set()) | {k for k, v in (("train_loss", train_loss),
-                                                                    ("train_acc", train_acc)) if v is not None}
+        self._given.update(k for k, v in (("train_loss", train_loss), ("train_acc", train_acc)) if v is not None)
         if extra:
             self.log(**extra)
         if self.step % self.log_every == 0:
@@ -198,8 +198,9 @@ class Tracker:
         values = {}
         n = max(self.counts, 1)
         sums = (self.sums / n).tolist()
-        keys = [k for k in SUMMED if k in self._has_keys()]
-        values.update({k: v for k, v in zip(SUMMED, sums) if k in keys})
+        measured = self._given | ({"grad_norm", "eff_grad_norm", "angular_update"} if self.si else set())
+        values.update({k: v for k, v in zip(SUMMED, sums) if k in measured})
+        self._given = set()
         self.sums.zero_()
         self.counts = 0
         if self.si:
@@ -218,9 +219,6 @@ class Tracker:
         if self.others:
             values["non_si_norm"] = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(self.others))))
         self._put(values)
-
-    def _has_keys(self) -> set:
-        return getattr(self, "_has", set()) | ({"grad_norm", "eff_grad_norm", "angular_update"} if self.si else set())
 
     def sharpness(self) -> float:
         """Top Hessian eigenvalue of the loss on the probe w.r.t. the SI weights (not yet at unit norm),

@@ -288,6 +288,10 @@ def test_tracked_runs_read_like_engine_runs_on_the_pages_and_the_cli(tmp_path, m
     at = open_app(db, monkeypatch, "regime_map", sweep=sweep)
     assert charts(at)
     open_app(db, monkeypatch, "periodic", run=second)
+    at = open_app(db, monkeypatch, "live")
+    assert f"#{second}" in str(at.dataframe[0].value["run"].tolist())
+    at = open_app(db, monkeypatch, "compare", runs=f"{first},{second}", metric="elr")
+    assert charts(at)
 
 
 def test_layer_heatmap_rows_are_layers_and_colours_log_values():
