@@ -46,12 +46,14 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    cases = {"digits MLP (mlp_si 3x64, batch 32)": (lambda: mlp_si(64, 10), torch.randn(32, 64), torch.randint(0, 10, (32,))),
+    cases = {"digits MLP (mlp_si 3x64, batch 32)": (lambda: mlp_si(64, 10), torch.randn(32, 64),
+                                                    torch.randint(0, 10, (32,))),
              "ConvNet (convnet_si c=8, 3x32x32, batch 64)": (lambda: convnet_si(10, 8), torch.randn(64, 3, 32, 32),
                                                              torch.randint(0, 10, (64,)))}
     with tempfile.TemporaryDirectory() as tmp:
         db = str(Path(tmp) / "bench.db")
-        print("| model | plain step (ms) | tracked, log every step (ms) | overhead | tracked, log every 10 (ms) | overhead |")
+        print("| model | plain step (ms) | tracked, log every step (ms) | overhead "
+              "| tracked, log every 10 (ms) | overhead |")
         print("|---|---|---|---|---|---|")
         for name, (build, x, y) in cases.items():
             times = {"plain": [], "1": [], "10": []}

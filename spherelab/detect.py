@@ -156,7 +156,8 @@ def _propagate(graph, modules, group: set[str]) -> set[str]:
                 spoil(node, scaled)
             continue
         target = node.target
-        if node.op == "call_method" and target in PASS_METHODS or node.op == "call_function" and target in PASS_FUNCTIONS:
+        if (node.op == "call_method" and target in PASS_METHODS
+                or node.op == "call_function" and target in PASS_FUNCTIONS):
             if len(scaled) == 1 and inputs and inputs[0] is scaled[0]:
                 degree[node], behind[node] = degree[scaled[0]], set(behind[scaled[0]])
             else:

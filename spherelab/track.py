@@ -45,7 +45,8 @@ class Tracker:
         if not isinstance(log_every, int) or log_every < 1:
             raise ValueError(f"log_every must be a whole number of steps, at least 1, not {log_every!r}")
         if not isinstance(sharpness_every, int) or sharpness_every < 0:
-            raise ValueError(f"sharpness_every must be a whole number of steps, 0 (off) or more, not {sharpness_every!r}")
+            raise ValueError("sharpness_every must be a whole number of steps, 0 (off) or more, "
+                             f"not {sharpness_every!r}")
         if sharpness_every and probe is None:
             raise ValueError("sharpness_every needs a probe batch: pass probe=(x, y)")
         if steps_per_epoch is not None and (not isinstance(steps_per_epoch, int) or steps_per_epoch < 1):

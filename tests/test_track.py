@@ -68,7 +68,8 @@ def test_detection_finds_every_si_weight_of_the_builtin_models(build):
 
 class Mixed(nn.Module):
     """One weight of each kind: SI through BN, an affine BN (its scale and shift act after the
-    normalisation), GroupNorm, LayerNorm and a sum that scales with it; not SI through its own bias, a tanh, a sum with a term that does not scale with it (d2, skip),
+    normalisation), GroupNorm, LayerNorm and a sum that scales with it; not SI through its own bias, a tanh,
+    a sum with a term that does not scale with it (d2, skip),
     and the trainable head."""
 
     def __init__(self):
@@ -105,7 +106,7 @@ def test_detection_of_a_hand_written_model_with_mixed_norms():
     found = detect_si(model)
     assert found.method == "torch.fx"
     assert sorted(found.si) == ["a.weight", "b.weight", "d.weight", "e.weight"]
-    assert "bn_b.weight" in found.others and "skip.weight" in found.others and "d2.weight" in found.others and "head.bias" in found.others
+    assert {"bn_b.weight", "skip.weight", "d2.weight", "head.bias"} <= set(found.others)
     # the check behind it: scaling the SI weights (each, and together) leaves the output unchanged,
     # scaling any other weight does not
     model.train()
@@ -305,3 +306,17 @@ def test_layer_heatmap_rows_are_layers_and_colours_log_values():
     assert list(heat.y) == ["fc2", "fc10"] and list(heat.x) == [1, 2, 3]
     assert heat.z[1][0] == pytest.approx(-3) and heat.z[0][1] == pytest.approx(0) and math.isnan(heat.z[0][2])
     assert "0.01" in heat.colorbar.ticktext
+
+
+def test_the_example_runs_from_another_folder(tmp_path, monkeypatch):
+    """examples/track_resnet.py, one short epoch, from a folder outside the repository."""
+    import runpy
+    monkeypatch.chdir(tmp_path)
+    example = runpy.run_path(os.path.join(REPO, "examples", "track_resnet.py"))
+    db = tmp_path / "example.db"
+    example["main"](["--db", str(db), "--epochs", "1", "--samples", "256", "--sharpness-every", "2"])
+    with Store(db) as store:
+        [run] = store.list_runs()
+        assert run.status == "finished" and run.config["si_layers"] == ["features.0", "features.4", "features.8"]
+        assert run.config["non_si_params"] == 0 and run.config["synthetic_classes"] == 10
+        assert {"sharpness", "test_acc", "layer_elr/features.4"} <= set(store.metric_keys(run.id))
