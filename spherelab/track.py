@@ -16,6 +16,7 @@ and heartbeats the run, so the training thread never waits on the database.
 """
 from __future__ import annotations
 
+import atexit
 import copy
 import math
 import os
@@ -95,6 +96,12 @@ class Tracker:
                                          daemon=True)
         self._thread.start()
         self.ended = False
+        atexit.register(self._at_exit)
+
+    def _at_exit(self) -> None:
+        """The process ends without finish(): write what is buffered and leave the run interrupted."""
+        if not self.ended:
+            self.finish("interrupted", error="the process ended without run.finish()")
 
     # ---- what the run records about itself
     def _config(self, given: dict) -> dict:
@@ -170,6 +177,7 @@ class Tracker:
         if self.ended:
             return
         self.ended = True
+        atexit.unregister(self._at_exit)
         if status == "finished" and self.counts:
             self._log_point()
         self._queue.put(None)
@@ -190,6 +198,8 @@ class Tracker:
     def __exit__(self, kind, exc, tb) -> None:
         if kind is None:
             self.finish()
+        elif issubclass(kind, KeyboardInterrupt):
+            self.finish("interrupted", error="stopped with Ctrl-C")
         else:
             self.finish("failed", error=f"{kind.__name__}: {exc}"[:500])
 

@@ -222,7 +222,6 @@ KILLED = textwrap.dedent("""
             time.sleep(0.01)
 """)
 
-
 def test_a_killed_tracking_process_leaves_its_run_interrupted(tmp_path):
     """Run from a folder outside the repository (the package as installed would be): SIGKILL after a
     flush; the run goes interrupted at the first stale check, its trace up to the flush kept, and no
@@ -320,3 +319,25 @@ def test_the_example_runs_from_another_folder(tmp_path, monkeypatch):
         assert run.status == "finished" and run.config["si_layers"] == ["features.0", "features.4", "features.8"]
         assert run.config["non_si_params"] == 0 and run.config["synthetic_classes"] == 10
         assert {"sharpness", "test_acc", "layer_elr/features.4"} <= set(store.metric_keys(run.id))
+
+
+def test_a_run_left_unfinished_at_exit_keeps_its_trace_and_reads_interrupted(store):
+    """What the atexit hook does when a script ends without finish() (called directly here: the test
+    process does not end)."""
+    model = mlp_si(8, 3, width=8, depth=1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
+    run = spherelab.track(model, optimizer, db=store.url)
+    for _ in range(7):
+        loss = nn.functional.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        run.before_step()
+        optimizer.step()
+        run.after_step(train_loss=loss)
+    run._at_exit()
+    info = store.get_run(run.run_id)
+    assert info.status == "interrupted" and "without run.finish()" in info.error
+    assert list(store.read_metrics(run.run_id)["step"]) == list(range(1, 8))
+    run.finish()                                  # already ended: nothing changes
+    assert store.get_run(run.run_id).status == "interrupted"
