@@ -85,7 +85,11 @@ class Tracker:
         self.run_id = self.store.create_runs([{
             "config": cfg, "name": name or f"{type(model).__name__} {type(optimizer).__name__} lr={cfg.get('lr')}",
             "tags": list(tags), "sweep_id": sweep_id, "status": "running", "reserved_for": self.worker_id}])[0]
-        self.store.update_run(self.run_id, device=str(self.device))
+        # the progress the pages show: known when config gives epochs and steps_per_epoch is passed
+        epochs = cfg.get("epochs")
+        self.total_steps = (int(epochs) * steps_per_epoch if steps_per_epoch and isinstance(epochs, int)
+                            and epochs > 0 else None)
+        self.store.update_run(self.run_id, device=str(self.device), total_steps=self.total_steps)
         if not self.si:
             self.store.add_event(self.run_id, 0, "note", {"text": "no scale-invariant weight found: losses only"})
         self._queue: queue.Queue = queue.Queue()
@@ -182,7 +186,8 @@ class Tracker:
             self._log_point()
         self._queue.put(None)
         self._thread.join()
-        self.store.update_run(self.run_id, step=self.step)
+        self.store.update_run(self.run_id, step=self.step,
+                              **({"total_steps": self.step} if status == "finished" or not self.total_steps else {}))
         try:
             from engine.analysis import analyze_stored
             result = analyze_stored(self.store, self.run_id)

@@ -44,7 +44,7 @@ def test_track_logs_what_the_engine_logs_for_the_same_run(store):
             optimizer.step()
             run.after_step(train_loss=loss, train_acc=acc)
     info = store.get_run(run.run_id)
-    assert info.status == "finished" and info.step == steps
+    assert info.status == "finished" and info.step == steps and info.progress == 1.0
     assert info.config["si_params"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert info.config["optimizer"] == "SGD" and info.config["wd"] == cfg.wd
     mine = store.read_metrics(run.run_id).set_index("step")
@@ -316,7 +316,7 @@ def test_the_example_runs_from_another_folder(tmp_path, monkeypatch):
     example["main"](["--db", str(db), "--epochs", "1", "--samples", "256", "--sharpness-every", "2"])
     with Store(db) as store:
         [run] = store.list_runs()
-        assert run.status == "finished" and run.config["si_layers"] == ["features.0", "features.4", "features.8"]
+        assert run.status == "finished" and run.total_steps == 2 and run.config["si_layers"] == ["features.0", "features.4", "features.8"]
         assert run.config["non_si_params"] == 0 and run.config["synthetic_classes"] == 10
         assert {"sharpness", "test_acc", "layer_elr/features.4"} <= set(store.metric_keys(run.id))
 
