@@ -100,6 +100,8 @@ class Tracker:
                                          daemon=True)
         self._thread.start()
         self.ended = False
+        # set when someone stops the run from the dashboard or `engine cancel`: check it in your loop
+        self.stop_requested = False
         atexit.register(self._at_exit)
 
     def _at_exit(self) -> None:
@@ -184,6 +186,8 @@ class Tracker:
         atexit.unregister(self._at_exit)
         if status == "finished" and self.counts:
             self._log_point()
+        if status == "finished" and self.stop_requested:
+            status = "cancelled"
         self._queue.put(None)
         self._thread.join()
         self.store.update_run(self.run_id, step=self.step,
@@ -266,6 +270,14 @@ class Tracker:
         return thetas[0]
 
     # ---- the writer thread
+    def _command(self, command) -> None:
+        """A command from the dashboard or the CLI: stop is passed on to the loop (stop_requested); the
+        others change what only the user's code controls, so the run's events say they were not applied."""
+        if command.kind == "stop":
+            self.stop_requested = True
+        else:
+            self.store.add_event(self.run_id, self.step, "note", {"text": _ignored(command.kind)})
+
     def _put(self, values: dict) -> None:
         self._raise_writer_error()
         elapsed = time.perf_counter() - self._started
@@ -298,9 +310,16 @@ class Tracker:
                 if time.monotonic() >= next_beat:
                     self.store.heartbeat(self.run_id, self.step)
                     next_beat = time.monotonic() + self._heartbeat_s
+                    taken, _ = self.store.take_commands_for([self.run_id])
+                    for command in taken.get(self.run_id, []):
+                        self._command(command)
             except BaseException as exc:     # noqa: BLE001 - reported on the training thread's next call
                 self._error = exc
                 self._flushed.set()
+
+
+def _ignored(kind: str) -> str:
+    return (f"{kind} is not applied to a tracked run: its loop is yours (stop sets run.stop_requested)")
 
 
 def _scalar(value, device) -> torch.Tensor:

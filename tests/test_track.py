@@ -341,3 +341,25 @@ def test_a_run_left_unfinished_at_exit_keeps_its_trace_and_reads_interrupted(sto
     assert list(store.read_metrics(run.run_id)["step"]) == list(range(1, 8))
     run.finish()                                  # already ended: nothing changes
     assert store.get_run(run.run_id).status == "interrupted"
+
+
+def test_stop_from_the_dashboard_reaches_the_loop_and_ends_the_run_cancelled(store):
+    model = mlp_si(8, 3, width=8, depth=1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
+    with spherelab.track(model, optimizer, db=store.url) as run:
+        store.send_command(run.run_id, "pause")
+        store.cancel(run.run_id)                      # what the Live page's stop and `engine cancel` do
+        deadline = time.monotonic() + 30
+        while not run.stop_requested and time.monotonic() < deadline:
+            loss = nn.functional.cross_entropy(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            run.before_step()
+            optimizer.step()
+            run.after_step(train_loss=loss)
+            time.sleep(0.01)
+        assert run.stop_requested
+    info = store.get_run(run.run_id)
+    assert info.status == "cancelled"
+    assert any("pause is not applied" in e.payload.get("text", "") for e in store.events(run.run_id, ["note"]))
