@@ -116,7 +116,8 @@ class Tracker:
         detected = {
             "source": "track", "model": type(self.model).__name__, "optimizer": type(self.optimizer).__name__,
             "mode": "lrwd", "lr": group.get("lr"), "wd": group.get("weight_decay", 0.0),
-            "momentum": group.get("momentum", (group.get("betas") or (0.0,))[0]),
+            "momentum": group.get("momentum", 0.0),      # heavy-ball momentum (the threshold's mu); Adam's betas apart
+            **({"betas": list(group["betas"])} if "betas" in group else {}),
             "param_groups": len(self.optimizer.param_groups),
             "params": sum(p.numel() for p in self.model.parameters()),
             "trainable_params": sum(p.numel() for p in self.model.parameters() if p.requires_grad),

@@ -154,6 +154,7 @@ def test_no_si_weight_logs_losses_and_says_so(store, capsys):
     info = store.get_run(run.run_id)
     assert info.status == "finished" and info.tags == ["mine"] and info.config["note"] == "x"
     assert info.config["optimizer"] == "Adam" and info.config["si_params"] == 0
+    assert info.config["momentum"] == 0.0 and info.config["betas"] == [0.9, 0.999]
     assert set(store.metric_keys(run.run_id)) == {"train_loss", "test_loss", "non_si_norm"}
 
 
