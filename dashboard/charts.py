@@ -496,6 +496,33 @@ def regime_map(per_rate: pd.DataFrame, runs: pd.DataFrame, boundaries: list[dict
 
 
 # ---- periodic behaviour and sharpness -----------------------------------------------------------
+def layer_heatmap(frame: pd.DataFrame, family: str = "layer_elr/<layer>", *, run_id: int = 0) -> go.Figure:
+    """A per-layer family (layer_elr/<layer>, layer_norm/<layer>) as a heatmap: a row per layer (in the
+    model's order as logged, first layer on top), a column per log point, the colour on a log scale with
+    its colour bar labelled in the values themselves. Where the ELR of one layer runs away from the
+    others, or every layer's jumps at a spike, it shows at a glance."""
+    keys = registry.members(list(frame.columns), family)
+    layers = [k.split("/", 1)[1] for k in keys]
+    values = frame[keys].to_numpy(float).T if keys else np.zeros((0, len(frame)))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = np.where(np.isfinite(values) & (values > 0), np.log10(values), np.nan)
+    finite = z[np.isfinite(z)]
+    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    ticks = [t for t in log_ticks(10 ** lo, 10 ** hi, most=6)] if finite.size else []
+    name = registry.label(family)
+    fig = go.Figure(go.Heatmap(
+        x=frame["step"].to_numpy(), y=layers, z=z, customdata=values, colorscale="Viridis",
+        zmin=lo, zmax=hi if hi > lo else lo + 1e-9,
+        colorbar=dict(title=dict(text=name, side="right"), tickvals=[math.log10(t) for t in ticks],
+                      ticktext=[tick_text(t) for t in ticks]),
+        hovertemplate=f"layer %{{y}}<br>step %{{x}}<br>{html(name)} %{{customdata:.4g}}<extra></extra>"))
+    fig.update_yaxes(title_text="layer", autorange="reversed", type="category")
+    fig.update_xaxes(title_text="step")
+    fig.update_layout(height=max(260, 60 + 22 * len(layers)), margin=MARGIN, uirevision=f"heatmap-{run_id}",
+                      title=f"{name} per layer (colour: log scale)")
+    return fig
+
+
 def periodic(frame: pd.DataFrame, spikes: list[int], period: int | None) -> go.Figure:
     """train_loss, si_norm and elr on one shared step axis: spikes in the loss line up with jumps in
     the norm and drops in the ELR."""

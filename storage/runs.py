@@ -225,6 +225,9 @@ class RunsAPI:
     def _claim(self, worker_id: str, from_status: str, run_ids) -> RunInfo | None:
         candidates = select(runs.c.id).where(runs.c.status == from_status, runs.c.imported_at.is_(None),
                                              runs.c.waiting_for.is_(None))   # its checkpoint is missing: resume_run
+        # a run tracked from a user's own loop (spherelab.track, worker id "track:...") has nothing a worker
+        # could resume: it stays interrupted
+        candidates = candidates.where(or_(runs.c.worker_id.is_(None), runs.c.worker_id.not_like("track:%")))
         if from_status == "queued":   # a queued run reserved for a claimer (a CLI's own runs) is its alone
             candidates = candidates.where(or_(runs.c.worker_id.is_(None), runs.c.worker_id == worker_id))
         if run_ids is not None:

@@ -1,5 +1,6 @@
 """Every dashboard page through Streamlit's AppTest: with an empty store, with a store of real short
 runs (trained once per session by the engine's CLI), and with a broken database."""
+import json
 import os
 import re
 import signal
@@ -129,7 +130,9 @@ def test_run_page_shows_regime_curves_config_and_events(runs_db, monkeypatch):
     shown = texts(at)
     assert "finished" in shown and "regime" in shown
     assert regime_badges(at)[0] in ("convergence", "chaotic equilibrium", "divergence", "undetermined")
-    assert len(charts(at)) == 1 and len(at.dataframe) == 2
+    # the curves, and each SI layer's ELR as a heatmap (a row per layer of the 3-block mlp_si)
+    assert [c.key for c in charts(at)] == ["run-curves", "run-layer-heatmap"] and len(at.dataframe) == 2
+    assert json.loads(charts(at)[1].proto.spec)["data"][0]["y"] == ["fc0", "fc1", "fc2"]
     assert at.query_params["run"] == str(lrwd.id)
 
 

@@ -52,6 +52,12 @@ def live_part(store: Store, run_id: int, keys: list[str]) -> None:
                    "branch or average from them below.")
     ui.downloads("Trace as CSV", lambda: store.read_metrics(run.id).to_csv(index=False, na_rep="nan"),
                  f"run-{run.id}", fig)
+    layers = registry.members(store.metric_keys(run.id), "layer_elr/<layer>")
+    if layers:
+        heat = charts.layer_heatmap(store.read_metrics(run.id, layers, max_points=MAX_POINTS), run_id=run.id)
+        ui.chart(heat, key="run-layer-heatmap")
+        st.caption("Each layer's effective learning rate lr / ‖w_l‖² against step: a row per SI layer, "
+                   "the colour on a log scale.")
 
 
 def details(store: Store, run: RunInfo) -> None:
