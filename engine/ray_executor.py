@@ -24,10 +24,12 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import socket
 
 from storage.artifacts import root_for
 
+from . import shutdown
 from .config import ConfigError
 from .executors import RAY_MISSING, compute_jobs, exit_cause, train_pack
 
@@ -65,7 +67,16 @@ def _where() -> dict:
 
 
 def run_pack_task(url: str, claims: dict[int, str], device: str, threads: int, artifacts: str | None) -> int:
-    return train_pack(url, claims, device, threads, artifacts=artifacts, note=_where())
+    # ray.cancel (the worker's orderly stop) arrives as SIGINT in this thread: made the flag a local run
+    # process's SIGTERM sets, the runs stop at their next step `interrupted` (a KeyboardInterrupt could
+    # land inside a store transaction or a finaliser and be lost). The process is reused: forget it after.
+    shutdown.clear()
+    previous = signal.signal(signal.SIGINT, shutdown.request)
+    try:
+        return train_pack(url, claims, device, threads, artifacts=artifacts, note=_where())
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        shutdown.clear()
 
 
 def job_batch_task(url: str, batch: dict[int, str], device: str, threads: int, artifacts: str | None) -> int:
@@ -87,7 +98,8 @@ class RayTask:
         self.ray.wait([self.ref], timeout=timeout, fetch_local=False)
 
     def terminate(self) -> None:
-        """An orderly stop: KeyboardInterrupt in the task, whose runs end interrupted at once."""
+        """An orderly stop: a pack's runs end `interrupted` at their next step (run_pack_task), a job
+        batch is interrupted (its jobs go back to the queue)."""
         self.ray.cancel(self.ref, force=False)
 
     def kill(self) -> None:
@@ -137,8 +149,8 @@ class RayExecutor:
 
     def describe(self) -> str:
         nodes = sum(1 for node in self.ray.nodes() if node.get("Alive"))
-        return (f"Ray tasks on {self.address} ({nodes} node(s)), up to {self.capacity()} at once, "
-                f"each {self._resources(self.device)[0]}")
+        asks = ", ".join(f"{k}={v:g}" for k, v in self._resources(self.device)[0].items())
+        return f"Ray tasks on {self.address} ({nodes} node(s)), up to {self.capacity()} at once, each asking {asks}"
 
     def _cluster_gpus(self) -> float:
         return self.ray.cluster_resources().get("GPU", 0.0)

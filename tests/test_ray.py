@@ -78,11 +78,11 @@ def cluster():
                 os.environ[key] = value
 
 
-def run_worker(url: str) -> Worker:
+def run_worker(url: str, worker: Worker | None = None) -> Worker:
     """A Ray-executor worker in this process (its Ray job: the fixture's) until the queue is empty."""
     from engine.ray_executor import RayExecutor
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
-    worker = Worker(url, poll_s=0.2, exit_when_idle=True, executor=RayExecutor(url))
+    worker = worker or Worker(url, poll_s=0.2, exit_when_idle=True, executor=RayExecutor(url))
     try:
         assert worker.run() == 0
     finally:
@@ -176,6 +176,26 @@ def test_the_cli_worker_joins_the_cluster_at_its_address(cluster, postgres_url, 
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"Ray tasks on the Ray cluster at {cluster.address} (2 node(s)), up to 2 at once" in out.stderr, \
         out.stderr[-3000:]
+
+
+def test_stopping_the_worker_stops_its_tasks_runs_in_order(cluster, postgres_url, tmp_path, monkeypatch, capsys):
+    """SIGTERM or Ctrl-C of a Ray-executor worker (its handler: Worker._stop) cancels its tasks, and a
+    pack's runs stop at their next step `interrupted`, resumable, with no task left to kill."""
+    from engine.ray_executor import RayExecutor
+    monkeypatch.setenv("SPHERELAB_ARTIFACTS", str(tmp_path / "shared-artifacts"))
+    [run_id] = submit(postgres_url, "--elr", "0.01", "--epochs", "1000", *SWEEP)
+    store = Store(postgres_url)
+    worker = Worker(postgres_url, poll_s=0.2, executor=RayExecutor(postgres_url))
+    worker.shutdown_grace_s = 120.0
+
+    def stop_when_training():
+        wait_for(lambda: (store.last_step(run_id) or 0) > 20, timeout=120)
+        worker._stop()
+    threading.Thread(target=stop_when_training, daemon=True).start()
+    run_worker(postgres_url, worker)
+    info = store.get_run(run_id)
+    assert info.status == "interrupted" and info.error is None and info.step < info.total_steps
+    assert "killed" not in capsys.readouterr().err                # the task stopped by itself
 
 
 def test_a_node_lost_mid_sweep_loses_nothing(cluster, postgres_url, tmp_path, monkeypatch):
