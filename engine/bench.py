@@ -15,6 +15,10 @@ Figures:
   write, a plain file (torch.save aside, then rename: what spherelab did before storage.artifacts)
   against fsspec's local file system and the artifact store itself (local folder, and S3 through a
   local moto server when moto is installed), alternating on every repeat so all see the same load.
+- executors (`python -m engine.bench executors`, a section of its own, needs `pip install spherelab[ray]`):
+  one small digits sweep (runs unpacked: one task each) trained by a worker with the local executor,
+  then by one with the Ray executor on a local Ray instance (cold: its worker processes start and import
+  torch; warm: a second sweep in the same Ray job), side by side: wall time and Ray's overhead per task.
 """
 from __future__ import annotations
 
@@ -363,14 +367,96 @@ def _print_artifacts(a: dict) -> None:
         print(f"  {name:14} {row['bytes']:>10,} B   {ways}")
 
 
+# ---- executors: local processes vs Ray tasks ------------------------------------------------------
+
+def executors_bench(quick: bool = False) -> dict:
+    """Wall seconds of one digits sweep (SPHERELAB_PACK=0: one process or task per run, 2 at once) under
+    the local executor and under the Ray executor on a local 2-CPU Ray instance (its start timed apart;
+    the sweep cold, then again warm), on a fresh SQLite store each."""
+    import signal
+
+    import ray
+
+    from storage import Store
+
+    from .ray_executor import RayExecutor
+    from .submission import queue_runs
+    from .worker import Worker
+    runs, epochs, parallel = (4, 2, 2) if quick else (8, 5, 2)
+    cfgs = [RunConfig(elr=0.002 * 2 ** i, epochs=epochs, width=16, log_every=10) for i in range(runs)]
+    saved = {key: os.environ.get(key) for key in ("SPHERELAB_PACK", "SPHERELAB_ARTIFACTS")}
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    os.environ["SPHERELAB_PACK"] = "0"
+    os.environ.pop("SPHERELAB_ARTIFACTS", None)
+    out = {"runs": runs, "epochs": epochs, "parallel": parallel, "tasks": runs, "model": "mlp_si-16 digits"}
+    try:
+        with tempfile.TemporaryDirectory() as folder:
+            def sweep(name: str, executor=None) -> float:
+                """The sweep's wall seconds; records the overhead per task: the slots' time (wall x
+                parallel) not spent training (each run's own wall time, from its trace), per run."""
+                url = f"sqlite:///{os.path.join(folder, name + '.db')}"
+                store = Store(url)
+                queue_runs(store, cfgs)
+                worker = Worker(url, max_parallel=parallel, poll_s=0.1, exit_when_idle=True,
+                                executor=executor(url) if executor else None)
+                start = time.perf_counter()
+                worker.run()
+                wall = time.perf_counter() - start
+                runs_done = store.list_runs()
+                assert all(r.status == "finished" for r in runs_done), name
+                trained = sum(float(store.read_metrics(r.id, ["train_loss"])["wall_time"].max()) for r in runs_done)
+                out[f"{name.replace('-', '_')}_overhead_per_task_s"] = (wall * parallel - trained) / runs
+                return wall
+
+            out["local_s"] = sweep("local")
+            start = time.perf_counter()
+            ray.init(num_cpus=parallel, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+            out["ray_start_s"] = time.perf_counter() - start
+            try:
+                executor = lambda url: RayExecutor(url, max_parallel=parallel)   # noqa: E731
+                out["ray_cold_s"] = sweep("ray-cold", executor)
+                out["ray_warm_s"] = sweep("ray-warm", executor)
+            finally:
+                ray.shutdown()
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    return out
+
+
+def _print_executors(e: dict) -> None:
+    print(f"one sweep of {e['runs']} {e['model']} runs x {e['epochs']} epochs, one process/task per run, "
+          f"{e['parallel']} at once")
+    print("  (overhead per task: the slots' time, wall x parallel, not spent training, per run)")
+    print(f"  local processes  {e['local_s']:7.2f} s   overhead {e['local_overhead_per_task_s']:.2f} s per task")
+    print(f"  Ray start        {e['ray_start_s']:7.2f} s   (a local instance, once)")
+    for kind in ("cold", "warm"):
+        print(f"  Ray tasks {kind:5}  {e[f'ray_{kind}_s']:7.2f} s   overhead "
+              f"{e[f'ray_{kind}_overhead_per_task_s']:.2f} s per task")
+
+
 def _main(argv=None) -> int:
     import argparse
     parser = argparse.ArgumentParser(prog="python -m engine.bench", description="benchmark sections")
-    parser.add_argument("section", choices=["packed", "artifacts"])
+    parser.add_argument("section", choices=["packed", "artifacts", "executors"])
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
+    if args.section == "executors":
+        result = {"device": _device_name(torch.device("cpu")), "torch": torch.__version__,
+                  "executors": executors_bench(args.quick)}
+        if args.json:
+            print(json.dumps(result, indent=2))
+        else:
+            print(f"device: {result['device']}   torch {result['torch']}")
+            _print_executors(result["executors"])
+        return 0
     if args.section == "artifacts":
         result = {"device": _device_name(torch.device("cpu")), "torch": torch.__version__,
                   "artifacts": artifacts_bench(args.quick)}

@@ -15,6 +15,7 @@ from storage import HEARTBEAT_EVERY_S, MAX_ID, MIN_STALE_AFTER_S, StoreError
 
 from . import calibrate, commands
 from .config import DEVICES, OPTIONS, ConfigError, Option, RunConfig
+from .executors import EXECUTORS
 
 EXIT_BAD_INPUT = 2
 DEBUG_ENV = "SPHERELAB_DEBUG"   # =1: an unexpected error prints its traceback as well
@@ -244,8 +245,16 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("study", type=_id)
     rp.add_argument("--json", action="store_true")
 
-    w = cmd("worker", "run queued runs in background processes")
-    w.add_argument("--max-parallel", type=int, default=1, help="runs trained at the same time")
+    w = cmd("worker", "run queued runs in background processes (here, or as tasks on a Ray cluster)")
+    w.add_argument("--max-parallel", type=int, default=None,
+                   help="packs of runs trained at the same time (default 1; with --executor ray: as many as "
+                        "the cluster's CPUs, or GPUs, fit)")
+    w.add_argument("--executor", default="local", choices=EXECUTORS,
+                   help="where claimed runs train: local (spawned processes here) or ray (Ray tasks on a cluster; "
+                        "pip install spherelab[ray])")
+    w.add_argument("--ray-address", default=None,
+                   help="with --executor ray: the cluster to join (default auto: the one running on this "
+                        "machine, else a new local one)")
     w.add_argument("--device", default="auto", choices=DEVICES, help="auto | cpu | cuda")
     w.add_argument("--poll", type=_poll, default=1.0, help=f"seconds between looks at the queue (at most {MAX_POLL_S:g})")
     w.add_argument("--stale-after", type=_stale_after, default=30.0,

@@ -368,16 +368,26 @@ def _verdict_line(r: dict) -> str:
 
 
 def cmd_worker(args) -> int:
+    from .executors import make_executor
     from .worker import Worker
-    if args.max_parallel < 1:
+    if args.max_parallel is not None and args.max_parallel < 1:
         raise ConfigError(f"--max-parallel must be at least 1, got {args.max_parallel}")
-    if args.device == "cuda":
+    if args.executor == "ray":
+        from .ray_executor import check_available
+        check_available()           # one line naming the extra to install, before the store is opened
+    elif args.ray_address is not None:
+        raise ConfigError("--ray-address is for --executor ray: add --executor ray, or leave --ray-address out")
+    if args.device == "cuda" and args.executor == "local":
         # the only choice that can be refused here; otherwise the worker process stays torch-free
-        # (its run processes import torch): it starts in a second less, and the app with it
+        # (its run processes import torch): it starts in a second less, and the app with it.
+        # (On a Ray cluster the GPUs are the nodes', not this machine's: Ray places the packs on them.)
         from .runtime import resolve_device
         resolve_device(args.device)
-    return Worker(_training_store(args).url, max_parallel=args.max_parallel, device=args.device, poll_s=args.poll,
-                  stale_after_s=args.stale_after, exit_when_idle=args.once).run()
+    url = _training_store(args).url
+    executor = make_executor(args.executor, url, device=args.device, max_parallel=args.max_parallel,
+                             ray_address=args.ray_address)
+    return Worker(url, device=args.device, poll_s=args.poll, stale_after_s=args.stale_after,
+                  exit_when_idle=args.once, executor=executor).run()
 
 
 def cmd_app(args) -> int:

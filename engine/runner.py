@@ -270,13 +270,15 @@ def save_checkpoint(store: Store, member: Member, keep: bool = False) -> None:
         store.record_checkpoint(member.run_id, epoch, member.step, kept, size)
 
 
-def execute(store: Store, claims: dict[int, str], *, device: str | None = None, progress=None) -> dict[int, str]:
+def execute(store: Store, claims: dict[int, str], *, device: str | None = None, progress=None,
+            note: dict | None = None) -> dict[int, str]:
     """Train the claimed runs ({run id: claim token}) to their end in this process, as one pack (one
     run: a pack of one), each resumed from its checkpoint (or, for a fork, started from its parent's)
     if it has one; returns each run's final status. Never raises for training failures (they mark the
     runs failed); a run taken from this process ends "lost" with nothing more written; a store locked
     for longer than storage.LOCK_WAIT_S leaves the runs interrupted (or "unrecorded" if even that
-    could not be written); Ctrl-C leaves the live runs interrupted."""
+    could not be written); Ctrl-C leaves the live runs interrupted. note: a "note" event payload every
+    run gets as it starts (where it trains: engine.executors)."""
     for run_id, claim in claims.items():
         store.hold(run_id, claim)
     infos = [store.get_run(run_id) for run_id in claims]
@@ -321,6 +323,8 @@ def execute(store: Store, claims: dict[int, str], *, device: str | None = None, 
 
     for info, m in zip(infos, trainer.members):
         _attach(store, info, m, claims[info.id], finish, poller)
+        if note:
+            m.recorder.event(m.step, "note", note)
         if len(infos) > 1:
             others = ", ".join(str(i.id) for i in infos if i.id != info.id)
             m.recorder.event(m.step, "note", {"text": f"packed with run(s) {others} on {trainer.device}"})

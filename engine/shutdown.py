@@ -20,6 +20,11 @@ def request(*_signal_args) -> None:
     _requested.set()
 
 
+def clear() -> None:
+    """Forget a stop asked for earlier: a process that trains again afterwards (a reused Ray worker)."""
+    _requested.clear()
+
+
 def requested() -> bool:
     return _requested.is_set()
 

@@ -1,15 +1,14 @@
-"""`python -m engine worker`: trains queued runs, each in its own spawned process.
+"""`python -m engine worker`: trains queued runs, each pack in its own process.
 
-The worker process itself holds no torch state: it claims runs atomically in the store, starts
-one child per run (spawn, never fork), divides the CPU threads among them, heartbeats, and on
-start turns runs whose heartbeat went stale (a killed worker) into `interrupted` and resumes them
-from their last checkpoint. Children die with their worker (PR_SET_PDEATHSIG), so a `kill -9` of
-the worker leaves no orphan still writing to a run.
+The worker process itself holds no torch state: it claims runs atomically in the store, has its
+executor (engine.executors) start one process per pack or job batch (locally: spawn, never fork, the
+CPU threads divided among them; on a Ray cluster: a Ray task placed by Ray), heartbeats, and on start
+turns runs whose heartbeat went stale (a killed worker) into `interrupted` and resumes them from their
+last checkpoint. Local children die with their worker (PR_SET_PDEATHSIG), so a `kill -9` of the worker
+leaves no orphan still writing to a run (a Ray job's tasks die with their driver, the worker).
 """
 from __future__ import annotations
 
-import ctypes
-import multiprocessing as mp
 import os
 import signal
 import socket
@@ -21,7 +20,7 @@ from storage import LIVE_STATUSES, ClaimLost, RunNotFound, Store, StoreError
 from storage.database import ReadOnlyStore
 from storage.timings import seconds
 
-from . import shutdown
+from .executors import LocalExecutor, exit_cause
 
 STALE_CHECK_EVERY_S = seconds("SPHERELAB_STALE_CHECK_S", 5.0)   # how often stale runs and jobs are looked for
 # A job process takes several queued jobs (a study queues an average and three geometries per PLR and
@@ -30,105 +29,37 @@ JOBS_PER_PROCESS = 16
 SHUTDOWN_GRACE_S = 20.0   # a child still training this long after SIGTERM is killed
 
 
-def _die_with_parent(parent_pid: int) -> None:
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass  # not Linux: the stale-heartbeat check still recovers the run
-    if os.getppid() != parent_pid:   # the parent died before prctl took effect
-        os._exit(1)
-
-
-def _child_main(url: str, claims: dict[int, str], device: str, threads: int, parent_pid: int) -> None:
-    """A run process: trains its claimed runs ({run id: claim token}) as one pack (one run: a pack of one)."""
-    _die_with_parent(parent_pid)
-    # SIGTERM from the worker (its own shutdown) ends the runs at the next step as "interrupted".
-    signal.signal(signal.SIGTERM, shutdown.request)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C goes to the worker, which stops us in order
-    from .config import RunConfig
-    from .runner import EX_TEMPFAIL, execute
-    from .runtime import configure_process, resolve_device
-    store = Store(url)
-    cfg = RunConfig.from_dict(store.get_run(next(iter(claims))).config)
-    configure_process(resolve_device(cfg.device if device == "auto" else device), cfg.model, threads)
-    statuses = execute(store, claims, device=None if device == "auto" else device)
-    if "unrecorded" in statuses.values():
-        sys.exit(EX_TEMPFAIL)       # the worker records the end the store refused us
-
-
-def _job_main(url: str, batch: dict[int, str], device: str, threads: int, parent_pid: int) -> None:
-    """A job process: computes its claimed analysis jobs ({job id: claim}, engine.jobs) one after another
-    and stores each result. The jobs waiting their turn heartbeat too, so no stale check takes them back."""
-    _die_with_parent(parent_pid)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    import threading
-    from storage import HEARTBEAT_EVERY_S
-    store, waiting, done = Store(url), dict(batch), threading.Event()
-
-    def beat() -> None:
-        while True:
-            for job_id, claim in list(waiting.items()):
-                try:
-                    store.job_heartbeat(job_id, claim=claim)
-                except ClaimLost:
-                    waiting.pop(job_id, None)          # requeued or deleted meanwhile: not ours any more
-                except StoreError:
-                    pass                               # a lock past the store's patience: beat again next time
-            if done.wait(HEARTBEAT_EVERY_S):
-                return
-
-    # beating before torch is imported (seconds on a loaded machine): a stale check in the meantime
-    # would otherwise find the whole batch silent since its claim and queue it again
-    threading.Thread(target=beat, name="waiting-jobs-heartbeat", daemon=True).start()
-    import torch
-    torch.set_num_threads(threads)
-    from .jobs import execute_job
-    for job_id, claim in batch.items():
-        if waiting.pop(job_id, None) is None:
-            continue
-        # a job taken back or deleted meanwhile ends "lost", writing nothing; the batch goes on
-        execute_job(store, job_id, claim, device=None if device == "auto" else device)
-    done.set()
-
-
-def _exit_cause(code: int | None) -> tuple[str, str]:
-    """(status, reason) for a run whose process exited without recording its end."""
-    if code == shutdown.EX_TEMPFAIL:
-        return "interrupted", "its process could not record its end: the store stayed locked past its patience"
-    if code is not None and code < 0:
-        name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else f"signal {-code}"
-        hint = " (the out-of-memory killer, or kill -9)" if -code == signal.SIGKILL else ""
-        return "failed", f"its process was killed by {name}{hint}"
-    return "failed", f"its process exited with code {code} without recording an end (see the worker's log)"
+# the local run process's exit status explained (engine.executors); kept here under its old name
+_exit_cause = exit_cause
 
 
 class Worker:
-    def __init__(self, url: str, *, max_parallel: int = 1, device: str = "auto", poll_s: float = 1.0,
-                 stale_after_s: float = 30.0, exit_when_idle: bool = False):
-        self.url, self.max_parallel, self.device = url, max_parallel, device
+    def __init__(self, url: str, *, max_parallel: int | None = 1, device: str = "auto", poll_s: float = 1.0,
+                 stale_after_s: float = 30.0, exit_when_idle: bool = False, executor=None):
+        self.url, self.device = url, device
         self.poll_s, self.stale_after_s, self.exit_when_idle = poll_s, stale_after_s, exit_when_idle
         self.id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        self.children: dict[int, mp.Process] = {}           # run id -> its process (a pack: one for several)
-        self.jobs: dict[int, tuple[mp.Process, str]] = {}    # job id -> its process and claim
-        self.threads = max(1, (os.cpu_count() or 1) // max_parallel)
+        # where claimed packs and job batches run (engine.executors): spawned processes here by default
+        self.executor = executor or LocalExecutor(url, device, max_parallel)
+        self.max_parallel = self.executor.capacity()
+        self.children: dict[int, object] = {}           # run id -> its process (a pack: one for several)
+        self.jobs: dict[int, tuple[object, str]] = {}    # job id -> its process and claim
         self.stopping = False
         self.shutdown_grace_s = SHUTDOWN_GRACE_S
 
     def run(self) -> int:
         store = Store(self.url)
-        ctx = mp.get_context("spawn")
         signal.signal(signal.SIGTERM, self._stop)
         signal.signal(signal.SIGINT, self._stop)
         self.next_stale_check = 0.0
         # A store it cannot write (a read-only file, mount or URL) is one line, not a retry forever.
         store.worker_heartbeat(self.id, host=socket.gethostname(), pid=os.getpid(),
                                device=self.device, max_parallel=self.max_parallel)
-        print(f"worker {self.id}: {self.url}, up to {self.max_parallel} run(s) at once, "
-              f"{self.threads} torch thread(s) each", file=sys.stderr, flush=True)
+        print(f"worker {self.id}: {self.url}, {self.executor.describe()}", file=sys.stderr, flush=True)
         try:
             while not self.stopping:
                 try:
-                    self._tick(ctx, store)
+                    self._tick(store)
                     if self.exit_when_idle and self._idle(store):
                         break
                 except ReadOnlyStore:
@@ -137,13 +68,17 @@ class Worker:
                     print(f"worker {self.id}: {exc} (retrying)", file=sys.stderr, flush=True)   # never die
                 time.sleep(self.poll_s)
         finally:
-            self._shutdown(store)
-            store.remove_worker(self.id)
+            try:
+                self._shutdown(store)
+                store.remove_worker(self.id)
+            finally:
+                self.executor.close()
         return 0
 
-    def _tick(self, ctx, store: Store) -> None:
+    def _tick(self, store: Store) -> None:
         """One look at the store: heartbeat, reap, requeue stale work, start what fits."""
         from .packing import claim_pack
+        self.max_parallel = self.executor.capacity()      # a cluster's nodes come and go
         store.worker_heartbeat(self.id, host=socket.gethostname(), pid=os.getpid(),
                                device=self.device, max_parallel=self.max_parallel)
         self._reap(store)
@@ -158,12 +93,12 @@ class Worker:
             claimed = claim_pack(store, self.id, worker_device=self.device,
                                  free_slots=self.max_parallel - self._processes())
             if claimed:
-                self._start_claimed(ctx, claimed)
+                self._start_claimed(claimed)
                 continue
             batch = self._claim_jobs(store)
             if not batch:
                 break
-            self._start_jobs(ctx, batch)
+            self._start_jobs(batch)
 
     @staticmethod
     def _advance_studies(store: Store) -> None:
@@ -196,26 +131,21 @@ class Worker:
             batch.append(job)
         return batch
 
-    def _start_jobs(self, ctx, batch: list) -> None:
-        claims = {job.id: job.claim for job in batch}
-        proc = ctx.Process(target=_job_main, name=f"spherelab-jobs-{batch[0].id}",
-                           args=(self.url, claims, self.device, self.threads, os.getpid()))
-        proc.start()
+    def _start_jobs(self, batch: list) -> None:
+        proc = self.executor.start_jobs({job.id: job.claim for job in batch})
         for job in batch:
             self.jobs[job.id] = (proc, job.claim)
         print(f"job(s) {', '.join(str(j.id) for j in batch)} ({', '.join(sorted({j.kind for j in batch}))}): "
-              f"started in process {proc.pid}", file=sys.stderr, flush=True)
+              f"started in {self.executor.where(proc)}", file=sys.stderr, flush=True)
 
-    def _start_claimed(self, ctx, claimed: list) -> None:
-        """Start a claimed pack (packing.claim_pack; one run: a pack of one) in its own process."""
+    def _start_claimed(self, claimed: list) -> None:
+        """Start a claimed pack (packing.claim_pack; one run: a pack of one) through the executor."""
         run_ids = [r.id for r in claimed]
-        proc = ctx.Process(target=_child_main, name=f"spherelab-run-{run_ids[0]}",
-                           args=(self.url, {r.id: r.claim for r in claimed}, self.device, self.threads, os.getpid()))
-        proc.start()
+        proc = self.executor.start_runs({r.id: r.claim for r in claimed}, claimed[0].config)
         for run_id in run_ids:
             self.children[run_id] = proc
         what = f"run {run_ids[0]}" if len(run_ids) == 1 else f"runs {', '.join(map(str, run_ids))}"
-        print(f"{what}: started{' as one pack' if len(run_ids) > 1 else ''} in process {proc.pid}",
+        print(f"{what}: started{' as one pack' if len(run_ids) > 1 else ''} in {self.executor.where(proc)}",
               file=sys.stderr, flush=True)
 
     def _reap(self, store: Store) -> None:
@@ -227,17 +157,17 @@ class Worker:
                 proc.join()
                 # A child that died without recording an end (killed, a segfault, the store locked past
                 # its patience) leaves its run live: record why rather than leave it "running" forever.
-                self._record_end(store, run_id, *_exit_cause(proc.exitcode))
+                self._record_end(store, run_id, *self.executor.exit_cause(proc))
                 store.release(run_id)
                 del self.children[run_id]
-                print(f"run {run_id}: process exited ({proc.exitcode})", file=sys.stderr, flush=True)
+                print(f"run {run_id}: process exited ({self.executor.exit_code(proc)})", file=sys.stderr, flush=True)
         for job_id, (proc, claim) in list(self.jobs.items()):
             if not proc.is_alive():
                 proc.join()
                 # A job its process did not end (killed, a crash): the one it was computing is retried a
                 # bounded number of times, those waiting their turn go back to the queue as they were.
                 try:
-                    status = store.job_process_died(job_id, _exit_cause(proc.exitcode)[1], claim=claim)
+                    status = store.job_process_died(job_id, self.executor.exit_cause(proc)[1], claim=claim)
                 except ClaimLost:
                     status = None            # ended, requeued or taken over meanwhile: not ours to end
                 except StoreError as exc:
@@ -245,7 +175,7 @@ class Worker:
                         raise
                     status = None            # deleted with its run
                 del self.jobs[job_id]
-                print(f"job {job_id}: process exited ({proc.exitcode})"
+                print(f"job {job_id}: process exited ({self.executor.exit_code(proc)})"
                       + (f", job {status}" if status else ""), file=sys.stderr, flush=True)
 
     @staticmethod
@@ -272,7 +202,8 @@ class Worker:
         for proc in procs:
             proc.join(timeout=max(0.0, deadline - time.monotonic()))
             if proc.is_alive():
-                print(f"process {proc.pid}: still running {self.shutdown_grace_s:.0f} s after SIGTERM, killed",
+                print(f"{self.executor.where(proc)}: still running {self.shutdown_grace_s:.0f} s after SIGTERM, "
+                      "killed",
                       file=sys.stderr, flush=True)
                 proc.kill()
                 proc.join()

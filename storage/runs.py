@@ -243,7 +243,9 @@ class RunsAPI:
                 # a concurrent claimer updates nothing and tries the next candidate.
                 won = conn.execute(
                     update(runs).where(runs.c.id == run_id, runs.c.status == from_status)
-                    .values(status="running", worker_id=worker_id, claim=token, heartbeat_at=now,
+                    # an interruption's reason (a lost node, a locked store) is history now: its status
+                    # event keeps it, and the run trains again
+                    .values(status="running", worker_id=worker_id, claim=token, heartbeat_at=now, error=None,
                             started_at=func.coalesce(runs.c.started_at, now))).rowcount == 1
                 if won:
                     row = self._require_run(conn, run_id)

@@ -34,7 +34,7 @@ torch.set_num_threads(1)
 # Under pytest-xdist's --dist loadfile (scripts/test.sh) a file is one unit of work, handed out in
 # collection order: the longest files go first, so that no long file starts last and runs alone while
 # the other worker idles (longest-processing-time-first). Measured CPU seconds per file, largest first.
-LONGEST_FIRST = ("test_hardening_worker.py", "test_browser.py", "test_presets.py", "test_worker.py",
+LONGEST_FIRST = ("test_hardening_worker.py", "test_browser.py", "test_presets.py", "test_ray.py", "test_worker.py",
                  "test_solutions.py", "test_regimes.py", "test_packed.py", "test_study.py", "test_hardening.py",
                  "test_cli.py", "test_dashboard_teach.py", "test_dashboard.py", "test_calibrate.py", "test_trainer.py")
 

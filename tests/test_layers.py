@@ -9,8 +9,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-TORCH_FREE = {"analysis", "app", "calibrate", "cifar", "cli", "commands", "config", "packing", "presets",
-              "registry", "shutdown", "study", "submission", "ticks", "worker"}
+TORCH_FREE = {"analysis", "app", "calibrate", "cifar", "cli", "commands", "config", "executors", "packing", "presets",
+              "ray_executor", "registry", "shutdown", "study", "submission", "ticks", "worker"}
 TORCH = {"bench", "data", "hessian", "jobs", "models", "optim", "packnet", "quantities", "runner", "runtime",
          "solutions", "trainer"}
 
