@@ -368,7 +368,7 @@ def _verdict_line(r: dict) -> str:
 
 
 def cmd_worker(args) -> int:
-    from .executors import make_executor
+    from .executors import LocalExecutor
     from .worker import Worker
     if args.max_parallel is not None and args.max_parallel < 1:
         raise ConfigError(f"--max-parallel must be at least 1, got {args.max_parallel}")
@@ -384,8 +384,12 @@ def cmd_worker(args) -> int:
         from .runtime import resolve_device
         resolve_device(args.device)
     url = _training_store(args).url
-    executor = make_executor(args.executor, url, device=args.device, max_parallel=args.max_parallel,
-                             ray_address=args.ray_address)
+    if args.executor == "ray":      # the choice lives here: executors is what ray_executor builds on
+        from .ray_executor import RayExecutor
+        executor = RayExecutor(url, device=args.device, max_parallel=args.max_parallel,
+                               address=args.ray_address or "auto")
+    else:
+        executor = LocalExecutor(url, args.device, args.max_parallel)
     return Worker(url, device=args.device, poll_s=args.poll, stale_after_s=args.stale_after,
                   exit_when_idle=args.once, executor=executor).run()
 

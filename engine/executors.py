@@ -170,14 +170,3 @@ class LocalExecutor:
 
 EXECUTORS = ("local", "ray")
 RAY_MISSING = "--executor ray needs Ray, an optional extra: pip install spherelab[ray]"
-
-
-def make_executor(name: str, url: str, *, device: str = "auto", max_parallel: int | None = None,
-                  ray_address: str | None = None):
-    """The executor called `name` (EXECUTORS) for a worker on the store at `url`."""
-    if name == "local":
-        return LocalExecutor(url, device, max_parallel)
-    if name == "ray":
-        from .ray_executor import RayExecutor
-        return RayExecutor(url, device=device, max_parallel=max_parallel, address=ray_address or "auto")
-    raise ValueError(f"unknown executor {name!r}: choose {' or '.join(EXECUTORS)}")

@@ -25,7 +25,7 @@ from torch import nn
 
 from .config import ConfigError, RunConfig
 from .data import Dataset, load_dataset
-from .models import build_model, si_layer_names, si_parameters
+from .models import build_model, si_parameters
 from .optim import PackUpdate, schedule_factor
 from .packing import MEMBER_FIELDS, pack_key
 from .packnet import BN_TYPES, PackedNet, member_losses
