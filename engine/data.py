@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from engine.cifar import CIFAR_LAYOUTS, cifar_root, read_cifar_file
+from engine.cifar import CIFAR_LAYOUTS, DataError, cifar_root, read_cifar_file  # noqa: F401 (re-exported)
 from engine.config import ConfigError, RunConfig, held_out
 
 # Constant seeds: every run of a sweep (any --seed) sees the same split / the same synthetic data,
