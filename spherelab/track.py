@@ -41,7 +41,7 @@ class Tracker:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, db=None, name=None, sweep=None,
                  tags=(), config=None, probe=None, sharpness_every: int = 0, log_every: int = 1,
                  steps_per_epoch: int | None = None, si_params=None, loss_fn=None, lanczos_iters: int = 20,
-                 lanczos_tol: float = 1e-3, quiet: bool = False):
+                 lanczos_tol: float = 1e-3, quiet: bool = False, example=None):
         from storage import HEARTBEAT_EVERY_S, Store
         if not isinstance(log_every, int) or log_every < 1:
             raise ValueError(f"log_every must be a whole number of steps, at least 1, not {log_every!r}")
@@ -57,7 +57,9 @@ class Tracker:
         self.steps_per_epoch = steps_per_epoch or 1
         self.loss_fn = loss_fn or F.cross_entropy
         self.lanczos_iters, self.lanczos_tol = lanczos_iters, lanczos_tol
-        found = detect_si(model, example=None if probe is None else probe[0], si_params=si_params)
+        # example: a batch for the forward-hook detection when torch.fx cannot trace (default: the probe's)
+        found = detect_si(model, example=probe[0] if example is None and probe is not None else example,
+                          si_params=si_params)
         self.detection = found
         self.si_names = found.layer_names
         self.si = list(found.si.values())

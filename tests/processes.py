@@ -1,5 +1,5 @@
-"""Helpers for tests that drive real engine processes: the one `engine()` every test file calls, a
-worker, and a wait on an event."""
+"""Helpers for tests that drive the engine: the one `engine()` every test file calls (the CLI in this
+process, or a real one), a worker process, and a wait on an event."""
 import os
 import subprocess
 import sys
