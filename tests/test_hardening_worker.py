@@ -29,6 +29,26 @@ def submit(db, *args) -> list[int]:
     return [int(x) for x in out.stdout.split()]
 
 
+def freeze(pid: int, db: str) -> None:
+    """SIGSTOP pid at a moment it holds no write lock on the SQLite store db. Frozen inside a write it
+    would block every other writer until it thawed (a worker's heartbeat included), which is not what
+    these tests are about: it is thawed and frozen again until the store takes a write."""
+    import sqlite3
+    for _ in range(100):
+        os.kill(pid, signal.SIGSTOP)
+        probe = sqlite3.connect(db, timeout=0.5)
+        try:
+            probe.execute("BEGIN IMMEDIATE")
+            probe.rollback()
+            return
+        except sqlite3.OperationalError:
+            os.kill(pid, signal.SIGCONT)
+            time.sleep(0.05)
+        finally:
+            probe.close()
+    raise AssertionError(f"process {pid} held the store's write lock at every try")
+
+
 def run_processes(worker_pid: int) -> list[int]:
     found = subprocess.run(["pgrep", "-P", str(worker_pid), "-f", "spawn"], capture_output=True, text=True)
     return [int(p) for p in found.stdout.split()]
@@ -95,8 +115,8 @@ def test_a_run_process_that_lost_its_claim_stops_and_the_run_is_trained_once(tmp
     try:
         wait_for(lambda: (store.get_run(run_id).checkpoint_step or 0) > 0)
         [child] = run_processes(first.pid)
-        os.kill(child, signal.SIGSTOP)               # frozen: no heartbeat, no progress
-        os.kill(first.pid, signal.SIGSTOP)           # and its worker, so nobody answers for it
+        freeze(child, db)                            # frozen: no heartbeat, no progress
+        freeze(first.pid, db)                        # and its worker, so nobody answers for it
         second = start_worker(db, "--stale-after", "3")
         wait_for(lambda: store.get_run(run_id).claim and store.events(run_id, ["resume"]), timeout=120)
         os.kill(first.pid, signal.SIGCONT)
@@ -280,7 +300,7 @@ def test_a_live_worker_keeps_its_run_even_when_its_process_is_silent(tmp_path):
     try:
         wait_for(lambda: (store.last_step(run_id) or 0) > 10)
         [child] = run_processes(owner.pid)
-        os.kill(child, signal.SIGSTOP)               # silent: no heartbeat, no progress; its worker lives on
+        freeze(child, db)                            # silent: no heartbeat, no progress; its worker lives on
         wait_for(lambda: time.time() - store.get_run(run_id).heartbeat_at > 4.0, timeout=60)
         other = start_worker(db, "--once", "--stale-after", "3")   # its first look is a stale check
         assert other.wait(timeout=120) == 0
