@@ -442,38 +442,26 @@ def _print_executors(e: dict) -> None:
 
 def _main(argv=None) -> int:
     import argparse
+    sections = {   # section: (its measurement, how it prints); packed runs on --device, the others on the CPU
+        "packed": (lambda args, device: packed_bench(device, args.quick), _print_packed),
+        "artifacts": (lambda args, device: artifacts_bench(args.quick), _print_artifacts),
+        "executors": (lambda args, device: executors_bench(args.quick), _print_executors),
+    }
     parser = argparse.ArgumentParser(prog="python -m engine.bench", description="benchmark sections")
-    parser.add_argument("section", choices=["packed", "artifacts", "executors"])
+    parser.add_argument("section", choices=list(sections))
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
-    if args.section == "executors":
-        result = {"device": _device_name(torch.device("cpu")), "torch": torch.__version__,
-                  "executors": executors_bench(args.quick)}
-        if args.json:
-            print(json.dumps(result, indent=2))
-        else:
-            print(f"device: {result['device']}   torch {result['torch']}")
-            _print_executors(result["executors"])
-        return 0
-    if args.section == "artifacts":
-        result = {"device": _device_name(torch.device("cpu")), "torch": torch.__version__,
-                  "artifacts": artifacts_bench(args.quick)}
-        if args.json:
-            print(json.dumps(result, indent=2))
-        else:
-            print(f"device: {result['device']}   torch {result['torch']}")
-            _print_artifacts(result["artifacts"])
-        return 0
-    device = resolve_device(args.device)
+    device = resolve_device(args.device) if args.section == "packed" else torch.device("cpu")
+    measure, show = sections[args.section]
     result = {"device": _device_name(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
-              "packed": packed_bench(device, args.quick)}
+              args.section: measure(args, device)}
     if args.json:
         print(json.dumps(result, indent=2))
     else:
         print(f"device: {result['device']}   torch {result['torch']}   threads {result['threads']}")
-        _print_packed(result["packed"])
+        show(result[args.section])
     return 0
 
 
