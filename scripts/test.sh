@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs everything the test suite needs on a fresh machine (skipping what is already there), then
 # runs it in two passes at once:
-#   1. the whole suite, spread over the CPU cores (pytest-xdist, one worker per core, at most 2 here);
+#   1. the whole suite, spread over the CPU cores (pytest-xdist, one worker more than the cores, at most
+#      3: many tests wait on a worker, a browser or a heartbeat, and a third worker fills those waits);
 #   2. the `science` tests again under ATEN_CPU_CAPABILITY=default: PyTorch's scalar kernels, which
 #      every CPU has and which round differently from the vectorised ones pass 1 used, so a test that
 #      only holds on one kernel path fails here rather than on a user's machine.
@@ -25,7 +26,7 @@ if ! python3 scripts/requirements_met.py requirements-test.txt; then
   python3 -m pip install -q --disable-pip-version-check -r requirements-test.txt || exit 1
 fi
 
-workers=$(python3 -c "import os; print(max(1, min(2, len(os.sched_getaffinity(0)))))")
+workers=$(python3 -c "import os; print(min(3, len(os.sched_getaffinity(0)) + 1))")
 # The two passes run at the same time: the first one's waits (on a worker, a browser, a heartbeat)
 # leave the cores idle often enough for the second one's training. The second pass has its own
 # temporary folder (its own trained runs: another kernel path) and prints when the first is done.
